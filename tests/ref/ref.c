@@ -1,0 +1,843 @@
+/*
+ * ref.c: the reference model of a kvrt cache (see ref.h). Every operation is
+ * the obvious loop over a sorted token list; nothing here knows about
+ * blocks, slots or sharing.
+ */
+#include "ref.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kvrt_layout.h"
+
+typedef struct ref_seq {
+    ref_token *tokens;  /* sorted by pos */
+    int64_t    n, cap;
+} ref_seq;
+
+typedef struct ref_cross {
+    int     n;
+    double *k;          /* [n][heads][dk] */
+    double *v;          /* [n][heads][dv] */
+} ref_cross;
+
+struct ref_model {
+    kvrt_cache_desc  desc;
+    kvrt_layer_desc *layers;
+    int              n_layers;
+    int64_t         *offset;     /* [n_layers] offset of a self layer's row in token data */
+    int64_t          row_elems;  /* all self layers */
+    ref_seq         *seqs;       /* [max_seqs] */
+    ref_cross       *cross;      /* [n_layers][max_seqs] */
+    ref_policy       policy;
+};
+
+/* ---- small helpers ---- */
+
+static void *xmalloc(size_t n)
+{
+    void *p = malloc(n ? n : 1);
+    if (!p)
+        abort(); /* a test helper: running out of host memory ends the test */
+    return p;
+}
+
+static void *xcalloc(size_t n, size_t size)
+{
+    void *p = calloc(n ? n : 1, size ? size : 1);
+    if (!p)
+        abort();
+    return p;
+}
+
+static int seq_valid(const ref_model *m, int32_t seq)
+{
+    return seq >= 0 && seq < m->desc.max_seqs;
+}
+
+static int layer_valid(const ref_model *m, int layer)
+{
+    return layer >= 0 && layer < m->n_layers;
+}
+
+static int layer_is_self(const ref_model *m, int layer)
+{
+    return m->layers[layer].kind != KVRT_LAYER_CROSS;
+}
+
+/* [lo, hi) of positions a range covers (positions are never negative). */
+static void range_bounds(int32_t p0, int32_t p1, int64_t *lo, int64_t *hi)
+{
+    *lo = p0 < 0 ? 0 : p0;
+    *hi = p1 < 0 ? INT64_MAX : p1;
+}
+
+static int in_range(int32_t pos, int64_t lo, int64_t hi)
+{
+    return pos >= lo && pos < hi;
+}
+
+/* Adds INVALID_ARG to `set` for an open reading, or replaces the set by it. */
+static ref_status_set open_case(int reading, ref_status_set set)
+{
+    if (reading == REF_OPEN_OK)
+        return set;
+    if (reading == REF_OPEN_ERROR)
+        return REF_BIT(KVRT_ERR_INVALID_ARG);
+    return set | REF_BIT(KVRT_ERR_INVALID_ARG);
+}
+
+/* Statuses allowed by the open readings of a range. */
+static ref_status_set range_open(const ref_model *m, int32_t p0, int32_t p1, ref_status_set set)
+{
+    if (p0 < 0)
+        set = open_case(m->policy.range_p0_negative, set);
+    if (p1 >= 0 && p0 > p1)
+        set = open_case(m->policy.range_reversed, set);
+    return set;
+}
+
+static void token_free(ref_token *t)
+{
+    free(t->data);
+    free(t->rotations);
+    free(t->written);
+    t->data = NULL;
+    t->rotations = NULL;
+    t->written = NULL;
+}
+
+static ref_token token_new(const ref_model *m, int32_t pos)
+{
+    ref_token t;
+    t.pos = pos;
+    t.data = xcalloc((size_t)m->row_elems, sizeof(double));
+    t.rotations = xcalloc((size_t)m->n_layers, sizeof(int32_t));
+    t.written = xcalloc((size_t)m->n_layers, sizeof(uint8_t));
+    return t;
+}
+
+static ref_token token_copy(const ref_model *m, const ref_token *src)
+{
+    ref_token t = token_new(m, src->pos);
+    memcpy(t.data, src->data, (size_t)m->row_elems * sizeof(double));
+    memcpy(t.rotations, src->rotations, (size_t)m->n_layers * sizeof(int32_t));
+    memcpy(t.written, src->written, (size_t)m->n_layers);
+    return t;
+}
+
+static void seq_reserve(ref_seq *s, int64_t need)
+{
+    if (need <= s->cap)
+        return;
+    int64_t cap = s->cap ? s->cap : 16;
+    while (cap < need)
+        cap *= 2;
+    ref_token *p = realloc(s->tokens, (size_t)cap * sizeof(ref_token));
+    if (!p)
+        abort();
+    s->tokens = p;
+    s->cap = cap;
+}
+
+/* Index of the first token with position >= pos. */
+static int64_t seq_lower_bound(const ref_seq *s, int32_t pos)
+{
+    int64_t lo = 0, hi = s->n;
+    while (lo < hi) {
+        int64_t mid = lo + (hi - lo) / 2;
+        if (s->tokens[mid].pos < pos)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo;
+}
+
+static ref_token *seq_find(const ref_seq *s, int32_t pos)
+{
+    int64_t i = seq_lower_bound(s, pos);
+    return i < s->n && s->tokens[i].pos == pos ? &s->tokens[i] : NULL;
+}
+
+static void seq_insert(ref_seq *s, ref_token t)
+{
+    seq_reserve(s, s->n + 1);
+    int64_t i = seq_lower_bound(s, t.pos);
+    memmove(&s->tokens[i + 1], &s->tokens[i], (size_t)(s->n - i) * sizeof(ref_token));
+    s->tokens[i] = t;
+    s->n++;
+}
+
+static int token_cmp(const void *a, const void *b)
+{
+    int32_t pa = ((const ref_token *)a)->pos, pb = ((const ref_token *)b)->pos;
+    return (pa > pb) - (pa < pb);
+}
+
+static void seq_sort(ref_seq *s)
+{
+    if (s->n > 1)
+        qsort(s->tokens, (size_t)s->n, sizeof(ref_token), token_cmp);
+}
+
+static void seq_clear(ref_seq *s)
+{
+    for (int64_t i = 0; i < s->n; i++)
+        token_free(&s->tokens[i]);
+    s->n = 0;
+}
+
+static ref_cross *cross_of(const ref_model *m, int layer, int32_t seq)
+{
+    return &m->cross[(int64_t)layer * m->desc.max_seqs + seq];
+}
+
+static void cross_drop(ref_cross *c)
+{
+    free(c->k);
+    free(c->v);
+    c->k = c->v = NULL;
+    c->n = 0;
+}
+
+static void seq_drop_cross(ref_model *m, int32_t seq)
+{
+    for (int l = 0; l < m->n_layers; l++)
+        if (m->layers[l].kind == KVRT_LAYER_CROSS)
+            cross_drop(cross_of(m, l, seq));
+}
+
+/* ---- dtype helpers ---- */
+
+double ref_load(const void *base, kvrt_dtype dtype, int64_t i)
+{
+    return (double)kvrt_load(base, (int32_t)dtype, i);
+}
+
+double ref_round(double f, kvrt_dtype dtype)
+{
+    float x = (float)f;
+    switch (dtype) {
+    case KVRT_F16:
+        return (double)kvrt_f16_to_f32(kvrt_f32_to_f16(x));
+    case KVRT_BF16:
+        return (double)kvrt_bf16_to_f32(kvrt_f32_to_bf16(x));
+    default:
+        return (double)x;
+    }
+}
+
+void ref_store(void *base, kvrt_dtype dtype, int64_t i, double f)
+{
+    kvrt_store(base, (int32_t)dtype, i, (float)f);
+}
+
+/* ---- creation ---- */
+
+static int64_t layer_k_elems(const kvrt_layer_desc *L)
+{
+    if (L->kind == KVRT_LAYER_MLA)
+        return (int64_t)L->latent_dim + L->rope_dim;
+    return (int64_t)L->n_kv_heads * L->head_dim_k;
+}
+
+static int64_t layer_v_elems(const kvrt_layer_desc *L)
+{
+    if (L->kind == KVRT_LAYER_MLA)
+        return 0;
+    return (int64_t)L->n_kv_heads * L->head_dim_v;
+}
+
+ref_model *ref_create(const kvrt_cache_desc *desc)
+{
+    if (!desc || desc->n_layers < 1 || !desc->layers || desc->max_seqs < 1)
+        return NULL;
+    ref_model *m = xcalloc(1, sizeof(*m));
+    m->desc = *desc;
+    m->n_layers = desc->n_layers;
+    m->layers = xmalloc((size_t)m->n_layers * sizeof(kvrt_layer_desc));
+    memcpy(m->layers, desc->layers, (size_t)m->n_layers * sizeof(kvrt_layer_desc));
+    m->desc.layers = m->layers;
+    m->offset = xcalloc((size_t)m->n_layers, sizeof(int64_t));
+    for (int l = 0; l < m->n_layers; l++) {
+        m->offset[l] = m->row_elems;
+        if (layer_is_self(m, l))
+            m->row_elems += layer_k_elems(&m->layers[l]) + layer_v_elems(&m->layers[l]);
+    }
+    m->seqs = xcalloc((size_t)desc->max_seqs, sizeof(ref_seq));
+    m->cross = xcalloc((size_t)m->n_layers * desc->max_seqs, sizeof(ref_cross));
+    return m;
+}
+
+void ref_destroy(ref_model *m)
+{
+    if (!m)
+        return;
+    for (int s = 0; s < m->desc.max_seqs; s++) {
+        seq_clear(&m->seqs[s]);
+        free(m->seqs[s].tokens);
+    }
+    for (int64_t i = 0; i < (int64_t)m->n_layers * m->desc.max_seqs; i++)
+        cross_drop(&m->cross[i]);
+    free(m->seqs);
+    free(m->cross);
+    free(m->offset);
+    free(m->layers);
+    free(m);
+}
+
+static void cross_copy(ref_cross *dst, const ref_cross *src, const kvrt_layer_desc *L)
+{
+    cross_drop(dst);
+    if (src->n == 0)
+        return;
+    size_t nk = (size_t)src->n * layer_k_elems(L), nv = (size_t)src->n * layer_v_elems(L);
+    dst->k = xmalloc(nk * sizeof(double));
+    dst->v = xmalloc(nv * sizeof(double));
+    memcpy(dst->k, src->k, nk * sizeof(double));
+    memcpy(dst->v, src->v, nv * sizeof(double));
+    dst->n = src->n;
+}
+
+ref_model *ref_clone(const ref_model *m)
+{
+    ref_model *c = ref_create(&m->desc);
+    c->policy = m->policy;
+    for (int s = 0; s < m->desc.max_seqs; s++) {
+        const ref_seq *src = &m->seqs[s];
+        seq_reserve(&c->seqs[s], src->n);
+        for (int64_t i = 0; i < src->n; i++)
+            c->seqs[s].tokens[i] = token_copy(m, &src->tokens[i]);
+        c->seqs[s].n = src->n;
+        for (int l = 0; l < m->n_layers; l++)
+            if (m->layers[l].kind == KVRT_LAYER_CROSS)
+                cross_copy(cross_of(c, l, s), cross_of(m, l, s), &m->layers[l]);
+    }
+    return c;
+}
+
+void ref_set_policy(ref_model *m, const ref_policy *policy)
+{
+    m->policy = *policy;
+}
+
+const ref_policy *ref_get_policy(const ref_model *m)
+{
+    return &m->policy;
+}
+
+/* ---- layout ---- */
+
+int ref_n_layers(const ref_model *m) { return m->n_layers; }
+int ref_n_seqs(const ref_model *m) { return m->desc.max_seqs; }
+
+const kvrt_layer_desc *ref_layer(const ref_model *m, int layer)
+{
+    return layer_valid(m, layer) ? &m->layers[layer] : NULL;
+}
+
+int64_t ref_k_elems(const ref_model *m, int layer) { return layer_k_elems(&m->layers[layer]); }
+int64_t ref_v_elems(const ref_model *m, int layer) { return layer_v_elems(&m->layers[layer]); }
+int64_t ref_layer_offset(const ref_model *m, int layer) { return m->offset[layer]; }
+
+int ref_k_elem_rotary(const ref_model *m, int layer, int64_t e)
+{
+    const kvrt_layer_desc *L = &m->layers[layer];
+    if (L->kind == KVRT_LAYER_ATTN)
+        return (e % L->head_dim_k) < m->desc.rope.n_rot;
+    if (L->kind == KVRT_LAYER_MLA)
+        return e >= L->latent_dim;
+    return 0;
+}
+
+/* ---- contents ---- */
+
+const ref_token *ref_seq_tokens(const ref_model *m, int32_t seq, int64_t *n)
+{
+    if (!seq_valid(m, seq)) {
+        *n = 0;
+        return NULL;
+    }
+    *n = m->seqs[seq].n;
+    return m->seqs[seq].tokens;
+}
+
+int32_t ref_seq_pos_min(const ref_model *m, int32_t seq)
+{
+    const ref_seq *s = &m->seqs[seq];
+    return s->n ? s->tokens[0].pos : -1;
+}
+
+int32_t ref_seq_pos_max(const ref_model *m, int32_t seq)
+{
+    const ref_seq *s = &m->seqs[seq];
+    return s->n ? s->tokens[s->n - 1].pos : -1;
+}
+
+const ref_token *ref_seq_find(const ref_model *m, int32_t seq, int32_t pos)
+{
+    return seq_valid(m, seq) ? seq_find(&m->seqs[seq], pos) : NULL;
+}
+
+int ref_cross_rows(const ref_model *m, int layer, int32_t seq, const double **k,
+                   const double **v)
+{
+    const ref_cross *c = cross_of(m, layer, seq);
+    if (k)
+        *k = c->k;
+    if (v)
+        *v = c->v;
+    return c->n;
+}
+
+int ref_seq_is_empty(const ref_model *m, int32_t seq)
+{
+    if (m->seqs[seq].n)
+        return 0;
+    for (int l = 0; l < m->n_layers; l++)
+        if (m->layers[l].kind == KVRT_LAYER_CROSS && cross_of(m, l, seq)->n)
+            return 0;
+    return 1;
+}
+
+/* ---- RoPE ---- */
+
+void ref_rope_rotate(double *x, int dims, kvrt_rope_style style, double theta,
+                     double freq_scale, int64_t delta)
+{
+    if (delta == 0 || dims <= 0)
+        return;
+    for (int i = 0; i < dims / 2; i++) {
+        int a = style == KVRT_ROPE_NEOX ? i : 2 * i;
+        int b = style == KVRT_ROPE_NEOX ? i + dims / 2 : 2 * i + 1;
+        double angle = (double)delta * freq_scale * pow(theta, -2.0 * (double)i / (double)dims);
+        double c = cos(angle), s = sin(angle);
+        double xa = x[a], xb = x[b];
+        x[a] = xa * c - xb * s;
+        x[b] = xa * s + xb * c;
+    }
+}
+
+/* Re-rotates every self layer's K of a token by a position move of delta. */
+static void token_rotate(const ref_model *m, ref_token *t, int64_t delta)
+{
+    if (delta == 0)
+        return;
+    const kvrt_rope_desc *r = &m->desc.rope;
+    for (int l = 0; l < m->n_layers; l++) {
+        const kvrt_layer_desc *L = &m->layers[l];
+        double *k = t->data + m->offset[l];
+        if (L->kind == KVRT_LAYER_ATTN && r->n_rot > 0) {
+            for (int h = 0; h < L->n_kv_heads; h++)
+                ref_rope_rotate(k + (int64_t)h * L->head_dim_k, r->n_rot, r->style,
+                                (double)r->theta, (double)r->freq_scale, delta);
+        } else if (L->kind == KVRT_LAYER_MLA && L->rope_dim > 0) {
+            ref_rope_rotate(k + L->latent_dim, L->rope_dim, r->style, (double)r->theta,
+                            (double)r->freq_scale, delta);
+        } else {
+            continue;
+        }
+        t->rotations[l]++;
+    }
+}
+
+/* ---- the step ---- */
+
+ref_status_set ref_plan(ref_model *m, int n, const int32_t *seq_ids, const int32_t *positions,
+                        int max_tokens, int apply)
+{
+    if (n < 1 || n > max_tokens || !seq_ids || !positions)
+        return REF_BIT(KVRT_ERR_INVALID_ARG);
+    ref_status_set set = 0;
+    for (int i = 0; i < n; i++) {
+        if (!seq_valid(m, seq_ids[i]) || positions[i] < 0) {
+            set |= REF_BIT(KVRT_ERR_INVALID_ARG);
+            continue;
+        }
+        int dup = seq_find(&m->seqs[seq_ids[i]], positions[i]) != NULL;
+        for (int j = 0; j < i && !dup; j++)
+            dup = seq_ids[j] == seq_ids[i] && positions[j] == positions[i];
+        if (dup)
+            set |= REF_BIT(KVRT_ERR_POS_EXISTS);
+    }
+    if (set)
+        return set;
+    if (apply)
+        for (int i = 0; i < n; i++)
+            seq_insert(&m->seqs[seq_ids[i]], token_new(m, positions[i]));
+    return REF_BIT(KVRT_OK);
+}
+
+ref_status_set ref_write(ref_model *m, int layer, int n, const int32_t *seq_ids,
+                         const int32_t *positions, const void *k, const void *v,
+                         kvrt_dtype src_dtype, int apply)
+{
+    if (!layer_valid(m, layer) || !layer_is_self(m, layer) || !k ||
+        (m->layers[layer].kind == KVRT_LAYER_ATTN && !v) || src_dtype < KVRT_F32 ||
+        src_dtype > KVRT_BF16)
+        return REF_BIT(KVRT_ERR_INVALID_ARG);
+    for (int i = 0; i < n; i++)
+        if (!seq_valid(m, seq_ids[i]) || !seq_find(&m->seqs[seq_ids[i]], positions[i]))
+            return REF_BIT(KVRT_ERR_INVALID_ARG);
+    if (!apply)
+        return REF_BIT(KVRT_OK);
+    int64_t nk = ref_k_elems(m, layer), nv = ref_v_elems(m, layer);
+    for (int i = 0; i < n; i++) {
+        ref_token *t = seq_find(&m->seqs[seq_ids[i]], positions[i]);
+        double *row = t->data + m->offset[layer];
+        for (int64_t e = 0; e < nk; e++)
+            row[e] = ref_round(ref_load(k, src_dtype, i * nk + e), m->desc.dtype);
+        for (int64_t e = 0; e < nv; e++)
+            row[nk + e] = ref_round(ref_load(v, src_dtype, i * nv + e), m->desc.dtype);
+        t->written[layer] = 1;
+        t->rotations[layer] = 0;
+    }
+    return REF_BIT(KVRT_OK);
+}
+
+ref_status_set ref_cross_set(ref_model *m, int layer, int32_t seq, int n, const void *k,
+                             const void *v, kvrt_dtype src_dtype, int apply)
+{
+    if (!layer_valid(m, layer) || m->layers[layer].kind != KVRT_LAYER_CROSS ||
+        !seq_valid(m, seq) || n < 0 || n > m->desc.cross_max_len || src_dtype < KVRT_F32 ||
+        src_dtype > KVRT_BF16)
+        return REF_BIT(KVRT_ERR_INVALID_ARG);
+    if (n > 0 && (!k || !v))
+        return REF_BIT(KVRT_ERR_INVALID_ARG);
+    ref_status_set set = REF_BIT(KVRT_OK);
+    if (n == 0)
+        set = open_case(m->policy.cross_set_empty, set);
+    if (!apply || !REF_HAS(set, KVRT_OK))
+        return set;
+    const kvrt_layer_desc *L = &m->layers[layer];
+    ref_cross *c = cross_of(m, layer, seq);
+    cross_drop(c);
+    if (n == 0)
+        return set;
+    int64_t nk = (int64_t)n * layer_k_elems(L), nv = (int64_t)n * layer_v_elems(L);
+    c->k = xmalloc((size_t)nk * sizeof(double));
+    c->v = xmalloc((size_t)nv * sizeof(double));
+    for (int64_t e = 0; e < nk; e++)
+        c->k[e] = ref_round(ref_load(k, src_dtype, e), m->desc.dtype);
+    for (int64_t e = 0; e < nv; e++)
+        c->v[e] = ref_round(ref_load(v, src_dtype, e), m->desc.dtype);
+    c->n = n;
+    return set;
+}
+
+/* ---- sequence edits ---- */
+
+static void seq_rm_one(ref_model *m, int32_t seq, int32_t p0, int32_t p1)
+{
+    ref_seq *s = &m->seqs[seq];
+    int64_t lo, hi, w = 0;
+    range_bounds(p0, p1, &lo, &hi);
+    for (int64_t i = 0; i < s->n; i++) {
+        if (in_range(s->tokens[i].pos, lo, hi))
+            token_free(&s->tokens[i]);
+        else
+            s->tokens[w++] = s->tokens[i];
+    }
+    s->n = w;
+    int drop = m->policy.rm_drops_cross == REF_RM_CROSS_EMPTIED ? s->n == 0
+                                                                : (lo == 0 && p1 < 0);
+    if (drop)
+        seq_drop_cross(m, seq);
+}
+
+ref_status_set ref_seq_rm(ref_model *m, int32_t seq, int32_t p0, int32_t p1, int apply)
+{
+    if (seq >= m->desc.max_seqs)
+        return REF_BIT(KVRT_ERR_INVALID_ARG);
+    ref_status_set set = range_open(m, p0, p1, REF_BIT(KVRT_OK));
+    if (!apply || !REF_HAS(set, KVRT_OK))
+        return set;
+    for (int32_t s = 0; s < m->desc.max_seqs; s++)
+        if (seq < 0 || s == seq)
+            seq_rm_one(m, s, p0, p1);
+    return set;
+}
+
+ref_status_set ref_seq_cp(ref_model *m, int32_t src, int32_t dst, int32_t p0, int32_t p1,
+                          int apply)
+{
+    if (!seq_valid(m, src) || !seq_valid(m, dst))
+        return REF_BIT(KVRT_ERR_INVALID_ARG);
+    if (m->seqs[dst].n > 0)
+        return REF_BIT(KVRT_ERR_INVALID_ARG);
+    ref_status_set set = REF_BIT(KVRT_OK);
+    if (src == dst)
+        set = open_case(m->policy.cp_self, set);
+    else if (!ref_seq_is_empty(m, dst))
+        set = open_case(m->policy.cp_dst_cross_only, set);
+    set = range_open(m, p0, p1, set);
+    if (!apply || !REF_HAS(set, KVRT_OK) || src == dst)
+        return set;
+    const ref_seq *s = &m->seqs[src];
+    ref_seq *d = &m->seqs[dst];
+    int64_t lo, hi;
+    range_bounds(p0, p1, &lo, &hi);
+    seq_reserve(d, s->n);
+    for (int64_t i = 0; i < s->n; i++)
+        if (in_range(s->tokens[i].pos, lo, hi))
+            d->tokens[d->n++] = token_copy(m, &s->tokens[i]);
+    for (int l = 0; l < m->n_layers; l++)
+        if (m->layers[l].kind == KVRT_LAYER_CROSS)
+            cross_copy(cross_of(m, l, dst), cross_of(m, l, src), &m->layers[l]);
+    return set;
+}
+
+ref_status_set ref_seq_keep(ref_model *m, int32_t seq, int apply)
+{
+    if (!seq_valid(m, seq))
+        return REF_BIT(KVRT_ERR_INVALID_ARG);
+    if (apply)
+        for (int32_t s = 0; s < m->desc.max_seqs; s++)
+            if (s != seq) {
+                seq_clear(&m->seqs[s]);
+                seq_drop_cross(m, s);
+            }
+    return REF_BIT(KVRT_OK);
+}
+
+/* Errors of moving the positions in [lo, hi) of one sequence to new_pos(old):
+ * POS_RANGE when one overflows int32, POS_EXISTS when two land on one
+ * position (negative new positions are removed and collide with nothing). */
+typedef int64_t (*pos_map_fn)(int32_t pos, int64_t arg);
+
+static int64_t map_shift(int32_t pos, int64_t delta) { return (int64_t)pos + delta; }
+static int64_t map_div(int32_t pos, int64_t d) { return pos / d; }
+
+static int64_t cmp_i64(int64_t a, int64_t b) { return (a > b) - (a < b); }
+
+static int i64_cmp(const void *a, const void *b)
+{
+    return (int)cmp_i64(*(const int64_t *)a, *(const int64_t *)b);
+}
+
+static ref_status_set seq_move_check(const ref_model *m, int32_t seq, int64_t lo, int64_t hi,
+                                     pos_map_fn map, int64_t arg)
+{
+    const ref_seq *s = &m->seqs[seq];
+    ref_status_set set = 0;
+    /* new positions of the moved tokens and positions of the others, sorted */
+    int64_t *all = xmalloc((size_t)(s->n ? s->n : 1) * sizeof(int64_t));
+    int64_t n_all = 0;
+    for (int64_t i = 0; i < s->n; i++) {
+        int32_t pos = s->tokens[i].pos;
+        int64_t np = in_range(pos, lo, hi) ? map(pos, arg) : pos;
+        if (np > INT32_MAX)
+            set |= REF_BIT(KVRT_ERR_POS_RANGE);
+        else if (np >= 0)
+            all[n_all++] = np;
+    }
+    qsort(all, (size_t)n_all, sizeof(int64_t), i64_cmp);
+    for (int64_t i = 1; i < n_all; i++)
+        if (all[i] == all[i - 1])
+            set |= REF_BIT(KVRT_ERR_POS_EXISTS);
+    free(all);
+    return set;
+}
+
+static void seq_move_apply(ref_model *m, int32_t seq, int64_t lo, int64_t hi, pos_map_fn map,
+                           int64_t arg)
+{
+    ref_seq *s = &m->seqs[seq];
+    int64_t w = 0;
+    for (int64_t i = 0; i < s->n; i++) {
+        ref_token t = s->tokens[i];
+        if (in_range(t.pos, lo, hi)) {
+            int64_t np = map(t.pos, arg);
+            if (np < 0) {
+                token_free(&t);
+                continue;
+            }
+            token_rotate(m, &t, np - t.pos);
+            t.pos = (int32_t)np;
+        }
+        s->tokens[w++] = t;
+    }
+    s->n = w;
+    seq_sort(s);
+}
+
+ref_status_set ref_seq_shift(ref_model *m, int32_t seq, int32_t p0, int32_t p1, int32_t delta,
+                             int apply)
+{
+    if (seq >= m->desc.max_seqs)
+        return REF_BIT(KVRT_ERR_INVALID_ARG);
+    int64_t lo, hi;
+    range_bounds(p0, p1, &lo, &hi);
+    ref_status_set errors = 0;
+    for (int32_t s = 0; s < m->desc.max_seqs; s++)
+        if (seq < 0 || s == seq)
+            errors |= seq_move_check(m, s, lo, hi, map_shift, delta);
+    ref_status_set set = range_open(m, p0, p1, errors ? errors : REF_BIT(KVRT_OK));
+    if (!apply || !REF_HAS(set, KVRT_OK))
+        return set;
+    for (int32_t s = 0; s < m->desc.max_seqs; s++)
+        if (seq < 0 || s == seq)
+            seq_move_apply(m, s, lo, hi, map_shift, delta);
+    return set;
+}
+
+ref_status_set ref_seq_div(ref_model *m, int32_t seq, int32_t p0, int32_t p1, int d, int apply)
+{
+    if (seq >= m->desc.max_seqs || d < 1)
+        return REF_BIT(KVRT_ERR_INVALID_ARG);
+    if (seq < 0 && m->policy.div_all_seqs == REF_OPEN_ERROR)
+        return REF_BIT(KVRT_ERR_INVALID_ARG);
+    int64_t lo, hi;
+    range_bounds(p0, p1, &lo, &hi);
+    ref_status_set errors = 0;
+    for (int32_t s = 0; s < m->desc.max_seqs; s++)
+        if (seq < 0 || s == seq)
+            errors |= seq_move_check(m, s, lo, hi, map_div, d);
+    ref_status_set set = errors ? errors : REF_BIT(KVRT_OK);
+    if (seq < 0)
+        set = open_case(m->policy.div_all_seqs, set);
+    set = range_open(m, p0, p1, set);
+    if (!apply || !REF_HAS(set, KVRT_OK))
+        return set;
+    for (int32_t s = 0; s < m->desc.max_seqs; s++)
+        if (seq < 0 || s == seq)
+            seq_move_apply(m, s, lo, hi, map_div, d);
+    return set;
+}
+
+void ref_clear(ref_model *m)
+{
+    for (int32_t s = 0; s < m->desc.max_seqs; s++) {
+        seq_clear(&m->seqs[s]);
+        seq_drop_cross(m, s);
+    }
+}
+
+/* ---- attention ---- */
+
+/* Whether a key at kpos is visible to a query at qpos in a self layer. */
+static int key_visible(const kvrt_layer_desc *L, int32_t kpos, int32_t qpos)
+{
+    if (kpos > qpos)
+        return 0;
+    if (L->kind == KVRT_LAYER_ATTN && L->window > 0 && (int64_t)kpos <= (int64_t)qpos - L->window)
+        return 0;
+    return 1;
+}
+
+int64_t ref_attention(const ref_model *m, int layer, int32_t seq, int32_t qpos,
+                      const double *q, int n_q_heads, double scale, double softcap,
+                      double *out)
+{
+    if (!layer_valid(m, layer) || !seq_valid(m, seq) || !q || !out || n_q_heads < 1)
+        return -1;
+    const kvrt_layer_desc *L = &m->layers[layer];
+    int mla = L->kind == KVRT_LAYER_MLA;
+    int n_kv = mla ? 1 : L->n_kv_heads;
+    int dk = mla ? L->latent_dim + L->rope_dim : L->head_dim_k;
+    int dv = mla ? L->latent_dim : L->head_dim_v;
+    if (n_q_heads % n_kv)
+        return -1;
+    if (scale == 0)
+        scale = 1.0 / sqrt((double)dk);
+
+    /* the visible keys: pointers to each key's K row (all heads) and V row */
+    int64_t n_keys = 0, cap;
+    const double **krows, **vrows;
+    if (L->kind == KVRT_LAYER_CROSS) {
+        const ref_cross *c = cross_of(m, layer, seq);
+        cap = c->n;
+        krows = xmalloc((size_t)(cap ? cap : 1) * sizeof(*krows));
+        vrows = xmalloc((size_t)(cap ? cap : 1) * sizeof(*vrows));
+        for (int64_t j = 0; j < c->n; j++, n_keys++) {
+            krows[n_keys] = c->k + j * layer_k_elems(L);
+            vrows[n_keys] = c->v + j * layer_v_elems(L);
+        }
+    } else {
+        const ref_seq *s = &m->seqs[seq];
+        cap = s->n;
+        krows = xmalloc((size_t)(cap ? cap : 1) * sizeof(*krows));
+        vrows = xmalloc((size_t)(cap ? cap : 1) * sizeof(*vrows));
+        for (int64_t j = 0; j < s->n; j++) {
+            const ref_token *t = &s->tokens[j];
+            if (!key_visible(L, t->pos, qpos))
+                continue;
+            if (!t->written[layer]) {
+                free(krows);
+                free(vrows);
+                return -1;
+            }
+            const double *row = t->data + m->offset[layer];
+            krows[n_keys] = row;
+            vrows[n_keys] = mla ? row : row + layer_k_elems(L);
+            n_keys++;
+        }
+    }
+
+    double *logits = xmalloc((size_t)(n_keys ? n_keys : 1) * sizeof(double));
+    int group = n_q_heads / n_kv;
+    for (int h = 0; h < n_q_heads; h++) {
+        int kvh = h / group;
+        const double *qh = q + (int64_t)h * dk;
+        double *oh = out + (int64_t)h * dv;
+        for (int e = 0; e < dv; e++)
+            oh[e] = 0;
+        if (n_keys == 0)
+            continue;
+        double mx = -INFINITY;
+        for (int64_t j = 0; j < n_keys; j++) {
+            const double *kh = krows[j] + (int64_t)kvh * dk;
+            double dot = 0;
+            for (int e = 0; e < dk; e++)
+                dot += qh[e] * kh[e];
+            double sc = dot * scale;
+            if (softcap > 0)
+                sc = softcap * tanh(sc / softcap);
+            logits[j] = sc;
+            if (sc > mx)
+                mx = sc;
+        }
+        double sum = 0;
+        for (int64_t j = 0; j < n_keys; j++) {
+            logits[j] = exp(logits[j] - mx);
+            sum += logits[j];
+        }
+        for (int64_t j = 0; j < n_keys; j++) {
+            double p = logits[j] / sum;
+            const double *vh = vrows[j] + (int64_t)kvh * (mla ? dk : dv);
+            for (int e = 0; e < dv; e++)
+                oh[e] += p * vh[e];
+        }
+    }
+    free(logits);
+    free(krows);
+    free(vrows);
+    return n_keys;
+}
+
+double ref_attention_vmax(const ref_model *m, int layer, int32_t seq, int32_t qpos)
+{
+    const kvrt_layer_desc *L = &m->layers[layer];
+    double vmax = 0;
+    if (L->kind == KVRT_LAYER_CROSS) {
+        const ref_cross *c = cross_of(m, layer, seq);
+        for (int64_t e = 0; e < (int64_t)c->n * layer_v_elems(L); e++)
+            vmax = fmax(vmax, fabs(c->v[e]));
+        return vmax;
+    }
+    const ref_seq *s = &m->seqs[seq];
+    int mla = L->kind == KVRT_LAYER_MLA;
+    for (int64_t j = 0; j < s->n; j++) {
+        const ref_token *t = &s->tokens[j];
+        if (!key_visible(L, t->pos, qpos))
+            continue;
+        const double *row = t->data + m->offset[layer];
+        const double *v = mla ? row : row + layer_k_elems(L);
+        int64_t nv = mla ? L->latent_dim : layer_v_elems(L);
+        for (int64_t e = 0; e < nv; e++)
+            vmax = fmax(vmax, fabs(v[e]));
+    }
+    return vmax;
+}

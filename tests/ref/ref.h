@@ -1,0 +1,182 @@
+/*
+ * ref.h: the reference model of a kvrt cache, for tests.
+ *
+ * Plain and obvious: no paging, no sharing, no slots. Per sequence a list of
+ * tokens sorted by position, each holding its rows of every self-attention
+ * layer as double (the values the cache dtype can hold: every written value
+ * is rounded to the cache dtype first, exactly as kvrt stores it); per CROSS
+ * layer and sequence a list of rows. Every operation of the public API is
+ * implemented the obvious way, and attention runs in double precision.
+ *
+ * Statuses. Each operation first works out which statuses kvrt may return
+ * for the call (a ref_status_set, one bit per status) and applies its effect
+ * only when asked to (apply != 0) and success is among them. A test calls it
+ * once with apply 0 to get the set, calls kvrt, checks that kvrt's status is
+ * in the set, and on KVRT_OK calls it again with apply 1. The reference
+ * knows nothing about blocks, so KVRT_ERR_CAPACITY and
+ * KVRT_ERR_WINDOW_EVICTED are judged by the caller, from kvrt's own
+ * statistics.
+ *
+ * Where the header leaves a case open, a policy flag picks the reading (see
+ * ref_policy); by default the set contains every reading, so that either
+ * answer passes as long as kvrt then behaves accordingly.
+ */
+#ifndef KVRT_REF_H
+#define KVRT_REF_H
+
+#include <stdint.h>
+
+#include "kvrt.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* A set of statuses: bit -status (KVRT_OK is bit 0). */
+typedef uint32_t ref_status_set;
+#define REF_BIT(status) (1u << (unsigned)(-(int)(status)))
+#define REF_HAS(set, status) (((set) & REF_BIT(status)) != 0)
+
+/* Readings of cases the header leaves open. Each is a ref_open_* value. */
+typedef struct ref_policy {
+    /* p0 < 0, or p0 > p1 >= 0, in rm/cp/shift/div ranges */
+    int range_p0_negative;
+    int range_reversed;
+    /* kvrt_seq_div with seq < 0 (every sequence, as kvrt_seq_rm) */
+    int div_all_seqs;
+    /* kvrt_seq_cp with src == dst (both then necessarily empty) */
+    int cp_self;
+    /* kvrt_cross_set with n == 0 (empties the layer) */
+    int cross_set_empty;
+    /* kvrt_seq_cp into a dst that has cross rows but no tokens */
+    int cp_dst_cross_only;
+    /* kvrt_seq_rm dropping cross rows: 0 when the range is [<=0, end), 1 when
+     * the sequence has no tokens left afterwards (see ref_seq_rm). */
+    int rm_drops_cross;
+} ref_policy;
+
+enum {
+    REF_OPEN_EITHER = 0,  /* accept OK (with the natural effect) or INVALID_ARG */
+    REF_OPEN_OK     = 1,
+    REF_OPEN_ERROR  = 2,
+};
+enum {
+    REF_RM_CROSS_FULL_RANGE = 0, /* rm of [p0 <= 0, p1 < 0) drops cross rows */
+    REF_RM_CROSS_EMPTIED    = 1, /* rm that leaves no token drops cross rows */
+};
+
+typedef struct ref_model ref_model;
+
+/* One token of a sequence, as ref_seq_tokens returns it. */
+typedef struct ref_token {
+    int32_t  pos;
+    double  *data;      /* all self-attention layers' rows, at ref_layer_offset */
+    int32_t *rotations; /* [n_layers]: re-rotations since the layer's row was written */
+    uint8_t *written;   /* [n_layers]: 1 once kvrt_write stored the row */
+} ref_token;
+
+/* Creates a model of an empty cache with desc's layers, dtype, max_seqs,
+ * cross_max_len and rope (other fields are ignored). NULL on bad input. */
+ref_model *ref_create(const kvrt_cache_desc *desc);
+void ref_destroy(ref_model *m);
+/* A deep copy. */
+ref_model *ref_clone(const ref_model *m);
+/* Readings of open cases (default: all REF_OPEN_EITHER, rm_drops_cross 0). */
+void ref_set_policy(ref_model *m, const ref_policy *policy);
+const ref_policy *ref_get_policy(const ref_model *m);
+
+/* ---- layout of the reference rows ---- */
+
+int ref_n_layers(const ref_model *m);
+const kvrt_layer_desc *ref_layer(const ref_model *m, int layer);
+/* Elements of one token's K (all heads) and V (all heads) in a layer.
+ * MLA: K is latent+rope, V is 0 (V is read from K). */
+int64_t ref_k_elems(const ref_model *m, int layer);
+int64_t ref_v_elems(const ref_model *m, int layer);
+/* Offset of a self layer's row (K then V) in ref_token.data. */
+int64_t ref_layer_offset(const ref_model *m, int layer);
+/* Whether element e (0 <= e < ref_k_elems) of a layer's K row is rotated by RoPE. */
+int ref_k_elem_rotary(const ref_model *m, int layer, int64_t e);
+
+/* ---- contents ---- */
+
+int ref_n_seqs(const ref_model *m);
+/* Tokens of seq, sorted by position; *n receives the count. */
+const ref_token *ref_seq_tokens(const ref_model *m, int32_t seq, int64_t *n);
+/* -1 when empty. */
+int32_t ref_seq_pos_min(const ref_model *m, int32_t seq);
+int32_t ref_seq_pos_max(const ref_model *m, int32_t seq);
+/* The token of seq at pos, or NULL. */
+const ref_token *ref_seq_find(const ref_model *m, int32_t seq, int32_t pos);
+/* Cross rows of a CROSS layer: count, K [n][heads][dk] and V [n][heads][dv]. */
+int ref_cross_rows(const ref_model *m, int layer, int32_t seq, const double **k,
+                   const double **v);
+/* Whether seq holds nothing: no token and no cross row. */
+int ref_seq_is_empty(const ref_model *m, int32_t seq);
+
+/* ---- operations (see the top comment for the two calls) ---- */
+
+/* kvrt_batch_plan: INVALID_ARG (n out of [1, max_tokens], NULL arrays, bad
+ * seq id, negative position), POS_EXISTS (position present or twice in the
+ * batch). Applying adds the tokens, unwritten. */
+ref_status_set ref_plan(ref_model *m, int n, const int32_t *seq_ids, const int32_t *positions,
+                        int max_tokens, int apply);
+
+/* kvrt_write of the n planned tokens (seq_ids/positions as planned) into one
+ * layer: INVALID_ARG for a bad layer, a CROSS layer, NULL k, NULL v on ATTN.
+ * Values are converted src_dtype -> f32 -> cache dtype. */
+ref_status_set ref_write(ref_model *m, int layer, int n, const int32_t *seq_ids,
+                         const int32_t *positions, const void *k, const void *v,
+                         kvrt_dtype src_dtype, int apply);
+
+/* kvrt_cross_set. */
+ref_status_set ref_cross_set(ref_model *m, int layer, int32_t seq, int n, const void *k,
+                             const void *v, kvrt_dtype src_dtype, int apply);
+
+ref_status_set ref_seq_rm(ref_model *m, int32_t seq, int32_t p0, int32_t p1, int apply);
+ref_status_set ref_seq_cp(ref_model *m, int32_t src, int32_t dst, int32_t p0, int32_t p1,
+                          int apply);
+ref_status_set ref_seq_keep(ref_model *m, int32_t seq, int apply);
+ref_status_set ref_seq_shift(ref_model *m, int32_t seq, int32_t p0, int32_t p1, int32_t delta,
+                             int apply);
+ref_status_set ref_seq_div(ref_model *m, int32_t seq, int32_t p0, int32_t p1, int d, int apply);
+void ref_clear(ref_model *m);
+
+/* ---- RoPE, in double ---- */
+
+/* Rotates `dims` elements x[0..dims) as a position move of delta:
+ * pair i (style NORMAL: (2i, 2i+1); NEOX: (i, i+dims/2)) turns by
+ * delta * freq_scale * theta^(-2i/dims). */
+void ref_rope_rotate(double *x, int dims, kvrt_rope_style style, double theta,
+                     double freq_scale, int64_t delta);
+
+/* ---- attention, in double ---- */
+
+/* Attention of one query token of seq at position qpos over a layer's
+ * reference rows (see kvrt_attention): q [n_q_heads][dk] as double, out
+ * [n_q_heads][dv]. scale 0 means 1/sqrt(dk) where dk is head_dim_k for
+ * ATTN/CROSS and latent_dim + rope_dim for MLA. Returns the number of keys
+ * visible to the query (0: out is zeros), or -1 on bad arguments or when a
+ * visible row is unwritten. */
+int64_t ref_attention(const ref_model *m, int layer, int32_t seq, int32_t qpos,
+                      const double *q, int n_q_heads, double scale, double softcap,
+                      double *out);
+
+/* Largest |value| over the V values (MLA: latent values) a query of seq at
+ * qpos sees in a layer, for error bounds. */
+double ref_attention_vmax(const ref_model *m, int layer, int32_t seq, int32_t qpos);
+
+/* ---- dtype helpers ---- */
+
+/* Value of element i of an array of `dtype`, as double. */
+double ref_load(const void *base, kvrt_dtype dtype, int64_t i);
+/* f rounded to dtype (round to nearest even), as double. */
+double ref_round(double f, kvrt_dtype dtype);
+/* Stores f (first rounded to f32) as element i of an array of `dtype`. */
+void ref_store(void *base, kvrt_dtype dtype, int64_t i, double f);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* KVRT_REF_H */
