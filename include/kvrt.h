@@ -1,0 +1,415 @@
+/*
+ * kvrt.h: the whole public API of kvrt, a KV-cache runtime for transformer
+ * inference.
+ *
+ * A decoder describes its attention layers once (kvrt_cache_create). Each
+ * step it plans slots for the new tokens (kvrt_batch_plan), writes their K/V
+ * (kvrt_write) and runs masked attention over the cache (kvrt_attention).
+ * Between steps it edits sequences (kvrt_seq_rm, kvrt_seq_cp, kvrt_seq_shift,
+ * ...). All K/V lives on the cache's device; every edit runs there, in stream
+ * order, and no K/V passes through the host unless the caller asks for it
+ * (kvrt_gather).
+ *
+ * Conventions
+ *   - Every function that can fail returns kvrt_status: KVRT_OK (0) or a
+ *     negative error. The calling thread's last error message, naming what was
+ *     wrong, is kvrt_last_error().
+ *   - A call that fails changes nothing: the cache is exactly as it was.
+ *   - The library never aborts, exits or prints.
+ *   - Positions are int32. p1 < 0 in a range [p0, p1) means "to the end".
+ *   - `stream` is a cudaStream_t / hipStream_t (NULL: the default stream); the
+ *     CPU backend ignores it and completes work before returning.
+ *   - Plans and sequence edits run on the cache's stream (kvrt_cache_set_stream).
+ */
+#ifndef KVRT_H
+#define KVRT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(_WIN32)
+#  define KVRT_API __declspec(dllexport)
+#elif defined(__GNUC__)
+#  define KVRT_API __attribute__((visibility("default")))
+#else
+#  define KVRT_API
+#endif
+
+#define KVRT_VERSION_MAJOR 0
+#define KVRT_VERSION_MINOR 1
+#define KVRT_VERSION_PATCH 0
+#define KVRT_VERSION_NUMBER \
+    (KVRT_VERSION_MAJOR * 10000 + KVRT_VERSION_MINOR * 100 + KVRT_VERSION_PATCH)
+
+/* The version the library was built as (KVRT_VERSION_NUMBER of its header). */
+KVRT_API unsigned kvrt_version_number(void);
+/* The same as "MAJOR.MINOR.PATCH". Static storage. */
+KVRT_API const char *kvrt_version_string(void);
+
+/* ------------------------------------------------------------------------ */
+/* Status codes. Values are frozen once released; new ones are appended.    */
+/* ------------------------------------------------------------------------ */
+
+#define KVRT_STATUS_MAP(X)                                                          \
+    X(OK,                  0, "success")                                           \
+    X(ERR_INVALID_ARG,    -1, "invalid argument")                                  \
+    X(ERR_OUT_OF_MEMORY,  -2, "out of memory")                                     \
+    X(ERR_CAPACITY,       -3, "cache capacity exhausted")                          \
+    X(ERR_POS_EXISTS,     -4, "position already present in the sequence")          \
+    X(ERR_POS_RANGE,      -5, "position out of range")                             \
+    X(ERR_WINDOW_EVICTED, -6, "sliding window no longer holds the rows needed")    \
+    X(ERR_DEVICE,         -7, "device runtime error")                              \
+    X(ERR_DEVICE_MISMATCH,-8, "pointer or cache on another device")                \
+    X(ERR_NO_DEVICE,      -9, "no such device or backend")                         \
+    X(ERR_INCOMPATIBLE,  -10, "incompatible layer description")                    \
+    X(ERR_CORRUPT,       -11, "corrupt or truncated state")                        \
+    X(ERR_IO,            -12, "input/output error")                                \
+    X(ERR_UNSUPPORTED,   -13, "not supported by this backend or build")            \
+    X(ERR_INTERNAL,      -14, "internal invariant violated")
+
+typedef enum kvrt_status {
+#define KVRT_STATUS_ENUM_(name, value, text) KVRT_##name = value,
+    KVRT_STATUS_MAP(KVRT_STATUS_ENUM_)
+#undef KVRT_STATUS_ENUM_
+} kvrt_status;
+
+/* "KVRT_ERR_CAPACITY" for KVRT_ERR_CAPACITY; "KVRT_UNKNOWN" for other values. */
+KVRT_API const char *kvrt_status_name(kvrt_status status);
+/* A one-line description of the status ("cache capacity exhausted"). */
+KVRT_API const char *kvrt_status_str(kvrt_status status);
+/* The calling thread's last error message, naming what was wrong
+ * ("layer 3: head_dim_k 0 must be positive"). "" if none. Valid until the
+ * thread's next failing kvrt call. */
+KVRT_API const char *kvrt_last_error(void);
+
+/* ------------------------------------------------------------------------ */
+/* Devices, dtypes                                                           */
+/* ------------------------------------------------------------------------ */
+
+typedef enum kvrt_backend {
+    KVRT_BACKEND_CPU  = 0,
+    KVRT_BACKEND_CUDA = 1,
+    KVRT_BACKEND_HIP  = 2,
+} kvrt_backend;
+
+typedef struct kvrt_device {
+    kvrt_backend backend;
+    int          ordinal;   /* device index within the backend; 0 for the CPU */
+} kvrt_device;
+
+/* Number of devices of a backend this build can use: 1 for the CPU, 0 when
+ * the backend is not built in or has no device or no driver. Never fails. */
+KVRT_API int kvrt_device_count(kvrt_backend backend);
+/* "cpu", "cuda", "hip". */
+KVRT_API const char *kvrt_backend_name(kvrt_backend backend);
+/* Writes a description of the device ("cuda:0 NVIDIA H100 80GB HBM3, 79 GiB")
+ * into buf (always NUL-terminated). KVRT_ERR_NO_DEVICE if there is none. */
+KVRT_API kvrt_status kvrt_device_describe(kvrt_device device, char *buf, size_t size);
+
+typedef enum kvrt_dtype {
+    KVRT_F32  = 0,
+    KVRT_F16  = 1,
+    KVRT_BF16 = 2,
+} kvrt_dtype;
+
+/* Bytes per element (4, 2, 2); 0 for an unknown dtype. */
+KVRT_API size_t kvrt_dtype_size(kvrt_dtype dtype);
+/* "f32", "f16", "bf16"; "?" for an unknown dtype. */
+KVRT_API const char *kvrt_dtype_name(kvrt_dtype dtype);
+
+/* ------------------------------------------------------------------------ */
+/* Cache description                                                         */
+/* ------------------------------------------------------------------------ */
+
+typedef enum kvrt_layer_kind {
+    /* Self-attention: n_kv_heads heads of head_dim_k (K) and head_dim_v (V);
+     * window 0 = full attention, > 0 = sliding window of that many positions.
+     * MHA, GQA and MQA differ only in the query head count given to
+     * kvrt_attention. */
+    KVRT_LAYER_ATTN  = 0,
+    /* Multi-head latent attention: one row of latent_dim + rope_dim per token
+     * and no separate V (V is the first latent_dim values of the row). */
+    KVRT_LAYER_MLA   = 1,
+    /* Cross-attention: static K/V per sequence (encoder output) set with
+     * kvrt_cross_set, up to kvrt_cache_desc.cross_max_len rows; no positions,
+     * no RoPE, no causal mask. */
+    KVRT_LAYER_CROSS = 2,
+} kvrt_layer_kind;
+
+/* One layer. Fields that do not apply to a kind must be 0. */
+typedef struct kvrt_layer_desc {
+    kvrt_layer_kind kind;
+    int n_kv_heads;   /* ATTN, CROSS: >= 1 */
+    int head_dim_k;   /* ATTN, CROSS: 1..1024, a multiple of 8 */
+    int head_dim_v;   /* ATTN, CROSS: 1..1024, a multiple of 8 */
+    int window;       /* ATTN: 0 or > 0 (sliding window) */
+    int latent_dim;   /* MLA: kv_lora_rank, e.g. 512; a multiple of 8 */
+    int rope_dim;     /* MLA: rotary part, e.g. 64; even, may be 0 */
+} kvrt_layer_desc;
+
+typedef enum kvrt_rope_style {
+    KVRT_ROPE_NORMAL = 0,  /* rotate adjacent pairs (x[2i], x[2i+1]), as llama.cpp */
+    KVRT_ROPE_NEOX   = 1,  /* rotate halves (x[i], x[i + n_rot/2]), as Hugging Face */
+} kvrt_rope_style;
+
+/* How cached K was rotated, so that kvrt_seq_shift can re-rotate it.
+ * Angle of pair i at position p: p * freq_scale * theta^(-2i / n_rot).
+ * ATTN layers rotate the first n_rot dims of each K head (n_rot 0: none);
+ * MLA layers rotate their rope_dim part (the last rope_dim values of a row). */
+typedef struct kvrt_rope_desc {
+    int             n_rot;       /* even, <= every ATTN layer's head_dim_k */
+    float           theta;       /* base, e.g. 10000 or 500000 */
+    float           freq_scale;  /* 1 = no scaling (linear scaling: 1/factor) */
+    kvrt_rope_style style;
+} kvrt_rope_desc;
+
+typedef struct kvrt_cache_desc {
+    kvrt_device            device;
+    kvrt_dtype             dtype;        /* element type of every layer */
+    int                    n_layers;
+    const kvrt_layer_desc *layers;       /* [n_layers], copied at creation */
+    int                    max_seqs;     /* sequence ids are [0, max_seqs) */
+    int                    block_size;   /* slots per block: power of two, 1..256 */
+    /* Blocks per layer group allocated at creation, and the most the pool may
+     * grow to (0: n_blocks, no growth). Growth keeps every address: memory is
+     * reserved for max_blocks and committed as needed. */
+    int                    n_blocks;
+    int                    max_blocks;
+    int                    cross_max_len; /* rows per sequence in CROSS layers */
+    kvrt_rope_desc         rope;
+    int                    swa_full;     /* 1: keep every sliding-window row */
+    int                    validate;     /* 1 (default): check device pointers */
+} kvrt_cache_desc;
+
+/* Fills desc with defaults: CPU device, f16, block_size 16, max_seqs 1,
+ * n_blocks 0 (must be set), rope {0, 10000, 1, NORMAL}, validate 1. */
+KVRT_API void kvrt_cache_desc_init(kvrt_cache_desc *desc);
+
+/* Bytes of one token's row of a layer in the cache and in state files:
+ * ATTN/CROSS n_kv_heads * (head_dim_k + head_dim_v) * size(dtype),
+ * MLA (latent_dim + rope_dim) * size(dtype). 0 for an invalid description.
+ * The one function every reader and writer of rows uses. */
+KVRT_API size_t kvrt_layer_row_bytes(const kvrt_layer_desc *layer, kvrt_dtype dtype);
+
+/* ------------------------------------------------------------------------ */
+/* Cache                                                                     */
+/* ------------------------------------------------------------------------ */
+
+typedef struct kvrt_cache kvrt_cache;
+
+/* Creates a cache: validates desc (every bad field is KVRT_ERR_INVALID_ARG
+ * with a message naming it), forms layer groups (layers of the same kind
+ * class and window share a page table), and allocates n_blocks blocks per
+ * group on the device. KVRT_ERR_NO_DEVICE if the device does not exist,
+ * KVRT_ERR_OUT_OF_MEMORY / KVRT_ERR_DEVICE if allocation fails.
+ * On success *out owns the cache; on failure *out is NULL. */
+KVRT_API kvrt_status kvrt_cache_create(const kvrt_cache_desc *desc, kvrt_cache **out);
+
+/* Frees the cache and its device memory after the work queued on its stream.
+ * NULL is fine. */
+KVRT_API void kvrt_cache_destroy(kvrt_cache *cache);
+
+/* Sets the stream that plans and sequence edits are queued on (NULL: the
+ * default stream). */
+KVRT_API kvrt_status kvrt_cache_set_stream(kvrt_cache *cache, void *stream);
+
+/* Waits for all work queued on the cache's stream. */
+KVRT_API kvrt_status kvrt_cache_sync(kvrt_cache *cache);
+
+/* The description the cache was created with (layers point into the cache). */
+KVRT_API const kvrt_cache_desc *kvrt_cache_get_desc(const kvrt_cache *cache);
+
+/* Number of layer groups, and the group of a layer (-1 if out of range). */
+KVRT_API int kvrt_cache_n_groups(const kvrt_cache *cache);
+KVRT_API int kvrt_layer_group(const kvrt_cache *cache, int layer);
+
+typedef struct kvrt_cache_stats {
+    int64_t blocks_total;   /* blocks in the pool(s) now (grows up to max_blocks) */
+    int64_t blocks_free;
+    int64_t blocks_used;    /* referenced by at least one sequence */
+    int64_t blocks_shared;  /* referenced by two or more sequences */
+    int64_t slots_live;     /* slots holding a token, counted once per block */
+    int64_t holes;          /* used slots without a token (pos -1) inside sequences */
+    int64_t bytes_device;   /* device memory committed for K/V and positions */
+} kvrt_cache_stats;
+
+/* Statistics of one group (group >= 0) or summed over all (group = -1). */
+KVRT_API kvrt_status kvrt_cache_stats_get(const kvrt_cache *cache, int group,
+                                          kvrt_cache_stats *out);
+
+/* Checks every internal invariant (refcounts equal page-table references,
+ * free + used == total, positions in range, no duplicate positions, bounded
+ * sliding-window rings). KVRT_ERR_INTERNAL with a message on the first
+ * violation. For tests and debugging; costs O(cache size) on the host. */
+KVRT_API kvrt_status kvrt_cache_check(const kvrt_cache *cache);
+
+/* ------------------------------------------------------------------------ */
+/* The step                                                                  */
+/* ------------------------------------------------------------------------ */
+
+typedef struct kvrt_batch kvrt_batch;
+
+/* Creates a batch for up to max_tokens tokens per plan, with its host and
+ * device metadata buffers. The batch belongs to the cache and must not
+ * outlive it. */
+KVRT_API kvrt_status kvrt_batch_create(kvrt_cache *cache, int max_tokens, kvrt_batch **out);
+/* NULL is fine. */
+KVRT_API void kvrt_batch_destroy(kvrt_batch *batch);
+/* Tokens in the batch's current plan (0 before the first plan). */
+KVRT_API int kvrt_batch_n_tokens(const kvrt_batch *batch);
+
+/* Plans a step: token i of n belongs to sequence seq_ids[i] at position
+ * positions[i] (host arrays). Reserves a slot for each token in every
+ * self-attention group: appends blocks as needed, copies a shared target
+ * block first (copy-on-write), and in sliding-window groups frees the blocks
+ * whose rows have all left the window of the sequence's oldest new token.
+ * Uploads the step's metadata (slots, page tables, positions) to the device
+ * asynchronously on the cache's stream.
+ * Errors, with nothing changed: KVRT_ERR_INVALID_ARG (n out of [1,max_tokens],
+ * seq id out of range, negative position), KVRT_ERR_POS_EXISTS (a position
+ * already in the sequence or twice in the batch), KVRT_ERR_WINDOW_EVICTED (a
+ * sliding-window group no longer holds rows the token must see),
+ * KVRT_ERR_CAPACITY (not enough blocks even after growth). */
+KVRT_API kvrt_status kvrt_batch_plan(kvrt_cache *cache, int n, const int32_t *seq_ids,
+                                     const int32_t *positions, kvrt_batch *batch);
+
+/* Writes the batch's new K/V rows of one layer into their slots, converting
+ * from src_dtype to the cache dtype (round to nearest even).
+ *   ATTN: k [n_tokens][n_kv_heads][head_dim_k], v [n_tokens][n_kv_heads][head_dim_v]
+ *   MLA:  k [n_tokens][latent_dim + rope_dim] (K already rotated), v NULL
+ * Row-major, contiguous, on the cache's device. CROSS layers are set with
+ * kvrt_cross_set instead (KVRT_ERR_INVALID_ARG here).
+ * Queued on `stream`, which must be ordered after the cache's stream. */
+KVRT_API kvrt_status kvrt_write(kvrt_cache *cache, const kvrt_batch *batch, int layer,
+                                const void *k, const void *v, kvrt_dtype src_dtype,
+                                void *stream);
+
+/* ------------------------------------------------------------------------ */
+/* Attention                                                                 */
+/* ------------------------------------------------------------------------ */
+
+typedef struct kvrt_attention_params {
+    int        n_q_heads;  /* a multiple of the layer's n_kv_heads (MLA: any >= 1) */
+    float      scale;      /* multiplies q.k; 0 means 1/sqrt(head_dim_k) */
+    float      softcap;    /* > 0: logits become softcap * tanh(s / softcap) */
+    kvrt_dtype q_dtype;    /* dtype of q */
+    kvrt_dtype out_dtype;  /* f32 or the cache dtype */
+} kvrt_attention_params;
+
+/* For every token of the batch, attention over the live slots of its
+ * sequence in the layer's group: a key is visible when its position is
+ * <= the token's position (causal) and > position - window (sliding window);
+ * holes are skipped. CROSS layers see all of the sequence's static rows.
+ *   ATTN, CROSS: q [n_tokens][n_q_heads][head_dim_k], out [n_tokens][n_q_heads][head_dim_v]
+ *   MLA:         q [n_tokens][n_q_heads][latent_dim + rope_dim],
+ *                out [n_tokens][n_q_heads][latent_dim]
+ * A token with no visible key gets zeros. The batch's rows must have been
+ * written (kvrt_write) for self-attention layers. */
+KVRT_API kvrt_status kvrt_attention(kvrt_cache *cache, const kvrt_batch *batch, int layer,
+                                    const void *q, void *out,
+                                    const kvrt_attention_params *params, void *stream);
+
+/* ------------------------------------------------------------------------ */
+/* Cross-attention K/V                                                       */
+/* ------------------------------------------------------------------------ */
+
+/* Stores a sequence's static K/V of one CROSS layer: k [n][n_kv_heads][head_dim_k],
+ * v [n][n_kv_heads][head_dim_v] on the cache's device, converted from src_dtype.
+ * Replaces what the sequence had in that layer (a copy shared through
+ * kvrt_seq_cp is copied first). KVRT_ERR_INVALID_ARG if n > cross_max_len. */
+KVRT_API kvrt_status kvrt_cross_set(kvrt_cache *cache, int layer, int32_t seq, int n,
+                                    const void *k, const void *v, kvrt_dtype src_dtype,
+                                    void *stream);
+
+/* ------------------------------------------------------------------------ */
+/* Sequence edits                                                            */
+/* ------------------------------------------------------------------------ */
+
+/* Removes the tokens of sequence seq (seq < 0: every sequence) with positions
+ * in [p0, p1) from every group. Removing every position of a sequence also
+ * drops its cross-attention K/V. Blocks left empty return to the pool. */
+KVRT_API kvrt_status kvrt_seq_rm(kvrt_cache *cache, int32_t seq, int32_t p0, int32_t p1);
+
+/* Copies the tokens of src in [p0, p1) into dst, which must hold nothing
+ * (KVRT_ERR_INVALID_ARG otherwise). Blocks whose used slots all lie in the
+ * range are shared (reference-counted, copied on the first write that touches
+ * them); boundary blocks are copied. Cross-attention K/V is shared. */
+KVRT_API kvrt_status kvrt_seq_cp(kvrt_cache *cache, int32_t src, int32_t dst,
+                                 int32_t p0, int32_t p1);
+
+/* Removes every sequence except seq. */
+KVRT_API kvrt_status kvrt_seq_keep(kvrt_cache *cache, int32_t seq);
+
+/* Adds delta to the positions in [p0, p1) of seq (seq < 0: every sequence)
+ * and re-rotates the rotary part of their cached K by delta (all layers of a
+ * group in one launch). Tokens whose new position is negative are removed.
+ * KVRT_ERR_POS_RANGE if a new position would overflow int32. */
+KVRT_API kvrt_status kvrt_seq_shift(kvrt_cache *cache, int32_t seq, int32_t p0, int32_t p1,
+                                    int32_t delta);
+
+/* Divides the positions in [p0, p1) by d (>= 1, rounding down) and
+ * re-rotates K accordingly. Two tokens that would land on one position:
+ * KVRT_ERR_POS_EXISTS, nothing changed. */
+KVRT_API kvrt_status kvrt_seq_div(kvrt_cache *cache, int32_t seq, int32_t p0, int32_t p1,
+                                  int d);
+
+/* Empties the cache: every sequence, every block, every cross row; memory is
+ * zeroed on the device. */
+KVRT_API kvrt_status kvrt_cache_clear(kvrt_cache *cache);
+
+/* Closes holes: in each sequence, live slots past the first holes move into
+ * them (one launch per group for all its layers) and emptied blocks return to
+ * the pool. Holes inside blocks shared with other sequences stay. */
+KVRT_API kvrt_status kvrt_cache_compact(kvrt_cache *cache);
+
+/* ------------------------------------------------------------------------ */
+/* Queries                                                                   */
+/* ------------------------------------------------------------------------ */
+
+/* Smallest / largest position of seq over all self-attention groups; -1 when
+ * the sequence is empty. Derived from live slots. */
+KVRT_API kvrt_status kvrt_seq_pos_min(const kvrt_cache *cache, int32_t seq, int32_t *out);
+KVRT_API kvrt_status kvrt_seq_pos_max(const kvrt_cache *cache, int32_t seq, int32_t *out);
+/* Tokens of seq (counted in the first full-attention group, or the first group). */
+KVRT_API kvrt_status kvrt_seq_n_tokens(const kvrt_cache *cache, int32_t seq, int64_t *out);
+
+typedef struct kvrt_seq_group_info {
+    int32_t pos_min, pos_max;   /* of live slots; -1 if none */
+    int64_t n_tokens;           /* live slots */
+    int64_t n_slots;            /* used slots (live + holes) */
+    int     n_blocks;           /* blocks in the sequence's page table */
+    int32_t evicted_max;        /* largest position a sliding window dropped; -1 none */
+} kvrt_seq_group_info;
+
+/* What one group holds of a sequence. */
+KVRT_API kvrt_status kvrt_seq_group_info_get(const kvrt_cache *cache, int32_t seq, int group,
+                                             kvrt_seq_group_info *out);
+
+/* Sets *ok to 1 when a token of seq planned at position pos would see every
+ * row it should (no sliding-window group has dropped a row inside its window),
+ * else 0. A decoder resumes a prefix only when this holds. */
+KVRT_API kvrt_status kvrt_seq_can_resume(const kvrt_cache *cache, int32_t seq, int32_t pos,
+                                         int *ok);
+
+/* Copies seq's rows of one layer with positions in [p0, p1), in position
+ * order, in the cache dtype:
+ *   ATTN, CROSS: k [n][n_kv_heads][head_dim_k], v [n][n_kv_heads][head_dim_v]
+ *   MLA:         k [n][latent_dim + rope_dim], v unused
+ * and their positions into pos (host memory; CROSS rows are numbered 0..n-1).
+ * k, v and pos may each be NULL; k and v may be host or device memory.
+ * capacity is the rows the buffers hold; *n_out receives the number of rows
+ * in the range (KVRT_ERR_INVALID_ARG, with *n_out set, if it exceeds capacity).
+ * Synchronizes `stream` when a destination is host memory. */
+KVRT_API kvrt_status kvrt_gather(const kvrt_cache *cache, int layer, int32_t seq,
+                                 int32_t p0, int32_t p1, void *k, void *v, int32_t *pos,
+                                 int64_t capacity, int64_t *n_out, void *stream);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* KVRT_H */

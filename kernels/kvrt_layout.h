@@ -1,0 +1,204 @@
+/*
+ * kvrt_layout.h: the address arithmetic of the cache, element conversion and
+ * RoPE angles, as KVRT_HD static inline functions compiled for the host (the
+ * CPU backend, the tests) and for the device (the CUDA and HIP kernels), so
+ * that every backend runs the same indexing.
+ *
+ * Layout invariants (docs/layouts.md):
+ *   - A slot is one token's place in a group: slot = block * block_size + offset.
+ *   - Per layer, one region for all blocks:
+ *       K: [n_blocks][n_heads][block_size][dim_k]   (a head's block is one burst)
+ *       V: [n_blocks][n_heads][block_size][dim_v]
+ *     MLA is n_heads 1, dim_k latent + rope, no V. CROSS uses the same formula
+ *     with one "block" per cross slot of block_size = cross_max_len.
+ *   - Positions per group: [n_blocks][block_size] int32, -1 marks a hole.
+ */
+#ifndef KVRT_LAYOUT_H
+#define KVRT_LAYOUT_H
+
+#include <stdint.h>
+#if !defined(__CUDACC__) && !defined(__HIPCC__)
+#  include <math.h>
+#endif
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#  define KVRT_HD __host__ __device__
+#else
+#  define KVRT_HD
+#endif
+
+/* Element types, the values of kvrt_dtype. */
+enum { KVRT_LAYOUT_F32 = 0, KVRT_LAYOUT_F16 = 1, KVRT_LAYOUT_BF16 = 2 };
+
+/* One layer's region shape. Plain data, passed to kernels by value. */
+typedef struct kvrt_layout {
+    int32_t n_heads;     /* ATTN/CROSS: n_kv_heads; MLA: 1 */
+    int32_t dim_k;       /* ATTN/CROSS: head_dim_k; MLA: latent_dim + rope_dim */
+    int32_t dim_v;       /* ATTN/CROSS: head_dim_v; MLA: 0 (V is K's first latent_dim) */
+    int32_t block_size;  /* slots per block (CROSS: cross_max_len) */
+    int32_t rot_offset;  /* first rotated element of a K head row */
+    int32_t rot_dims;    /* rotated elements (0: none; CROSS: 0) */
+    int32_t dtype;       /* KVRT_LAYOUT_* */
+    int32_t elem_size;   /* bytes per element */
+} kvrt_layout;
+
+/* A layer as kernels see it: its shape and its regions. */
+typedef struct kvrt_layer_ref {
+    kvrt_layout layout;
+    void       *k;       /* [n_blocks][n_heads][block_size][dim_k] */
+    void       *v;       /* [n_blocks][n_heads][block_size][dim_v]; NULL for MLA */
+} kvrt_layer_ref;
+
+/* Element index of the first element of head `head`'s K row at `slot`. */
+KVRT_HD static inline int64_t kvrt_k_index(const kvrt_layout *L, int64_t slot, int32_t head)
+{
+    int64_t block = slot / L->block_size, offset = slot % L->block_size;
+    return ((block * L->n_heads + head) * L->block_size + offset) * L->dim_k;
+}
+
+/* Element index of the first element of head `head`'s V row at `slot`. */
+KVRT_HD static inline int64_t kvrt_v_index(const kvrt_layout *L, int64_t slot, int32_t head)
+{
+    int64_t block = slot / L->block_size, offset = slot % L->block_size;
+    return ((block * L->n_heads + head) * L->block_size + offset) * L->dim_v;
+}
+
+/* Bytes of one block of K (or V) in one layer. */
+KVRT_HD static inline int64_t kvrt_block_bytes_k(const kvrt_layout *L)
+{
+    return (int64_t)L->n_heads * L->block_size * L->dim_k * L->elem_size;
+}
+KVRT_HD static inline int64_t kvrt_block_bytes_v(const kvrt_layout *L)
+{
+    return (int64_t)L->n_heads * L->block_size * L->dim_v * L->elem_size;
+}
+
+/* Global slot of a sequence's i-th used slot, through its page table. */
+KVRT_HD static inline int32_t kvrt_page_slot(const int32_t *page_table, int32_t block_size,
+                                             int32_t i)
+{
+    return page_table[i / block_size] * block_size + i % block_size;
+}
+
+/* ---- element conversion (round to nearest even; NaN stays NaN) ---- */
+
+typedef union { float f; uint32_t u; } kvrt_f32_bits;
+
+KVRT_HD static inline float kvrt_f16_to_f32(uint16_t h)
+{
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    uint32_t exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu;
+    kvrt_f32_bits r;
+    if (exp == 0) {
+        if (mant == 0) {
+            r.u = sign;
+        } else { /* subnormal: value = mant * 2^-24 */
+            r.f = (float)mant * 5.9604644775390625e-8f;
+            r.u |= sign;
+        }
+    } else if (exp == 31) {
+        r.u = sign | 0x7f800000u | (mant << 13);
+    } else {
+        r.u = sign | ((exp + 112u) << 23) | (mant << 13);
+    }
+    return r.f;
+}
+
+KVRT_HD static inline uint16_t kvrt_f32_to_f16(float f)
+{
+    kvrt_f32_bits in;
+    in.f = f;
+    uint32_t x = in.u;
+    uint16_t sign = (uint16_t)((x >> 16) & 0x8000u);
+    uint32_t abs = x & 0x7fffffffu;
+    if (abs >= 0x7f800000u) /* inf or NaN */
+        return (uint16_t)(sign | 0x7c00u | (abs > 0x7f800000u ? 0x200u : 0u));
+    if (abs >= 0x477ff000u) /* rounds to >= 65520: overflow to inf */
+        return (uint16_t)(sign | 0x7c00u);
+    if (abs < 0x38800000u) { /* below the smallest normal half: subnormal or 0 */
+        if (abs < 0x33000000u) /* < 2^-25: rounds to 0 */
+            return sign;
+        uint32_t e = abs >> 23, mant = (abs & 0x7fffffu) | 0x800000u;
+        uint32_t shift = 126u - e; /* 14..24 */
+        uint32_t half = mant >> shift, rem = mant & ((1u << shift) - 1u);
+        uint32_t mid = 1u << (shift - 1u);
+        if (rem > mid || (rem == mid && (half & 1u)))
+            half++;
+        return (uint16_t)(sign | half);
+    }
+    uint32_t r = abs + 0xfffu + ((abs >> 13) & 1u); /* round to nearest even */
+    return (uint16_t)(sign | ((r - 0x38000000u) >> 13));
+}
+
+KVRT_HD static inline float kvrt_bf16_to_f32(uint16_t b)
+{
+    kvrt_f32_bits r;
+    r.u = (uint32_t)b << 16;
+    return r.f;
+}
+
+KVRT_HD static inline uint16_t kvrt_f32_to_bf16(float f)
+{
+    kvrt_f32_bits in;
+    in.f = f;
+    uint32_t x = in.u;
+    if ((x & 0x7fffffffu) > 0x7f800000u) /* NaN: keep it quiet */
+        return (uint16_t)((x >> 16) | 0x40u);
+    return (uint16_t)((x + 0x7fffu + ((x >> 16) & 1u)) >> 16);
+}
+
+/* Element i of an array of dtype `dtype`, as f32. */
+KVRT_HD static inline float kvrt_load(const void *base, int32_t dtype, int64_t i)
+{
+    if (dtype == KVRT_LAYOUT_F32)
+        return ((const float *)base)[i];
+    if (dtype == KVRT_LAYOUT_F16)
+        return kvrt_f16_to_f32(((const uint16_t *)base)[i]);
+    return kvrt_bf16_to_f32(((const uint16_t *)base)[i]);
+}
+
+/* Stores f as element i of an array of dtype `dtype`. */
+KVRT_HD static inline void kvrt_store(void *base, int32_t dtype, int64_t i, float f)
+{
+    if (dtype == KVRT_LAYOUT_F32)
+        ((float *)base)[i] = f;
+    else if (dtype == KVRT_LAYOUT_F16)
+        ((uint16_t *)base)[i] = kvrt_f32_to_f16(f);
+    else
+        ((uint16_t *)base)[i] = kvrt_f32_to_bf16(f);
+}
+
+/* ---- RoPE ---- */
+
+/* Rotation parameters of a cache (kvrt_rope_desc as kernels see it). */
+typedef struct kvrt_rope {
+    int32_t n_rot;       /* rotated elements of an ATTN K head; MLA uses rope_dim */
+    int32_t style;       /* 0 normal (adjacent pairs), 1 neox (halves) */
+    float   theta;
+    float   freq_scale;
+} kvrt_rope;
+
+/* Elements (a, b) of pair i of a rotated part of `dims` elements. */
+KVRT_HD static inline void kvrt_rope_pair(int32_t style, int32_t dims, int32_t i, int32_t *a,
+                                          int32_t *b)
+{
+    if (style == 0) {
+        *a = 2 * i;
+        *b = 2 * i + 1;
+    } else {
+        *a = i;
+        *b = i + dims / 2;
+    }
+}
+
+/* Angle by which pair i of a `dims`-element rotated part turns when the
+ * position moves by delta: delta * freq_scale * theta^(-2i/dims). In double,
+ * so that large deltas keep their precision before sin/cos. */
+KVRT_HD static inline double kvrt_rope_angle(const kvrt_rope *rope, int32_t dims, int32_t i,
+                                             int64_t delta)
+{
+    return (double)delta * (double)rope->freq_scale *
+           pow((double)rope->theta, -2.0 * (double)i / (double)dims);
+}
+
+#endif /* KVRT_LAYOUT_H */

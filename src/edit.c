@@ -1,0 +1,774 @@
+/*
+ * edit.c: sequence edits (rm, cp, keep, shift, div, clear, compact), the
+ * queries, gather and cross-attention K/V. Every edit validates first
+ * (arguments, collisions, blocks needed for copy-on-write) and only then
+ * changes anything; device work (slot copies, RoPE re-rotation, positions)
+ * is queued on the cache's stream.
+ */
+#include <stdio.h>
+
+#include "internal.h"
+
+static int cmp_i32(const void *a, const void *b)
+{
+    int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
+    return (x > y) - (x < y);
+}
+
+static int in_range(int32_t p, int32_t p0, int32_t p1) { return p >= p0 && (p1 < 0 || p < p1); }
+
+/* ---- the position rewrite engine shared by rm, shift and div ----
+ * A rewrite maps each live position of a sequence in [p0, p1) to a new one
+ * (REMOVE drops the token). Blocks whose live tokens all go are dropped from
+ * the page table; other touched blocks that are shared are copied first. */
+
+enum { REWRITE_RM, REWRITE_SHIFT, REWRITE_DIV };
+
+typedef struct rewrite {
+    int     kind;
+    int32_t p0, p1;
+    int64_t arg;   /* delta or divisor */
+} rewrite;
+
+#define REWRITE_REMOVE (-1)
+
+/* New position of p (p is live): p itself when untouched, REMOVE, or >= 0.
+ * Sets *overflow when the result leaves int32. */
+static int64_t rewrite_pos(const rewrite *rw, int32_t p)
+{
+    if (!in_range(p, rw->p0, rw->p1))
+        return p;
+    switch (rw->kind) {
+    case REWRITE_RM: return REWRITE_REMOVE;
+    case REWRITE_SHIFT: {
+        int64_t np = (int64_t)p + rw->arg;
+        return np < 0 ? REWRITE_REMOVE : np;
+    }
+    default: return (int64_t)p / rw->arg;
+    }
+}
+
+/* Counts what a rewrite of sp needs: copy-on-write blocks; checks new
+ * positions (range, collisions). */
+static kvrt_status rewrite_check(kvrt_cache *cache, const kvrt_group *g, int32_t seq,
+                                 const rewrite *rw, int64_t *cow)
+{
+    const kvrt_seq_pages *sp = &g->seqs[seq];
+    int64_t bs = g->block_size;
+    int32_t *newpos;
+    KVRT_TRY(kvrt_scratch(cache, 1, sp->n_live + 1, &newpos));
+    int64_t m = 0;
+    for (int32_t page = 0; page < sp->n_blocks; page++) {
+        int64_t first = (int64_t)page * bs, end = first + bs < sp->n_slots ? first + bs : sp->n_slots;
+        int64_t live = 0, changed = 0, removed = 0;
+        for (int64_t i = first; i < end; i++) {
+            int32_t p = g->pos[kvrt_seq_slot(g, sp, i)];
+            if (p < 0)
+                continue;
+            live++;
+            int64_t np = rewrite_pos(rw, p);
+            KVRT_CHECK(np < INT32_MAX, KVRT_ERR_POS_RANGE,
+                       "sequence %d: position %d moved by %lld leaves the int32 range", (int)seq,
+                       (int)p, (long long)rw->arg);
+            if (np == REWRITE_REMOVE)
+                removed++;
+            else
+                newpos[m++] = (int32_t)np;
+            if (np != p)
+                changed++;
+        }
+        if (changed > 0 && removed < live && g->refcount[sp->blocks[page]] > 1)
+            (*cow)++;
+    }
+    if (rw->kind == REWRITE_RM)
+        return KVRT_OK;
+    qsort(newpos, (size_t)m, sizeof(int32_t), cmp_i32);
+    for (int64_t i = 1; i < m; i++)
+        KVRT_CHECK(newpos[i] != newpos[i - 1], KVRT_ERR_POS_EXISTS,
+                   "sequence %d: two tokens would share position %d after the edit", (int)seq,
+                   (int)newpos[i]);
+    return KVRT_OK;
+}
+
+/* Drops trailing holes and the blocks they leave empty. */
+static void seq_trim(kvrt_group *g, kvrt_seq_pages *sp)
+{
+    while (sp->n_slots > 0 && g->pos[kvrt_seq_slot(g, sp, sp->n_slots - 1)] < 0)
+        sp->n_slots--;
+    int64_t bs = g->block_size;
+    while ((int64_t)sp->n_blocks > (sp->n_slots + bs - 1) / bs)
+        kvrt_group_block_release(g, sp->blocks[--sp->n_blocks]);
+}
+
+/* Applies a checked rewrite; appends (slot, delta) pairs to rotate. */
+static kvrt_status rewrite_apply(kvrt_cache *cache, kvrt_group *g, int32_t seq, const rewrite *rw,
+                                 int32_t *rot_slots, int32_t *rot_deltas, int64_t *n_rot)
+{
+    kvrt_seq_pages *sp = &g->seqs[seq];
+    int64_t bs = g->block_size;
+    int32_t kept = 0;
+    int32_t n = sp->n_blocks;
+    int64_t last_used = n > 0 ? sp->n_slots - (int64_t)(n - 1) * bs : 0;
+    int last_dropped = 0;
+    for (int32_t page = 0; page < n; page++) {
+        int64_t first = (int64_t)page * bs, end = page == n - 1 ? sp->n_slots : first + bs;
+        int64_t live = 0, changed = 0, removed = 0;
+        for (int64_t i = first; i < end; i++) {
+            int32_t p = g->pos[(int64_t)sp->blocks[page] * bs + (i - first)];
+            if (p < 0)
+                continue;
+            live++;
+            int64_t np = rewrite_pos(rw, p);
+            removed += np == REWRITE_REMOVE;
+            changed += np != p;
+        }
+        if (live > 0 && removed == live) {
+            kvrt_group_block_release(g, sp->blocks[page]);
+            if (page == n - 1)
+                last_dropped = 1;
+            continue;
+        }
+        sp->blocks[kept] = sp->blocks[page];
+        if (changed > 0) {
+            KVRT_TRY(kvrt_group_unshare(cache, g, sp, kept));
+            int32_t b = sp->blocks[kept];
+            for (int64_t i = 0; i < end - first; i++) {
+                int64_t slot = (int64_t)b * bs + i;
+                int32_t p = g->pos[slot];
+                if (p < 0)
+                    continue;
+                int64_t np = rewrite_pos(rw, p);
+                if (np == p)
+                    continue;
+                g->pos[slot] = (int32_t)np;
+                if (np != REWRITE_REMOVE && g->max_rot_dims > 0) {
+                    rot_slots[*n_rot] = (int32_t)slot;
+                    rot_deltas[*n_rot] = (int32_t)(np - p);
+                    (*n_rot)++;
+                }
+            }
+            kvrt_group_mark_dirty(g, b);
+        }
+        kept++;
+    }
+    if (kept != n) {
+        sp->n_blocks = kept;
+        sp->n_slots = kept == 0 ? 0 : last_dropped ? (int64_t)kept * bs : (int64_t)(kept - 1) * bs + last_used;
+    }
+    seq_trim(g, sp);
+    kvrt_seq_pages_refresh(g, sp);
+    return KVRT_OK;
+}
+
+static void rewrite_evicted(kvrt_seq_pages *sp, const rewrite *rw)
+{
+    if (sp->evicted_max < 0)
+        return;
+    int32_t lo = sp->evicted_min, hi = sp->evicted_max;
+    if (rw->kind == REWRITE_RM) {
+        if (rw->p0 <= lo && (rw->p1 < 0 || rw->p1 > hi))
+            sp->evicted_min = sp->evicted_max = -1;
+        else if (rw->p0 <= hi && (rw->p1 < 0 || rw->p1 > hi))
+            sp->evicted_max = rw->p0 - 1;
+        return;
+    }
+    if (!in_range(lo, rw->p0, rw->p1) || !in_range(hi, rw->p0, rw->p1))
+        return;
+    int64_t nlo = rewrite_pos(rw, lo), nhi = rewrite_pos(rw, hi);
+    if (nhi == REWRITE_REMOVE) {
+        sp->evicted_min = sp->evicted_max = -1;
+        return;
+    }
+    sp->evicted_min = nlo == REWRITE_REMOVE ? 0 : (int32_t)nlo;
+    sp->evicted_max = (int32_t)nhi;
+}
+
+static kvrt_status rotate_group(kvrt_cache *cache, kvrt_group *g, const int32_t *slots,
+                                const int32_t *deltas, int64_t n)
+{
+    if (n == 0 || g->max_rot_dims == 0)
+        return KVRT_OK;
+    kvrt_backend_t *be = &cache->be;
+    kvrt_rotate_op op;
+    memset(&op, 0, sizeof op);
+    op.layers = g->refs_device;
+    op.n_layers = g->n_layers;
+    op.max_rot_dims = g->max_rot_dims;
+    op.rope.n_rot = cache->desc.rope.n_rot;
+    op.rope.style = (int32_t)cache->desc.rope.style;
+    op.rope.theta = cache->desc.rope.theta;
+    op.rope.freq_scale = cache->desc.rope.freq_scale;
+    op.n = (int32_t)n;
+    const void *ds, *dd;
+    KVRT_TRY(be->ops->stage(be, slots, (size_t)n * sizeof(int32_t), cache->stream, &ds));
+    KVRT_TRY(be->ops->stage(be, deltas, (size_t)n * sizeof(int32_t), cache->stream, &dd));
+    op.slots = ds;
+    op.deltas = dd;
+    return be->ops->rotate(be, &op, cache->stream);
+}
+
+/* Runs a rewrite over one sequence or all (seq < 0), all-or-nothing. */
+static kvrt_status run_rewrite(kvrt_cache *cache, int32_t seq, const rewrite *rw)
+{
+    int32_t s0 = seq < 0 ? 0 : seq, s1 = seq < 0 ? cache->desc.max_seqs : seq + 1;
+    int64_t most_live = 0;
+    for (int j = 0; j < cache->n_groups; j++) {
+        kvrt_group *g = &cache->groups[j];
+        if (!kvrt_group_is_self(g))
+            continue;
+        int64_t cow = 0, live = 0;
+        for (int32_t s = s0; s < s1; s++)
+            if (g->seqs[s].n_live > 0) {
+                KVRT_TRY(rewrite_check(cache, g, s, rw, &cow));
+                live += g->seqs[s].n_live;
+            }
+        KVRT_TRY(kvrt_group_ensure_free(cache, g, cow));
+        if (live > most_live)
+            most_live = live;
+    }
+    /* rotation lists, sized before anything changes */
+    int32_t *rot_slots, *rot_deltas;
+    KVRT_TRY(kvrt_scratch(cache, 0, most_live + 1, &rot_slots));
+    KVRT_TRY(kvrt_scratch(cache, 1, most_live + 1, &rot_deltas));
+    cache->be.ops->stage_reset(&cache->be, cache->stream);
+    for (int j = 0; j < cache->n_groups; j++) {
+        kvrt_group *g = &cache->groups[j];
+        if (!kvrt_group_is_self(g))
+            continue;
+        int64_t n_rot = 0;
+        for (int32_t s = s0; s < s1; s++) {
+            if (g->seqs[s].n_live > 0)
+                KVRT_TRY(rewrite_apply(cache, g, s, rw, rot_slots, rot_deltas, &n_rot));
+            rewrite_evicted(&g->seqs[s], rw);
+        }
+        KVRT_TRY(rotate_group(cache, g, rot_slots, rot_deltas, n_rot));
+        KVRT_TRY(kvrt_group_sync_pos(cache, g));
+    }
+    cache->epoch++;
+    return KVRT_OK;
+}
+
+static kvrt_status check_range(const char *fn, int32_t p0, int32_t p1)
+{
+    KVRT_CHECK(p1 < 0 || p0 <= p1, KVRT_ERR_INVALID_ARG, "%s: p0 %d > p1 %d", fn, (int)p0, (int)p1);
+    return KVRT_OK;
+}
+
+static void drop_cross(kvrt_cache *cache, int32_t seq)
+{
+    for (int j = 0; j < cache->n_groups; j++) {
+        kvrt_group *g = &cache->groups[j];
+        if (!kvrt_group_is_self(g))
+            kvrt_seq_pages_release_all(g, &g->seqs[seq]);
+    }
+}
+
+kvrt_status kvrt_seq_rm(kvrt_cache *cache, int32_t seq, int32_t p0, int32_t p1)
+{
+    KVRT_TRY(kvrt_check_cache(cache, "kvrt_seq_rm"));
+    if (seq >= 0)
+        KVRT_TRY(kvrt_check_seq(cache, seq, "kvrt_seq_rm"));
+    if (p0 < 0)
+        p0 = 0;
+    KVRT_TRY(check_range("kvrt_seq_rm", p0, p1));
+    if (p1 >= 0 && p0 == p1)
+        return KVRT_OK;
+    rewrite rw = {REWRITE_RM, p0, p1, 0};
+    KVRT_TRY(run_rewrite(cache, seq, &rw));
+    if (p0 == 0 && p1 < 0) {
+        int32_t s0 = seq < 0 ? 0 : seq, s1 = seq < 0 ? cache->desc.max_seqs : seq + 1;
+        for (int32_t s = s0; s < s1; s++)
+            drop_cross(cache, s);
+    }
+    return KVRT_OK;
+}
+
+kvrt_status kvrt_seq_shift(kvrt_cache *cache, int32_t seq, int32_t p0, int32_t p1, int32_t delta)
+{
+    KVRT_TRY(kvrt_check_cache(cache, "kvrt_seq_shift"));
+    if (seq >= 0)
+        KVRT_TRY(kvrt_check_seq(cache, seq, "kvrt_seq_shift"));
+    if (p0 < 0)
+        p0 = 0;
+    KVRT_TRY(check_range("kvrt_seq_shift", p0, p1));
+    if (delta == 0 || (p1 >= 0 && p0 == p1))
+        return KVRT_OK;
+    rewrite rw = {REWRITE_SHIFT, p0, p1, delta};
+    return run_rewrite(cache, seq, &rw);
+}
+
+kvrt_status kvrt_seq_div(kvrt_cache *cache, int32_t seq, int32_t p0, int32_t p1, int d)
+{
+    KVRT_TRY(kvrt_check_cache(cache, "kvrt_seq_div"));
+    if (seq >= 0)
+        KVRT_TRY(kvrt_check_seq(cache, seq, "kvrt_seq_div"));
+    KVRT_CHECK(d >= 1, KVRT_ERR_INVALID_ARG, "kvrt_seq_div: divisor %d must be >= 1", d);
+    if (p0 < 0)
+        p0 = 0;
+    KVRT_TRY(check_range("kvrt_seq_div", p0, p1));
+    if (d == 1 || (p1 >= 0 && p0 == p1))
+        return KVRT_OK;
+    rewrite rw = {REWRITE_DIV, p0, p1, d};
+    return run_rewrite(cache, seq, &rw);
+}
+
+/* ---- cp, keep, clear ---- */
+
+static int seq_empty(const kvrt_cache *cache, int32_t seq)
+{
+    for (int j = 0; j < cache->n_groups; j++)
+        if (cache->groups[j].seqs[seq].n_blocks > 0)
+            return 0;
+    return 1;
+}
+
+kvrt_status kvrt_seq_cp(kvrt_cache *cache, int32_t src, int32_t dst, int32_t p0, int32_t p1)
+{
+    KVRT_TRY(kvrt_check_cache(cache, "kvrt_seq_cp"));
+    KVRT_TRY(kvrt_check_seq(cache, src, "kvrt_seq_cp: src"));
+    KVRT_TRY(kvrt_check_seq(cache, dst, "kvrt_seq_cp: dst"));
+    if (p0 < 0)
+        p0 = 0;
+    KVRT_TRY(check_range("kvrt_seq_cp", p0, p1));
+    if (src == dst)
+        return KVRT_OK;
+    KVRT_CHECK(seq_empty(cache, dst), KVRT_ERR_INVALID_ARG,
+               "kvrt_seq_cp: destination sequence %d is not empty (remove it first)", (int)dst);
+    /* blocks to copy, per group */
+    for (int j = 0; j < cache->n_groups; j++) {
+        kvrt_group *g = &cache->groups[j];
+        const kvrt_seq_pages *sp = &g->seqs[src];
+        if (!kvrt_group_is_self(g))
+            continue;
+        int64_t copies = 0, bs = g->block_size;
+        for (int32_t page = 0; page < sp->n_blocks; page++) {
+            int64_t first = (int64_t)page * bs, end = first + bs < sp->n_slots ? first + bs : sp->n_slots;
+            int64_t live = 0, inside = 0;
+            for (int64_t i = first; i < end; i++) {
+                int32_t p = g->pos[kvrt_seq_slot(g, sp, i)];
+                live += p >= 0;
+                inside += p >= 0 && in_range(p, p0, p1);
+            }
+            copies += inside > 0 && inside < live;
+        }
+        KVRT_TRY(kvrt_group_ensure_free(cache, g, copies));
+        kvrt_seq_pages *dp = &g->seqs[dst];
+        KVRT_TRY(kvrt_reserve((void **)&dp->blocks, &dp->cap_blocks, sp->n_blocks + 1, sizeof(int32_t)));
+    }
+    cache->be.ops->stage_reset(&cache->be, cache->stream);
+    for (int j = 0; j < cache->n_groups; j++) {
+        kvrt_group *g = &cache->groups[j];
+        kvrt_seq_pages *sp = &g->seqs[src], *dp = &g->seqs[dst];
+        if (!kvrt_group_is_self(g)) { /* cross K/V is shared */
+            if (sp->n_blocks > 0) {
+                g->refcount[sp->blocks[0]]++;
+                dp->blocks[0] = sp->blocks[0];
+                dp->n_blocks = 1;
+                dp->n_slots = sp->n_slots;
+                kvrt_seq_pages_refresh(g, dp);
+            }
+            continue;
+        }
+        int64_t bs = g->block_size;
+        int32_t n = sp->n_blocks;
+        int64_t last_used = n > 0 ? sp->n_slots - (int64_t)(n - 1) * bs : 0;
+        int last_taken = 0;
+        for (int32_t page = 0; page < n; page++) {
+            int64_t first = (int64_t)page * bs, used = page == n - 1 ? last_used : bs;
+            int32_t b = sp->blocks[page];
+            int64_t live = 0, inside = 0;
+            for (int64_t i = 0; i < used; i++) {
+                int32_t p = g->pos[(int64_t)b * bs + i];
+                live += p >= 0;
+                inside += p >= 0 && in_range(p, p0, p1);
+            }
+            (void)first;
+            if (inside == 0)
+                continue;
+            last_taken = page == n - 1;
+            if (inside == live) {
+                g->refcount[b]++;
+                dp->blocks[dp->n_blocks++] = b;
+                continue;
+            }
+            int32_t nb = kvrt_group_block_alloc(g);
+            KVRT_CHECK(nb >= 0, KVRT_ERR_INTERNAL, "kvrt_seq_cp: planned block missing");
+            kvrt_span span = {b * (int32_t)bs, nb * (int32_t)bs, (int32_t)bs};
+            KVRT_TRY(kvrt_group_move(cache, g, &span, 1));
+            for (int64_t i = 0; i < bs; i++) {
+                int32_t p = g->pos[(int64_t)b * bs + i];
+                g->pos[(int64_t)nb * bs + i] = i < used && p >= 0 && in_range(p, p0, p1) ? p : -1;
+            }
+            kvrt_group_mark_dirty(g, nb);
+            dp->blocks[dp->n_blocks++] = nb;
+        }
+        dp->n_slots = dp->n_blocks == 0 ? 0
+                      : last_taken  ? (int64_t)(dp->n_blocks - 1) * bs + last_used
+                                    : (int64_t)dp->n_blocks * bs;
+        seq_trim(g, dp);
+        kvrt_seq_pages_refresh(g, dp);
+        if (sp->evicted_max >= 0 && sp->evicted_max >= p0 && (p1 < 0 || sp->evicted_min < p1)) {
+            dp->evicted_min = sp->evicted_min > p0 ? sp->evicted_min : p0;
+            dp->evicted_max = p1 >= 0 && sp->evicted_max >= p1 ? p1 - 1 : sp->evicted_max;
+        } else {
+            dp->evicted_min = dp->evicted_max = -1;
+        }
+        KVRT_TRY(kvrt_group_sync_pos(cache, g));
+    }
+    cache->epoch++;
+    return KVRT_OK;
+}
+
+static void seq_reset(kvrt_cache *cache, int32_t seq)
+{
+    for (int j = 0; j < cache->n_groups; j++) {
+        kvrt_group *g = &cache->groups[j];
+        kvrt_seq_pages_release_all(g, &g->seqs[seq]);
+        g->seqs[seq].evicted_min = g->seqs[seq].evicted_max = -1;
+    }
+}
+
+kvrt_status kvrt_seq_keep(kvrt_cache *cache, int32_t seq)
+{
+    KVRT_TRY(kvrt_check_cache(cache, "kvrt_seq_keep"));
+    KVRT_TRY(kvrt_check_seq(cache, seq, "kvrt_seq_keep"));
+    for (int32_t s = 0; s < cache->desc.max_seqs; s++)
+        if (s != seq)
+            seq_reset(cache, s);
+    cache->be.ops->stage_reset(&cache->be, cache->stream);
+    KVRT_TRY(kvrt_cache_sync_pos(cache));
+    cache->epoch++;
+    return KVRT_OK;
+}
+
+kvrt_status kvrt_cache_clear(kvrt_cache *cache)
+{
+    KVRT_TRY(kvrt_check_cache(cache, "kvrt_cache_clear"));
+    kvrt_backend_t *be = &cache->be;
+    for (int32_t s = 0; s < cache->desc.max_seqs; s++)
+        seq_reset(cache, s);
+    be->ops->stage_reset(be, cache->stream);
+    for (int j = 0; j < cache->n_groups; j++) {
+        kvrt_group *g = &cache->groups[j];
+        /* the pool as created: block 0 first */
+        g->n_free = 0;
+        for (int32_t b = g->n_blocks - 1; b >= 0; b--)
+            g->free_stack[g->n_free++] = b;
+        for (int i = 0; i < g->n_layers; i++) {
+            kvrt_layer_mem *m = &cache->mem[g->layers[i]];
+            KVRT_TRY(be->ops->zero(be, m->k, m->k_block * (size_t)g->n_blocks, cache->stream));
+            if (m->v != NULL)
+                KVRT_TRY(be->ops->zero(be, m->v, m->v_block * (size_t)g->n_blocks, cache->stream));
+        }
+        KVRT_TRY(kvrt_group_sync_pos(cache, g));
+    }
+    cache->epoch++;
+    return KVRT_OK;
+}
+
+/* ---- compaction ---- */
+
+kvrt_status kvrt_cache_compact(kvrt_cache *cache)
+{
+    KVRT_TRY(kvrt_check_cache(cache, "kvrt_cache_compact"));
+    /* room for the moves first, so nothing fails half-way */
+    int64_t holes = 0;
+    for (int j = 0; j < cache->n_groups; j++) {
+        kvrt_group *g = &cache->groups[j];
+        if (!kvrt_group_is_self(g))
+            continue;
+        int64_t h = 0;
+        for (int32_t s = 0; s < cache->desc.max_seqs; s++)
+            h += g->seqs[s].n_slots - g->seqs[s].n_live;
+        if (h > holes)
+            holes = h;
+    }
+    KVRT_TRY(kvrt_reserve((void **)&cache->spans, &cache->spans_cap, holes + 1, sizeof(kvrt_span)));
+    cache->be.ops->stage_reset(&cache->be, cache->stream);
+    for (int j = 0; j < cache->n_groups; j++) {
+        kvrt_group *g = &cache->groups[j];
+        if (!kvrt_group_is_self(g))
+            continue;
+        int32_t n_spans = 0;
+        for (int32_t s = 0; s < cache->desc.max_seqs; s++) {
+            kvrt_seq_pages *sp = &g->seqs[s];
+            if (sp->n_live == sp->n_slots)
+                continue;
+            /* Fill holes from the end: the front index finds a hole in an
+             * unshared block, the back index a token in an unshared block.
+             * Destinations are holes and sources tokens, so no move reads
+             * what another writes. */
+            int64_t i = 0, k = sp->n_slots - 1;
+            for (;;) {
+                while (i < k && (g->pos[kvrt_seq_slot(g, sp, i)] >= 0 ||
+                                 g->refcount[sp->blocks[i / g->block_size]] > 1))
+                    i++;
+                while (k > i && g->pos[kvrt_seq_slot(g, sp, k)] < 0)
+                    k--;
+                if (i >= k || g->refcount[sp->blocks[k / g->block_size]] > 1)
+                    break;
+                int64_t from = kvrt_seq_slot(g, sp, k), to = kvrt_seq_slot(g, sp, i);
+                cache->spans[n_spans].src = (int32_t)from;
+                cache->spans[n_spans].dst = (int32_t)to;
+                cache->spans[n_spans].len = 1;
+                n_spans++;
+                g->pos[to] = g->pos[from];
+                g->pos[from] = -1;
+                kvrt_group_mark_dirty(g, (int32_t)(to / g->block_size));
+                kvrt_group_mark_dirty(g, (int32_t)(from / g->block_size));
+            }
+            seq_trim(g, sp);
+            kvrt_seq_pages_refresh(g, sp);
+        }
+        KVRT_TRY(kvrt_group_move(cache, g, cache->spans, n_spans));
+        KVRT_TRY(kvrt_group_sync_pos(cache, g));
+    }
+    cache->epoch++;
+    return KVRT_OK;
+}
+
+/* ---- queries ---- */
+
+kvrt_status kvrt_seq_pos_min(const kvrt_cache *cache, int32_t seq, int32_t *out)
+{
+    KVRT_TRY(kvrt_check_cache(cache, "kvrt_seq_pos_min"));
+    KVRT_TRY(kvrt_check_seq(cache, seq, "kvrt_seq_pos_min"));
+    KVRT_CHECK(out != NULL, KVRT_ERR_INVALID_ARG, "kvrt_seq_pos_min: out is NULL");
+    int32_t r = -1;
+    for (int j = 0; j < cache->n_groups; j++) {
+        const kvrt_group *g = &cache->groups[j];
+        int32_t p = g->seqs[seq].pos_min;
+        if (kvrt_group_is_self(g) && p >= 0 && (r < 0 || p < r))
+            r = p;
+    }
+    *out = r;
+    return KVRT_OK;
+}
+
+kvrt_status kvrt_seq_pos_max(const kvrt_cache *cache, int32_t seq, int32_t *out)
+{
+    KVRT_TRY(kvrt_check_cache(cache, "kvrt_seq_pos_max"));
+    KVRT_TRY(kvrt_check_seq(cache, seq, "kvrt_seq_pos_max"));
+    KVRT_CHECK(out != NULL, KVRT_ERR_INVALID_ARG, "kvrt_seq_pos_max: out is NULL");
+    int32_t r = -1;
+    for (int j = 0; j < cache->n_groups; j++) {
+        const kvrt_group *g = &cache->groups[j];
+        int32_t p = g->seqs[seq].pos_max;
+        if (kvrt_group_is_self(g) && p > r)
+            r = p;
+    }
+    *out = r;
+    return KVRT_OK;
+}
+
+kvrt_status kvrt_seq_n_tokens(const kvrt_cache *cache, int32_t seq, int64_t *out)
+{
+    KVRT_TRY(kvrt_check_cache(cache, "kvrt_seq_n_tokens"));
+    KVRT_TRY(kvrt_check_seq(cache, seq, "kvrt_seq_n_tokens"));
+    KVRT_CHECK(out != NULL, KVRT_ERR_INVALID_ARG, "kvrt_seq_n_tokens: out is NULL");
+    int best = -1;
+    for (int j = 0; j < cache->n_groups; j++) {
+        const kvrt_group *g = &cache->groups[j];
+        if (!kvrt_group_is_self(g))
+            continue;
+        if (best < 0 || (cache->groups[best].evict && !g->evict))
+            best = j;
+    }
+    *out = best >= 0 ? cache->groups[best].seqs[seq].n_live : 0;
+    return KVRT_OK;
+}
+
+kvrt_status kvrt_seq_group_info_get(const kvrt_cache *cache, int32_t seq, int group,
+                                    kvrt_seq_group_info *out)
+{
+    KVRT_TRY(kvrt_check_cache(cache, "kvrt_seq_group_info_get"));
+    KVRT_TRY(kvrt_check_seq(cache, seq, "kvrt_seq_group_info_get"));
+    KVRT_CHECK(group >= 0 && group < cache->n_groups, KVRT_ERR_INVALID_ARG,
+               "kvrt_seq_group_info_get: group %d is out of range [0, %d)", group, cache->n_groups);
+    KVRT_CHECK(out != NULL, KVRT_ERR_INVALID_ARG, "kvrt_seq_group_info_get: out is NULL");
+    const kvrt_seq_pages *sp = &cache->groups[group].seqs[seq];
+    out->pos_min = sp->pos_min;
+    out->pos_max = sp->pos_max;
+    out->n_tokens = sp->n_live;
+    out->n_slots = sp->n_slots;
+    out->n_blocks = sp->n_blocks;
+    out->evicted_max = sp->evicted_max;
+    return KVRT_OK;
+}
+
+kvrt_status kvrt_seq_can_resume(const kvrt_cache *cache, int32_t seq, int32_t pos, int *ok)
+{
+    KVRT_TRY(kvrt_check_cache(cache, "kvrt_seq_can_resume"));
+    KVRT_TRY(kvrt_check_seq(cache, seq, "kvrt_seq_can_resume"));
+    KVRT_CHECK(ok != NULL, KVRT_ERR_INVALID_ARG, "kvrt_seq_can_resume: ok is NULL");
+    KVRT_CHECK(pos >= 0, KVRT_ERR_POS_RANGE, "kvrt_seq_can_resume: position %d is negative", (int)pos);
+    *ok = 1;
+    for (int j = 0; j < cache->n_groups; j++) {
+        const kvrt_group *g = &cache->groups[j];
+        const kvrt_seq_pages *sp = &g->seqs[seq];
+        if (g->evict && sp->evicted_max >= 0 && (int64_t)sp->evicted_max > (int64_t)pos - g->window)
+            *ok = 0;
+    }
+    return KVRT_OK;
+}
+
+/* ---- gather ---- */
+
+typedef struct pos_slot {
+    int32_t pos, slot;
+} pos_slot;
+
+static int cmp_pos_slot(const void *a, const void *b)
+{
+    int32_t x = ((const pos_slot *)a)->pos, y = ((const pos_slot *)b)->pos;
+    return (x > y) - (x < y);
+}
+
+kvrt_status kvrt_gather(const kvrt_cache *ccache, int layer, int32_t seq, int32_t p0, int32_t p1,
+                        void *k, void *v, int32_t *pos, int64_t capacity, int64_t *n_out,
+                        void *stream)
+{
+    KVRT_TRY(kvrt_check_cache(ccache, "kvrt_gather"));
+    kvrt_cache *cache = (kvrt_cache *)ccache; /* scratch only */
+    KVRT_CHECK(layer >= 0 && layer < cache->desc.n_layers, KVRT_ERR_INVALID_ARG,
+               "kvrt_gather: layer %d is out of range [0, %d)", layer, cache->desc.n_layers);
+    KVRT_TRY(kvrt_check_seq(cache, seq, "kvrt_gather"));
+    KVRT_CHECK(n_out != NULL, KVRT_ERR_INVALID_ARG, "kvrt_gather: n_out is NULL");
+    if (p0 < 0)
+        p0 = 0;
+    KVRT_TRY(check_range("kvrt_gather", p0, p1));
+    KVRT_CHECK(capacity >= 0, KVRT_ERR_INVALID_ARG, "kvrt_gather: capacity %lld is negative",
+               (long long)capacity);
+    const kvrt_group *g = &cache->groups[cache->layer_group[layer]];
+    const kvrt_seq_pages *sp = &g->seqs[seq];
+    int32_t *raw;
+    KVRT_TRY(kvrt_scratch(cache, 0, 2 * (sp->n_slots + 1), &raw));
+    pos_slot *rows = (pos_slot *)(void *)raw;
+    int64_t n = 0;
+    for (int64_t i = 0; i < sp->n_slots; i++) {
+        int32_t p = g->pos != NULL ? g->pos[kvrt_seq_slot(g, sp, i)] : (int32_t)i;
+        if (p >= 0 && in_range(p, p0, p1)) {
+            rows[n].pos = p;
+            rows[n].slot = (int32_t)kvrt_seq_slot(g, sp, i);
+            n++;
+        }
+    }
+    *n_out = n;
+    KVRT_CHECK(n <= capacity, KVRT_ERR_INVALID_ARG,
+               "kvrt_gather: %lld rows in the range exceed the capacity of %lld", (long long)n,
+               (long long)capacity);
+    qsort(rows, (size_t)n, sizeof(pos_slot), cmp_pos_slot);
+    int32_t *slots;
+    KVRT_TRY(kvrt_scratch(cache, 1, n + 1, &slots));
+    for (int64_t i = 0; i < n; i++) {
+        slots[i] = rows[i].slot;
+        if (pos != NULL)
+            pos[i] = rows[i].pos;
+    }
+    if (n == 0 || (k == NULL && v == NULL))
+        return KVRT_OK;
+    kvrt_backend_t *be = &cache->be;
+    kvrt_gather_op op;
+    memset(&op, 0, sizeof op);
+    op.layer = g->refs[0];
+    for (int i = 0; i < g->n_layers; i++)
+        if (g->layers[i] == layer)
+            op.layer = g->refs[i];
+    op.n = (int32_t)n;
+    size_t es = (size_t)op.layer.layout.elem_size;
+    size_t k_bytes = (size_t)n * (size_t)op.layer.layout.n_heads * (size_t)op.layer.layout.dim_k * es;
+    size_t v_bytes = (size_t)n * (size_t)op.layer.layout.n_heads * (size_t)op.layer.layout.dim_v * es;
+    if (v_bytes == 0)
+        v = NULL;
+    /* host destinations on a GPU go through device scratch */
+    void *k_tmp = NULL, *v_tmp = NULL;
+    kvrt_mem_kind kk = KVRT_MEM_THIS_DEVICE, vk = KVRT_MEM_THIS_DEVICE;
+    int ord;
+    if (cache->desc.device.backend != KVRT_BACKEND_CPU) {
+        if (k != NULL)
+            KVRT_TRY(be->ops->mem_kind(be, k, &kk, &ord));
+        if (v != NULL)
+            KVRT_TRY(be->ops->mem_kind(be, v, &vk, &ord));
+        KVRT_CHECK(kk != KVRT_MEM_OTHER_DEVICE && vk != KVRT_MEM_OTHER_DEVICE,
+                   KVRT_ERR_DEVICE_MISMATCH, "kvrt_gather: k or v is on another device than %s:%d",
+                   kvrt_backend_name(cache->desc.device.backend), cache->desc.device.ordinal);
+    }
+    kvrt_status st = KVRT_OK;
+    if (k != NULL && kk == KVRT_MEM_HOST)
+        st = be->ops->scratch_alloc(be, k_bytes, &k_tmp);
+    if (st == KVRT_OK && v != NULL && vk == KVRT_MEM_HOST)
+        st = be->ops->scratch_alloc(be, v_bytes, &v_tmp);
+    const void *d_slots = NULL;
+    if (st == KVRT_OK)
+        st = be->ops->stage(be, slots, (size_t)n * sizeof(int32_t), stream, &d_slots);
+    if (st == KVRT_OK) {
+        op.slots = d_slots;
+        op.k_dst = k_tmp != NULL ? k_tmp : k;
+        op.v_dst = v_tmp != NULL ? v_tmp : v;
+        st = be->ops->gather(be, &op, stream);
+    }
+    if (st == KVRT_OK && k_tmp != NULL)
+        st = be->ops->download(be, k, k_tmp, k_bytes, stream);
+    if (st == KVRT_OK && v_tmp != NULL)
+        st = be->ops->download(be, v, v_tmp, v_bytes, stream);
+    if (k_tmp != NULL || v_tmp != NULL) {
+        (void)be->ops->sync(be, stream);
+        be->ops->scratch_free(be, k_tmp);
+        be->ops->scratch_free(be, v_tmp);
+    }
+    return st;
+}
+
+/* ---- cross-attention K/V ---- */
+
+kvrt_status kvrt_cross_set(kvrt_cache *cache, int layer, int32_t seq, int n, const void *k,
+                           const void *v, kvrt_dtype src_dtype, void *stream)
+{
+    KVRT_TRY(kvrt_check_cache(cache, "kvrt_cross_set"));
+    KVRT_CHECK(layer >= 0 && layer < cache->desc.n_layers, KVRT_ERR_INVALID_ARG,
+               "kvrt_cross_set: layer %d is out of range [0, %d)", layer, cache->desc.n_layers);
+    KVRT_CHECK(cache->layers[layer].kind == KVRT_LAYER_CROSS, KVRT_ERR_INVALID_ARG,
+               "kvrt_cross_set: layer %d is not a CROSS layer", layer);
+    KVRT_TRY(kvrt_check_seq(cache, seq, "kvrt_cross_set"));
+    KVRT_CHECK(n >= 0 && n <= cache->desc.cross_max_len, KVRT_ERR_INVALID_ARG,
+               "kvrt_cross_set: %d rows exceed cross_max_len %d", n, cache->desc.cross_max_len);
+    KVRT_CHECK(kvrt_dtype_size(src_dtype) != 0, KVRT_ERR_INVALID_ARG,
+               "kvrt_cross_set: src_dtype %d is not f32, f16 or bf16", (int)src_dtype);
+    KVRT_CHECK(n == 0 || (k != NULL && v != NULL), KVRT_ERR_INVALID_ARG,
+               "kvrt_cross_set: k or v is NULL");
+    if (n > 0) {
+        KVRT_TRY(kvrt_check_device_ptr(cache, k, "kvrt_cross_set: k"));
+        KVRT_TRY(kvrt_check_device_ptr(cache, v, "kvrt_cross_set: v"));
+    }
+    kvrt_group *g = &cache->groups[cache->layer_group[layer]];
+    kvrt_seq_pages *sp = &g->seqs[seq];
+    KVRT_TRY(kvrt_reserve((void **)&sp->blocks, &sp->cap_blocks, 1, sizeof(int32_t)));
+    cache->be.ops->stage_reset(&cache->be, stream);
+    int32_t *slots = NULL;
+    if (n > 0)
+        KVRT_TRY(kvrt_scratch(cache, 0, n, &slots));
+    kvrt_seq_pages_release_all(g, sp);
+    cache->epoch++;
+    if (n == 0)
+        return KVRT_OK;
+    int32_t b = kvrt_group_block_alloc(g);
+    KVRT_CHECK(b >= 0, KVRT_ERR_INTERNAL, "kvrt_cross_set: no free cross block");
+    sp->blocks[0] = b;
+    sp->n_blocks = 1;
+    sp->n_slots = n;
+    g->cross_len[b] = n;
+    kvrt_seq_pages_refresh(g, sp);
+    for (int i = 0; i < n; i++)
+        slots[i] = b * g->block_size + i;
+    kvrt_write_op op;
+    memset(&op, 0, sizeof op);
+    op.layer = g->refs[0];
+    op.k_src = k;
+    op.v_src = v;
+    op.src_dtype = (int32_t)src_dtype;
+    op.n_rows = n;
+    const void *d_slots;
+    KVRT_TRY(cache->be.ops->stage(&cache->be, slots, (size_t)n * sizeof(int32_t), stream, &d_slots));
+    op.slots = d_slots;
+    return cache->be.ops->write(&cache->be, &op, stream);
+}

@@ -1,0 +1,189 @@
+/*
+ * internal.h: the cache's host structures and the error macros shared by
+ * the library's sources. Nothing here is exported.
+ */
+#ifndef KVRT_INTERNAL_H
+#define KVRT_INTERNAL_H
+
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend.h"
+#include "kvrt.h"
+
+/* ---- errors ---- */
+
+/* Records the thread's last error message and returns status. */
+kvrt_status kvrt_set_error(kvrt_status status, const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 2, 3)))
+#endif
+    ;
+void kvrt_clear_error(void);
+
+/* Returns `status` with a message when cond is false. */
+#define KVRT_CHECK(cond, status, ...)                                                        \
+    do {                                                                                     \
+        if (!(cond))                                                                         \
+            return kvrt_set_error((status), __VA_ARGS__);                                    \
+    } while (0)
+
+/* Returns the status of expr when it is an error (its message stays). */
+#define KVRT_TRY(expr)                                                                       \
+    do {                                                                                     \
+        kvrt_status kvrt_try_status_ = (expr);                                               \
+        if (kvrt_try_status_ != KVRT_OK)                                                     \
+            return kvrt_try_status_;                                                         \
+    } while (0)
+
+/* ---- host arrays ---- */
+
+/* Grows *p (elements of `size` bytes) to hold at least `need`; KVRT_ERR_OUT_OF_MEMORY. */
+kvrt_status kvrt_reserve(void **p, int64_t *cap, int64_t need, size_t size);
+
+/* ---- cache ---- */
+
+/* One sequence's slots in one group. Used slots are [0, n_slots): slot i is
+ * (blocks[i / block_size], i % block_size). pos_min / pos_max / n_live are
+ * recomputed from the slots by kvrt_seq_pages_refresh after every edit. */
+typedef struct kvrt_seq_pages {
+    int32_t *blocks;       /* page table */
+    int64_t  cap_blocks;
+    int32_t  n_blocks;
+    int64_t  n_slots;
+    int64_t  n_live;
+    int32_t  pos_min, pos_max;     /* -1 when empty */
+    int32_t  evicted_min, evicted_max; /* positions a sliding window dropped; -1 none */
+} kvrt_seq_pages;
+
+typedef struct kvrt_group {
+    kvrt_layer_kind kind;
+    int             window;        /* > 0: sliding window (and not swa_full) */
+    int             block_size;    /* CROSS: cross_max_len */
+    int             n_layers;
+    int            *layers;        /* [n_layers] layer indices */
+    kvrt_layer_ref *refs;          /* [n_layers] host copy */
+    kvrt_layer_ref *refs_device;   /* [n_layers] on the device */
+    int             max_rot_dims;
+    int32_t         n_blocks;      /* committed */
+    int32_t         max_blocks;    /* reserved */
+    int32_t         grow_step;
+    int32_t        *refcount;      /* [max_blocks] */
+    int32_t        *free_stack;    /* [max_blocks] */
+    int32_t         n_free;
+    int32_t        *pos;           /* host truth [max_blocks][block_size]; NULL for CROSS */
+    int32_t        *pos_device;    /* the device copy */
+    uint8_t        *dirty;         /* [max_blocks] positions changed since upload */
+    int32_t        *dirty_list;
+    int32_t         n_dirty;
+    int32_t        *cross_len;     /* CROSS: rows held by each block */
+    int             evict;         /* sliding window that frees old blocks */
+    kvrt_seq_pages *seqs;          /* [max_seqs] */
+} kvrt_group;
+
+/* Device memory of one layer. */
+typedef struct kvrt_layer_mem {
+    void  *k, *v;
+    size_t k_reserve, v_reserve;   /* bytes reserved */
+    size_t k_block, v_block;       /* bytes per block */
+} kvrt_layer_mem;
+
+struct kvrt_cache {
+    kvrt_cache_desc  desc;
+    kvrt_layer_desc *layers;       /* [n_layers] */
+    kvrt_backend_t   be;
+    void            *stream;
+    int              n_groups;
+    kvrt_group      *groups;
+    int             *layer_group;  /* [n_layers] */
+    kvrt_layer_mem  *mem;          /* [n_layers] */
+    uint64_t         epoch;        /* bumped by every edit; plans of older epochs are stale */
+    int64_t          bytes_device;
+    /* host scratch reused by edits (grown as needed) */
+    int32_t *scratch_a, *scratch_b, *scratch_c;
+    int64_t  scratch_a_cap, scratch_b_cap, scratch_c_cap;
+    kvrt_span *spans;
+    int64_t    spans_cap;
+};
+
+/* Layout of a layer for kernels. */
+kvrt_layout kvrt_layer_layout(const kvrt_cache *cache, int layer);
+
+/* Block pool */
+int32_t kvrt_group_block_alloc(kvrt_group *g);            /* -1 when none free */
+void    kvrt_group_block_release(kvrt_group *g, int32_t block);
+/* Makes sure `need` blocks are free, growing the pool if allowed. */
+kvrt_status kvrt_group_ensure_free(kvrt_cache *cache, kvrt_group *g, int64_t need);
+/* Blocks the pool could still provide (free + growth room). */
+int64_t kvrt_group_available(const kvrt_group *g);
+void    kvrt_group_mark_dirty(kvrt_group *g, int32_t block);
+/* Uploads positions of dirty blocks to the device. */
+kvrt_status kvrt_group_sync_pos(kvrt_cache *cache, kvrt_group *g);
+kvrt_status kvrt_cache_sync_pos(kvrt_cache *cache);
+
+/* Page tables */
+kvrt_status kvrt_seq_pages_push(kvrt_seq_pages *sp, int32_t block);
+void        kvrt_seq_pages_refresh(const kvrt_group *g, kvrt_seq_pages *sp);
+void        kvrt_seq_pages_release_all(kvrt_group *g, kvrt_seq_pages *sp);
+/* Global slot of used slot i of a sequence. */
+static inline int64_t kvrt_seq_slot(const kvrt_group *g, const kvrt_seq_pages *sp, int64_t i)
+{
+    return (int64_t)sp->blocks[i / g->block_size] * g->block_size + i % g->block_size;
+}
+
+/* Copies `n_spans` slot spans in every layer of the group (staged to the device). */
+kvrt_status kvrt_group_move(kvrt_cache *cache, kvrt_group *g, const kvrt_span *spans,
+                            int32_t n_spans);
+/* Replaces a shared block of a sequence with a private copy (data and
+ * positions). Needs one free block (call kvrt_group_ensure_free first). */
+kvrt_status kvrt_group_unshare(kvrt_cache *cache, kvrt_group *g, kvrt_seq_pages *sp,
+                               int32_t page_index);
+
+int kvrt_group_is_self(const kvrt_group *g); /* ATTN or MLA (has positions) */
+
+/* Validation helpers */
+kvrt_status kvrt_check_cache(const kvrt_cache *cache, const char *fn);
+kvrt_status kvrt_check_seq(const kvrt_cache *cache, int32_t seq, const char *what);
+kvrt_status kvrt_check_device_ptr(const kvrt_cache *cache, const void *p, const char *what);
+
+/* Scratch */
+kvrt_status kvrt_scratch(kvrt_cache *cache, int which, int64_t n, int32_t **out);
+
+/* ---- batch ---- */
+
+typedef struct kvrt_batch_group {
+    int32_t *slots;         /* host [max_tokens] slot of each token */
+    int32_t *page_indptr;   /* host [max_tokens + 1] */
+    int32_t *page_indices;  /* host, grown */
+    int64_t  page_cap;
+    int32_t *seq_n_slots;   /* host [max_tokens] */
+    int32_t  max_seq_slots;
+    /* device copies, inside the batch's device buffer */
+    const int32_t *d_slots, *d_page_indptr, *d_page_indices, *d_seq_n_slots;
+} kvrt_batch_group;
+
+struct kvrt_batch {
+    kvrt_cache       *cache;
+    int               max_tokens;
+    int               n_tokens;
+    int               n_seqs;
+    uint64_t          epoch;
+    int32_t          *seq_ids;     /* host [max_tokens] per token */
+    int32_t          *positions;   /* host [max_tokens] */
+    int32_t          *tok_seq;     /* host [max_tokens] batch-sequence index */
+    int32_t          *batch_seqs;  /* host [max_tokens] sequence id of each batch sequence */
+    kvrt_batch_group *groups;      /* [n_groups] */
+    /* one host image of all metadata, uploaded with one copy */
+    int32_t          *image;
+    int64_t           image_cap;
+    void             *device;      /* device buffer (region) */
+    size_t            device_reserve, device_commit;
+    const int32_t    *d_tok_seq, *d_positions;
+    /* planning scratch */
+    int32_t          *order;
+    int32_t          *seq_first_pos; /* per batch sequence: lowest new position */
+    int32_t          *seq_count;
+};
+
+#endif /* KVRT_INTERNAL_H */
