@@ -349,9 +349,10 @@ kvrt_status kvrt_batch_plan(kvrt_cache *cache, int n, const int32_t *seq_ids,
         int64_t pages = 0;
         for (int s = 0; s < n_seqs; s++) {
             const kvrt_seq_pages *sp = &g->seqs[plans[s].seq];
-            pages += kvrt_group_is_self(g)
-                         ? sp->n_blocks + (plans[s].count + g->block_size - 1) / g->block_size + 1
-                         : sp->n_blocks;
+            int64_t est = kvrt_group_is_self(g)
+                              ? sp->n_blocks + (plans[s].count + g->block_size - 1) / g->block_size + 1
+                              : sp->n_blocks;
+            pages += est < g->max_blocks ? est : g->max_blocks;
         }
         KVRT_TRY(kvrt_reserve((void **)&batch->groups[j].page_indices, &batch->groups[j].page_cap,
                               pages + 1, sizeof(int32_t)));
