@@ -408,6 +408,69 @@ KVRT_API kvrt_status kvrt_gather(const kvrt_cache *cache, int layer, int32_t seq
                                  int32_t p0, int32_t p1, void *k, void *v, int32_t *pos,
                                  int64_t capacity, int64_t *n_out, void *stream);
 
+
+/* ------------------------------------------------------------------------ */
+/* State files (docs/state-format.md)                                        */
+/* ------------------------------------------------------------------------ */
+
+/* Called by kvrt_state_write with the next `size` bytes of the state; returns
+ * KVRT_OK or an error that aborts the write (returned to the caller). */
+typedef kvrt_status (*kvrt_state_writer)(void *user, const void *data, size_t size);
+/* Called by kvrt_state_read for the next `size` bytes; stores how many it
+ * delivered in *got (fewer than size only at the end of the input). */
+typedef kvrt_status (*kvrt_state_reader)(void *user, void *data, size_t size, size_t *got);
+
+/* Writes the state of sequence seq (seq < 0: every sequence) through `writer`:
+ * the header (format version, the layer description, dtype, RoPE), then per
+ * sequence its tokens' positions and, per layer, its rows in position order,
+ * each section with a checksum. Reads the cache through its stream (a device
+ * cache is synchronized). KVRT_ERR_UNSUPPORTED if this build has no checksum
+ * library. */
+KVRT_API kvrt_status kvrt_state_write(kvrt_cache *cache, int32_t seq, kvrt_state_writer writer,
+                                      void *user);
+
+/* Bytes kvrt_state_write would produce for seq (seq < 0: every sequence). */
+KVRT_API kvrt_status kvrt_state_size(const kvrt_cache *cache, int32_t seq, uint64_t *bytes);
+
+/* Loads a state through `reader`. dst_seq >= 0: the file must hold one
+ * sequence, loaded into dst_seq, which must be empty; dst_seq < 0: every
+ * sequence of the file into the same ids, each of which must be empty.
+ * The file loads into any cache with the same layer description, dtype and
+ * RoPE, on any backend and block size. Errors, with the cache untouched:
+ * KVRT_ERR_INCOMPATIBLE naming the first differing field ("layer 5:
+ * latent_dim 512 in file, 448 in cache"), KVRT_ERR_CORRUPT (truncated, bad
+ * checksum, absurd counts), KVRT_ERR_CAPACITY, KVRT_ERR_INVALID_ARG. */
+KVRT_API kvrt_status kvrt_state_read(kvrt_cache *cache, int32_t dst_seq, kvrt_state_reader reader,
+                                     void *user);
+
+/* kvrt_state_write / kvrt_state_read to and from a file (KVRT_ERR_IO with the
+ * system's message when it cannot be opened, written or read). */
+KVRT_API kvrt_status kvrt_state_save_file(kvrt_cache *cache, int32_t seq, const char *path);
+KVRT_API kvrt_status kvrt_state_load_file(kvrt_cache *cache, int32_t dst_seq, const char *path);
+
+/* ------------------------------------------------------------------------ */
+/* Host offload                                                              */
+/* ------------------------------------------------------------------------ */
+
+typedef struct kvrt_offload kvrt_offload;
+
+/* Moves sequence seq's rows (every layer, cross K/V included) to host memory
+ * (pinned on GPU backends) and empties the sequence, returning its blocks to
+ * the pool. *out owns the host copy. KVRT_ERR_OUT_OF_MEMORY with nothing
+ * changed if the host copy cannot be allocated. */
+KVRT_API kvrt_status kvrt_seq_offload(kvrt_cache *cache, int32_t seq, kvrt_offload **out);
+
+/* Brings an offloaded sequence back, bit-exactly, into dst_seq (empty) of
+ * the same cache (or a cache with the same description), into free blocks
+ * anywhere. KVRT_ERR_CAPACITY with nothing changed (and the offload kept) if
+ * the blocks are not there. */
+KVRT_API kvrt_status kvrt_seq_restore(kvrt_cache *cache, int32_t dst_seq, const kvrt_offload *off);
+
+/* Bytes of host memory an offload holds. */
+KVRT_API uint64_t kvrt_offload_bytes(const kvrt_offload *off);
+/* NULL is fine. */
+KVRT_API void kvrt_offload_free(kvrt_offload *off);
+
 #ifdef __cplusplus
 }
 #endif
