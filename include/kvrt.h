@@ -209,9 +209,30 @@ typedef struct kvrt_cache kvrt_cache;
  * On success *out owns the cache; on failure *out is NULL. */
 KVRT_API kvrt_status kvrt_cache_create(const kvrt_cache_desc *desc, kvrt_cache **out);
 
-/* Frees the cache and its device memory after the work queued on its stream.
- * NULL is fine. */
+/* Destroys a handle. The memory is freed, after the work queued on the
+ * cache's stream, when the last handle on it (kvrt_cache_create_shared) is
+ * destroyed. NULL is fine. */
 KVRT_API void kvrt_cache_destroy(kvrt_cache *cache);
+
+/* Creates a second handle on base's cache, for a speculative draft (MTP,
+ * EAGLE) that reads the target's cache and has layers of its own. The new
+ * handle shares base's block pool, sequences and positions: plans and edits
+ * through either handle are seen by both. Layer i of desc is base's layer
+ * base_layers[i] when base_layers[i] >= 0 (it must have the same shape), or a
+ * layer of the new handle's own (base_layers NULL: all own), which joins the
+ * base group of its kind and window so that every edit moves its rows too.
+ * desc's dtype, block_size, max_seqs, swa_full and rope must equal base's;
+ * its n_blocks and max_blocks are ignored (the pool is base's).
+ * Errors, nothing created: KVRT_ERR_DEVICE_MISMATCH when desc->device is not
+ * base's device (the message names the layer and both devices),
+ * KVRT_ERR_INCOMPATIBLE naming the first differing field or a layer that
+ * matches no group of base (own CROSS layers included).
+ * Handles are reference-counted: destroying base while this handle lives
+ * keeps the memory until the last handle is destroyed. The own layers stay
+ * in the shared cache until then. State files and offloads taken through
+ * either handle hold base's layers. */
+KVRT_API kvrt_status kvrt_cache_create_shared(kvrt_cache *base, const kvrt_cache_desc *desc,
+                                              const int *base_layers, kvrt_cache **out);
 
 /* Sets the stream that plans and sequence edits are queued on (NULL: the
  * default stream). */

@@ -338,6 +338,7 @@ static kvrt_status create_group_memory(kvrt_cache *cache, kvrt_group *g)
     void *rd;
     KVRT_TRY(be->ops->region_create(be, refs_bytes, refs_bytes, &rd));
     g->refs_device = rd;
+    g->refs_device_bytes = refs_bytes;
     KVRT_TRY(be->ops->upload(be, rd, g->refs, refs_bytes, cache->stream));
     return kvrt_group_sync_pos(cache, g);
 }
@@ -402,6 +403,8 @@ kvrt_status kvrt_cache_create(const kvrt_cache_desc *desc, kvrt_cache **out)
     }
     memcpy(cache->layers, desc->layers, sizeof(kvrt_layer_desc) * (size_t)desc->n_layers);
     cache->desc.layers = cache->layers;
+    cache->n_handles = 1;
+    cache->n_layers_total = desc->n_layers;
     kvrt_status st = kvrt_backend_open(desc->device, &cache->be);
     if (st == KVRT_OK)
         st = create_groups(cache);
@@ -415,10 +418,28 @@ kvrt_status kvrt_cache_create(const kvrt_cache_desc *desc, kvrt_cache **out)
     return KVRT_OK;
 }
 
+static void core_destroy(kvrt_cache *cache);
+
+/* Handles are reference-counted: the core's memory lives until the last
+ * handle on it is destroyed. */
 void kvrt_cache_destroy(kvrt_cache *cache)
 {
     if (cache == NULL)
         return;
+    kvrt_cache *core = KVRT_CORE(cache);
+    if (cache != core) {
+        free(cache->layer_map);
+        free(cache->layers);
+        free(cache);
+    } else {
+        core->destroy_pending = 1;
+    }
+    if (--core->n_handles <= 0 && core->destroy_pending)
+        core_destroy(core);
+}
+
+static void core_destroy(kvrt_cache *cache)
+{
     kvrt_backend_t *be = &cache->be;
     if (be->ops != NULL)
         (void)be->ops->sync(be, cache->stream);
@@ -429,7 +450,7 @@ void kvrt_cache_destroy(kvrt_cache *cache)
             if (g->pos_device != NULL)
                 be->ops->region_destroy(be, g->pos_device, pos_block * g->max_blocks);
             if (g->refs_device != NULL)
-                be->ops->region_destroy(be, g->refs_device, sizeof(kvrt_layer_ref) * (size_t)g->n_layers);
+                be->ops->region_destroy(be, g->refs_device, g->refs_device_bytes);
         }
         if (g->seqs != NULL)
             for (int s = 0; s < cache->desc.max_seqs; s++)
@@ -445,7 +466,7 @@ void kvrt_cache_destroy(kvrt_cache *cache)
         free(g->cross_len);
     }
     if (cache->mem != NULL && be->ops != NULL)
-        for (int i = 0; i < cache->desc.n_layers; i++) {
+        for (int i = 0; i < cache->n_layers_total; i++) {
             if (cache->mem[i].k != NULL)
                 be->ops->region_destroy(be, cache->mem[i].k, cache->mem[i].k_reserve);
             if (cache->mem[i].v != NULL)
@@ -466,6 +487,7 @@ void kvrt_cache_destroy(kvrt_cache *cache)
 kvrt_status kvrt_cache_set_stream(kvrt_cache *cache, void *stream)
 {
     KVRT_TRY(kvrt_check_cache(cache, "kvrt_cache_set_stream"));
+    cache = KVRT_CORE(cache);
     cache->stream = stream;
     return KVRT_OK;
 }
@@ -473,6 +495,7 @@ kvrt_status kvrt_cache_set_stream(kvrt_cache *cache, void *stream)
 kvrt_status kvrt_cache_sync(kvrt_cache *cache)
 {
     KVRT_TRY(kvrt_check_cache(cache, "kvrt_cache_sync"));
+    cache = KVRT_CORE(cache);
     return cache->be.ops->sync(&cache->be, cache->stream);
 }
 
@@ -481,13 +504,27 @@ const kvrt_cache_desc *kvrt_cache_get_desc(const kvrt_cache *cache)
     return cache != NULL ? &cache->desc : NULL;
 }
 
-int kvrt_cache_n_groups(const kvrt_cache *cache) { return cache != NULL ? cache->n_groups : 0; }
+int kvrt_cache_n_groups(const kvrt_cache *cache)
+{
+    return cache != NULL ? KVRT_CORE(cache)->n_groups : 0;
+}
 
 int kvrt_layer_group(const kvrt_cache *cache, int layer)
 {
     if (cache == NULL || layer < 0 || layer >= cache->desc.n_layers)
         return -1;
-    return cache->layer_group[layer];
+    if (cache->core != NULL)
+        layer = cache->layer_map[layer];
+    return KVRT_CORE(cache)->layer_group[layer];
+}
+
+kvrt_status kvrt_map_layer(const kvrt_cache *handle, int *layer, const char *fn)
+{
+    KVRT_CHECK(*layer >= 0 && *layer < handle->desc.n_layers, KVRT_ERR_INVALID_ARG,
+               "%s: layer %d is out of range [0, %d)", fn, *layer, handle->desc.n_layers);
+    if (handle->core != NULL)
+        *layer = handle->layer_map[*layer];
+    return KVRT_OK;
 }
 
 /* ---- statistics and invariants ---- */
@@ -523,6 +560,7 @@ static void group_stats(const kvrt_cache *cache, const kvrt_group *g, kvrt_cache
 kvrt_status kvrt_cache_stats_get(const kvrt_cache *cache, int group, kvrt_cache_stats *out)
 {
     KVRT_TRY(kvrt_check_cache(cache, "kvrt_cache_stats_get"));
+    cache = KVRT_CORE(cache);
     KVRT_CHECK(out != NULL, KVRT_ERR_INVALID_ARG, "kvrt_cache_stats_get: out is NULL");
     KVRT_CHECK(group >= -1 && group < cache->n_groups, KVRT_ERR_INVALID_ARG,
                "kvrt_cache_stats_get: group %d is out of range [-1, %d)", group, cache->n_groups);
@@ -642,6 +680,7 @@ done:
 kvrt_status kvrt_cache_check(const kvrt_cache *cache)
 {
     KVRT_TRY(kvrt_check_cache(cache, "kvrt_cache_check"));
+    cache = KVRT_CORE(cache);
     for (int j = 0; j < cache->n_groups; j++)
         KVRT_TRY(check_group(cache, j));
     return KVRT_OK;

@@ -266,6 +266,7 @@ static void drop_cross(kvrt_cache *cache, int32_t seq)
 kvrt_status kvrt_seq_rm(kvrt_cache *cache, int32_t seq, int32_t p0, int32_t p1)
 {
     KVRT_TRY(kvrt_check_cache(cache, "kvrt_seq_rm"));
+    cache = KVRT_CORE(cache);
     if (seq >= 0)
         KVRT_TRY(kvrt_check_seq(cache, seq, "kvrt_seq_rm"));
     if (p0 < 0)
@@ -286,6 +287,7 @@ kvrt_status kvrt_seq_rm(kvrt_cache *cache, int32_t seq, int32_t p0, int32_t p1)
 kvrt_status kvrt_seq_shift(kvrt_cache *cache, int32_t seq, int32_t p0, int32_t p1, int32_t delta)
 {
     KVRT_TRY(kvrt_check_cache(cache, "kvrt_seq_shift"));
+    cache = KVRT_CORE(cache);
     if (seq >= 0)
         KVRT_TRY(kvrt_check_seq(cache, seq, "kvrt_seq_shift"));
     if (p0 < 0)
@@ -300,6 +302,7 @@ kvrt_status kvrt_seq_shift(kvrt_cache *cache, int32_t seq, int32_t p0, int32_t p
 kvrt_status kvrt_seq_div(kvrt_cache *cache, int32_t seq, int32_t p0, int32_t p1, int d)
 {
     KVRT_TRY(kvrt_check_cache(cache, "kvrt_seq_div"));
+    cache = KVRT_CORE(cache);
     if (seq >= 0)
         KVRT_TRY(kvrt_check_seq(cache, seq, "kvrt_seq_div"));
     KVRT_CHECK(d >= 1, KVRT_ERR_INVALID_ARG, "kvrt_seq_div: divisor %d must be >= 1", d);
@@ -325,6 +328,7 @@ static int seq_empty(const kvrt_cache *cache, int32_t seq)
 kvrt_status kvrt_seq_cp(kvrt_cache *cache, int32_t src, int32_t dst, int32_t p0, int32_t p1)
 {
     KVRT_TRY(kvrt_check_cache(cache, "kvrt_seq_cp"));
+    cache = KVRT_CORE(cache);
     KVRT_TRY(kvrt_check_seq(cache, src, "kvrt_seq_cp: src"));
     KVRT_TRY(kvrt_check_seq(cache, dst, "kvrt_seq_cp: dst"));
     if (p0 < 0)
@@ -431,6 +435,7 @@ static void seq_reset(kvrt_cache *cache, int32_t seq)
 kvrt_status kvrt_seq_keep(kvrt_cache *cache, int32_t seq)
 {
     KVRT_TRY(kvrt_check_cache(cache, "kvrt_seq_keep"));
+    cache = KVRT_CORE(cache);
     KVRT_TRY(kvrt_check_seq(cache, seq, "kvrt_seq_keep"));
     for (int32_t s = 0; s < cache->desc.max_seqs; s++)
         if (s != seq)
@@ -444,6 +449,7 @@ kvrt_status kvrt_seq_keep(kvrt_cache *cache, int32_t seq)
 kvrt_status kvrt_cache_clear(kvrt_cache *cache)
 {
     KVRT_TRY(kvrt_check_cache(cache, "kvrt_cache_clear"));
+    cache = KVRT_CORE(cache);
     kvrt_backend_t *be = &cache->be;
     for (int32_t s = 0; s < cache->desc.max_seqs; s++)
         seq_reset(cache, s);
@@ -471,6 +477,7 @@ kvrt_status kvrt_cache_clear(kvrt_cache *cache)
 kvrt_status kvrt_cache_compact(kvrt_cache *cache)
 {
     KVRT_TRY(kvrt_check_cache(cache, "kvrt_cache_compact"));
+    cache = KVRT_CORE(cache);
     /* room for the moves first, so nothing fails half-way */
     int64_t holes = 0;
     for (int j = 0; j < cache->n_groups; j++) {
@@ -532,6 +539,7 @@ kvrt_status kvrt_cache_compact(kvrt_cache *cache)
 kvrt_status kvrt_seq_pos_min(const kvrt_cache *cache, int32_t seq, int32_t *out)
 {
     KVRT_TRY(kvrt_check_cache(cache, "kvrt_seq_pos_min"));
+    cache = KVRT_CORE(cache);
     KVRT_TRY(kvrt_check_seq(cache, seq, "kvrt_seq_pos_min"));
     KVRT_CHECK(out != NULL, KVRT_ERR_INVALID_ARG, "kvrt_seq_pos_min: out is NULL");
     int32_t r = -1;
@@ -548,6 +556,7 @@ kvrt_status kvrt_seq_pos_min(const kvrt_cache *cache, int32_t seq, int32_t *out)
 kvrt_status kvrt_seq_pos_max(const kvrt_cache *cache, int32_t seq, int32_t *out)
 {
     KVRT_TRY(kvrt_check_cache(cache, "kvrt_seq_pos_max"));
+    cache = KVRT_CORE(cache);
     KVRT_TRY(kvrt_check_seq(cache, seq, "kvrt_seq_pos_max"));
     KVRT_CHECK(out != NULL, KVRT_ERR_INVALID_ARG, "kvrt_seq_pos_max: out is NULL");
     int32_t r = -1;
@@ -564,6 +573,7 @@ kvrt_status kvrt_seq_pos_max(const kvrt_cache *cache, int32_t seq, int32_t *out)
 kvrt_status kvrt_seq_n_tokens(const kvrt_cache *cache, int32_t seq, int64_t *out)
 {
     KVRT_TRY(kvrt_check_cache(cache, "kvrt_seq_n_tokens"));
+    cache = KVRT_CORE(cache);
     KVRT_TRY(kvrt_check_seq(cache, seq, "kvrt_seq_n_tokens"));
     KVRT_CHECK(out != NULL, KVRT_ERR_INVALID_ARG, "kvrt_seq_n_tokens: out is NULL");
     int best = -1;
@@ -582,6 +592,7 @@ kvrt_status kvrt_seq_group_info_get(const kvrt_cache *cache, int32_t seq, int gr
                                     kvrt_seq_group_info *out)
 {
     KVRT_TRY(kvrt_check_cache(cache, "kvrt_seq_group_info_get"));
+    cache = KVRT_CORE(cache);
     KVRT_TRY(kvrt_check_seq(cache, seq, "kvrt_seq_group_info_get"));
     KVRT_CHECK(group >= 0 && group < cache->n_groups, KVRT_ERR_INVALID_ARG,
                "kvrt_seq_group_info_get: group %d is out of range [0, %d)", group, cache->n_groups);
@@ -599,6 +610,7 @@ kvrt_status kvrt_seq_group_info_get(const kvrt_cache *cache, int32_t seq, int gr
 kvrt_status kvrt_seq_can_resume(const kvrt_cache *cache, int32_t seq, int32_t pos, int *ok)
 {
     KVRT_TRY(kvrt_check_cache(cache, "kvrt_seq_can_resume"));
+    cache = KVRT_CORE(cache);
     KVRT_TRY(kvrt_check_seq(cache, seq, "kvrt_seq_can_resume"));
     KVRT_CHECK(ok != NULL, KVRT_ERR_INVALID_ARG, "kvrt_seq_can_resume: ok is NULL");
     KVRT_CHECK(pos >= 0, KVRT_ERR_POS_RANGE, "kvrt_seq_can_resume: position %d is negative", (int)pos);
@@ -629,9 +641,10 @@ kvrt_status kvrt_gather(const kvrt_cache *ccache, int layer, int32_t seq, int32_
                         void *stream)
 {
     KVRT_TRY(kvrt_check_cache(ccache, "kvrt_gather"));
-    kvrt_cache *cache = (kvrt_cache *)ccache; /* scratch only */
-    KVRT_CHECK(layer >= 0 && layer < cache->desc.n_layers, KVRT_ERR_INVALID_ARG,
-               "kvrt_gather: layer %d is out of range [0, %d)", layer, cache->desc.n_layers);
+    KVRT_TRY(kvrt_map_layer(ccache, &layer, "kvrt_gather"));
+    kvrt_cache *cache = (kvrt_cache *)KVRT_CORE(ccache); /* scratch only */
+    KVRT_CHECK(layer >= 0 && layer < cache->n_layers_total, KVRT_ERR_INVALID_ARG,
+               "kvrt_gather: layer %d is out of range [0, %d)", layer, cache->n_layers_total);
     KVRT_TRY(kvrt_check_seq(cache, seq, "kvrt_gather"));
     KVRT_CHECK(n_out != NULL, KVRT_ERR_INVALID_ARG, "kvrt_gather: n_out is NULL");
     if (p0 < 0)
@@ -725,8 +738,10 @@ kvrt_status kvrt_cross_set(kvrt_cache *cache, int layer, int32_t seq, int n, con
                            const void *v, kvrt_dtype src_dtype, void *stream)
 {
     KVRT_TRY(kvrt_check_cache(cache, "kvrt_cross_set"));
-    KVRT_CHECK(layer >= 0 && layer < cache->desc.n_layers, KVRT_ERR_INVALID_ARG,
-               "kvrt_cross_set: layer %d is out of range [0, %d)", layer, cache->desc.n_layers);
+    KVRT_TRY(kvrt_map_layer(cache, &layer, "kvrt_cross_set"));
+    cache = KVRT_CORE(cache);
+    KVRT_CHECK(layer >= 0 && layer < cache->n_layers_total, KVRT_ERR_INVALID_ARG,
+               "kvrt_cross_set: layer %d is out of range [0, %d)", layer, cache->n_layers_total);
     KVRT_CHECK(cache->layers[layer].kind == KVRT_LAYER_CROSS, KVRT_ERR_INVALID_ARG,
                "kvrt_cross_set: layer %d is not a CROSS layer", layer);
     KVRT_TRY(kvrt_check_seq(cache, seq, "kvrt_cross_set"));

@@ -65,6 +65,7 @@ typedef struct kvrt_group {
     int            *layers;        /* [n_layers] layer indices */
     kvrt_layer_ref *refs;          /* [n_layers] host copy */
     kvrt_layer_ref *refs_device;   /* [n_layers] on the device */
+    size_t          refs_device_bytes;
     int             max_rot_dims;
     int32_t         n_blocks;      /* committed */
     int32_t         max_blocks;    /* reserved */
@@ -91,7 +92,7 @@ typedef struct kvrt_layer_mem {
 
 struct kvrt_cache {
     kvrt_cache_desc  desc;
-    kvrt_layer_desc *layers;       /* [n_layers] */
+    kvrt_layer_desc *layers;       /* [n_layers_total]; the handle's view is desc.n_layers */
     kvrt_backend_t   be;
     void            *stream;
     int              n_groups;
@@ -105,7 +106,19 @@ struct kvrt_cache {
     int64_t  scratch_a_cap, scratch_b_cap, scratch_c_cap;
     kvrt_span *spans;
     int64_t    spans_cap;
+    /* handles: a shared handle (kvrt_cache_create_shared) has core set and
+     * maps its layer indices to the core's; the core counts live handles */
+    kvrt_cache *core;
+    int        *layer_map;         /* [desc.n_layers] core layer of each of the handle's */
+    int         n_handles;         /* on the core: live handles, itself included */
+    int         destroy_pending;   /* on the core: its own handle was destroyed */
+    int         n_layers_total;    /* on the core: its layers plus shared handles' own */
 };
+
+/* The cache that owns the memory behind a handle. */
+#define KVRT_CORE(c) ((c) != NULL && (c)->core != NULL ? (c)->core : (c))
+/* Checks a handle's layer index and maps it to the core's. */
+kvrt_status kvrt_map_layer(const kvrt_cache *handle, int *layer, const char *fn);
 
 /* Layout of a layer for kernels. */
 kvrt_layout kvrt_layer_layout(const kvrt_cache *cache, int layer);

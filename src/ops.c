@@ -16,8 +16,8 @@ static kvrt_status check_batch(const kvrt_cache *cache, const kvrt_batch *batch,
     KVRT_CHECK(batch->n_tokens > 0, KVRT_ERR_INVALID_ARG, "%s: the batch has not been planned", fn);
     KVRT_CHECK(batch->epoch == cache->epoch, KVRT_ERR_INVALID_ARG,
                "%s: the batch is stale (the cache was planned or edited after it); plan again", fn);
-    KVRT_CHECK(layer >= 0 && layer < cache->desc.n_layers, KVRT_ERR_INVALID_ARG,
-               "%s: layer %d is out of range [0, %d)", fn, layer, cache->desc.n_layers);
+    KVRT_CHECK(layer >= 0 && layer < cache->n_layers_total, KVRT_ERR_INVALID_ARG,
+               "%s: layer %d is out of range [0, %d)", fn, layer, cache->n_layers_total);
     return KVRT_OK;
 }
 
@@ -33,6 +33,9 @@ static const kvrt_layer_ref *layer_ref(const kvrt_cache *cache, int layer)
 kvrt_status kvrt_write(kvrt_cache *cache, const kvrt_batch *batch, int layer, const void *k,
                        const void *v, kvrt_dtype src_dtype, void *stream)
 {
+    KVRT_TRY(kvrt_check_cache(cache, "kvrt_write"));
+    KVRT_TRY(kvrt_map_layer(cache, &layer, "kvrt_write"));
+    cache = KVRT_CORE(cache);
     KVRT_TRY(check_batch(cache, batch, layer, "kvrt_write"));
     const kvrt_layer_desc *l = &cache->layers[layer];
     KVRT_CHECK(l->kind != KVRT_LAYER_CROSS, KVRT_ERR_INVALID_ARG,
@@ -59,6 +62,9 @@ kvrt_status kvrt_write(kvrt_cache *cache, const kvrt_batch *batch, int layer, co
 kvrt_status kvrt_attention(kvrt_cache *cache, const kvrt_batch *batch, int layer, const void *q,
                            void *out, const kvrt_attention_params *params, void *stream)
 {
+    KVRT_TRY(kvrt_check_cache(cache, "kvrt_attention"));
+    KVRT_TRY(kvrt_map_layer(cache, &layer, "kvrt_attention"));
+    cache = KVRT_CORE(cache);
     KVRT_TRY(check_batch(cache, batch, layer, "kvrt_attention"));
     KVRT_CHECK(params != NULL, KVRT_ERR_INVALID_ARG, "kvrt_attention: params is NULL");
     KVRT_CHECK(q != NULL && out != NULL, KVRT_ERR_INVALID_ARG, "kvrt_attention: q or out is NULL");

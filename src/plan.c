@@ -45,6 +45,7 @@ kvrt_status kvrt_batch_create(kvrt_cache *cache, int max_tokens, kvrt_batch **ou
     KVRT_CHECK(out != NULL, KVRT_ERR_INVALID_ARG, "kvrt_batch_create: out is NULL");
     *out = NULL;
     KVRT_TRY(kvrt_check_cache(cache, "kvrt_batch_create"));
+    cache = KVRT_CORE(cache);
     KVRT_CHECK(max_tokens >= 1 && max_tokens <= (1 << 24), KVRT_ERR_INVALID_ARG,
                "kvrt_batch_create: max_tokens %d must be in [1, 16777216]", max_tokens);
     kvrt_batch *b = calloc(1, sizeof *b);
@@ -199,6 +200,7 @@ kvrt_status kvrt_batch_plan(kvrt_cache *cache, int n, const int32_t *seq_ids,
                             const int32_t *positions, kvrt_batch *batch)
 {
     KVRT_TRY(kvrt_check_cache(cache, "kvrt_batch_plan"));
+    cache = KVRT_CORE(cache);
     KVRT_CHECK(batch != NULL, KVRT_ERR_INVALID_ARG, "kvrt_batch_plan: batch is NULL");
     KVRT_CHECK(batch->cache == cache, KVRT_ERR_INVALID_ARG,
                "kvrt_batch_plan: the batch was created for another cache");
