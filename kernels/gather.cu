@@ -1,0 +1,84 @@
+/*
+ * gather.cu: kvrt_gather_op, the rows of one layer at the given slots
+ * copied out, in order, to contiguous [n][n_heads][dim_k] (K) and
+ * [n][n_heads][dim_v] (V) buffers in the cache dtype. A pure data move:
+ * bit-exact with its C twin, cpu_gather in src/backend_cpu.c.
+ *
+ * A thread copies one unit (16, 8, 4 or 2 bytes: the widest that divides
+ * both head-row sizes and every base address) of one head row. A row's
+ * units are numbered K heads first, then V heads, so consecutive threads
+ * write consecutive destination memory. Blocks of kThreads threads stride
+ * over all n * units_per_row units.
+ */
+#include "gpu_common.cuh"
+
+namespace {
+
+template <int UNIT>
+__global__ void gather_kernel(const kvrt_layer_ref layer, const int32_t *slots, int32_t n,
+                              void *k_dst, void *v_dst)
+{
+    typedef typename unit_type<UNIT>::type U;
+    const kvrt_layout L = layer.layout;
+    const int64_t es = L.elem_size;
+    const int32_t units_k = k_dst != NULL ? (int32_t)(L.dim_k * es / UNIT) : 0; /* per head row */
+    const int32_t units_v = v_dst != NULL ? (int32_t)(L.dim_v * es / UNIT) : 0;
+    const int32_t row_k = L.n_heads * units_k;
+    const int32_t per_row = row_k + L.n_heads * units_v;
+    const int64_t total = (int64_t)n * per_row;
+    for (int64_t t = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; t < total;
+         t += (int64_t)gridDim.x * blockDim.x) {
+        const int32_t r = (int32_t)(t / per_row);
+        int32_t c = (int32_t)(t - (int64_t)r * per_row);
+        const int64_t slot = slots[r];
+        if (c < row_k) {
+            const int32_t h = c / units_k, u = c - h * units_k;
+            const U *src = (const U *)((const char *)layer.k + kvrt_k_index(&L, slot, h) * es);
+            U *dst = (U *)((char *)k_dst + ((int64_t)r * L.n_heads + h) * L.dim_k * es);
+            dst[u] = src[u];
+        } else {
+            c -= row_k;
+            const int32_t h = c / units_v, u = c - h * units_v;
+            const U *src = (const U *)((const char *)layer.v + kvrt_v_index(&L, slot, h) * es);
+            U *dst = (U *)((char *)v_dst + ((int64_t)r * L.n_heads + h) * L.dim_v * es);
+            dst[u] = src[u];
+        }
+    }
+}
+
+template <int UNIT>
+cudaError_t launch_unit(const kvrt_gather_op *op, void *k_dst, void *v_dst, cudaStream_t stream)
+{
+    const kvrt_layout L = op->layer.layout;
+    const int64_t units = (int64_t)L.n_heads *
+                          ((k_dst != NULL ? L.dim_k : 0) + (v_dst != NULL ? L.dim_v : 0)) *
+                          L.elem_size / UNIT;
+    if (units == 0)
+        return cudaSuccess;
+    clear_stale_error();
+    gather_kernel<UNIT><<<grid_blocks((int64_t)op->n * units), kThreads, 0, stream>>>(
+        op->layer, op->slots, op->n, k_dst, v_dst);
+    return launch_status();
+}
+
+} // namespace
+
+extern "C" cudaError_t KVRT_GPU_FN(launch_gather)(const kvrt_gather_op *op, void *stream)
+{
+    const kvrt_layout L = op->layer.layout;
+    void *k_dst = L.dim_k > 0 ? op->k_dst : NULL;
+    void *v_dst = (op->layer.v != NULL && L.dim_v > 0) ? op->v_dst : NULL;
+    if (op->n <= 0 || L.n_heads <= 0 || (k_dst == NULL && v_dst == NULL))
+        return cudaSuccess;
+    const int64_t lengths[2] = {(int64_t)L.dim_k * L.elem_size, (int64_t)L.dim_v * L.elem_size};
+    const void *ptrs[4] = {k_dst, v_dst, k_dst != NULL ? op->layer.k : NULL,
+                           v_dst != NULL ? op->layer.v : NULL};
+    cudaStream_t s = (cudaStream_t)stream;
+    switch (copy_unit(lengths, v_dst != NULL ? 2 : 1, ptrs, 4)) {
+    case 16: return launch_unit<16>(op, k_dst, v_dst, s);
+    case 8: return launch_unit<8>(op, k_dst, v_dst, s);
+    case 4: return launch_unit<4>(op, k_dst, v_dst, s);
+    case 2: return launch_unit<2>(op, k_dst, v_dst, s);
+    default: return launch_unit<1>(op, k_dst, v_dst, s);
+    }
+}

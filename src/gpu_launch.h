@@ -1,0 +1,38 @@
+/*
+ * gpu_launch.h: the kernel launchers that the .cu files in kernels/ export to the host
+ * glue (src/backend_gpu.c). Each takes an op (host memory; the arrays it
+ * points to are device memory), computes its grid, queues the kernel on
+ * `stream` and returns the runtime's status of the launch.
+ *
+ * Names carry the API (kvrt_cuda_launch_write, kvrt_hip_launch_write) so
+ * that a library built with both links. Include gpu_compat.h first.
+ */
+#ifndef KVRT_GPU_LAUNCH_H
+#define KVRT_GPU_LAUNCH_H
+
+#include "kvrt_ops.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* kvrt_write_op: rows scattered into slots with dtype conversion (write.cu). */
+cudaError_t KVRT_GPU_FN(launch_write)(const kvrt_write_op *op, void *stream);
+/* kvrt_move_op: slot spans copied in every layer of a group (move.cu). */
+cudaError_t KVRT_GPU_FN(launch_move)(const kvrt_move_op *op, void *stream);
+/* kvrt_rotate_op: RoPE re-rotation of K in place, every layer (rotate.cu). */
+cudaError_t KVRT_GPU_FN(launch_rotate)(const kvrt_rotate_op *op, void *stream);
+/* kvrt_gather_op: rows at slots copied out contiguously (gather.cu). */
+cudaError_t KVRT_GPU_FN(launch_gather)(const kvrt_gather_op *op, void *stream);
+/* kvrt_pos_op: positions of whole blocks overwritten (set_pos.cu). */
+cudaError_t KVRT_GPU_FN(launch_set_pos)(const kvrt_pos_op *op, void *stream);
+/* kvrt_attention_op: paged masked attention (attention.cu). Returns
+ * cudaErrorInvalidValue for shapes the kernel does not support; the glue
+ * checks those first and reports them as KVRT_ERR_UNSUPPORTED. */
+cudaError_t KVRT_GPU_FN(launch_attention)(const kvrt_attention_op *op, void *stream);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* KVRT_GPU_LAUNCH_H */
