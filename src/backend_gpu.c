@@ -254,14 +254,24 @@ static uint64_t round_up(uint64_t n, uint64_t to) { return (n + to - 1) / to * t
 /* ------------------------------------------------------------------------ */
 
 typedef struct gpu_scope {
-    int                   prev_device;  /* -1: unchanged */
+    int                        prev_device;  /* -1: unchanged */
+    int                        mode_changed;
     enum cudaStreamCaptureMode prev_mode;
 } gpu_scope;
+
+static void scope_restore_mode(gpu_scope *scope)
+{
+    if (scope->mode_changed && cudaThreadExchangeStreamCaptureMode(&scope->prev_mode) != cudaSuccess)
+        (void)cudaGetLastError();
+    scope->mode_changed = 0;
+}
 
 static kvrt_status scope_enter(const gpu_ctx *ctx, gpu_scope *scope)
 {
     scope->prev_mode = cudaStreamCaptureModeRelaxed;
-    (void)cudaThreadExchangeStreamCaptureMode(&scope->prev_mode);
+    scope->mode_changed = cudaThreadExchangeStreamCaptureMode(&scope->prev_mode) == cudaSuccess;
+    if (!scope->mode_changed)
+        (void)cudaGetLastError();
     scope->prev_device = -1;
     int current = -1;
     cudaError_t err = cudaGetDevice(&current);
@@ -271,7 +281,7 @@ static kvrt_status scope_enter(const gpu_ctx *ctx, gpu_scope *scope)
             scope->prev_device = current;
     }
     if (err != cudaSuccess) {
-        (void)cudaThreadExchangeStreamCaptureMode(&scope->prev_mode);
+        scope_restore_mode(scope);
         return gpu_error(err, "cudaSetDevice");
     }
     return KVRT_OK;
@@ -282,7 +292,7 @@ static kvrt_status scope_leave(gpu_scope *scope, kvrt_status status)
 {
     if (scope->prev_device >= 0 && cudaSetDevice(scope->prev_device) != cudaSuccess)
         (void)cudaGetLastError();
-    (void)cudaThreadExchangeStreamCaptureMode(&scope->prev_mode);
+    scope_restore_mode(scope);
     return status;
 }
 
@@ -563,7 +573,8 @@ static kvrt_status ring_reclaim(gpu_ring *r, int wait)
                 (void)cudaGetLastError();
                 break;
             }
-            KVRT_GPU_TRY(err);
+            if (err != cudaSuccess)
+                return gpu_error(err, "cudaEventQuery");
         }
         r->tail = f->end;
         r->first = (r->first + 1) % GPU_RING_FENCES;
@@ -626,7 +637,8 @@ static kvrt_status retired_reclaim(gpu_ctx *ctx)
             i++;
             continue;
         }
-        KVRT_GPU_TRY(err);
+        if (err != cudaSuccess)
+            return gpu_error(err, "cudaEventQuery");
         free_memory(t->p, t->is_host);
         (void)cudaEventDestroy(t->event);
         *t = ctx->retired[--ctx->n_retired];
@@ -665,10 +677,14 @@ static kvrt_status ring_replace(gpu_ctx *ctx, gpu_ring *r, uint64_t need)
             return st;
         }
     }
-    gpu_retired *t = &ctx->retired[ctx->n_retired++];
-    t->p = r->base;
-    t->is_host = r->is_host;
-    t->event = NULL;
+    if (r->fenced == r->head) {
+        free_memory(r->base, r->is_host); /* every byte fenced, every fence passed */
+    } else {
+        gpu_retired *t = &ctx->retired[ctx->n_retired++];
+        t->p = r->base;
+        t->is_host = r->is_host;
+        t->event = NULL;
+    }
     r->base = p;
     r->cap = cap;
     r->head = r->tail = r->fenced = 0;
@@ -833,10 +849,10 @@ static kvrt_status upload_impl(gpu_ctx *ctx, void *dst, const void *host, size_t
     return KVRT_OK;
 }
 
-/* memmove semantics, as the CPU backend's copy: overlapping ranges are
- * copied in pieces no longer than their distance, in the order that reads
- * every byte before overwriting it (stream order serializes the pieces),
- * or through a temporary when that would take too many pieces. */
+/* memmove semantics, as the CPU backend's copy: overlapping ranges go
+ * through a temporary when they are close (many pieces otherwise), else in
+ * pieces no longer than their distance, in the order that reads every byte
+ * before overwriting it (stream order serializes the pieces). */
 static kvrt_status copy_impl(gpu_ctx *ctx, void *dst, const void *src, size_t n,
                              cudaStream_t stream)
 {
@@ -850,29 +866,33 @@ static kvrt_status copy_impl(gpu_ctx *ctx, void *dst, const void *src, size_t n,
         return KVRT_OK;
     }
     size_t dist = d < s ? (size_t)(s - d) : (size_t)(d - s);
-    if (n / dist <= 64) {
-        if (d < s) {
-            for (size_t at = 0; at < n; at += dist) {
-                size_t len = n - at < dist ? n - at : dist;
-                KVRT_GPU_TRY(cudaMemcpyAsync(d + at, s + at, len, cudaMemcpyDeviceToDevice, stream));
-            }
-        } else {
-            for (size_t end = n; end > 0;) {
-                size_t len = end < dist ? end : dist;
-                end -= len;
-                KVRT_GPU_TRY(cudaMemcpyAsync(d + end, s + end, len, cudaMemcpyDeviceToDevice, stream));
-            }
-        }
-        return KVRT_OK;
-    }
     void *tmp = NULL;
-    KVRT_GPU_TRY(cudaMallocAsync(&tmp, n, stream));
-    cudaError_t err = cudaMemcpyAsync(tmp, s, n, cudaMemcpyDeviceToDevice, stream);
-    if (err == cudaSuccess)
-        err = cudaMemcpyAsync(d, tmp, n, cudaMemcpyDeviceToDevice, stream);
-    cudaError_t free_err = cudaFreeAsync(tmp, stream);
-    KVRT_GPU_TRY(err);
-    KVRT_GPU_TRY(free_err);
+    if (n / dist > 64) {
+        if (cudaMallocAsync(&tmp, n, stream) == cudaSuccess) {
+            cudaError_t err = cudaMemcpyAsync(tmp, s, n, cudaMemcpyDeviceToDevice, stream);
+            if (err == cudaSuccess)
+                err = cudaMemcpyAsync(d, tmp, n, cudaMemcpyDeviceToDevice, stream);
+            cudaError_t free_err = cudaFreeAsync(tmp, stream);
+            if (err != cudaSuccess)
+                return gpu_error(err, "cudaMemcpyAsync");
+            if (free_err != cudaSuccess)
+                return gpu_error(free_err, "cudaFreeAsync");
+            return KVRT_OK;
+        }
+        (void)cudaGetLastError(); /* no stream-ordered allocator: go piece by piece */
+    }
+    if (d < s) {
+        for (size_t at = 0; at < n; at += dist) {
+            size_t len = n - at < dist ? n - at : dist;
+            KVRT_GPU_TRY(cudaMemcpyAsync(d + at, s + at, len, cudaMemcpyDeviceToDevice, stream));
+        }
+    } else {
+        for (size_t end = n; end > 0;) {
+            size_t len = end < dist ? end : dist;
+            end -= len;
+            KVRT_GPU_TRY(cudaMemcpyAsync(d + end, s + end, len, cudaMemcpyDeviceToDevice, stream));
+        }
+    }
     return KVRT_OK;
 }
 
@@ -900,7 +920,8 @@ static kvrt_status mem_kind_impl(gpu_ctx *ctx, const void *p, kvrt_mem_kind *kin
         (void)cudaGetLastError();
         return KVRT_OK;
     }
-    KVRT_GPU_TRY(err);
+    if (err != cudaSuccess)
+        return gpu_error(err, "cudaPointerGetAttributes");
 #if defined(KVRT_GPU_IS_HIP)
     int on_device = attr.memoryType == hipMemoryTypeDevice || attr.isManaged;
 #else

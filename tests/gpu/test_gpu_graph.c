@@ -1,0 +1,321 @@
+/*
+ * test_gpu_graph.c: a step and a series of sequence edits captured into a
+ * graph through the public API, then replayed, must leave the cache exactly
+ * as running them directly does.
+ *
+ * The same scenario runs three times: on the CPU backend, on the device
+ * directly, and on the device inside stream capture (cudaStreamBeginCapture
+ * on the cache's stream; kvrt_batch_plan, kvrt_write of every layer,
+ * kvrt_seq_cp, kvrt_seq_shift, kvrt_seq_rm, kvrt_cache_compact; end the
+ * capture, instantiate, launch). Capture fails if any of those calls
+ * synchronizes or touches the legacy stream, so its success proves the edits
+ * are stream-ordered. Afterwards every sequence of every layer is gathered
+ * and compared with the CPU run: positions and V bit-exact, K within the
+ * rotation bound of tests/gpu/test_gpu_ops.c (only shifted rows may
+ * differ), and kvrt_cache_check compares the device's positions with the
+ * host's.
+ *
+ * Compiled once per API (KVRT_GPU_CUDA or KVRT_GPU_HIP). Exits 77 without a
+ * device.
+ */
+#include "gpu_compat.h"
+
+#include "gpu_test.h"
+#include "kvrt_layout.h"
+
+#if defined(KVRT_GPU_IS_HIP)
+#  define TEST_BACKEND KVRT_BACKEND_HIP
+#else
+#  define TEST_BACKEND KVRT_BACKEND_CUDA
+#endif
+
+#define RT(call)                                                                             \
+    do {                                                                                     \
+        cudaError_t rt_err_ = (call);                                                        \
+        if (rt_err_ != cudaSuccess) {                                                        \
+            gpu_test_failures++;                                                             \
+            fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #call,                    \
+                    cudaGetErrorString(rt_err_));                                            \
+            return;                                                                          \
+        }                                                                                    \
+    } while (0)
+
+enum { N_LAYERS = 3, MAX_SEQS = 4, FIRST = 40, SECOND = 6, MAX_ROWS = 128 };
+
+static const kvrt_layer_desc layers[N_LAYERS] = {
+    {KVRT_LAYER_ATTN, 2, 64, 64, 0, 0, 0},
+    {KVRT_LAYER_ATTN, 4, 128, 64, 0, 0, 0},
+    {KVRT_LAYER_MLA, 0, 0, 0, 0, 128, 32},
+};
+
+static int64_t k_row(int l) /* elements of one token's K row */
+{
+    return layers[l].kind == KVRT_LAYER_MLA ? layers[l].latent_dim + layers[l].rope_dim
+                                            : (int64_t)layers[l].n_kv_heads * layers[l].head_dim_k;
+}
+
+static int64_t v_row(int l)
+{
+    return layers[l].kind == KVRT_LAYER_MLA ? 0 : (int64_t)layers[l].n_kv_heads * layers[l].head_dim_v;
+}
+
+/* Deterministic input value in [-1, 1]. */
+static float value(int l, int kv, int32_t pos, int64_t e)
+{
+    uint32_t x = (uint32_t)(l * 7919 + kv * 15485863 + pos * 104729 + (int32_t)e * 31);
+    x ^= x >> 13;
+    x *= 0x5bd1e995u;
+    x ^= x >> 15;
+    return (float)(x % 2001) / 1000.0f - 1.0f;
+}
+
+/* What one run leaves: per layer and sequence, the gathered rows. */
+typedef struct snapshot {
+    int64_t  n[N_LAYERS][MAX_SEQS];
+    int32_t  pos[N_LAYERS][MAX_SEQS][MAX_ROWS];
+    uint16_t *k[N_LAYERS][MAX_SEQS], *v[N_LAYERS][MAX_SEQS];
+} snapshot;
+
+static void snapshot_free(snapshot *s)
+{
+    for (int l = 0; l < N_LAYERS; l++)
+        for (int q = 0; q < MAX_SEQS; q++) {
+            free(s->k[l][q]);
+            free(s->v[l][q]);
+        }
+}
+
+/* Input rows of a plan of n tokens at positions p0.., as f32, in host
+ * memory or on the device. */
+typedef struct inputs {
+    void *k[N_LAYERS], *v[N_LAYERS];
+    int   on_device;
+} inputs;
+
+static void inputs_make(inputs *in, int on_device, int32_t p0, int n)
+{
+    memset(in, 0, sizeof *in);
+    in->on_device = on_device;
+    for (int l = 0; l < N_LAYERS; l++)
+        for (int kv = 0; kv < 2; kv++) {
+            int64_t row = kv ? v_row(l) : k_row(l);
+            if (row == 0)
+                continue;
+            size_t bytes = (size_t)(n * row) * sizeof(float);
+            float *host = malloc(bytes);
+            for (int t = 0; t < n; t++)
+                for (int64_t e = 0; e < row; e++)
+                    host[t * row + e] = value(l, kv, p0 + t, e);
+            void *p = host;
+            if (on_device) {
+                p = NULL;
+                if (cudaMalloc(&p, bytes) != cudaSuccess ||
+                    cudaMemcpy(p, host, bytes, cudaMemcpyHostToDevice) != cudaSuccess) {
+                    fprintf(stderr, "inputs: device allocation failed\n");
+                    exit(1);
+                }
+                free(host);
+            }
+            if (kv)
+                in->v[l] = p;
+            else
+                in->k[l] = p;
+        }
+}
+
+static void inputs_free(inputs *in)
+{
+    for (int l = 0; l < N_LAYERS; l++) {
+        void *p[2] = {in->k[l], in->v[l]};
+        for (int i = 0; i < 2; i++) {
+            if (p[i] == NULL)
+                continue;
+            if (in->on_device)
+                (void)cudaFree(p[i]);
+            else
+                free(p[i]);
+        }
+    }
+}
+
+static kvrt_status plan_and_write(kvrt_cache *cache, kvrt_batch *batch, int32_t seq, int32_t p0, int n,
+                                  const inputs *in, void *stream)
+{
+    int32_t seqs[64], pos[64];
+    for (int t = 0; t < n; t++) {
+        seqs[t] = seq;
+        pos[t] = p0 + t;
+    }
+    kvrt_status st = kvrt_batch_plan(cache, n, seqs, pos, batch);
+    for (int l = 0; l < N_LAYERS && st == KVRT_OK; l++)
+        st = kvrt_write(cache, batch, l, in->k[l], in->v[l], KVRT_F32, stream);
+    return st;
+}
+
+/* The edits captured into the graph. */
+static kvrt_status edits(kvrt_cache *cache, kvrt_batch *batch, const inputs *second, void *stream)
+{
+    kvrt_status st = plan_and_write(cache, batch, 0, FIRST, SECOND, second, stream);
+    if (st == KVRT_OK)
+        st = kvrt_seq_cp(cache, 0, 1, 0, -1);        /* shares whole blocks, copies the last */
+    if (st == KVRT_OK)
+        st = kvrt_seq_shift(cache, 1, 20, -1, 7);    /* copy-on-write, then re-rotation */
+    if (st == KVRT_OK)
+        st = kvrt_seq_rm(cache, 0, 4, 12);           /* holes in sequence 0 */
+    if (st == KVRT_OK)
+        st = kvrt_seq_cp(cache, 0, 2, 0, 30);        /* a partial copy */
+    if (st == KVRT_OK)
+        st = kvrt_cache_compact(cache);              /* moves rows into the holes */
+    return st;
+}
+
+/* mode 0: CPU; 1: device, direct; 2: device, captured and replayed. */
+static void run(int mode, snapshot *out)
+{
+    memset(out, 0, sizeof *out);
+    int on_device = mode > 0;
+    kvrt_cache_desc desc;
+    kvrt_cache_desc_init(&desc);
+    desc.device.backend = on_device ? TEST_BACKEND : KVRT_BACKEND_CPU;
+    desc.device.ordinal = 0;
+    desc.dtype = KVRT_F16;
+    desc.n_layers = N_LAYERS;
+    desc.layers = layers;
+    desc.max_seqs = MAX_SEQS;
+    desc.block_size = 16;
+    desc.n_blocks = 32;
+    desc.rope.n_rot = 64;
+    desc.rope.theta = 10000.0f;
+    desc.rope.freq_scale = 1.0f;
+    desc.rope.style = KVRT_ROPE_NORMAL;
+    kvrt_cache *cache = NULL;
+    kvrt_batch *batch = NULL;
+    cudaStream_t stream = NULL;
+    inputs first, second;
+    inputs_make(&first, on_device, 0, FIRST);
+    inputs_make(&second, on_device, FIRST, SECOND);
+    kvrt_status st = kvrt_cache_create(&desc, &cache);
+    CHECK(st == KVRT_OK, "mode %d: kvrt_cache_create: %s", mode, kvrt_last_error());
+    if (st == KVRT_OK && on_device) {
+        if (cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking) != cudaSuccess) {
+            CHECK(0, "cudaStreamCreateWithFlags failed");
+            st = KVRT_ERR_DEVICE;
+        } else {
+            st = kvrt_cache_set_stream(cache, (void *)stream);
+        }
+    }
+    if (st == KVRT_OK)
+        st = kvrt_batch_create(cache, 64, &batch);
+    if (st == KVRT_OK)
+        st = plan_and_write(cache, batch, 0, 0, FIRST, &first, (void *)stream);
+    if (st == KVRT_OK)
+        st = kvrt_cache_sync(cache);
+    CHECK(st == KVRT_OK, "mode %d: first step: %s", mode, kvrt_last_error());
+
+    if (st == KVRT_OK && mode < 2) {
+        st = edits(cache, batch, &second, (void *)stream);
+        CHECK(st == KVRT_OK, "mode %d: edits: %s", mode, kvrt_last_error());
+    } else if (st == KVRT_OK) {
+        cudaGraph_t graph = NULL;
+        cudaGraphExec_t exec = NULL;
+        cudaError_t err = cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal);
+        CHECK(err == cudaSuccess, "cudaStreamBeginCapture: %s", cudaGetErrorString(err));
+        if (err == cudaSuccess) {
+            st = edits(cache, batch, &second, (void *)stream);
+            CHECK(st == KVRT_OK, "edits under capture: %s", kvrt_last_error());
+            err = cudaStreamEndCapture(stream, &graph);
+            CHECK(err == cudaSuccess, "cudaStreamEndCapture (did an edit synchronize?): %s",
+                  cudaGetErrorString(err));
+        }
+        if (st == KVRT_OK && err == cudaSuccess) {
+#if defined(KVRT_GPU_IS_HIP)
+            err = hipGraphInstantiate(&exec, graph, NULL, NULL, 0);
+#else
+            err = cudaGraphInstantiate(&exec, graph, 0ULL);
+#endif
+            CHECK(err == cudaSuccess, "graph instantiation: %s", cudaGetErrorString(err));
+            if (err == cudaSuccess) {
+                err = cudaGraphLaunch(exec, stream);
+                CHECK(err == cudaSuccess, "cudaGraphLaunch: %s", cudaGetErrorString(err));
+                if (err == cudaSuccess)
+                    err = cudaStreamSynchronize(stream);
+                CHECK(err == cudaSuccess, "replay: %s", cudaGetErrorString(err));
+            }
+        }
+        if (exec != NULL)
+            (void)cudaGraphExecDestroy(exec);
+        if (graph != NULL)
+            (void)cudaGraphDestroy(graph);
+        if (err != cudaSuccess && st == KVRT_OK)
+            st = KVRT_ERR_DEVICE;
+    }
+    if (st == KVRT_OK) {
+        st = kvrt_cache_check(cache);
+        CHECK(st == KVRT_OK, "mode %d: kvrt_cache_check: %s", mode, kvrt_last_error());
+    }
+    for (int l = 0; l < N_LAYERS && st == KVRT_OK; l++)
+        for (int q = 0; q < MAX_SEQS && st == KVRT_OK; q++) {
+            out->k[l][q] = calloc((size_t)(MAX_ROWS * k_row(l)), sizeof(uint16_t));
+            out->v[l][q] = calloc((size_t)(MAX_ROWS * (v_row(l) > 0 ? v_row(l) : 1)), sizeof(uint16_t));
+            st = kvrt_gather(cache, l, q, 0, -1, out->k[l][q], v_row(l) > 0 ? out->v[l][q] : NULL,
+                             out->pos[l][q], MAX_ROWS, &out->n[l][q], (void *)stream);
+            CHECK(st == KVRT_OK, "mode %d: gather layer %d seq %d: %s", mode, l, q, kvrt_last_error());
+        }
+    kvrt_batch_destroy(batch);
+    kvrt_cache_destroy(cache);
+    if (stream != NULL)
+        (void)cudaStreamDestroy(stream);
+    inputs_free(&first);
+    inputs_free(&second);
+}
+
+/* f16 rows of a device run against the CPU's: equal, or within the
+ * rotation bound (one f16 ulp + one f32 ulp + 2^-22, inputs in [-1, 1]). */
+static void compare(const snapshot *cpu, const snapshot *dev, const char *what)
+{
+    for (int l = 0; l < N_LAYERS; l++)
+        for (int q = 0; q < MAX_SEQS; q++) {
+            int64_t n = cpu->n[l][q];
+            CHECK(dev->n[l][q] == n, "%s: layer %d seq %d: %lld rows, cpu %lld", what, l, q,
+                  (long long)dev->n[l][q], (long long)n);
+            if (dev->n[l][q] != n || dev->k[l][q] == NULL || cpu->k[l][q] == NULL)
+                continue;
+            CHECK(memcmp(dev->pos[l][q], cpu->pos[l][q], (size_t)n * sizeof(int32_t)) == 0,
+                  "%s: layer %d seq %d: positions differ", what, l, q);
+            if (v_row(l) > 0)
+                CHECK(memcmp(dev->v[l][q], cpu->v[l][q], (size_t)(n * v_row(l)) * 2) == 0,
+                      "%s: layer %d seq %d: V differs", what, l, q);
+            int64_t bad = 0;
+            for (int64_t i = 0; i < n * k_row(l); i++) {
+                float a = kvrt_f16_to_f32(cpu->k[l][q][i]), b = kvrt_f16_to_f32(dev->k[l][q][i]);
+                if (cpu->k[l][q][i] == dev->k[l][q][i])
+                    continue;
+                float m = fabsf(a) > fabsf(b) ? fabsf(a) : fabsf(b);
+                int e;
+                frexpf(m > 6.1e-5f ? m : 6.1e-5f, &e);
+                double bound = ldexp(1.0, e - 11) + ldexp(1.0, e - 24) + ldexp(1.0, -22);
+                bad += !(fabs((double)a - (double)b) <= bound);
+            }
+            CHECK(bad == 0, "%s: layer %d seq %d: %lld K values beyond the rotation bound", what, l,
+                  q, (long long)bad);
+        }
+}
+
+int main(void)
+{
+    if (kvrt_device_count(TEST_BACKEND) == 0) {
+        printf("test_gpu_graph: no %s device, skipped\n", kvrt_backend_name(TEST_BACKEND));
+        return GPU_TEST_SKIP;
+    }
+    snapshot cpu, direct, captured;
+    run(0, &cpu);
+    run(1, &direct);
+    run(2, &captured);
+    CHECK(cpu.n[0][0] > 0 && cpu.n[0][1] > 0 && cpu.n[0][2] > 0, "the scenario left empty sequences");
+    compare(&cpu, &direct, "direct");
+    compare(&cpu, &captured, "captured");
+    snapshot_free(&cpu);
+    snapshot_free(&direct);
+    snapshot_free(&captured);
+    return gpu_test_result("test_gpu_graph");
+}

@@ -1,0 +1,761 @@
+/*
+ * test_gpu_ops.c: every backend operation of a GPU backend against its C
+ * twin on the CPU backend. Both backends are opened through
+ * kvrt_backend_open, get the same inputs, run the same op, and their
+ * results are compared: bit-exact for data moves and dtype conversion
+ * (write, move, gather, set_pos, zero, copy, staging), within the bound
+ * derived at check_rotated for RoPE re-rotation.
+ *
+ * Shapes cover the edges: block size 1 and 256, head dims 64..256, MLA rows
+ * of 576 (and an odd-sized MLA row that takes the scalar paths), many
+ * blocks, unaligned caller buffers, every source/cache dtype pair.
+ *
+ * Usage: test_gpu_ops [cuda|hip|cpu]. "cpu" runs the CPU backend against
+ * itself, which checks the test on a machine without a device. Exits 77
+ * when the backend has no device.
+ */
+#include "gpu_test.h"
+
+#include "backend.h"
+
+enum { CPU = 0, DEV = 1 };
+
+static kvrt_backend_t be[2];
+
+/* Setup that later steps depend on: a failure ends the test. */
+#define MUST(expr)                                                                           \
+    do {                                                                                     \
+        kvrt_status must_status_ = (expr);                                                   \
+        if (must_status_ != KVRT_OK) {                                                       \
+            fprintf(stderr, "%s:%d: %s -> %s: %s\n", __FILE__, __LINE__, #expr,              \
+                    kvrt_status_name(must_status_), kvrt_last_error());                      \
+            exit(1);                                                                         \
+        }                                                                                    \
+    } while (0)
+
+/* ---- a buffer with the same size on both backends ---- */
+
+typedef struct twin {
+    void  *p[2];
+    size_t n;
+} twin;
+
+static void twin_alloc(twin *t, size_t n)
+{
+    t->n = n;
+    for (int s = 0; s < 2; s++)
+        MUST(be[s].ops->region_create(&be[s], n > 0 ? n : 1, n > 0 ? n : 1, &t->p[s]));
+}
+
+static void twin_free(twin *t)
+{
+    for (int s = 0; s < 2; s++)
+        if (t->p[s] != NULL)
+            be[s].ops->region_destroy(&be[s], t->p[s], t->n > 0 ? t->n : 1);
+    memset(t, 0, sizeof *t);
+}
+
+static void twin_set(twin *t, const void *host)
+{
+    for (int s = 0; s < 2; s++) {
+        MUST(be[s].ops->upload(&be[s], t->p[s], host, t->n, NULL));
+        MUST(be[s].ops->sync(&be[s], NULL));
+    }
+}
+
+static void *twin_get(const twin *t, int side)
+{
+    void *host = malloc(t->n > 0 ? t->n : 1);
+    MUST(be[side].ops->download(&be[side], host, t->p[side], t->n, NULL));
+    return host;
+}
+
+/* Compares the twin's two copies byte for byte; names the first difference. */
+static void twin_expect_equal(const twin *t, const char *what, size_t elem_size)
+{
+    unsigned char *a = twin_get(t, CPU), *b = twin_get(t, DEV);
+    if (memcmp(a, b, t->n) != 0) {
+        size_t i = 0;
+        while (a[i] == b[i])
+            i++;
+        size_t e = i / elem_size, n_diff = 0;
+        for (size_t j = 0; j < t->n; j++)
+            n_diff += a[j] != b[j];
+        CHECK(0, "%s: first difference at element %zu (byte %zu), %zu bytes differ of %zu", what, e,
+              i, n_diff, t->n);
+    }
+    free(a);
+    free(b);
+}
+
+/* Stages host data on both backends (valid until the next stage_reset). */
+static void stage_both(const void *host, size_t n, const void *dev[2])
+{
+    for (int s = 0; s < 2; s++)
+        MUST(be[s].ops->stage(&be[s], host, n, NULL, &dev[s]));
+}
+
+static void finish_both(void)
+{
+    for (int s = 0; s < 2; s++) {
+        MUST(be[s].ops->sync(&be[s], NULL));
+        be[s].ops->stage_reset(&be[s], NULL);
+    }
+}
+
+/* ---- data ---- */
+
+static size_t dtype_size(int dtype) { return dtype == KVRT_LAYOUT_F32 ? 4 : 2; }
+
+static const char *dtype_str(int dtype)
+{
+    return dtype == KVRT_LAYOUT_F32 ? "f32" : dtype == KVRT_LAYOUT_F16 ? "f16" : "bf16";
+}
+
+/* Finite values in [-2, 2), rounded to the dtype. */
+static void fill_finite(rng *r, void *p, int dtype, int64_t n)
+{
+    for (int64_t i = 0; i < n; i++)
+        kvrt_store(p, dtype, i, rng_float(r, -2.0f, 2.0f));
+}
+
+/* Anything: every bit pattern of 16-bit types; for f32 a mix of ordinary
+ * values, values that overflow or underflow f16/bf16, subnormals, zeros
+ * of both signs, infinities and NaNs, so conversions meet every case. */
+static void fill_any(rng *r, void *p, int dtype, int64_t n)
+{
+    if (dtype != KVRT_LAYOUT_F32) {
+        for (int64_t i = 0; i < n; i++)
+            ((uint16_t *)p)[i] = (uint16_t)rng_next(r);
+        return;
+    }
+    for (int64_t i = 0; i < n; i++) {
+        float f;
+        switch (rng_below(r, 10)) {
+        case 0: f = rng_float(r, -1e5f, 1e5f); break;    /* beyond f16's range */
+        case 1: f = rng_float(r, -1e-5f, 1e-5f); break;  /* f16 subnormals */
+        case 2: f = rng_float(r, -1e-8f, 1e-8f); break;  /* below f16's smallest */
+        case 3: {                                         /* any bits: NaNs, inf, subnormals */
+            kvrt_f32_bits b;
+            b.u = (uint32_t)rng_next(r);
+            f = b.f;
+            break;
+        }
+        case 4: f = rng_below(r, 2) ? 65504.0f : 65520.0f; break; /* f16 max and the overflow edge */
+        case 5: f = rng_below(r, 2) ? -0.0f : 0.0f; break;
+        default: f = rng_float(r, -4.0f, 4.0f); break;
+        }
+        ((float *)p)[i] = f;
+    }
+}
+
+/* ---- layers ---- */
+
+static kvrt_layout layout_attn(int n_heads, int dim_k, int dim_v, int block_size, int dtype, int n_rot)
+{
+    kvrt_layout L = {n_heads, dim_k, dim_v, block_size, 0, n_rot, dtype, (int32_t)dtype_size(dtype)};
+    return L;
+}
+
+static kvrt_layout layout_mla(int latent, int rope, int block_size, int dtype)
+{
+    kvrt_layout L = {1, latent + rope, 0, block_size, latent, rope, dtype, (int32_t)dtype_size(dtype)};
+    return L;
+}
+
+typedef struct layer_fix {
+    kvrt_layout L;
+    int32_t     n_blocks;
+    twin        k, v;
+} layer_fix;
+
+static void layer_make(layer_fix *f, kvrt_layout L, int32_t n_blocks, rng *r, int finite)
+{
+    memset(f, 0, sizeof *f);
+    f->L = L;
+    f->n_blocks = n_blocks;
+    size_t kb = (size_t)kvrt_block_bytes_k(&L) * (size_t)n_blocks;
+    size_t vb = (size_t)kvrt_block_bytes_v(&L) * (size_t)n_blocks;
+    twin_alloc(&f->k, kb);
+    void *host = malloc(kb > vb ? kb : vb);
+    (finite ? fill_finite : fill_any)(r, host, L.dtype, (int64_t)(kb / (size_t)L.elem_size));
+    twin_set(&f->k, host);
+    if (vb > 0) {
+        twin_alloc(&f->v, vb);
+        (finite ? fill_finite : fill_any)(r, host, L.dtype, (int64_t)(vb / (size_t)L.elem_size));
+        twin_set(&f->v, host);
+    }
+    free(host);
+}
+
+static void layer_free(layer_fix *f)
+{
+    twin_free(&f->k);
+    twin_free(&f->v);
+}
+
+static kvrt_layer_ref layer_ref(const layer_fix *f, int side)
+{
+    kvrt_layer_ref ref;
+    ref.layout = f->L;
+    ref.k = f->k.p[side];
+    ref.v = f->v.n > 0 ? f->v.p[side] : NULL;
+    return ref;
+}
+
+static void layout_name(const kvrt_layout *L, char *buf, size_t size)
+{
+    snprintf(buf, size, "heads %d dk %d dv %d bs %d %s rot [%d,+%d)", L->n_heads, L->dim_k, L->dim_v,
+             L->block_size, dtype_str(L->dtype), L->rot_offset, L->rot_dims);
+}
+
+/* ---- write ---- */
+
+/* n_rows rows in src_dtype scattered into distinct slots; `offset` bytes
+ * shift the caller's buffers off 16-byte alignment (the scalar path). */
+static void test_write(rng *r, kvrt_layout L, int32_t n_blocks, int src_dtype, int32_t n_rows,
+                       int with_v, size_t offset)
+{
+    char name[160], what[320];
+    layout_name(&L, name, sizeof name);
+    layer_fix f;
+    layer_make(&f, L, n_blocks, r, 0);
+    int32_t *slots = malloc((size_t)n_rows * sizeof *slots);
+    rng_distinct(r, slots, n_rows, n_blocks * L.block_size);
+    size_t es = dtype_size(src_dtype);
+    size_t kn = (size_t)n_rows * (size_t)L.n_heads * (size_t)L.dim_k;
+    size_t vn = with_v ? (size_t)n_rows * (size_t)L.n_heads * (size_t)L.dim_v : 0;
+    twin ksrc, vsrc;
+    memset(&vsrc, 0, sizeof vsrc);
+    twin_alloc(&ksrc, kn * es + offset);
+    char *host = calloc(1, (kn > vn ? kn : vn) * es + offset);
+    fill_any(r, host + offset, src_dtype, (int64_t)kn);
+    twin_set(&ksrc, host);
+    if (vn > 0) {
+        twin_alloc(&vsrc, vn * es + offset);
+        memset(host, 0, offset);
+        fill_any(r, host + offset, src_dtype, (int64_t)vn);
+        twin_set(&vsrc, host);
+    }
+    const void *d_slots[2];
+    stage_both(slots, (size_t)n_rows * sizeof *slots, d_slots);
+    for (int s = 0; s < 2; s++) {
+        kvrt_write_op op;
+        memset(&op, 0, sizeof op);
+        op.layer = layer_ref(&f, s);
+        op.k_src = (char *)ksrc.p[s] + offset;
+        op.v_src = vn > 0 ? (char *)vsrc.p[s] + offset : NULL;
+        op.src_dtype = src_dtype;
+        op.n_rows = n_rows;
+        op.slots = d_slots[s];
+        MUST(be[s].ops->write(&be[s], &op, NULL));
+    }
+    finish_both();
+    snprintf(what, sizeof what, "write %s <- %s, %d rows%s, offset %zu: K", name, dtype_str(src_dtype),
+             n_rows, with_v ? " with V" : "", offset);
+    twin_expect_equal(&f.k, what, (size_t)L.elem_size);
+    if (f.v.n > 0) {
+        what[strlen(what) - 1] = 'V';
+        twin_expect_equal(&f.v, what, (size_t)L.elem_size);
+    }
+    free(host);
+    free(slots);
+    twin_free(&ksrc);
+    twin_free(&vsrc);
+    layer_free(&f);
+}
+
+/* ---- gather ---- */
+
+static void test_gather(rng *r, kvrt_layout L, int32_t n_blocks, int32_t n, int want_k, int want_v,
+                        size_t offset)
+{
+    char name[160], what[320];
+    layout_name(&L, name, sizeof name);
+    layer_fix f;
+    layer_make(&f, L, n_blocks, r, 0);
+    int32_t *slots = malloc((size_t)n * sizeof *slots);
+    for (int32_t i = 0; i < n; i++) /* repeats allowed: gather only reads */
+        slots[i] = (int32_t)rng_below(r, (int64_t)n_blocks * L.block_size);
+    size_t es = (size_t)L.elem_size;
+    twin kd, vd;
+    memset(&kd, 0, sizeof kd);
+    memset(&vd, 0, sizeof vd);
+    size_t kb = (size_t)n * (size_t)L.n_heads * (size_t)L.dim_k * es + offset;
+    size_t vb = (size_t)n * (size_t)L.n_heads * (size_t)L.dim_v * es + offset;
+    char *zeros = calloc(1, kb > vb ? kb : vb);
+    if (want_k) {
+        twin_alloc(&kd, kb);
+        twin_set(&kd, zeros);
+    }
+    if (want_v && L.dim_v > 0) {
+        twin_alloc(&vd, vb);
+        twin_set(&vd, zeros);
+    }
+    const void *d_slots[2];
+    stage_both(slots, (size_t)n * sizeof *slots, d_slots);
+    for (int s = 0; s < 2; s++) {
+        kvrt_gather_op op;
+        memset(&op, 0, sizeof op);
+        op.layer = layer_ref(&f, s);
+        op.slots = d_slots[s];
+        op.n = n;
+        op.k_dst = kd.n > 0 ? (char *)kd.p[s] + offset : NULL;
+        op.v_dst = vd.n > 0 ? (char *)vd.p[s] + offset : NULL;
+        MUST(be[s].ops->gather(&be[s], &op, NULL));
+    }
+    finish_both();
+    snprintf(what, sizeof what, "gather %s, %d rows, offset %zu: K", name, n, offset);
+    if (kd.n > 0)
+        twin_expect_equal(&kd, what, es);
+    what[strlen(what) - 1] = 'V';
+    if (vd.n > 0)
+        twin_expect_equal(&vd, what, es);
+    free(zeros);
+    free(slots);
+    twin_free(&kd);
+    twin_free(&vd);
+    layer_free(&f);
+}
+
+/* ---- move ---- */
+
+/* Spans from one half of the blocks into distinct blocks of the other
+ * half, each inside one block, in every layer of the group at once. */
+static void test_move(rng *r, const kvrt_layout *layouts, int n_layers, int32_t n_blocks,
+                      int32_t n_spans)
+{
+    char name[160], what[320];
+    layer_fix *f = calloc((size_t)n_layers, sizeof *f);
+    for (int l = 0; l < n_layers; l++)
+        layer_make(&f[l], layouts[l], n_blocks, r, 0);
+    int32_t bs = layouts[0].block_size;
+    int32_t *blocks = malloc((size_t)n_blocks * sizeof *blocks);
+    rng_distinct(r, blocks, n_blocks, n_blocks);
+    if (n_spans > n_blocks / 2)
+        n_spans = n_blocks / 2;
+    kvrt_span *spans = malloc((size_t)n_spans * sizeof *spans);
+    int32_t max_len = 0;
+    for (int32_t i = 0; i < n_spans; i++) {
+        int32_t len = 1 + (int32_t)rng_below(r, bs);
+        int32_t src_block = blocks[n_blocks / 2 + (int32_t)rng_below(r, n_blocks - n_blocks / 2)];
+        int32_t dst_block = blocks[i]; /* distinct, never a source block */
+        spans[i].len = len;
+        spans[i].src = src_block * bs + (int32_t)rng_below(r, bs - len + 1);
+        spans[i].dst = dst_block * bs + (int32_t)rng_below(r, bs - len + 1);
+        if (len > max_len)
+            max_len = len;
+    }
+    const void *d_spans[2], *d_layers[2];
+    kvrt_layer_ref *refs = malloc((size_t)n_layers * sizeof *refs);
+    stage_both(spans, (size_t)n_spans * sizeof *spans, d_spans);
+    for (int s = 0; s < 2; s++) {
+        for (int l = 0; l < n_layers; l++)
+            refs[l] = layer_ref(&f[l], s);
+        MUST(be[s].ops->stage(&be[s], refs, (size_t)n_layers * sizeof *refs, NULL, &d_layers[s]));
+        kvrt_move_op op;
+        memset(&op, 0, sizeof op);
+        op.layers = d_layers[s];
+        op.n_layers = n_layers;
+        op.spans = d_spans[s];
+        op.n_spans = n_spans;
+        op.max_len = max_len;
+        MUST(be[s].ops->move(&be[s], &op, NULL));
+    }
+    finish_both();
+    for (int l = 0; l < n_layers; l++) {
+        layout_name(&layouts[l], name, sizeof name);
+        snprintf(what, sizeof what, "move layer %d/%d (%s), %d spans: K", l, n_layers, name, n_spans);
+        twin_expect_equal(&f[l].k, what, (size_t)layouts[l].elem_size);
+        what[strlen(what) - 1] = 'V';
+        if (f[l].v.n > 0)
+            twin_expect_equal(&f[l].v, what, (size_t)layouts[l].elem_size);
+        layer_free(&f[l]);
+    }
+    free(refs);
+    free(spans);
+    free(blocks);
+    free(f);
+}
+
+/* ---- rotate ---- */
+
+/* One unit in the last place of `dtype` at magnitude m. */
+static double ulp_at(int dtype, double m)
+{
+    int mant = dtype == KVRT_LAYOUT_F32 ? 23 : dtype == KVRT_LAYOUT_F16 ? 10 : 7;
+    double min_normal = dtype == KVRT_LAYOUT_F16 ? ldexp(1.0, -14) : ldexp(1.0, -126);
+    if (m < min_normal)
+        m = min_normal;
+    int e;
+    frexp(m, &e); /* m = f * 2^e, f in [0.5, 1) */
+    return ldexp(1.0, e - 1 - mant);
+}
+
+/* The bound of GPU against CPU rotation. Both compute c = (float)cos(angle)
+ * and s = (float)sin(angle) from a double angle, then x*c - y*s and x*s + y*c
+ * unfused in f32, then round to the dtype. The device's pow, cos and sin
+ * (double) are within 2 ulp and glibc's within 1, so c and s agree except
+ * when a double result lies within 3 double-ulps of a float rounding
+ * boundary, and then differ by one float ulp (<= 2^-24 as |c|, |s| <= 1).
+ * That moves x*c - y*s by at most (|x| + |y|) * 2^-24 <= 2 * 2 * 2^-24
+ * = 2^-22 for inputs in [-2, 2], plus at most one ulp of f32 from the f32
+ * roundings landing on the other side, and the final rounding to the dtype
+ * can then pick the neighbouring value: one ulp of the dtype. So
+ * |gpu - cpu| <= ulp_dtype(|r|) + ulp_f32(|r|) + 2^-22. */
+static void check_rotated(const twin *t, int dtype, const char *what)
+{
+    char *a = twin_get(t, CPU), *b = twin_get(t, DEV);
+    int64_t n = (int64_t)(t->n / dtype_size(dtype)), n_diff = 0, n_bad = 0, first_bad = -1;
+    double worst = 0;
+    for (int64_t i = 0; i < n; i++) {
+        double x = kvrt_load(a, dtype, i), y = kvrt_load(b, dtype, i);
+        if (x == y || (x != x && y != y))
+            continue;
+        n_diff++;
+        double m = fabs(x) > fabs(y) ? fabs(x) : fabs(y);
+        double bound = ulp_at(dtype, m) + ulp_at(KVRT_LAYOUT_F32, m) + ldexp(1.0, -22);
+        double d = fabs(x - y);
+        if (d > worst)
+            worst = d;
+        if (!(d <= bound)) {
+            if (first_bad < 0)
+                first_bad = i;
+            n_bad++;
+        }
+    }
+    CHECK(n_bad == 0, "%s: %lld of %lld elements beyond the bound (first %lld), worst %g",
+          what, (long long)n_bad, (long long)n, (long long)first_bad, worst);
+    if (n_diff > 0)
+        printf("  %s: %lld of %lld elements differ within the bound (worst %g)\n", what,
+               (long long)n_diff, (long long)n, worst);
+    free(a);
+    free(b);
+}
+
+static void test_rotate(rng *r, const kvrt_layout *layouts, int n_layers, int32_t n_blocks,
+                        int32_t n, int style, int64_t max_delta)
+{
+    char name[160], what[320];
+    layer_fix *f = calloc((size_t)n_layers, sizeof *f);
+    int32_t max_rot = 0;
+    for (int l = 0; l < n_layers; l++) {
+        layer_make(&f[l], layouts[l], n_blocks, r, 1);
+        if (layouts[l].rot_dims > max_rot)
+            max_rot = layouts[l].rot_dims;
+    }
+    int32_t total = n_blocks * layouts[0].block_size;
+    if (n > total)
+        n = total;
+    int32_t *slots = malloc((size_t)n * sizeof *slots), *deltas = malloc((size_t)n * sizeof *deltas);
+    rng_distinct(r, slots, n, total);
+    for (int32_t i = 0; i < n; i++) {
+        switch (rng_below(r, 6)) {
+        case 0: deltas[i] = 0; break;
+        case 1: deltas[i] = rng_below(r, 2) ? 1 : -1; break;
+        case 2: deltas[i] = (int32_t)(rng_below(r, 2 * max_delta + 1) - max_delta); break;
+        default: deltas[i] = (int32_t)(rng_below(r, 8193) - 4096); break;
+        }
+    }
+    kvrt_rope rope = {max_rot, style, 10000.0f, 1.0f};
+    if (style == 1) {
+        rope.theta = 500000.0f;
+        rope.freq_scale = 0.25f;
+    }
+    const void *d_slots[2], *d_deltas[2], *d_layers[2];
+    kvrt_layer_ref *refs = malloc((size_t)n_layers * sizeof *refs);
+    stage_both(slots, (size_t)n * sizeof *slots, d_slots);
+    stage_both(deltas, (size_t)n * sizeof *deltas, d_deltas);
+    for (int s = 0; s < 2; s++) {
+        for (int l = 0; l < n_layers; l++)
+            refs[l] = layer_ref(&f[l], s);
+        MUST(be[s].ops->stage(&be[s], refs, (size_t)n_layers * sizeof *refs, NULL, &d_layers[s]));
+        kvrt_rotate_op op;
+        memset(&op, 0, sizeof op);
+        op.layers = d_layers[s];
+        op.n_layers = n_layers;
+        op.max_rot_dims = max_rot;
+        op.rope = rope;
+        op.slots = d_slots[s];
+        op.deltas = d_deltas[s];
+        op.n = n;
+        MUST(be[s].ops->rotate(&be[s], &op, NULL));
+    }
+    finish_both();
+    for (int l = 0; l < n_layers; l++) {
+        layout_name(&layouts[l], name, sizeof name);
+        snprintf(what, sizeof what, "rotate %s layer %d/%d (%s), %d slots: K",
+                 style ? "neox" : "normal", l, n_layers, name, n);
+        check_rotated(&f[l].k, layouts[l].dtype, what);
+        if (f[l].v.n > 0) { /* V is never touched */
+            what[strlen(what) - 1] = 'V';
+            twin_expect_equal(&f[l].v, what, (size_t)layouts[l].elem_size);
+        }
+        layer_free(&f[l]);
+    }
+    free(refs);
+    free(slots);
+    free(deltas);
+    free(f);
+}
+
+/* ---- set_pos ---- */
+
+static void test_set_pos(rng *r, int32_t block_size, int32_t n_blocks, int32_t n)
+{
+    char what[120];
+    twin pos;
+    size_t count = (size_t)n_blocks * (size_t)block_size;
+    twin_alloc(&pos, count * sizeof(int32_t));
+    int32_t *host = malloc(count * sizeof *host);
+    for (size_t i = 0; i < count; i++)
+        host[i] = (int32_t)rng_below(r, 100000) - 1;
+    twin_set(&pos, host);
+    if (n > n_blocks)
+        n = n_blocks;
+    int32_t *blocks = malloc((size_t)n * sizeof *blocks);
+    int32_t *data = malloc((size_t)n * (size_t)block_size * sizeof *data);
+    rng_distinct(r, blocks, n, n_blocks);
+    for (int64_t i = 0; i < (int64_t)n * block_size; i++)
+        data[i] = (int32_t)rng_below(r, 1 << 30) - 1;
+    const void *d_blocks[2], *d_data[2];
+    stage_both(blocks, (size_t)n * sizeof *blocks, d_blocks);
+    stage_both(data, (size_t)n * (size_t)block_size * sizeof *data, d_data);
+    for (int s = 0; s < 2; s++) {
+        kvrt_pos_op op;
+        memset(&op, 0, sizeof op);
+        op.pos = pos.p[s];
+        op.block_size = block_size;
+        op.blocks = d_blocks[s];
+        op.data = d_data[s];
+        op.n = n;
+        MUST(be[s].ops->set_pos(&be[s], &op, NULL));
+    }
+    finish_both();
+    snprintf(what, sizeof what, "set_pos bs %d, %d of %d blocks", block_size, n, n_blocks);
+    twin_expect_equal(&pos, what, sizeof(int32_t));
+    free(host);
+    free(blocks);
+    free(data);
+    twin_free(&pos);
+}
+
+/* ---- memory operations ---- */
+
+static void test_zero_copy(rng *r)
+{
+    const size_t n = (size_t)3 << 20;
+    twin t;
+    twin_alloc(&t, n);
+    unsigned char *host = malloc(n);
+    for (size_t i = 0; i < n; i++)
+        host[i] = (unsigned char)rng_next(r);
+    twin_set(&t, host);
+    char *p[2] = {t.p[CPU], t.p[DEV]};
+    for (int s = 0; s < 2; s++) {
+        MUST(be[s].ops->zero(&be[s], p[s] + 1000, 77777, NULL));
+        /* disjoint copy */
+        MUST(be[s].ops->copy(&be[s], p[s] + 200000, p[s] + 100, 50000, NULL));
+        /* overlapping, forward and backward, in few pieces */
+        MUST(be[s].ops->copy(&be[s], p[s] + 400000, p[s] + 430000, 100000, NULL));
+        MUST(be[s].ops->copy(&be[s], p[s] + 630000, p[s] + 600000, 100000, NULL));
+        /* overlapping at a short distance: through a temporary */
+        MUST(be[s].ops->copy(&be[s], p[s] + 1000000, p[s] + 1000016, 500000, NULL));
+        MUST(be[s].ops->copy(&be[s], p[s] + 2000016, p[s] + 2000000, 500000, NULL));
+    }
+    finish_both();
+    twin_expect_equal(&t, "zero and copy (memmove semantics)", 1);
+    free(host);
+    twin_free(&t);
+}
+
+/* Uploads larger than the staging ring, and a region that grows. */
+static void test_upload_grow(rng *r)
+{
+    const size_t reserve = (size_t)48 << 20, first = (size_t)1 << 20, second = (size_t)33 << 20;
+    unsigned char *host = malloc(reserve), *back = malloc(reserve);
+    for (size_t i = 0; i < reserve; i++)
+        host[i] = (unsigned char)(rng_next(r) | 1); /* never 0: zeroed memory shows */
+    void *p = NULL;
+    MUST(be[DEV].ops->region_create(&be[DEV], reserve, first, &p));
+    MUST(be[DEV].ops->upload(&be[DEV], p, host, first, NULL));
+    MUST(be[DEV].ops->region_grow(&be[DEV], p, reserve, first, second));
+    MUST(be[DEV].ops->download(&be[DEV], back, p, second, NULL));
+    CHECK(memcmp(back, host, first) == 0, "region: committed data changed by growth");
+    size_t nonzero = 0;
+    for (size_t i = first; i < second; i++)
+        nonzero += back[i] != 0;
+    CHECK(nonzero == 0, "region: %zu bytes of grown memory not zero", nonzero);
+    /* 40 MiB through the ring (4 MiB) in one call, then everything back */
+    MUST(be[DEV].ops->region_grow(&be[DEV], p, reserve, second, reserve));
+    MUST(be[DEV].ops->upload(&be[DEV], p, host, reserve, NULL));
+    MUST(be[DEV].ops->download(&be[DEV], back, p, reserve, NULL));
+    CHECK(memcmp(back, host, reserve) == 0, "upload of %zu bytes through the staging ring", reserve);
+    be[DEV].ops->region_destroy(&be[DEV], p, reserve);
+    free(host);
+    free(back);
+}
+
+/* Staging rounds of random sizes: wraps the ring many times, and one round
+ * larger than the ring forces it to be replaced while in use. Each staged
+ * array is copied, in stream order, into a region on the device; the
+ * caller's buffer is overwritten right after stage returns (it may be
+ * reused at once); the region is read back once per round. */
+static void test_staging(rng *r)
+{
+    const size_t region = (size_t)16 << 20;
+    void *dst = NULL;
+    MUST(be[DEV].ops->region_create(&be[DEV], region, region, &dst));
+    unsigned char *host = malloc(region), *expect = malloc(region), *back = malloc(region);
+    for (int round = 0; round < 80; round++) {
+        size_t total = 0;
+        int pieces = 1 + (int)rng_below(r, 6);
+        size_t cap = (size_t)600 << 10;
+        if (round == 30) { /* three pieces of 3 MiB in one round: more than the 4 MiB ring */
+            pieces = 3;
+            cap = (size_t)3 << 20;
+        }
+        for (int i = 0; i < pieces && total < region; i++) {
+            size_t n = round == 30 ? cap : 1 + (size_t)rng_below(r, (int64_t)cap);
+            if (total + n > region)
+                n = region - total;
+            for (size_t j = 0; j < n; j++)
+                expect[total + j] = host[total + j] = (unsigned char)rng_next(r);
+            const void *staged = NULL;
+            MUST(be[DEV].ops->stage(&be[DEV], host + total, n, NULL, &staged));
+            /* backend.h: the host buffer may be reused at once (the CPU
+             * backend hands the caller's pointer back, so not there) */
+            if (be[DEV].device.backend != KVRT_BACKEND_CPU)
+                memset(host + total, 0xee, n);
+            MUST(be[DEV].ops->copy(&be[DEV], (char *)dst + total, staged, n, NULL));
+            total += n;
+        }
+        be[DEV].ops->stage_reset(&be[DEV], NULL);
+        MUST(be[DEV].ops->download(&be[DEV], back, dst, total, NULL));
+        CHECK(memcmp(back, expect, total) == 0, "staging round %d: %zu bytes staged, content differs",
+              round, total);
+    }
+    be[DEV].ops->region_destroy(&be[DEV], dst, region);
+    free(host);
+    free(expect);
+    free(back);
+}
+
+static void test_mem_kind(void)
+{
+    kvrt_mem_kind kind;
+    int ordinal = -1;
+    char *host = malloc(64);
+    MUST(be[DEV].ops->mem_kind(&be[DEV], host, &kind, &ordinal));
+    CHECK(be[DEV].device.backend == KVRT_BACKEND_CPU || kind == KVRT_MEM_HOST,
+          "malloc'd memory classified as %d", (int)kind);
+    void *p = NULL;
+    MUST(be[DEV].ops->region_create(&be[DEV], 4096, 4096, &p));
+    MUST(be[DEV].ops->mem_kind(&be[DEV], (char *)p + 100, &kind, &ordinal));
+    CHECK(kind == KVRT_MEM_THIS_DEVICE && ordinal == be[DEV].device.ordinal,
+          "region memory classified as %d on device %d", (int)kind, ordinal);
+    void *scratch = NULL;
+    MUST(be[DEV].ops->scratch_alloc(&be[DEV], 12345, &scratch));
+    MUST(be[DEV].ops->mem_kind(&be[DEV], scratch, &kind, &ordinal));
+    CHECK(kind == KVRT_MEM_THIS_DEVICE, "scratch memory classified as %d", (int)kind);
+    be[DEV].ops->scratch_free(&be[DEV], scratch);
+    be[DEV].ops->region_destroy(&be[DEV], p, 4096);
+    free(host);
+}
+
+int main(int argc, char **argv)
+{
+    kvrt_device dev = {gpu_test_backend(argc, argv), 0};
+    if (argc > 1 && strcmp(argv[1], "cpu") == 0)
+        dev.backend = KVRT_BACKEND_CPU;
+    if (kvrt_device_count(dev.backend) == 0) {
+        printf("test_gpu_ops: no %s device, skipped\n", kvrt_backend_name(dev.backend));
+        return GPU_TEST_SKIP;
+    }
+    kvrt_device cpu = {KVRT_BACKEND_CPU, 0};
+    MUST(kvrt_backend_open(cpu, &be[CPU]));
+    MUST(kvrt_backend_open(dev, &be[DEV]));
+    char desc[256] = "";
+    (void)kvrt_device_describe(dev, desc, sizeof desc);
+    printf("test_gpu_ops on %s\n", desc);
+    rng r = {0x9e3779b97f4a7c15ull};
+
+    /* memory */
+    test_mem_kind();
+    test_zero_copy(&r);
+    test_upload_grow(&r);
+    test_staging(&r);
+
+    /* write: every dtype pair, vector and scalar paths, block sizes 1..256 */
+    for (int cache_dt = 0; cache_dt < 3; cache_dt++)
+        for (int src_dt = 0; src_dt < 3; src_dt++) {
+            test_write(&r, layout_attn(8, 128, 128, 16, cache_dt, 128), 64, src_dt, 300, 1, 0);
+            test_write(&r, layout_mla(512, 64, 64, cache_dt), 16, src_dt, 500, 0, 0);
+            test_write(&r, layout_attn(2, 64, 64, 16, cache_dt, 64), 8, src_dt, 100, 1,
+                       dtype_size(src_dt));
+        }
+    test_write(&r, layout_attn(4, 64, 256, 1, KVRT_LAYOUT_F16, 64), 4096, KVRT_LAYOUT_F32, 3000, 1, 0);
+    test_write(&r, layout_attn(2, 256, 64, 256, KVRT_LAYOUT_BF16, 128), 8, KVRT_LAYOUT_BF16, 2048, 1, 0);
+    test_write(&r, layout_attn(8, 128, 128, 16, KVRT_LAYOUT_F16, 128), 64, KVRT_LAYOUT_F16, 300, 0, 0);
+    test_write(&r, layout_attn(1, 192, 128, 32, KVRT_LAYOUT_F32, 64), 32, KVRT_LAYOUT_F16, 1024, 1, 0);
+    test_write(&r, layout_mla(512, 2, 16, KVRT_LAYOUT_F16), 32, KVRT_LAYOUT_F32, 400, 0, 0);
+
+    /* gather */
+    test_gather(&r, layout_attn(8, 128, 128, 16, KVRT_LAYOUT_F16, 128), 64, 700, 1, 1, 0);
+    test_gather(&r, layout_attn(8, 128, 128, 16, KVRT_LAYOUT_F16, 128), 64, 700, 1, 0, 0);
+    test_gather(&r, layout_attn(8, 128, 128, 16, KVRT_LAYOUT_F16, 128), 64, 700, 0, 1, 0);
+    test_gather(&r, layout_attn(4, 64, 256, 1, KVRT_LAYOUT_F32, 64), 4096, 4096, 1, 1, 4);
+    test_gather(&r, layout_attn(2, 256, 64, 256, KVRT_LAYOUT_BF16, 64), 8, 2048, 1, 1, 2);
+    test_gather(&r, layout_mla(512, 64, 64, KVRT_LAYOUT_BF16), 16, 1000, 1, 1, 0);
+    test_gather(&r, layout_mla(512, 2, 16, KVRT_LAYOUT_F16), 32, 300, 1, 0, 2);
+
+    /* move: one launch over every layer of a group */
+    {
+        kvrt_layout attn[3] = {layout_attn(8, 128, 128, 16, KVRT_LAYOUT_F16, 128),
+                               layout_attn(2, 256, 64, 16, KVRT_LAYOUT_F16, 64),
+                               layout_attn(4, 64, 64, 16, KVRT_LAYOUT_F16, 64)};
+        test_move(&r, attn, 3, 256, 100);
+        kvrt_layout bs1[2] = {layout_attn(4, 64, 256, 1, KVRT_LAYOUT_F32, 64),
+                              layout_attn(1, 128, 128, 1, KVRT_LAYOUT_F32, 64)};
+        test_move(&r, bs1, 2, 8192, 4000);
+        kvrt_layout bs256[1] = {layout_attn(2, 128, 128, 256, KVRT_LAYOUT_BF16, 128)};
+        test_move(&r, bs256, 1, 16, 8);
+        kvrt_layout mla[2] = {layout_mla(512, 64, 64, KVRT_LAYOUT_BF16),
+                              layout_mla(512, 64, 64, KVRT_LAYOUT_BF16)};
+        test_move(&r, mla, 2, 64, 30);
+        kvrt_layout odd[1] = {layout_mla(512, 2, 16, KVRT_LAYOUT_F16)};
+        test_move(&r, odd, 1, 64, 30);
+    }
+
+    /* rotate: both styles, ATTN and MLA groups, every dtype, large deltas */
+    for (int style = 0; style < 2; style++)
+        for (int dt = 0; dt < 3; dt++) {
+            kvrt_layout attn[2] = {layout_attn(8, 128, 128, 16, dt, 128),
+                                   layout_attn(2, 256, 64, 16, dt, 128)};
+            test_rotate(&r, attn, 2, 64, 700, style, 1000000);
+            kvrt_layout mla[3] = {layout_mla(512, 64, 64, dt), layout_mla(512, 64, 64, dt),
+                                  layout_mla(512, 64, 64, dt)};
+            test_rotate(&r, mla, 3, 16, 900, style, 1 << 30);
+        }
+    {
+        kvrt_layout part[1] = {layout_attn(4, 128, 128, 1, KVRT_LAYOUT_F16, 64)}; /* n_rot < dk */
+        test_rotate(&r, part, 1, 2048, 2000, 0, 100000);
+        kvrt_layout bs256[2] = {layout_attn(2, 64, 64, 256, KVRT_LAYOUT_F32, 64),
+                                layout_attn(2, 64, 64, 256, KVRT_LAYOUT_F32, 64)};
+        test_rotate(&r, bs256, 2, 8, 2048, 1, 50000);
+        /* a few tokens over many layers: the layer chunks of the grid */
+        kvrt_layout many[40];
+        for (int l = 0; l < 40; l++)
+            many[l] = layout_attn(8, 128, 128, 16, KVRT_LAYOUT_BF16, 128);
+        test_rotate(&r, many, 40, 8, 3, 0, 1000);
+    }
+
+    /* set_pos */
+    test_set_pos(&r, 16, 256, 100);
+    test_set_pos(&r, 1, 10000, 5000);
+    test_set_pos(&r, 256, 64, 64);
+
+    kvrt_backend_close(&be[DEV]);
+    kvrt_backend_close(&be[CPU]);
+    return gpu_test_result("test_gpu_ops");
+}
