@@ -78,14 +78,19 @@ static int in_range(int32_t pos, int64_t lo, int64_t hi)
     return pos >= lo && pos < hi;
 }
 
-/* Adds INVALID_ARG to `set` for an open reading, or replaces the set by it. */
-static ref_status_set open_case(int reading, ref_status_set set)
+/* Adds `error` to `set` for an open reading, or replaces the set by it. */
+static ref_status_set open_case_as(int reading, ref_status_set set, kvrt_status error)
 {
     if (reading == REF_OPEN_OK)
         return set;
     if (reading == REF_OPEN_ERROR)
-        return REF_BIT(KVRT_ERR_INVALID_ARG);
-    return set | REF_BIT(KVRT_ERR_INVALID_ARG);
+        return REF_BIT(error);
+    return set | REF_BIT(error);
+}
+
+static ref_status_set open_case(int reading, ref_status_set set)
+{
+    return open_case_as(reading, set, KVRT_ERR_INVALID_ARG);
 }
 
 /* Statuses allowed by the open readings of a range. */
@@ -451,23 +456,30 @@ ref_status_set ref_plan(ref_model *m, int n, const int32_t *seq_ids, const int32
     if (n < 1 || n > max_tokens || !seq_ids || !positions)
         return REF_BIT(KVRT_ERR_INVALID_ARG);
     ref_status_set set = 0;
+    int at_int32_max = 0;
     for (int i = 0; i < n; i++) {
         if (!seq_valid(m, seq_ids[i]) || positions[i] < 0) {
             set |= REF_BIT(KVRT_ERR_INVALID_ARG);
             continue;
         }
+        at_int32_max |= positions[i] == INT32_MAX;
         int dup = seq_find(&m->seqs[seq_ids[i]], positions[i]) != NULL;
         for (int j = 0; j < i && !dup; j++)
             dup = seq_ids[j] == seq_ids[i] && positions[j] == positions[i];
         if (dup)
             set |= REF_BIT(KVRT_ERR_POS_EXISTS);
     }
-    if (set)
+    if (set == 0)
+        set = REF_BIT(KVRT_OK);
+    if (at_int32_max)
+        set = open_case_as(m->policy.pos_int32_max, set, KVRT_ERR_POS_RANGE) |
+              (set & ~REF_BIT(KVRT_OK));
+    if (!REF_HAS(set, KVRT_OK))
         return set;
     if (apply)
         for (int i = 0; i < n; i++)
             seq_insert(&m->seqs[seq_ids[i]], token_new(m, positions[i]));
-    return REF_BIT(KVRT_OK);
+    return set;
 }
 
 ref_status_set ref_write(ref_model *m, int layer, int n, const int32_t *seq_ids,
@@ -565,11 +577,11 @@ ref_status_set ref_seq_cp(ref_model *m, int32_t src, int32_t dst, int32_t p0, in
 {
     if (!seq_valid(m, src) || !seq_valid(m, dst))
         return REF_BIT(KVRT_ERR_INVALID_ARG);
-    if (m->seqs[dst].n > 0)
-        return REF_BIT(KVRT_ERR_INVALID_ARG);
     ref_status_set set = REF_BIT(KVRT_OK);
     if (src == dst)
         set = open_case(m->policy.cp_self, set);
+    else if (m->seqs[dst].n > 0)
+        return REF_BIT(KVRT_ERR_INVALID_ARG);
     else if (!ref_seq_is_empty(m, dst))
         set = open_case(m->policy.cp_dst_cross_only, set);
     set = range_open(m, p0, p1, set);
@@ -618,7 +630,7 @@ static int i64_cmp(const void *a, const void *b)
 }
 
 static ref_status_set seq_move_check(const ref_model *m, int32_t seq, int64_t lo, int64_t hi,
-                                     pos_map_fn map, int64_t arg)
+                                     pos_map_fn map, int64_t arg, int *at_int32_max)
 {
     const ref_seq *s = &m->seqs[seq];
     ref_status_set set = 0;
@@ -632,6 +644,8 @@ static ref_status_set seq_move_check(const ref_model *m, int32_t seq, int64_t lo
             set |= REF_BIT(KVRT_ERR_POS_RANGE);
         else if (np >= 0)
             all[n_all++] = np;
+        if (np == INT32_MAX && np != pos)
+            *at_int32_max = 1;
     }
     qsort(all, (size_t)n_all, sizeof(int64_t), i64_cmp);
     for (int64_t i = 1; i < n_all; i++)
@@ -671,10 +685,15 @@ ref_status_set ref_seq_shift(ref_model *m, int32_t seq, int32_t p0, int32_t p1, 
     int64_t lo, hi;
     range_bounds(p0, p1, &lo, &hi);
     ref_status_set errors = 0;
+    int at_int32_max = 0;
     for (int32_t s = 0; s < m->desc.max_seqs; s++)
         if (seq < 0 || s == seq)
-            errors |= seq_move_check(m, s, lo, hi, map_shift, delta);
-    ref_status_set set = range_open(m, p0, p1, errors ? errors : REF_BIT(KVRT_OK));
+            errors |= seq_move_check(m, s, lo, hi, map_shift, delta, &at_int32_max);
+    ref_status_set set = errors ? errors : REF_BIT(KVRT_OK);
+    if (at_int32_max)
+        set = open_case_as(m->policy.pos_int32_max, set, KVRT_ERR_POS_RANGE) |
+              (set & ~REF_BIT(KVRT_OK));
+    set = range_open(m, p0, p1, set);
     if (!apply || !REF_HAS(set, KVRT_OK))
         return set;
     for (int32_t s = 0; s < m->desc.max_seqs; s++)
@@ -692,9 +711,10 @@ ref_status_set ref_seq_div(ref_model *m, int32_t seq, int32_t p0, int32_t p1, in
     int64_t lo, hi;
     range_bounds(p0, p1, &lo, &hi);
     ref_status_set errors = 0;
+    int at_int32_max = 0; /* a division never reaches it */
     for (int32_t s = 0; s < m->desc.max_seqs; s++)
         if (seq < 0 || s == seq)
-            errors |= seq_move_check(m, s, lo, hi, map_div, d);
+            errors |= seq_move_check(m, s, lo, hi, map_div, d, &at_int32_max);
     ref_status_set set = errors ? errors : REF_BIT(KVRT_OK);
     if (seq < 0)
         set = open_case(m->policy.div_all_seqs, set);

@@ -44,19 +44,23 @@ typedef struct ref_policy {
     int range_reversed;
     /* kvrt_seq_div with seq < 0 (every sequence, as kvrt_seq_rm) */
     int div_all_seqs;
-    /* kvrt_seq_cp with src == dst (both then necessarily empty) */
+    /* kvrt_seq_cp with src == dst (a no-op, or INVALID_ARG like any
+     * non-empty dst) */
     int cp_self;
     /* kvrt_cross_set with n == 0 (empties the layer) */
     int cross_set_empty;
     /* kvrt_seq_cp into a dst that has cross rows but no tokens */
     int cp_dst_cross_only;
+    /* position INT32_MAX (planned or shifted to): valid or KVRT_ERR_POS_RANGE */
+    int pos_int32_max;
     /* kvrt_seq_rm dropping cross rows: 0 when the range is [<=0, end), 1 when
      * the sequence has no tokens left afterwards (see ref_seq_rm). */
     int rm_drops_cross;
 } ref_policy;
 
 enum {
-    REF_OPEN_EITHER = 0,  /* accept OK (with the natural effect) or INVALID_ARG */
+    REF_OPEN_EITHER = 0,  /* accept OK (with the natural effect) or the error
+                           * (INVALID_ARG; POS_RANGE for pos_int32_max) */
     REF_OPEN_OK     = 1,
     REF_OPEN_ERROR  = 2,
 };
@@ -118,7 +122,8 @@ int ref_seq_is_empty(const ref_model *m, int32_t seq);
 
 /* kvrt_batch_plan: INVALID_ARG (n out of [1, max_tokens], NULL arrays, bad
  * seq id, negative position), POS_EXISTS (position present or twice in the
- * batch). Applying adds the tokens, unwritten. */
+ * batch), POS_RANGE for INT32_MAX (see ref_policy). When several apply, each
+ * is a right answer. Applying adds the tokens, unwritten. */
 ref_status_set ref_plan(ref_model *m, int n, const int32_t *seq_ids, const int32_t *positions,
                         int max_tokens, int apply);
 

@@ -197,6 +197,12 @@ static void test_plan(void)
     int32_t s6[2] = {9, 0}, p6[2] = {0, 1};
     CHECK(ref_plan(m, 2, s6, p6, 16, 0) == (ERRSET(INVALID_ARG) | ERRSET(POS_EXISTS)));
 
+    /* position INT32_MAX is an open reading */
+    int32_t s8[1] = {1}, p9[1] = {INT32_MAX};
+    CHECK(ref_plan(m, 1, s8, p9, 16, 0) == (OKSET | ERRSET(POS_RANGE)));
+    int32_t s9[2] = {1, 0}, p10[2] = {INT32_MAX, 0};
+    CHECK(ref_plan(m, 2, s9, p10, 16, 0) == (ERRSET(POS_EXISTS) | ERRSET(POS_RANGE)));
+
     /* written values are rounded to the cache dtype (f16) */
     const ref_token *t = ref_seq_find(m, 0, 3);
     CHECK(t && t->written[0] && !t->written[1] && t->written[2]);
@@ -276,6 +282,8 @@ static void test_rm_cp_keep(void)
     CHECK(ref_seq_rm(m, 0, -3, -1, 0) == (OKSET | ERRSET(INVALID_ARG)));
     CHECK(ref_seq_rm(m, 0, 5, 2, 0) == (OKSET | ERRSET(INVALID_ARG)));
     CHECK(ref_seq_rm(m, 0, 5, 5, 0) == OKSET);
+    /* cp onto itself: a no-op or an error */
+    CHECK(ref_seq_cp(m, 2, 2, 0, -1, 0) == (OKSET | ERRSET(INVALID_ARG)));
     ref_destroy(m);
 }
 
@@ -312,7 +320,8 @@ static void test_shift_div(void)
     CHECK(positions_are(m, 0, 5, want1));
     /* overflow */
     CHECK(ref_seq_shift(m, 0, 14, -1, INT32_MAX - 10, 0) == ERRSET(POS_RANGE));
-    CHECK(ref_seq_shift(m, 0, 14, -1, INT32_MAX - 14, 0) == OKSET);
+    CHECK(ref_seq_shift(m, 0, 14, -1, INT32_MAX - 15, 0) == OKSET);
+    CHECK(ref_seq_shift(m, 0, 14, -1, INT32_MAX - 14, 0) == (OKSET | ERRSET(POS_RANGE)));
     CHECK(ref_seq_shift(m, 3, 0, -1, 1, 0) == ERRSET(INVALID_ARG));
     /* negative new positions are removed; the others may land on free ones */
     CHECK(ref_seq_shift(m, 0, 0, 3, -1, 1) == OKSET);
