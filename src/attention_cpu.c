@@ -1,0 +1,821 @@
+/*
+ * attention_cpu.c: masked paged attention on the host (kvrt_attention_op),
+ * the CPU backend's kernel and the C twin the GPU attention kernels are
+ * checked against.
+ *
+ * How the work is cut:
+ *   - A tile is a run of consecutive batch tokens of one sequence (a prefill
+ *     chunk, up to TILE_TOKENS); a decode token is a tile of its own. The
+ *     tokens of a tile share the K/V rows they read, so those rows are read
+ *     and converted once for all of them.
+ *   - A unit is (tile, kv head, the query heads sharing that kv head, a split
+ *     of the sequence's slots). It walks its slots in chunks of a few dozen:
+ *     it collects the chunk's slots that some token of the tile sees,
+ *     converts their K and V rows of the kv head to f32 once, and updates
+ *     each (token, query head) row with an online softmax kept in f32:
+ *     running max m, running sum l, unnormalized output acc. The next
+ *     chunk's rows are prefetched meanwhile. Rows of holes and of slots no
+ *     token of the tile sees are never read.
+ *   - OpenMP threads take units dynamically. When there are too few units to
+ *     keep them busy (decode of a few long sequences, MLA), the slots are
+ *     split and the splits' partial (m, l, acc) merged afterwards.
+ *
+ * Inner loops run over LANES-element steps with a compile-time trip count so
+ * that compilers vectorize them at -O2 for whatever the target's vector width
+ * is. On x86 the same code is compiled a second time for AVX2 + FMA (with
+ * F16C converting f16 rows) and that copy is chosen at run time when the
+ * processor has them.
+ */
+#include "attention_cpu.h"
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifdef _OPENMP
+#  include <omp.h>
+#endif
+
+#if defined(__GNUC__)
+#  define KVRT_ALWAYS_INLINE static inline __attribute__((always_inline))
+#else
+#  define KVRT_ALWAYS_INLINE static inline
+#endif
+
+/* KVRT_ATTENTION_GENERIC=1 builds the portable code only (the tests build
+ * it both ways). */
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__)) && \
+    !(defined(KVRT_ATTENTION_GENERIC) && KVRT_ATTENTION_GENERIC)
+#  define KVRT_ATTENTION_X86 1
+#  include <immintrin.h>
+#else
+#  define KVRT_ATTENTION_X86 0
+#endif
+
+#if defined(__GNUC__)
+#  define KVRT_PREFETCH(p) __builtin_prefetch(p)
+#else
+#  define KVRT_PREFETCH(p) ((void)(p))
+#endif
+
+enum {
+    LANES = 8,              /* elements per step of an inner loop */
+    TILE_TOKENS = 8,        /* tokens of one sequence sharing a unit, at most */
+    CHUNK_MAX = 64,         /* slots per chunk, at most */
+    CHUNK_FLOATS = 4096,    /* f32 elements of one chunk's K (16 KiB: L1 with its V) */
+    ROW_FLOATS = 32768,     /* f32 elements of a unit's queries (and of acc), about */
+    SPLIT_MIN_SLOTS = 256,  /* a split of a sequence covers at least this many slots */
+    UNITS_PER_THREAD = 4,   /* below this many units per thread, split the slots */
+};
+
+/* ---- arithmetic, written so that loops over it vectorize ---- */
+
+/* a * b + c, fused where the copy being compiled has FMA (fused is a
+ * compile-time constant once inlined). */
+KVRT_ALWAYS_INLINE float madd(float a, float b, float c, const int fused)
+{
+    return fused ? fmaf(a, b, c) : c + a * b;
+}
+
+typedef union {
+    float    f;
+    uint32_t u;
+} bits32;
+
+/* kvrt_f16_to_f32 without branches (bit-identical for every input; the
+ * tests check all 65536), so that a loop over it vectorizes. */
+KVRT_ALWAYS_INLINE float f16_to_f32(uint16_t h)
+{
+    bits32 v, sub;
+    uint32_t em = (uint32_t)(h & 0x7fffu) << 13; /* exponent and mantissa in place */
+    uint32_t exp = em & 0x0f800000u;
+    uint32_t is_special = 0u - (uint32_t)(exp == 0x0f800000u); /* inf, NaN */
+    uint32_t is_small = 0u - (uint32_t)(exp == 0);              /* zero, subnormal */
+    v.u = em + ((127u - 15u) << 23);                            /* rebias a normal */
+    sub.u = v.u + (1u << 23);
+    sub.f -= 6.103515625e-05f;                                  /* mant * 2^-24 */
+    v.u += is_special & ((128u - 16u) << 23);
+    v.u = (v.u & ~is_small) | (sub.u & is_small);
+    v.u |= (uint32_t)(h & 0x8000u) << 16;
+    return v.f;
+}
+
+KVRT_ALWAYS_INLINE float bf16_to_f32(uint16_t b)
+{
+    bits32 v;
+    v.u = (uint32_t)b << 16;
+    return v.f;
+}
+
+/* dst[0, n) = elements [index, index + n) of an array of `dtype`, as f32.
+ * One loop per dtype: no branch per element. */
+KVRT_ALWAYS_INLINE void row_to_f32(float *restrict dst, const void *base, int32_t dtype,
+                                   int64_t index, int32_t n)
+{
+    int32_t i = 0;
+    if (dtype == KVRT_LAYOUT_F32) {
+        memcpy(dst, (const float *)base + index, (size_t)n * sizeof(float));
+    } else if (dtype == KVRT_LAYOUT_F16) {
+        const uint16_t *src = (const uint16_t *)base + index;
+        for (; i + LANES <= n; i += LANES)
+            for (int l = 0; l < LANES; l++)
+                dst[i + l] = f16_to_f32(src[i + l]);
+        for (; i < n; i++)
+            dst[i] = f16_to_f32(src[i]);
+    } else {
+        const uint16_t *src = (const uint16_t *)base + index;
+        for (; i + LANES <= n; i += LANES)
+            for (int l = 0; l < LANES; l++)
+                dst[i + l] = bf16_to_f32(src[i + l]);
+        for (; i < n; i++)
+            dst[i] = bf16_to_f32(src[i]);
+    }
+}
+
+/* e^x for x <= 0, within 2 ulp: Cody-Waite reduction and Cephes' expf
+ * polynomial. Below -87.33 (and for -inf, a masked logit, or NaN) it gives 0
+ * instead of a subnormal, an absolute error under 2^-125 against weights
+ * whose largest is 1. Branch-free, so that a loop over it vectorizes. */
+KVRT_ALWAYS_INLINE float exp_nonpositive(float x, const int fused)
+{
+    bits32 xc, lo, y;
+    lo.f = -87.33654f;
+    xc.f = x;
+    uint32_t in_range = 0u - (uint32_t)(x >= lo.f); /* selects by mask, not branches */
+    xc.u = (xc.u & in_range) | (lo.u & ~in_range);
+    int32_t n = (int32_t)(xc.f * 1.44269504088896341f - 0.5f); /* round(x / ln 2), x <= 0 */
+    float fn = (float)n;
+    float r = madd(fn, -0.693359375f, xc.f, fused);
+    r = madd(fn, 2.12194440e-4f, r, fused);
+    float p = 1.9875691500e-4f;
+    p = madd(p, r, 1.3981999507e-3f, fused);
+    p = madd(p, r, 8.3334519073e-3f, fused);
+    p = madd(p, r, 4.1665795894e-2f, fused);
+    p = madd(p, r, 1.6666665459e-1f, fused);
+    p = madd(p, r, 5.0000001201e-1f, fused);
+    p = madd(p, r * r, r, fused) + 1.0f;
+    bits32 scale;
+    scale.u = (uint32_t)(n + 127) << 23;
+    y.f = p * scale.f;
+    y.u &= in_range;
+    return y.f;
+}
+
+KVRT_ALWAYS_INLINE float sum_lanes(const float *a)
+{
+    return ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
+}
+
+/* s[c] = dot(q, k + c * stride) over dim elements, for c in [0, n). Four
+ * keys at a time, each with LANES partial sums: independent chains, one
+ * load of q for four keys. */
+KVRT_ALWAYS_INLINE void dot_rows(float *restrict s, const float *restrict q,
+                                 const float *restrict k, int64_t stride, int32_t n,
+                                 int32_t dim, const int fused)
+{
+    int32_t c = 0;
+    for (; c + 4 <= n; c += 4) {
+        const float *k0 = k + c * stride, *k1 = k0 + stride, *k2 = k1 + stride,
+                    *k3 = k2 + stride;
+        float a0[LANES] = {0}, a1[LANES] = {0}, a2[LANES] = {0}, a3[LANES] = {0};
+        int32_t d = 0;
+        for (; d + LANES <= dim; d += LANES)
+            for (int l = 0; l < LANES; l++) {
+                a0[l] = madd(q[d + l], k0[d + l], a0[l], fused);
+                a1[l] = madd(q[d + l], k1[d + l], a1[l], fused);
+                a2[l] = madd(q[d + l], k2[d + l], a2[l], fused);
+                a3[l] = madd(q[d + l], k3[d + l], a3[l], fused);
+            }
+        for (; d < dim; d++) {
+            a0[0] = madd(q[d], k0[d], a0[0], fused);
+            a1[0] = madd(q[d], k1[d], a1[0], fused);
+            a2[0] = madd(q[d], k2[d], a2[0], fused);
+            a3[0] = madd(q[d], k3[d], a3[0], fused);
+        }
+        s[c] = sum_lanes(a0);
+        s[c + 1] = sum_lanes(a1);
+        s[c + 2] = sum_lanes(a2);
+        s[c + 3] = sum_lanes(a3);
+    }
+    for (; c < n; c++) {
+        const float *k0 = k + c * stride;
+        float a0[LANES] = {0};
+        int32_t d = 0;
+        for (; d + LANES <= dim; d += LANES)
+            for (int l = 0; l < LANES; l++)
+                a0[l] = madd(q[d + l], k0[d + l], a0[l], fused);
+        for (; d < dim; d++)
+            a0[0] = madd(q[d], k0[d], a0[0], fused);
+        s[c] = sum_lanes(a0);
+    }
+}
+
+/* acc[0, dim) += w[c] * (v + c * stride)[0, dim) for c in [0, n) with
+ * w[c] != 0 (a zero weight is a key this row does not see: its row is not
+ * touched, so an inf there cannot become a NaN). Eight keys per pass over
+ * acc, so that acc is loaded and stored once per eight rows of V and the
+ * iterations of a pass are independent of each other. */
+KVRT_ALWAYS_INLINE void accumulate(float *restrict acc, const float *restrict w,
+                                   const float *restrict v, int64_t stride, int32_t n,
+                                   int32_t dim, const int fused)
+{
+    int32_t key[CHUNK_MAX], n_keys = 0;
+    for (int32_t c = 0; c < n; c++) {
+        key[n_keys] = c;
+        n_keys += w[c] != 0.0f;
+    }
+    int32_t j = 0;
+    for (; j + 8 <= n_keys; j += 8) {
+        const float *v0 = v + key[j] * stride, *v1 = v + key[j + 1] * stride,
+                    *v2 = v + key[j + 2] * stride, *v3 = v + key[j + 3] * stride,
+                    *v4 = v + key[j + 4] * stride, *v5 = v + key[j + 5] * stride,
+                    *v6 = v + key[j + 6] * stride, *v7 = v + key[j + 7] * stride;
+        const float w0 = w[key[j]], w1 = w[key[j + 1]], w2 = w[key[j + 2]], w3 = w[key[j + 3]],
+                    w4 = w[key[j + 4]], w5 = w[key[j + 5]], w6 = w[key[j + 6]],
+                    w7 = w[key[j + 7]];
+        int32_t d = 0;
+        for (; d + LANES <= dim; d += LANES)
+            for (int l = 0; l < LANES; l++) {
+                float a = madd(w0, v0[d + l], acc[d + l], fused);
+                float b = w4 * v4[d + l];
+                a = madd(w1, v1[d + l], a, fused);
+                b = madd(w5, v5[d + l], b, fused);
+                a = madd(w2, v2[d + l], a, fused);
+                b = madd(w6, v6[d + l], b, fused);
+                a = madd(w3, v3[d + l], a, fused);
+                b = madd(w7, v7[d + l], b, fused);
+                acc[d + l] = a + b;
+            }
+        for (; d < dim; d++) {
+            float a = madd(w0, v0[d], acc[d], fused);
+            float b = w4 * v4[d];
+            a = madd(w1, v1[d], a, fused);
+            b = madd(w5, v5[d], b, fused);
+            a = madd(w2, v2[d], a, fused);
+            b = madd(w6, v6[d], b, fused);
+            a = madd(w3, v3[d], a, fused);
+            b = madd(w7, v7[d], b, fused);
+            acc[d] = a + b;
+        }
+    }
+    for (; j < n_keys; j++) {
+        const float *v0 = v + key[j] * stride;
+        const float w0 = w[key[j]];
+        int32_t d = 0;
+        for (; d + LANES <= dim; d += LANES)
+            for (int l = 0; l < LANES; l++)
+                acc[d + l] = madd(w0, v0[d + l], acc[d + l], fused);
+        for (; d < dim; d++)
+            acc[d] = madd(w0, v0[d], acc[d], fused);
+    }
+}
+
+/* ---- plan and scratch ---- */
+
+typedef struct attn_plan attn_plan;
+typedef struct attn_scratch attn_scratch;
+typedef struct chunk_rows chunk_rows;
+/* Converts the K and V rows of a chunk's visible slots to f32. */
+typedef void (*gather_fn)(const attn_plan *pl, attn_scratch *sc, const chunk_rows *cr);
+
+struct attn_plan {
+    const kvrt_attention_op *op;
+    gather_fn      gather;
+    int32_t        dim_k;      /* elements of q and of a K row */
+    int32_t        dim_v;      /* output elements per head */
+    int32_t        group;      /* query heads per kv head */
+    int32_t        head_sub;   /* query heads per unit */
+    int32_t        n_sub;      /* units per (tile, kv head, split) */
+    int32_t        chunk;      /* slots per chunk, a multiple of LANES */
+    int32_t        rows_max;   /* (token, query head) rows per unit, at most */
+    int32_t        n_tiles;
+    const int32_t *tile_first; /* [n_tiles + 1]: tile i is tokens [first[i], first[i+1]) */
+    int32_t        n_splits;   /* splits of each sequence's slots */
+    int64_t        split_len;  /* slots per split */
+    float         *partial;    /* n_splits > 1: [units][rows_max][2 + dim_v] (m, l, acc) */
+};
+
+/* One thread's buffers. */
+struct attn_scratch {
+    float   *q;      /* [rows_max][dim_k] queries as f32 */
+    float   *acc;    /* [rows_max][dim_v] */
+    float   *m, *l;  /* [rows_max] running max and sum of weights */
+    float   *k;      /* [chunk][dim_k] visible K rows of the chunk as f32 */
+    float   *v;      /* [chunk][dim_v] their V rows (not used for MLA) */
+    float   *s;      /* [chunk] logits, then weights */
+    int64_t *row[2];   /* [chunk] each: chunk_rows.row of this chunk and the next */
+    uint8_t *see[2];   /* [TILE_TOKENS][chunk] each: chunk_rows.see */
+    float   *out;    /* [dim_v] one output row before its conversion */
+};
+
+/* The slots of one chunk that some token of the tile sees. */
+struct chunk_rows {
+    int32_t  n;                  /* visible rows */
+    int32_t  seen[TILE_TOKENS];  /* of which each token of the tile sees */
+    int64_t *row;                /* [chunk] their rows in K and V of the kv head:
+                                  * K at row * dim_k, V at row * dim_v */
+    uint8_t *see;                /* [TILE_TOKENS][chunk]: token t sees row c */
+};
+
+static size_t round_up(size_t n, size_t to)
+{
+    return (n + to - 1) / to * to;
+}
+
+/* Places n bytes at *cursor (64-byte aligned) and advances it; with base
+ * NULL it only measures. */
+static void *carve(char *base, size_t *cursor, size_t n)
+{
+    void *p = base ? base + *cursor : NULL;
+    *cursor += round_up(n, 64);
+    return p;
+}
+
+static size_t scratch_carve(const attn_plan *pl, char *base, attn_scratch *sc)
+{
+    size_t at = 0, rows = (size_t)pl->rows_max, chunk = (size_t)pl->chunk;
+    sc->q = carve(base, &at, rows * pl->dim_k * sizeof(float));
+    sc->acc = carve(base, &at, rows * pl->dim_v * sizeof(float));
+    sc->m = carve(base, &at, rows * sizeof(float));
+    sc->l = carve(base, &at, rows * sizeof(float));
+    sc->k = carve(base, &at, chunk * pl->dim_k * sizeof(float));
+    sc->v = carve(base, &at, pl->op->mla ? 0 : chunk * pl->dim_v * sizeof(float));
+    sc->s = carve(base, &at, chunk * sizeof(float));
+    for (int i = 0; i < 2; i++) {
+        sc->row[i] = carve(base, &at, chunk * sizeof(int64_t));
+        sc->see[i] = carve(base, &at, TILE_TOKENS * chunk);
+    }
+    sc->out = carve(base, &at, (size_t)pl->dim_v * sizeof(float));
+    return at;
+}
+
+/* The rows of a unit: tokens [t0, t0 + nt) of one tile, query heads
+ * [h0, h0 + nh); row r = token t0 + r / nh, query head h0 + r % nh. */
+typedef struct unit_rows {
+    int32_t t0, nt, h0, nh;
+} unit_rows;
+
+static unit_rows rows_of(const attn_plan *pl, int64_t base_unit)
+{
+    int32_t n_heads = pl->op->layer.layout.n_heads;
+    int32_t sub = (int32_t)(base_unit % pl->n_sub);
+    int32_t head = (int32_t)(base_unit / pl->n_sub % n_heads);
+    int32_t tile = (int32_t)(base_unit / pl->n_sub / n_heads);
+    unit_rows ur;
+    ur.t0 = pl->tile_first[tile];
+    ur.nt = pl->tile_first[tile + 1] - ur.t0;
+    ur.h0 = head * pl->group + sub * pl->head_sub;
+    ur.nh = pl->group - sub * pl->head_sub;
+    if (ur.nh > pl->head_sub)
+        ur.nh = pl->head_sub;
+    return ur;
+}
+
+/* out rows = acc / l in the output dtype; rows with l == 0 (no visible key)
+ * get zeros, rows with l NaN (a NaN logit) NaN. */
+static void write_rows(const attn_plan *pl, const unit_rows *ur, const float *acc,
+                       const float *l, float *tmp)
+{
+    const kvrt_attention_op *op = pl->op;
+    int32_t dv = pl->dim_v;
+    for (int32_t r = 0; r < ur->nt * ur->nh; r++) {
+        const float *a = acc + (int64_t)r * dv;
+        for (int32_t d = 0; d < dv; d++)
+            tmp[d] = l[r] > 0.0f ? a[d] / l[r] : l[r] == 0.0f ? 0.0f : NAN;
+        int64_t at = ((int64_t)(ur->t0 + r / ur->nh) * op->n_q_heads + ur->h0 + r % ur->nh) * dv;
+        if (op->out_dtype == KVRT_LAYOUT_F32) {
+            memcpy((float *)op->out + at, tmp, (size_t)dv * sizeof(float));
+        } else if (op->out_dtype == KVRT_LAYOUT_F16) {
+            uint16_t *o = (uint16_t *)op->out + at;
+            for (int32_t d = 0; d < dv; d++)
+                o[d] = kvrt_f32_to_f16(tmp[d]);
+        } else {
+            uint16_t *o = (uint16_t *)op->out + at;
+            for (int32_t d = 0; d < dv; d++)
+                o[d] = kvrt_f32_to_bf16(tmp[d]);
+        }
+    }
+}
+
+/* ---- a chunk's rows ---- */
+
+/* Collects the used slots [i0, min(i0 + chunk, end)) of a sequence that
+ * some token of the tile (positions qpos[0, nt)) sees, as rows of kv head
+ * `head`. Walks blocks and offsets instead of dividing each slot index by
+ * block_size (kvrt_page_slot and kvrt_k_index do, once per call). */
+static void collect_chunk(const attn_plan *pl, const int32_t *pages, const int64_t *qpos,
+                          int32_t nt, int32_t head, int64_t i0, int64_t end, chunk_rows *cr)
+{
+    const kvrt_attention_op *op = pl->op;
+    const int32_t chunk = pl->chunk, block_size = op->layer.layout.block_size;
+    const int32_t n_heads = op->layer.layout.n_heads;
+    const int32_t n = (int32_t)(end - i0 < chunk ? end - i0 : chunk);
+    int64_t page = i0 / block_size;
+    int32_t offset = (int32_t)(i0 % block_size), nv = 0;
+    int64_t block = pages[page];
+    for (int32_t t = 0; t < nt; t++)
+        cr->seen[t] = 0;
+    for (int32_t c = 0; c < n; c++) {
+        if (offset == block_size) {
+            offset = 0;
+            block = pages[++page];
+        }
+        int any = 0;
+        for (int32_t t = 0; t < nt; t++) {
+            int visible = 1;
+            if (op->pos) {
+                int64_t p = op->pos[block * block_size + offset];
+                visible = p >= 0 && (!op->causal || p <= qpos[t]) &&
+                          (op->window <= 0 || p > qpos[t] - op->window);
+            }
+            cr->see[t * chunk + nv] = (uint8_t)visible;
+            cr->seen[t] += visible;
+            any |= visible;
+        }
+        /* kvrt_k_index(layout, slot, head) / dim_k */
+        cr->row[nv] = (block * n_heads + head) * block_size + offset;
+        nv += any;
+        offset++;
+    }
+    for (int32_t t = 0; t < nt; t++) /* so that lane loops can run past nv */
+        for (int32_t c = nv; c < (int32_t)round_up((size_t)nv, LANES); c++)
+            cr->see[t * chunk + c] = 0;
+    cr->n = nv;
+}
+
+/* Asks for the K and V rows of a chunk ahead of their use: a chunk's rows
+ * sit in a few blocks, which is too short a stream for the hardware
+ * prefetcher to find by itself. */
+static void prefetch_rows(const attn_plan *pl, const chunk_rows *cr)
+{
+    const kvrt_attention_op *op = pl->op;
+    const kvrt_layout *L = &op->layer.layout;
+    const int64_t k_bytes = (int64_t)L->dim_k * L->elem_size;
+    const int64_t v_bytes = op->mla ? 0 : (int64_t)L->dim_v * L->elem_size;
+    for (int32_t c = 0; c < cr->n; c++) {
+        const char *k = (const char *)op->layer.k + cr->row[c] * k_bytes;
+        for (int64_t at = 0; at < k_bytes; at += 64)
+            KVRT_PREFETCH(k + at);
+        if (v_bytes) {
+            const char *v = (const char *)op->layer.v + cr->row[c] * v_bytes;
+            for (int64_t at = 0; at < v_bytes; at += 64)
+                KVRT_PREFETCH(v + at);
+        }
+    }
+}
+
+KVRT_ALWAYS_INLINE void gather_rows(const attn_plan *pl, attn_scratch *sc, const chunk_rows *cr)
+{
+    const kvrt_attention_op *op = pl->op;
+    const kvrt_layout *L = &op->layer.layout;
+    for (int32_t c = 0; c < cr->n; c++)
+        row_to_f32(sc->k + (int64_t)c * L->dim_k, op->layer.k, L->dtype,
+                   cr->row[c] * L->dim_k, L->dim_k);
+    if (!op->mla)
+        for (int32_t c = 0; c < cr->n; c++)
+            row_to_f32(sc->v + (int64_t)c * L->dim_v, op->layer.v, L->dtype,
+                       cr->row[c] * L->dim_v, L->dim_v);
+}
+
+static void gather_generic(const attn_plan *pl, attn_scratch *sc, const chunk_rows *cr)
+{
+    gather_rows(pl, sc, cr);
+}
+
+#if KVRT_ATTENTION_X86
+/* F16C converts 8 halves in one instruction. */
+__attribute__((target("avx2,fma,f16c"))) static inline void
+f16_row_f16c(float *restrict dst, const uint16_t *restrict src, int32_t n)
+{
+    int32_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
+    for (; i < n; i++)
+        dst[i] = kvrt_f16_to_f32(src[i]);
+}
+
+__attribute__((target("avx2,fma,f16c"))) static void
+gather_x86(const attn_plan *pl, attn_scratch *sc, const chunk_rows *cr)
+{
+    const kvrt_attention_op *op = pl->op;
+    const kvrt_layout *L = &op->layer.layout;
+    if (L->dtype != KVRT_LAYOUT_F16) {
+        gather_rows(pl, sc, cr);
+        return;
+    }
+    const uint16_t *k = op->layer.k, *v = op->layer.v;
+    for (int32_t c = 0; c < cr->n; c++)
+        f16_row_f16c(sc->k + (int64_t)c * L->dim_k, k + cr->row[c] * L->dim_k, L->dim_k);
+    if (!op->mla)
+        for (int32_t c = 0; c < cr->n; c++)
+            f16_row_f16c(sc->v + (int64_t)c * L->dim_v, v + cr->row[c] * L->dim_v, L->dim_v);
+}
+#endif
+
+/* ---- one unit ---- */
+
+/* Updates row r's (m, l, acc) with the chunk's nv gathered rows, of which
+ * the row's token sees those with see[c]. */
+KVRT_ALWAYS_INLINE void update_row(const attn_plan *pl, attn_scratch *sc, int32_t r,
+                                   const uint8_t *see, int32_t nv, const float *v_rows,
+                                   int64_t v_stride, const int fused)
+{
+    const kvrt_attention_op *op = pl->op;
+    float *s = sc->s;
+    int32_t n_pad = (int32_t)round_up((size_t)nv, LANES);
+
+    /* Logits, masked to -inf where the row's token does not see the key
+     * (see[] is 0 past nv up to n_pad). */
+    dot_rows(s, sc->q + (int64_t)r * pl->dim_k, sc->k, pl->dim_k, nv, pl->dim_k, fused);
+    float mul = op->scale;
+    if (op->softcap > 0.0f) {
+        for (int32_t c = 0; c < nv; c++)
+            s[c] = op->softcap * tanhf(s[c] * op->scale / op->softcap);
+        mul = 1.0f;
+    }
+    for (int32_t c = nv; c < n_pad; c++)
+        s[c] = 0.0f;
+    float most[LANES];
+    int32_t nan[LANES] = {0};
+    for (int l = 0; l < LANES; l++)
+        most[l] = -INFINITY;
+    for (int32_t c = 0; c < n_pad; c += LANES)
+        for (int l = 0; l < LANES; l++) {
+            float x = see[c + l] ? s[c + l] * mul : -INFINITY;
+            s[c + l] = x;
+            most[l] = x > most[l] ? x : most[l];
+            nan[l] |= x != x;
+        }
+    float cmax = most[0];
+    int32_t any_nan = nan[0];
+    for (int l = 1; l < LANES; l++) {
+        cmax = most[l] > cmax ? most[l] : cmax;
+        any_nan |= nan[l];
+    }
+    float *m = sc->m + r, *lsum = sc->l + r, *acc = sc->acc + (int64_t)r * pl->dim_v;
+    if (any_nan) { /* a NaN in q or a visible K row: the row's output is NaN */
+        *lsum = NAN;
+        return;
+    }
+    if (!(cmax > -INFINITY))
+        return; /* nothing visible here */
+    if (cmax > *m) {
+        if (*m > -INFINITY) {
+            float alpha = exp_nonpositive(*m - cmax, fused);
+            *lsum *= alpha;
+            for (int32_t d = 0; d < pl->dim_v; d++)
+                acc[d] *= alpha;
+        }
+        *m = cmax;
+    }
+
+    const float row_max = *m;
+    float part[LANES] = {0};
+    for (int32_t c = 0; c < n_pad; c += LANES)
+        for (int l = 0; l < LANES; l++) {
+            s[c + l] = exp_nonpositive(s[c + l] - row_max, fused);
+            part[l] += s[c + l];
+        }
+    *lsum += sum_lanes(part);
+    accumulate(acc, s, v_rows, v_stride, nv, pl->dim_v, fused);
+}
+
+KVRT_ALWAYS_INLINE void unit_body(const attn_plan *pl, attn_scratch *sc, int64_t unit,
+                                  const int fused)
+{
+    const kvrt_attention_op *op = pl->op;
+    const int32_t dk = pl->dim_k, dv = pl->dim_v, chunk = pl->chunk;
+    const int32_t split = (int32_t)(unit % pl->n_splits);
+    const int64_t base_unit = unit / pl->n_splits;
+    const unit_rows ur = rows_of(pl, base_unit);
+    const int32_t head = ur.h0 / pl->group, rows = ur.nt * ur.nh;
+
+    const int32_t seq = op->tok_seq[ur.t0];
+    const int32_t *pages = op->page_indices + op->page_indptr[seq];
+    int64_t begin = split * pl->split_len, end = begin + pl->split_len;
+    if (end > op->seq_n_slots[seq])
+        end = op->seq_n_slots[seq];
+
+    int64_t qpos[TILE_TOKENS];
+    for (int32_t t = 0; t < ur.nt; t++)
+        qpos[t] = op->tok_pos[ur.t0 + t];
+    for (int32_t r = 0; r < rows; r++) {
+        int64_t at = ((int64_t)(ur.t0 + r / ur.nh) * op->n_q_heads + ur.h0 + r % ur.nh) * dk;
+        row_to_f32(sc->q + (int64_t)r * dk, op->q, op->q_dtype, at, dk);
+        sc->m[r] = -INFINITY;
+        sc->l[r] = 0.0f;
+    }
+    memset(sc->acc, 0, (size_t)rows * dv * sizeof(float));
+
+    /* Chunk by chunk; the next chunk's visible rows are known (and
+     * prefetched) before the current one is computed. */
+    const float *v_rows = op->mla ? sc->k : sc->v;
+    const int64_t v_stride = op->mla ? dk : dv;
+    chunk_rows rows_a, rows_b, *cur = &rows_a, *next = &rows_b;
+    rows_a.row = sc->row[0];
+    rows_a.see = sc->see[0];
+    rows_b.row = sc->row[1];
+    rows_b.see = sc->see[1];
+    int64_t i0 = begin;
+    cur->n = 0;
+    for (; i0 < end && cur->n == 0; i0 += chunk)
+        collect_chunk(pl, pages, qpos, ur.nt, head, i0, end, cur);
+    while (cur->n > 0) {
+        next->n = 0;
+        for (; i0 < end && next->n == 0; i0 += chunk)
+            collect_chunk(pl, pages, qpos, ur.nt, head, i0, end, next);
+        prefetch_rows(pl, next);
+        pl->gather(pl, sc, cur);
+        for (int32_t t = 0; t < ur.nt; t++) {
+            if (!cur->seen[t])
+                continue;
+            for (int32_t h = 0; h < ur.nh; h++)
+                update_row(pl, sc, t * ur.nh + h, cur->see + t * chunk, cur->n, v_rows,
+                           v_stride, fused);
+        }
+        chunk_rows *done = cur;
+        cur = next;
+        next = done;
+    }
+
+    if (pl->n_splits == 1) {
+        write_rows(pl, &ur, sc->acc, sc->l, sc->out);
+        return;
+    }
+    for (int32_t r = 0; r < rows; r++) {
+        float *part = pl->partial + ((size_t)unit * pl->rows_max + r) * (2 + (size_t)dv);
+        part[0] = sc->m[r];
+        part[1] = sc->l[r];
+        memcpy(part + 2, sc->acc + (int64_t)r * dv, (size_t)dv * sizeof(float));
+    }
+}
+
+static void unit_generic(const attn_plan *pl, attn_scratch *sc, int64_t unit)
+{
+    unit_body(pl, sc, unit, 0);
+}
+
+#if KVRT_ATTENTION_X86
+__attribute__((target("avx2,fma"))) static void unit_avx2(const attn_plan *pl,
+                                                          attn_scratch *sc, int64_t unit)
+{
+    unit_body(pl, sc, unit, 1);
+}
+#endif
+
+/* Merges the splits of base unit `base_unit`: for each row,
+ * m = max m_i, l = sum l_i e^(m_i - m), acc = sum acc_i e^(m_i - m)
+ * (l NaN if some l_i is: a split saw a NaN logit). */
+static void merge_splits(const attn_plan *pl, attn_scratch *sc, int64_t base_unit)
+{
+    const unit_rows ur = rows_of(pl, base_unit);
+    const int32_t dv = pl->dim_v;
+    const size_t part_size = 2 + (size_t)dv;
+    for (int32_t r = 0; r < ur.nt * ur.nh; r++) {
+        const float *part = pl->partial + ((size_t)base_unit * pl->n_splits * pl->rows_max + r) *
+                                              part_size;
+        const size_t step = (size_t)pl->rows_max * part_size; /* to the next split's row */
+        float *acc = sc->acc + (int64_t)r * dv, m = -INFINITY, l = 0.0f;
+        int nan = 0;
+        for (int32_t i = 0; i < pl->n_splits; i++) {
+            m = part[i * step] > m ? part[i * step] : m;
+            nan |= part[i * step + 1] != part[i * step + 1];
+        }
+        memset(acc, 0, (size_t)dv * sizeof(float));
+        for (int32_t i = 0; i < pl->n_splits && !nan; i++) {
+            const float *p = part + i * step;
+            if (!(p[1] > 0.0f))
+                continue; /* nothing visible in this split */
+            float w = exp_nonpositive(p[0] - m, 0);
+            l += w * p[1];
+            for (int32_t d = 0; d < dv; d++)
+                acc[d] += w * p[2 + d];
+        }
+        sc->l[r] = nan ? NAN : l;
+    }
+    write_rows(pl, &ur, sc->acc, sc->l, sc->out);
+}
+
+kvrt_status kvrt_cpu_attention(const kvrt_attention_op *op)
+{
+    const kvrt_layout *L = &op->layer.layout;
+    if (op->n_tokens <= 0)
+        return KVRT_OK;
+
+    attn_plan pl;
+    memset(&pl, 0, sizeof pl);
+    pl.op = op;
+    pl.dim_k = L->dim_k;
+    pl.dim_v = op->dim_v;
+    pl.group = op->n_q_heads / L->n_heads;
+    int32_t dim_max = pl.dim_k > pl.dim_v ? pl.dim_k : pl.dim_v;
+
+    /* Query heads per unit: all of a kv head's, unless their rows would not
+     * stay in cache (MLA's 128 heads of 576). */
+    pl.head_sub = pl.group;
+    if ((int64_t)pl.group * dim_max > ROW_FLOATS) {
+        int32_t parts = (int32_t)(((int64_t)pl.group * dim_max + ROW_FLOATS - 1) / ROW_FLOATS);
+        pl.head_sub = (pl.group + parts - 1) / parts;
+    }
+    pl.n_sub = (pl.group + pl.head_sub - 1) / pl.head_sub;
+    int32_t tile_tokens = ROW_FLOATS / (pl.head_sub * dim_max);
+    tile_tokens = tile_tokens < 1 ? 1 : tile_tokens > TILE_TOKENS ? TILE_TOKENS : tile_tokens;
+    pl.rows_max = tile_tokens * pl.head_sub;
+    int32_t dim_row = L->dim_k > (op->mla ? 0 : L->dim_v) ? L->dim_k : L->dim_v;
+    pl.chunk = CHUNK_FLOATS / (dim_row > 0 ? dim_row : 1);
+    pl.chunk = pl.chunk < LANES ? LANES : pl.chunk > CHUNK_MAX ? CHUNK_MAX : pl.chunk;
+    pl.chunk = (int32_t)round_up((size_t)pl.chunk, LANES);
+
+    int n_threads = 1;
+#ifdef _OPENMP
+    n_threads = omp_get_max_threads();
+#endif
+
+    /* Tiles, counted first so that one allocation holds everything. */
+    int32_t n_tiles = 1;
+    for (int32_t t = 1, len = 1; t < op->n_tokens; t++, len++)
+        if (op->tok_seq[t] != op->tok_seq[t - 1] || len == tile_tokens) {
+            n_tiles++;
+            len = 0;
+        }
+    int64_t max_slots = 0;
+    for (int32_t s = 0; s < op->n_seqs; s++)
+        max_slots = op->seq_n_slots[s] > max_slots ? op->seq_n_slots[s] : max_slots;
+
+    /* Split the slots when the units would leave threads idle. */
+    int64_t n_base = (int64_t)n_tiles * L->n_heads * pl.n_sub;
+    pl.n_splits = 1;
+    if (n_threads > 1 && n_base < (int64_t)UNITS_PER_THREAD * n_threads) {
+        int64_t want = ((int64_t)UNITS_PER_THREAD * n_threads + n_base - 1) / n_base;
+        int64_t most = max_slots / SPLIT_MIN_SLOTS;
+        pl.n_splits = (int32_t)(want < most ? want : most);
+        if (pl.n_splits < 1)
+            pl.n_splits = 1;
+    }
+    pl.split_len = pl.n_splits > 1 ? (max_slots + pl.n_splits - 1) / pl.n_splits : max_slots;
+    int64_t n_units = n_base * pl.n_splits;
+    if (n_threads > n_units)
+        n_threads = (int)n_units;
+
+    attn_scratch sizing;
+    size_t per_thread = scratch_carve(&pl, NULL, &sizing);
+    size_t partial_bytes = pl.n_splits > 1 ? (size_t)n_units * pl.rows_max *
+                                                 (2 + (size_t)pl.dim_v) * sizeof(float)
+                                           : 0;
+    size_t tiles_bytes = round_up(((size_t)n_tiles + 1) * sizeof(int32_t), 64);
+    size_t total = tiles_bytes + round_up(partial_bytes, 64) + per_thread * n_threads;
+    char *mem = aligned_alloc(64, total);
+    if (!mem)
+        return KVRT_ERR_OUT_OF_MEMORY;
+
+    int32_t *tile_first = (int32_t *)mem;
+    n_tiles = 0;
+    tile_first[0] = 0;
+    for (int32_t t = 1, len = 1; t < op->n_tokens; t++, len++)
+        if (op->tok_seq[t] != op->tok_seq[t - 1] || len == tile_tokens) {
+            tile_first[++n_tiles] = t;
+            len = 0;
+        }
+    tile_first[++n_tiles] = op->n_tokens;
+    pl.n_tiles = n_tiles;
+    pl.tile_first = tile_first;
+    pl.partial = pl.n_splits > 1 ? (float *)(mem + tiles_bytes) : NULL;
+    char *thread_mem = mem + tiles_bytes + round_up(partial_bytes, 64);
+
+    void (*unit)(const attn_plan *, attn_scratch *, int64_t) = unit_generic;
+    pl.gather = gather_generic;
+#if KVRT_ATTENTION_X86
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+        __builtin_cpu_supports("f16c")) {
+        unit = unit_avx2;
+        pl.gather = gather_x86;
+    }
+#endif
+
+#ifdef _OPENMP
+#  pragma omp parallel num_threads(n_threads)
+#endif
+    {
+        int tid = 0;
+#ifdef _OPENMP
+        tid = omp_get_thread_num();
+#endif
+        attn_scratch sc;
+        scratch_carve(&pl, thread_mem + per_thread * tid, &sc);
+#ifdef _OPENMP
+#  pragma omp for schedule(dynamic, 1)
+#endif
+        for (int64_t u = 0; u < n_units; u++)
+            unit(&pl, &sc, u);
+        if (pl.n_splits > 1) {
+#ifdef _OPENMP
+#  pragma omp for schedule(dynamic, 1)
+#endif
+            for (int64_t b = 0; b < n_base; b++)
+                merge_splits(&pl, &sc, b);
+        }
+    }
+    free(mem);
+    return KVRT_OK;
+}
