@@ -1084,13 +1084,22 @@ static kvrt_status gpu_set_pos(kvrt_backend_t *be, const kvrt_pos_op *op, void *
     GPU_SCOPED(be, launched(KVRT_GPU_FN(launch_set_pos)(op, stream), "set_pos"));
 }
 
+static kvrt_status attention_impl(const kvrt_attention_op *op, void *stream)
+{
+    const kvrt_layout *L = &op->layer.layout;
+    const size_t shared = ((size_t)L->dim_k + (size_t)op->dim_v) * sizeof(float);
+    KVRT_CHECK(shared <= 40 * 1024, KVRT_ERR_UNSUPPORTED,
+               "%s: attention over rows of %d + %d values is not supported by this kernel "
+               "(at most 10240 together)", KVRT_GPU_API_NAME, L->dim_k, op->dim_v);
+    KVRT_CHECK((int64_t)op->n_tokens * op->n_q_heads <= 0x7fffffff, KVRT_ERR_UNSUPPORTED,
+               "%s: attention over %d tokens x %d query heads is too large for one launch",
+               KVRT_GPU_API_NAME, op->n_tokens, op->n_q_heads);
+    return launched(KVRT_GPU_FN(launch_attention)(op, stream), "attention");
+}
+
 static kvrt_status gpu_attention(kvrt_backend_t *be, const kvrt_attention_op *op, void *stream)
 {
-    (void)be;
-    (void)op;
-    (void)stream;
-    return kvrt_set_error(KVRT_ERR_UNSUPPORTED, "%s: attention is not implemented on this "
-                          "backend yet", KVRT_GPU_API_NAME);
+    GPU_SCOPED(be, attention_impl(op, stream));
 }
 
 /* ------------------------------------------------------------------------ */

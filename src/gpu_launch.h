@@ -27,8 +27,9 @@ cudaError_t KVRT_GPU_FN(launch_gather)(const kvrt_gather_op *op, void *stream);
 /* kvrt_pos_op: positions of whole blocks overwritten (set_pos.cu). */
 cudaError_t KVRT_GPU_FN(launch_set_pos)(const kvrt_pos_op *op, void *stream);
 /* kvrt_attention_op: paged masked attention (attention.cu). Returns
- * cudaErrorInvalidValue for shapes the kernel does not support; the glue
- * checks those first and reports them as KVRT_ERR_UNSUPPORTED. */
+ * cudaErrorInvalidValue for shapes the kernel does not support (q and acc
+ * rows beyond 40 KiB of shared memory); the glue checks those first and
+ * reports them as KVRT_ERR_UNSUPPORTED. */
 cudaError_t KVRT_GPU_FN(launch_attention)(const kvrt_attention_op *op, void *stream);
 
 #ifdef __cplusplus

@@ -5,15 +5,15 @@
  *
  * The same scenario runs three times: on the CPU backend, on the device
  * directly, and on the device inside stream capture (cudaStreamBeginCapture
- * on the cache's stream; kvrt_batch_plan, kvrt_write of every layer,
- * kvrt_seq_cp, kvrt_seq_shift, kvrt_seq_rm, kvrt_cache_compact; end the
- * capture, instantiate, launch). Capture fails if any of those calls
+ * on the cache's stream; kvrt_batch_plan, kvrt_write and kvrt_attention of
+ * every layer, kvrt_seq_cp, kvrt_seq_shift, kvrt_seq_rm, kvrt_cache_compact;
+ * end the capture, instantiate, launch). Capture fails if any of those calls
  * synchronizes or touches the legacy stream, so its success proves the edits
  * are stream-ordered. Afterwards every sequence of every layer is gathered
  * and compared with the CPU run: positions and V bit-exact, K within the
  * rotation bound of tests/gpu/test_gpu_ops.c (only shifted rows may
- * differ), and kvrt_cache_check compares the device's positions with the
- * host's.
+ * differ), attention outputs within the bound of test_gpu_ops.c, and
+ * kvrt_cache_check compares the device's positions with the host's.
  *
  * Compiled once per API (KVRT_GPU_CUDA or KVRT_GPU_HIP). Exits 77 without a
  * device.
@@ -42,6 +42,9 @@
 
 enum { N_LAYERS = 3, MAX_SEQS = 4, FIRST = 40, SECOND = 6, MAX_ROWS = 128 };
 
+/* Query heads per layer in the attention of the captured step. */
+static const int q_heads[N_LAYERS] = {4, 8, 4};
+
 static const kvrt_layer_desc layers[N_LAYERS] = {
     {KVRT_LAYER_ATTN, 2, 64, 64, 0, 0, 0},
     {KVRT_LAYER_ATTN, 4, 128, 64, 0, 0, 0},
@@ -59,6 +62,18 @@ static int64_t v_row(int l)
     return layers[l].kind == KVRT_LAYER_MLA ? 0 : (int64_t)layers[l].n_kv_heads * layers[l].head_dim_v;
 }
 
+/* Elements per query head of q and of the attention output. */
+static int64_t q_dim(int l)
+{
+    return layers[l].kind == KVRT_LAYER_MLA ? layers[l].latent_dim + layers[l].rope_dim
+                                            : layers[l].head_dim_k;
+}
+
+static int64_t out_dim(int l)
+{
+    return layers[l].kind == KVRT_LAYER_MLA ? layers[l].latent_dim : layers[l].head_dim_v;
+}
+
 /* Deterministic input value in [-1, 1]. */
 static float value(int l, int kv, int32_t pos, int64_t e)
 {
@@ -74,10 +89,13 @@ typedef struct snapshot {
     int64_t  n[N_LAYERS][MAX_SEQS];
     int32_t  pos[N_LAYERS][MAX_SEQS][MAX_ROWS];
     uint16_t *k[N_LAYERS][MAX_SEQS], *v[N_LAYERS][MAX_SEQS];
+    float    *attn[N_LAYERS]; /* the captured step's attention output, f32 */
 } snapshot;
 
 static void snapshot_free(snapshot *s)
 {
+    for (int l = 0; l < N_LAYERS; l++)
+        free(s->attn[l]);
     for (int l = 0; l < N_LAYERS; l++)
         for (int q = 0; q < MAX_SEQS; q++) {
             free(s->k[l][q]);
@@ -88,7 +106,7 @@ static void snapshot_free(snapshot *s)
 /* Input rows of a plan of n tokens at positions p0.., as f32, in host
  * memory or on the device. */
 typedef struct inputs {
-    void *k[N_LAYERS], *v[N_LAYERS];
+    void *k[N_LAYERS], *v[N_LAYERS], *q[N_LAYERS], *out[N_LAYERS];
     int   on_device;
 } inputs;
 
@@ -97,8 +115,9 @@ static void inputs_make(inputs *in, int on_device, int32_t p0, int n)
     memset(in, 0, sizeof *in);
     in->on_device = on_device;
     for (int l = 0; l < N_LAYERS; l++)
-        for (int kv = 0; kv < 2; kv++) {
-            int64_t row = kv ? v_row(l) : k_row(l);
+        for (int kv = 0; kv < 4; kv++) { /* K, V, q, out */
+            int64_t row = kv == 0 ? k_row(l) : kv == 1 ? v_row(l)
+                        : (kv == 2 ? q_dim(l) : out_dim(l)) * q_heads[l];
             if (row == 0)
                 continue;
             size_t bytes = (size_t)(n * row) * sizeof(float);
@@ -116,18 +135,16 @@ static void inputs_make(inputs *in, int on_device, int32_t p0, int n)
                 }
                 free(host);
             }
-            if (kv)
-                in->v[l] = p;
-            else
-                in->k[l] = p;
+            void **slot = kv == 0 ? &in->k[l] : kv == 1 ? &in->v[l] : kv == 2 ? &in->q[l] : &in->out[l];
+            *slot = p;
         }
 }
 
 static void inputs_free(inputs *in)
 {
     for (int l = 0; l < N_LAYERS; l++) {
-        void *p[2] = {in->k[l], in->v[l]};
-        for (int i = 0; i < 2; i++) {
+        void *p[4] = {in->k[l], in->v[l], in->q[l], in->out[l]};
+        for (int i = 0; i < 4; i++) {
             if (p[i] == NULL)
                 continue;
             if (in->on_device)
@@ -149,6 +166,10 @@ static kvrt_status plan_and_write(kvrt_cache *cache, kvrt_batch *batch, int32_t 
     kvrt_status st = kvrt_batch_plan(cache, n, seqs, pos, batch);
     for (int l = 0; l < N_LAYERS && st == KVRT_OK; l++)
         st = kvrt_write(cache, batch, l, in->k[l], in->v[l], KVRT_F32, stream);
+    for (int l = 0; l < N_LAYERS && st == KVRT_OK; l++) {
+        kvrt_attention_params params = {q_heads[l], 0.0f, 0.0f, KVRT_F32, KVRT_F32};
+        st = kvrt_attention(cache, batch, l, in->q[l], in->out[l], &params, stream);
+    }
     return st;
 }
 
@@ -169,14 +190,17 @@ static kvrt_status edits(kvrt_cache *cache, kvrt_batch *batch, const inputs *sec
     return st;
 }
 
+/* The backend of modes 1 and 2 (the CPU for the self-check). */
+static kvrt_backend device_backend = TEST_BACKEND;
+
 /* mode 0: CPU; 1: device, direct; 2: device, captured and replayed. */
 static void run(int mode, snapshot *out)
 {
     memset(out, 0, sizeof *out);
-    int on_device = mode > 0;
+    int on_device = mode > 0 && device_backend != KVRT_BACKEND_CPU;
     kvrt_cache_desc desc;
     kvrt_cache_desc_init(&desc);
-    desc.device.backend = on_device ? TEST_BACKEND : KVRT_BACKEND_CPU;
+    desc.device.backend = mode > 0 ? device_backend : KVRT_BACKEND_CPU;
     desc.device.ordinal = 0;
     desc.dtype = KVRT_F16;
     desc.n_layers = N_LAYERS;
@@ -249,6 +273,16 @@ static void run(int mode, snapshot *out)
         if (err != cudaSuccess && st == KVRT_OK)
             st = KVRT_ERR_DEVICE;
     }
+    for (int l = 0; l < N_LAYERS && st == KVRT_OK; l++) {
+        size_t bytes = (size_t)(SECOND * out_dim(l) * q_heads[l]) * sizeof(float);
+        out->attn[l] = malloc(bytes);
+        if (on_device) {
+            cudaError_t err = cudaMemcpy(out->attn[l], second.out[l], bytes, cudaMemcpyDeviceToHost);
+            CHECK(err == cudaSuccess, "attention output: %s", cudaGetErrorString(err));
+        } else {
+            memcpy(out->attn[l], second.out[l], bytes);
+        }
+    }
     if (st == KVRT_OK) {
         st = kvrt_cache_check(cache);
         CHECK(st == KVRT_OK, "mode %d: kvrt_cache_check: %s", mode, kvrt_last_error());
@@ -299,23 +333,45 @@ static void compare(const snapshot *cpu, const snapshot *dev, const char *what)
             CHECK(bad == 0, "%s: layer %d seq %d: %lld K values beyond the rotation bound", what, l,
                   q, (long long)bad);
         }
+    /* attention (f32 out): the bound of test_gpu_ops.c's attention_close */
+    for (int l = 0; l < N_LAYERS; l++) {
+        if (cpu->attn[l] == NULL || dev->attn[l] == NULL) {
+            CHECK(0, "%s: layer %d: no attention output", what, l);
+            continue;
+        }
+        int64_t bad = 0, n = SECOND * out_dim(l) * q_heads[l];
+        for (int64_t i = 0; i < n; i++) {
+            float a = cpu->attn[l][i], b = dev->attn[l][i];
+            double m = fabs(a) > fabs(b) ? fabs(a) : fabs(b);
+            bad += !(fabs((double)a - (double)b) <= 1e-4 + 2 * m * ldexp(1.0, -24));
+        }
+        CHECK(bad == 0, "%s: layer %d: %lld of %lld attention outputs beyond the bound", what, l,
+              (long long)bad, (long long)n);
+    }
 }
 
-int main(void)
+/* Usage: test_gpu_graph [cpu]. "cpu" runs the scenario on the CPU backend
+ * twice, without capture, which checks the test where there is no device. */
+int main(int argc, char **argv)
 {
-    if (kvrt_device_count(TEST_BACKEND) == 0) {
-        printf("test_gpu_graph: no %s device, skipped\n", kvrt_backend_name(TEST_BACKEND));
+    int selfcheck = argc > 1 && strcmp(argv[1], "cpu") == 0;
+    if (selfcheck)
+        device_backend = KVRT_BACKEND_CPU;
+    if (kvrt_device_count(device_backend) == 0) {
+        printf("test_gpu_graph: no %s device, skipped\n", kvrt_backend_name(device_backend));
         return GPU_TEST_SKIP;
     }
     snapshot cpu, direct, captured;
     run(0, &cpu);
     run(1, &direct);
-    run(2, &captured);
     CHECK(cpu.n[0][0] > 0 && cpu.n[0][1] > 0 && cpu.n[0][2] > 0, "the scenario left empty sequences");
     compare(&cpu, &direct, "direct");
-    compare(&cpu, &captured, "captured");
+    if (!selfcheck) {
+        run(2, &captured);
+        compare(&cpu, &captured, "captured");
+        snapshot_free(&captured);
+    }
     snapshot_free(&cpu);
     snapshot_free(&direct);
-    snapshot_free(&captured);
     return gpu_test_result("test_gpu_graph");
 }

@@ -3,8 +3,9 @@
  * twin on the CPU backend. Both backends are opened through
  * kvrt_backend_open, get the same inputs, run the same op, and their
  * results are compared: bit-exact for data moves and dtype conversion
- * (write, move, gather, set_pos, zero, copy, staging), within the bound
- * derived at check_rotated for RoPE re-rotation.
+ * (write, move, gather, set_pos, zero, copy, staging), within the bounds
+ * derived at check_rotated for RoPE re-rotation and at attention_close for
+ * attention.
  *
  * Shapes cover the edges: block size 1 and 256, head dims 64..256, MLA rows
  * of 576 (and an odd-sized MLA row that takes the scalar paths), many
@@ -499,6 +500,204 @@ static void test_rotate(rng *r, const kvrt_layout *layouts, int n_layers, int32_
     free(f);
 }
 
+/* ---- attention ---- */
+
+/* The bound of GPU against CPU attention: both accumulate in f32 but in
+ * different orders (dot products over dim_k, sums over keys) and with
+ * different exp (both within 2 ulp). With q, K, V in [-2, 2], scale
+ * 1/sqrt(dim_k), a logit's error is below dim_k * 2^-24 * 4 * scale
+ * (~1e-5 at dim_k 576), which moves each weight by that relative amount and
+ * the output (a convex combination of V values in [-2, 2]) by under 1e-4
+ * absolute; the final rounding to the output dtype adds one ulp on each
+ * side. */
+static int attention_close(float a, float b, int dtype)
+{
+    if (a != a || b != b)
+        return a != a && b != b;
+    double m = fabs(a) > fabs(b) ? fabs(a) : fabs(b);
+    return fabs((double)a - (double)b) <= 1e-4 + 2 * ulp_at(dtype, m);
+}
+
+typedef struct attn_case {
+    kvrt_layout L;
+    int         mla;         /* V is the first dim_v values of the K row */
+    int32_t     dim_v;       /* output values per head */
+    int32_t     n_blocks;
+    int32_t     n_seqs;
+    int32_t     max_seq_blocks;
+    int32_t     tokens_per_seq; /* 1: decode; more: a prefill chunk */
+    int32_t     n_q_heads;
+    int32_t     window;
+    int32_t     causal;      /* 0 with positions NULL: cross-attention */
+    float       softcap;
+    int         q_dtype, out_dtype;
+} attn_case;
+
+static void test_attention(rng *r, attn_case c)
+{
+    const kvrt_layout L = c.L;
+    const int32_t bs = L.block_size;
+    layer_fix f;
+    layer_make(&f, L, c.n_blocks, r, 1);
+    /* positions: per sequence mostly increasing, with holes; the rows of
+     * holes and unused slots hold NaN, which must never reach an output */
+    size_t n_pos = (size_t)c.n_blocks * (size_t)bs;
+    int32_t *pos = malloc(n_pos * sizeof *pos);
+    for (size_t i = 0; i < n_pos; i++)
+        pos[i] = -1;
+    int32_t *order = malloc((size_t)c.n_blocks * sizeof *order);
+    rng_distinct(r, order, c.n_blocks, c.n_blocks);
+    int32_t *indptr = calloc((size_t)c.n_seqs + 1, sizeof *indptr);
+    int32_t *indices = malloc((size_t)c.n_blocks * sizeof *indices);
+    int32_t *n_slots = malloc((size_t)c.n_seqs * sizeof *n_slots);
+    int32_t *max_pos = malloc((size_t)c.n_seqs * sizeof *max_pos);
+    int32_t used = 0, max_seq_slots = 0;
+    for (int32_t s = 0; s < c.n_seqs; s++) {
+        int32_t nb = 1 + (int32_t)rng_below(r, c.max_seq_blocks);
+        if (used + nb > c.n_blocks)
+            nb = c.n_blocks - used;
+        indptr[s + 1] = indptr[s] + nb;
+        for (int32_t b = 0; b < nb; b++)
+            indices[indptr[s] + b] = order[used + b];
+        used += nb;
+        n_slots[s] = nb > 0 ? (nb - 1) * bs + 1 + (int32_t)rng_below(r, bs) : 0;
+        if (n_slots[s] > max_seq_slots)
+            max_seq_slots = n_slots[s];
+        int32_t p = 0;
+        max_pos[s] = 0;
+        for (int32_t i = 0; i < n_slots[s]; i++) {
+            int32_t slot = indices[indptr[s] + i / bs] * bs + i % bs;
+            int hole = (s == 0 && i == 0) || rng_below(r, 10) == 0;
+            pos[slot] = c.causal && hole ? -1 : p;
+            p += 1 + (rng_below(r, 8) == 0); /* sometimes a gap */
+            max_pos[s] = p;
+        }
+    }
+    /* NaN in every row no token may see */
+    {
+        char *k = twin_get(&f.k, CPU), *v = f.v.n > 0 ? twin_get(&f.v, CPU) : NULL;
+        for (size_t slot = 0; slot < n_pos; slot++) {
+            if (pos[slot] >= 0 && c.causal)
+                continue;
+            int inside = 0;
+            for (int32_t s = 0; s < c.n_seqs && !inside; s++)
+                for (int32_t b = indptr[s]; b < indptr[s + 1] && !inside; b++)
+                    inside = (int64_t)slot / bs == indices[b] &&
+                             (int64_t)(b - indptr[s]) * bs + (int64_t)slot % bs < n_slots[s];
+            if (!c.causal && inside)
+                continue; /* cross-attention sees every used slot */
+            for (int32_t h = 0; h < L.n_heads; h++) {
+                for (int32_t d = 0; d < L.dim_k; d++)
+                    kvrt_store(k, L.dtype, kvrt_k_index(&L, (int64_t)slot, h) + d, NAN);
+                for (int32_t d = 0; v != NULL && d < L.dim_v; d++)
+                    kvrt_store(v, L.dtype, kvrt_v_index(&L, (int64_t)slot, h) + d, NAN);
+            }
+        }
+        twin_set(&f.k, k);
+        if (v != NULL)
+            twin_set(&f.v, v);
+        free(k);
+        free(v);
+    }
+    twin pos_dev;
+    twin_alloc(&pos_dev, n_pos * sizeof *pos);
+    twin_set(&pos_dev, pos);
+    /* tokens */
+    int32_t n_tokens = c.n_seqs * c.tokens_per_seq;
+    int32_t *tok_seq = malloc((size_t)n_tokens * sizeof *tok_seq);
+    int32_t *tok_pos = malloc((size_t)n_tokens * sizeof *tok_pos);
+    for (int32_t t = 0; t < n_tokens; t++) {
+        tok_seq[t] = t / c.tokens_per_seq;
+        tok_pos[t] = (int32_t)rng_below(r, max_pos[tok_seq[t]] + 1);
+    }
+    tok_pos[0] = 0; /* sequence 0's slot 0 is a hole: this token may see nothing */
+    size_t q_elems = (size_t)n_tokens * (size_t)c.n_q_heads * (size_t)L.dim_k;
+    size_t out_bytes = (size_t)n_tokens * (size_t)c.n_q_heads * (size_t)c.dim_v * dtype_size(c.out_dtype);
+    twin q, out;
+    twin_alloc(&q, q_elems * dtype_size(c.q_dtype));
+    twin_alloc(&out, out_bytes);
+    void *host = malloc(q_elems * dtype_size(c.q_dtype) > out_bytes ? q_elems * dtype_size(c.q_dtype) : out_bytes);
+    fill_finite(r, host, c.q_dtype, (int64_t)q_elems);
+    twin_set(&q, host);
+    memset(host, 0x7f, out_bytes);
+    twin_set(&out, host);
+    const void *d_tok_seq[2], *d_tok_pos[2], *d_indptr[2], *d_indices[2], *d_n_slots[2];
+    stage_both(tok_seq, (size_t)n_tokens * sizeof *tok_seq, d_tok_seq);
+    stage_both(tok_pos, (size_t)n_tokens * sizeof *tok_pos, d_tok_pos);
+    stage_both(indptr, ((size_t)c.n_seqs + 1) * sizeof *indptr, d_indptr);
+    stage_both(indices, (size_t)(indptr[c.n_seqs] > 0 ? indptr[c.n_seqs] : 1) * sizeof *indices, d_indices);
+    stage_both(n_slots, (size_t)c.n_seqs * sizeof *n_slots, d_n_slots);
+    kvrt_status st[2];
+    for (int s = 0; s < 2; s++) {
+        kvrt_attention_op op;
+        memset(&op, 0, sizeof op);
+        op.layer = layer_ref(&f, s);
+        op.pos = c.causal ? pos_dev.p[s] : NULL;
+        op.causal = c.causal;
+        op.window = c.window;
+        op.mla = c.mla;
+        op.dim_v = c.dim_v;
+        op.n_tokens = n_tokens;
+        op.n_q_heads = c.n_q_heads;
+        op.scale = 1.0f / sqrtf((float)L.dim_k);
+        op.softcap = c.softcap;
+        op.q_dtype = c.q_dtype;
+        op.out_dtype = c.out_dtype;
+        op.q = q.p[s];
+        op.out = out.p[s];
+        op.tok_seq = d_tok_seq[s];
+        op.tok_pos = d_tok_pos[s];
+        op.page_indptr = d_indptr[s];
+        op.page_indices = d_indices[s];
+        op.seq_n_slots = d_n_slots[s];
+        op.n_seqs = c.n_seqs;
+        op.max_seq_slots = max_seq_slots;
+        st[s] = be[s].ops->attention(&be[s], &op, NULL);
+    }
+    finish_both();
+    char name[160];
+    layout_name(&L, name, sizeof name);
+    CHECK(st[CPU] == KVRT_OK && st[DEV] == KVRT_OK, "attention %s: cpu %s, device %s: %s", name,
+          kvrt_status_name(st[CPU]), kvrt_status_name(st[DEV]), kvrt_last_error());
+    if (st[CPU] == KVRT_OK && st[DEV] == KVRT_OK) {
+        char *a = twin_get(&out, CPU), *b = twin_get(&out, DEV);
+        int64_t n = (int64_t)(out_bytes / dtype_size(c.out_dtype)), bad = 0, first = -1, nans = 0;
+        for (int64_t i = 0; i < n; i++) {
+            float x = kvrt_load(a, c.out_dtype, i), y = kvrt_load(b, c.out_dtype, i);
+            nans += x != x;
+            if (!attention_close(x, y, c.out_dtype)) {
+                if (first < 0)
+                    first = i;
+                bad++;
+            }
+        }
+        CHECK(bad == 0, "attention %s, %d q heads, %d tokens (window %d, softcap %g, %s -> %s): "
+              "%lld of %lld outputs beyond the bound, first %lld: cpu %g device %g",
+              name, c.n_q_heads, n_tokens, c.window, (double)c.softcap, dtype_str(c.q_dtype),
+              dtype_str(c.out_dtype), (long long)bad, (long long)n, (long long)first,
+              first >= 0 ? (double)kvrt_load(a, c.out_dtype, first) : 0.0,
+              first >= 0 ? (double)kvrt_load(b, c.out_dtype, first) : 0.0);
+        /* NaN sits only in rows no token sees: none may show */
+        CHECK(nans == 0, "attention %s: the CPU twin read %lld NaN outputs from masked rows", name,
+              (long long)nans);
+        free(a);
+        free(b);
+    }
+    free(host);
+    free(pos);
+    free(order);
+    free(indptr);
+    free(indices);
+    free(n_slots);
+    free(max_pos);
+    free(tok_seq);
+    free(tok_pos);
+    twin_free(&q);
+    twin_free(&out);
+    twin_free(&pos_dev);
+    layer_free(&f);
+}
+
 /* ---- set_pos ---- */
 
 static void test_set_pos(rng *r, int32_t block_size, int32_t n_blocks, int32_t n)
@@ -748,6 +947,72 @@ int main(int argc, char **argv)
         for (int l = 0; l < 40; l++)
             many[l] = layout_attn(8, 128, 128, 16, KVRT_LAYOUT_BF16, 128);
         test_rotate(&r, many, 40, 8, 3, 0, 1000);
+    }
+
+    /* attention: decode and prefill, GQA, windows, soft-cap, MLA, cross */
+    {
+        attn_case c;
+        memset(&c, 0, sizeof c);
+        c.L = layout_attn(8, 128, 128, 16, KVRT_LAYOUT_F16, 128);
+        c.dim_v = 128;
+        c.n_blocks = 256;
+        c.n_seqs = 16;
+        c.max_seq_blocks = 16;
+        c.tokens_per_seq = 1;
+        c.n_q_heads = 32;
+        c.causal = 1;
+        c.q_dtype = KVRT_LAYOUT_F16;
+        c.out_dtype = KVRT_LAYOUT_F16;
+        test_attention(&r, c);
+        c.out_dtype = KVRT_LAYOUT_F32;
+        c.q_dtype = KVRT_LAYOUT_F32;
+        c.window = 37;
+        test_attention(&r, c);
+        c.window = 0;
+        c.softcap = 30.0f;
+        c.tokens_per_seq = 8; /* prefill chunks */
+        c.L = layout_attn(2, 64, 256, 1, KVRT_LAYOUT_BF16, 64);
+        c.dim_v = 256;
+        c.n_blocks = 2048;
+        c.max_seq_blocks = 300;
+        c.n_seqs = 4;
+        c.n_q_heads = 6;
+        test_attention(&r, c);
+        c.softcap = 0;
+        c.L = layout_attn(4, 256, 128, 256, KVRT_LAYOUT_F32, 128);
+        c.dim_v = 128;
+        c.n_blocks = 16;
+        c.max_seq_blocks = 4;
+        c.n_seqs = 3;
+        c.tokens_per_seq = 5;
+        c.n_q_heads = 4;
+        c.out_dtype = KVRT_LAYOUT_F32;
+        test_attention(&r, c);
+        /* MLA: 576-value rows, V the first 512 */
+        c.L = layout_mla(512, 64, 64, KVRT_LAYOUT_BF16);
+        c.mla = 1;
+        c.dim_v = 512;
+        c.n_blocks = 64;
+        c.max_seq_blocks = 16;
+        c.n_seqs = 4;
+        c.tokens_per_seq = 2;
+        c.n_q_heads = 16;
+        c.q_dtype = KVRT_LAYOUT_BF16;
+        c.out_dtype = KVRT_LAYOUT_BF16;
+        test_attention(&r, c);
+        /* cross-attention: no positions, every used slot visible */
+        c.L = layout_attn(4, 64, 64, 128, KVRT_LAYOUT_F16, 0);
+        c.mla = 0;
+        c.dim_v = 64;
+        c.n_blocks = 4;
+        c.max_seq_blocks = 1;
+        c.n_seqs = 4;
+        c.tokens_per_seq = 3;
+        c.n_q_heads = 8;
+        c.causal = 0;
+        c.q_dtype = KVRT_LAYOUT_F16;
+        c.out_dtype = KVRT_LAYOUT_F16;
+        test_attention(&r, c);
     }
 
     /* set_pos */
