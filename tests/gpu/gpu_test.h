@@ -42,7 +42,7 @@ static int gpu_test_failures;
         }                                                                                    \
     } while (0)
 
-/* xorshift64*: the same sequence on every machine. */
+/* xorshift64*: the same sequence everywhere. */
 typedef struct rng {
     uint64_t s;
 } rng;
