@@ -12,7 +12,7 @@
  * blocks, unaligned caller buffers, every source/cache dtype pair.
  *
  * Usage: test_gpu_ops [cuda|hip|cpu]. "cpu" runs the CPU backend against
- * itself, which checks the test itself where there is no device. Exits 77
+ * itself, which checks the test where there is no device. Exits 77
  * when the backend has no device.
  */
 #include "gpu_test.h"
