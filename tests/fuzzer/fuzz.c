@@ -35,6 +35,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "kvrt.h"
 #include "kvrt_layout.h"
@@ -390,6 +391,12 @@ typedef struct fuzz {
     double         *qd, *outd;
     size_t          qd_cap, outd_cap;
     int             attention_unsupported[3];  /* per layer kind */
+    int             state_unsupported;         /* no checksum library in this build */
+    /* an offloaded sequence: kvrt's copy and the reference's */
+    kvrt_offload   *off;
+    ref_model      *off_ref;
+    int32_t         off_seq;
+    int64_t         off_rows[MAX_LAYERS];      /* per group */
     /* counts */
     int64_t         n_ops, n_checks, n_errors_seen;
     int             op_index;
@@ -547,7 +554,14 @@ static void snapshot_free(snapshot *S)
     free(S);
 }
 
-static void take_snapshot(fuzz *F, snapshot *S)
+/* Everything `cache` (F's cache, or another with the same layers) shows.
+ * Row capacities come from the reference, so the other cache must hold the
+ * same tokens. */
+static void take_snapshot_of(fuzz *F, kvrt_cache *cache, snapshot *S);
+
+static void take_snapshot(fuzz *F, snapshot *S) { take_snapshot_of(F, F->cache, S); }
+
+static void take_snapshot_of(fuzz *F, kvrt_cache *cache, snapshot *S)
 {
     for (int s = 0; s < F->desc.max_seqs; s++) {
         for (int l = 0; l < F->n_layers; l++) {
@@ -559,7 +573,7 @@ static void take_snapshot(fuzz *F, snapshot *S)
                 ref_seq_tokens(F->ref, s, &cap), cap += 1;
             rows_reserve(F, r, l, cap);
             int64_t n = -7;
-            kvrt_status st = kvrt_gather(F->cache, l, s, 0, -1, r->k,
+            kvrt_status st = kvrt_gather(cache, l, s, 0, -1, r->k,
                                          F->li[l].v_elems ? r->v : NULL, r->pos, cap, &n, NULL);
             if (st != KVRT_OK)
                 fail(F, "kvrt_gather(layer %d, seq %d) returned %s with n_out %" PRId64
@@ -571,20 +585,20 @@ static void take_snapshot(fuzz *F, snapshot *S)
             r->n = n;
         }
         for (int g = 0; g < F->n_groups; g++) {
-            kvrt_status st = kvrt_seq_group_info_get(F->cache, s, g, &S->info[s][g]);
+            kvrt_status st = kvrt_seq_group_info_get(cache, s, g, &S->info[s][g]);
             if (st != KVRT_OK)
                 fail(F, "kvrt_seq_group_info_get(seq %d, group %d) returned %s", s, g, sname(st));
         }
-        kvrt_status st = kvrt_seq_pos_min(F->cache, s, &S->pos_min[s]);
+        kvrt_status st = kvrt_seq_pos_min(cache, s, &S->pos_min[s]);
         if (st == KVRT_OK)
-            st = kvrt_seq_pos_max(F->cache, s, &S->pos_max[s]);
+            st = kvrt_seq_pos_max(cache, s, &S->pos_max[s]);
         if (st == KVRT_OK)
-            st = kvrt_seq_n_tokens(F->cache, s, &S->n_tokens[s]);
+            st = kvrt_seq_n_tokens(cache, s, &S->n_tokens[s]);
         if (st != KVRT_OK)
             fail(F, "a position query of seq %d returned %s", s, sname(st));
     }
     for (int g = 0; g <= F->n_groups; g++) {
-        kvrt_status st = kvrt_cache_stats_get(F->cache, g == F->n_groups ? -1 : g, &S->stats[g]);
+        kvrt_status st = kvrt_cache_stats_get(cache, g == F->n_groups ? -1 : g, &S->stats[g]);
         if (st != KVRT_OK)
             fail(F, "kvrt_cache_stats_get(%d) returned %s", g == F->n_groups ? -1 : g, sname(st));
     }
@@ -1314,6 +1328,8 @@ static void stream_setup(fuzz *F)
 
 static void stream_teardown(fuzz *F)
 {
+    kvrt_offload_free(F->off);
+    ref_destroy(F->off_ref);
     kvrt_batch_destroy(F->batch);
     kvrt_cache_destroy(F->cache);
     ref_destroy(F->ref);
@@ -1823,7 +1839,8 @@ static void gen_range(fuzz *F, int32_t seq, int32_t *p0, int32_t *p1)
 
 /* Whether an edit of seq (all when < 0) may need a block for copy-on-write
  * that the pool cannot give: some shared block and fewer available blocks
- * than the affected page tables hold. */
+ * than the affected page tables hold. Then KVRT_ERR_CAPACITY is a right
+ * answer, also beside a collision (the checks may run in either order). */
 static int cow_capacity_possible(const fuzz *F, int32_t seq)
 {
     const snapshot *S = before(F);
@@ -1853,7 +1870,7 @@ static void op_rm(fuzz *F, int32_t seq, int32_t p0, int32_t p1)
 {
     uint64_t digest = ref_digest(F);
     ref_status_set allowed = ref_seq_rm(F->ref, seq, p0, p1, 0);
-    if (REF_HAS(allowed, KVRT_OK) && cow_capacity_possible(F, seq))
+    if ((allowed & ~SET(ERR_INVALID_ARG)) && cow_capacity_possible(F, seq))
         allowed |= SET(ERR_CAPACITY);
     oplog(F, "kvrt_seq_rm(seq %d, [%d, %d))", (int)seq, (int)p0, (int)p1);
     kvrt_status st = kvrt_seq_rm(F->cache, seq, p0, p1);
@@ -1871,7 +1888,7 @@ static void op_shift(fuzz *F, int32_t seq, int32_t p0, int32_t p1, int32_t delta
 {
     uint64_t digest = ref_digest(F);
     ref_status_set allowed = ref_seq_shift(F->ref, seq, p0, p1, delta, 0);
-    if (REF_HAS(allowed, KVRT_OK) && cow_capacity_possible(F, seq))
+    if ((allowed & ~SET(ERR_INVALID_ARG)) && cow_capacity_possible(F, seq))
         allowed |= SET(ERR_CAPACITY);
     oplog(F, "kvrt_seq_shift(seq %d, [%d, %d), delta %d)", (int)seq, (int)p0, (int)p1, (int)delta);
     kvrt_status st = kvrt_seq_shift(F->cache, seq, p0, p1, delta);
@@ -1889,7 +1906,7 @@ static void op_div(fuzz *F, int32_t seq, int32_t p0, int32_t p1, int d)
 {
     uint64_t digest = ref_digest(F);
     ref_status_set allowed = ref_seq_div(F->ref, seq, p0, p1, d, 0);
-    if (REF_HAS(allowed, KVRT_OK) && cow_capacity_possible(F, seq))
+    if ((allowed & ~SET(ERR_INVALID_ARG)) && cow_capacity_possible(F, seq))
         allowed |= SET(ERR_CAPACITY);
     oplog(F, "kvrt_seq_div(seq %d, [%d, %d), d %d)", (int)seq, (int)p0, (int)p1, d);
     kvrt_status st = kvrt_seq_div(F->cache, seq, p0, p1, d);
@@ -2107,6 +2124,409 @@ static void op_gather(fuzz *F)
     check(F, 1);
 }
 
+/* ------------------------------------------------------------------------ */
+/* State files and host offload                                              */
+/* ------------------------------------------------------------------------ */
+
+typedef struct membuf {
+    uint8_t *p;
+    size_t   n, cap;
+} membuf;
+
+static kvrt_status mem_write(void *user, const void *data, size_t size)
+{
+    membuf *b = user;
+    if (b->n + size > b->cap) {
+        b->cap = (b->n + size) * 2;
+        b->p = xrealloc(b->p, b->cap);
+    }
+    memcpy(b->p + b->n, data, size);
+    b->n += size;
+    return KVRT_OK;
+}
+
+typedef struct memread {
+    const uint8_t *p;
+    size_t         n, at;
+} memread;
+
+static kvrt_status mem_read(void *user, void *data, size_t size, size_t *got)
+{
+    memread *r = user;
+    size_t k = r->n - r->at < size ? r->n - r->at : size;
+    memcpy(data, r->p + r->at, k);
+    r->at += k;
+    *got = k;
+    return KVRT_OK;
+}
+
+/* Rows per group a sequence holds in snapshot S: live tokens of a self
+ * group, rows of a cross group. */
+static void seq_group_rows(const fuzz *F, const snapshot *S, int32_t seq, int64_t *rows)
+{
+    for (int g = 0; g < F->n_groups; g++)
+        rows[g] = F->g[g].self ? S->info[seq][g].n_tokens : S->rows[seq][F->g[g].first_layer].n;
+}
+
+/* Whether rows (per group, summed over the loaded sequences, each sequence's
+ * count rounded up to blocks of bs) fit the blocks free or growable in S of
+ * a cache whose pools may grow to max_blocks: KVRT_OK or
+ * KVRT_ERR_CAPACITY. A load packs each sequence's rows into whole blocks. */
+static ref_status_set load_fits(const fuzz *F, const snapshot *S, int n_seqs,
+                                int64_t rows[][MAX_LAYERS], int bs, int64_t max_blocks)
+{
+    for (int g = 0; g < F->n_groups; g++) {
+        if (!F->g[g].self)
+            continue; /* a cross row set takes the target's own cross slot */
+        int64_t need = 0;
+        for (int i = 0; i < n_seqs; i++)
+            need += (rows[i][g] + bs - 1) / bs;
+        if (need > S->stats[g].blocks_free + (max_blocks - S->stats[g].blocks_total))
+            return SET(ERR_CAPACITY);
+    }
+    return SET(OK);
+}
+
+/* Saves one sequence (or all) into memory: the image, or NULL when this
+ * build writes no states. */
+static membuf save_state(fuzz *F, int32_t seq, kvrt_status *status)
+{
+    membuf b = {NULL, 0, 0};
+    uint64_t size = 0;
+    int bad = seq >= F->desc.max_seqs;
+    oplog(F, "kvrt_state_size(seq %d)", (int)seq);
+    kvrt_status st = kvrt_state_size(F->cache, seq, &size);
+    oplog_status(F, st);
+    expect(F, "kvrt_state_size", st, bad ? SET(ERR_INVALID_ARG) : SET(OK) | SET(ERR_UNSUPPORTED));
+    oplog(F, "kvrt_state_write(seq %d) to memory", (int)seq);
+    st = kvrt_state_write(F->cache, seq, mem_write, &b);
+    oplog_status(F, st);
+    expect(F, "kvrt_state_write", st, bad ? SET(ERR_INVALID_ARG) : SET(OK) | SET(ERR_UNSUPPORTED));
+    if (st == KVRT_ERR_UNSUPPORTED)
+        F->state_unsupported = 1;
+    if (st == KVRT_OK && b.n != size)
+        fail(F, "kvrt_state_write wrote %zu bytes, kvrt_state_size said %" PRIu64, b.n, size);
+    *status = st;
+    check(F, 1);
+    return b;
+}
+
+/* Loads an image into F's cache; allowed statuses given; on success the
+ * reference imports `seqs` of `from` (dst >= 0: the one sequence into dst). */
+static kvrt_status load_state(fuzz *F, const membuf *image, size_t len, int32_t dst,
+                              ref_status_set allowed, const char *what)
+{
+    memread r = {image->p, len, 0};
+    oplog(F, "kvrt_state_read(dst %d, %zu of %zu bytes%s)", (int)dst, len, image->n, what);
+    kvrt_status st = kvrt_state_read(F->cache, dst, mem_read, &r);
+    oplog_status(F, st);
+    expect(F, "kvrt_state_read", st, allowed);
+    if (st != KVRT_OK && kvrt_last_error()[0] == '\0')
+        fail(F, "kvrt_state_read failed without a message");
+    return st;
+}
+
+/* A damaged copy of an image: one bit flipped, or cut short. */
+static size_t damage(fuzz *F, membuf *copy, const membuf *image, const char **what)
+{
+    copy->p = xmalloc(image->n);
+    copy->n = copy->cap = image->n;
+    memcpy(copy->p, image->p, image->n);
+    if (image->n > 0 && rng_chance(&F->r, 0.6)) {
+        size_t at = (size_t)rng_below(&F->r, (int64_t)image->n);
+        copy->p[at] ^= (uint8_t)(1u << rng_below(&F->r, 8));
+        *what = ", one bit flipped";
+        return image->n;
+    }
+    *what = ", truncated";
+    return image->n > 0 ? (size_t)rng_below(&F->r, (int64_t)image->n) : 0;
+}
+
+/* Every sequence saved, then loaded into a second cache of another block
+ * size, which must then show the same rows, positions and evicted ranges;
+ * and into a cache of a different description, which must refuse it. */
+static void load_elsewhere(fuzz *F, const membuf *image)
+{
+    const snapshot *S = before(F);
+    kvrt_cache_desc d = F->desc;
+    int shift = (int)rng_below(&F->r, 7);
+    d.block_size = 1 << shift;
+    if (d.block_size == F->desc.block_size)
+        d.block_size = d.block_size == 64 ? 8 : d.block_size * 2;
+    int64_t rows[MAX_SEQS][MAX_LAYERS], need = 1;
+    for (int s = 0; s < F->desc.max_seqs; s++) {
+        seq_group_rows(F, S, s, rows[s]);
+    }
+    for (int g = 0; g < F->n_groups; g++) {
+        int64_t n = 0;
+        for (int s = 0; s < F->desc.max_seqs; s++)
+            n += (rows[s][g] + d.block_size - 1) / d.block_size;
+        if (n > need)
+            need = n;
+    }
+    d.n_blocks = (int)need + (int)rng_below(&F->r, 3) - (rng_chance(&F->r, 0.1) ? 1 : 0);
+    if (d.n_blocks < 1)
+        d.n_blocks = 1;
+    d.max_blocks = 0;
+    kvrt_cache *other = NULL;
+    oplog(F, "kvrt_cache_create(a second cache, block_size %d, n_blocks %d)", d.block_size, d.n_blocks);
+    kvrt_status st = kvrt_cache_create(&d, &other);
+    oplog_status(F, st);
+    expect(F, "kvrt_cache_create", st, SET(OK));
+    snapshot *T = calloc(1, sizeof(snapshot));
+    if (T == NULL)
+        fprintf(stderr, "kvrt-fuzz: out of host memory\n"), exit(1);
+    take_snapshot_of(F, other, T);
+    ref_status_set allowed = SET(OK);
+    for (int g = 0; g < F->n_groups; g++) {
+        if (!F->g[g].self)
+            continue;
+        int64_t n = 0;
+        for (int s = 0; s < F->desc.max_seqs; s++)
+            n += (rows[s][g] + d.block_size - 1) / d.block_size;
+        if (n > d.n_blocks)
+            allowed = SET(ERR_CAPACITY);
+    }
+    memread r = {image->p, image->n, 0};
+    oplog(F, "kvrt_state_read(the second cache, dst -1, %zu bytes)", image->n);
+    st = kvrt_state_read(other, -1, mem_read, &r);
+    oplog_status(F, st);
+    expect(F, "kvrt_state_read into a cache of another block size", st, allowed);
+    if (st == KVRT_OK) {
+        if (kvrt_cache_check(other) != KVRT_OK)
+            fail(F, "kvrt_cache_check of the second cache: %s", kvrt_last_error());
+        take_snapshot_of(F, other, T);
+        int64_t es = cache_elem_size(F);
+        for (int s = 0; s < F->desc.max_seqs; s++) {
+            for (int l = 0; l < F->n_layers; l++) {
+                const snap_rows *a = &S->rows[s][l], *b = &T->rows[s][l];
+                int64_t kb = a->n * F->li[l].k_elems * es, vb = a->n * F->li[l].v_elems * es;
+                if (a->n != b->n || memcmp(a->pos, b->pos, (size_t)a->n * sizeof(int32_t)) != 0 ||
+                    memcmp(a->k, b->k, (size_t)kb) != 0 || (vb && memcmp(a->v, b->v, (size_t)vb)))
+                    fail(F, "seq %d layer %d loaded into a cache of block size %d differs (%" PRId64
+                            " rows saved, %" PRId64 " loaded)",
+                         s, l, d.block_size, a->n, b->n);
+            }
+            for (int g = 0; g < F->n_groups; g++)
+                if (S->info[s][g].n_tokens != T->info[s][g].n_tokens ||
+                    S->info[s][g].evicted_max != T->info[s][g].evicted_max)
+                    fail(F, "seq %d group %d loaded into a cache of block size %d: %" PRId64
+                            " tokens evicted_max %d, saved %" PRId64 " and %d",
+                         s, g, d.block_size, T->info[s][g].n_tokens, (int)T->info[s][g].evicted_max,
+                         S->info[s][g].n_tokens, (int)S->info[s][g].evicted_max);
+        }
+    }
+    snapshot_free(T);
+    kvrt_cache_destroy(other);
+
+    /* a cache of another description refuses the image */
+    kvrt_cache_desc e = F->desc;
+    kvrt_layer_desc layers[MAX_LAYERS];
+    memcpy(layers, F->layers, sizeof layers);
+    e.layers = layers;
+    const char *field;
+    int l = (int)rng_below(&F->r, F->n_layers);
+    switch (rng_below(&F->r, 4)) {
+    case 0: e.dtype = (kvrt_dtype)((e.dtype + 1) % 3), field = "dtype"; break;
+    case 1: e.rope.theta *= 2, field = "rope theta"; break;
+    case 2: e.rope.style = e.rope.style == KVRT_ROPE_NORMAL ? KVRT_ROPE_NEOX : KVRT_ROPE_NORMAL, field = "rope style"; break;
+    default:
+        if (layers[l].kind == KVRT_LAYER_MLA)
+            layers[l].latent_dim += 8;
+        else
+            layers[l].head_dim_v = layers[l].head_dim_v == 8 ? 16 : 8;
+        field = "a layer's dimension";
+        break;
+    }
+    oplog(F, "kvrt_cache_create(a cache with another %s)", field);
+    st = kvrt_cache_create(&e, &other);
+    oplog_status(F, st);
+    expect(F, "kvrt_cache_create", st, SET(OK));
+    r.at = 0;
+    oplog(F, "kvrt_state_read(the cache with another %s, dst -1)", field);
+    st = kvrt_state_read(other, -1, mem_read, &r);
+    oplog_status(F, st);
+    expect(F, "kvrt_state_read into an incompatible cache", st, SET(ERR_INCOMPATIBLE));
+    if (kvrt_last_error()[0] == '\0')
+        fail(F, "kvrt_state_read: KVRT_ERR_INCOMPATIBLE without a message");
+    kvrt_cache_stats stats;
+    if (kvrt_cache_stats_get(other, -1, &stats) != KVRT_OK || stats.blocks_used != 0)
+        fail(F, "a refused state load changed the cache");
+    kvrt_cache_destroy(other);
+    check(F, 1);
+}
+
+static void op_save_load(fuzz *F)
+{
+    if (F->state_unsupported)
+        return;
+    rng *r = &F->r;
+    int all = rng_chance(r, 0.35);
+    int32_t seq = all ? -1 : random_seq(F, 0, 0.03);
+    kvrt_status st;
+    membuf image = save_state(F, seq, &st);
+    if (st != KVRT_OK) {
+        free(image.p);
+        return;
+    }
+    const snapshot *S = before(F);
+    ref_model *saved = ref_clone(F->ref);
+    int64_t rows[MAX_SEQS][MAX_LAYERS];
+    int variant = (int)rng_below(r, 4);
+    if (variant == 0) { /* damaged */
+        membuf bad;
+        const char *what;
+        size_t len = damage(F, &bad, &image, &what);
+        int32_t dst = all ? -1 : (int32_t)rng_below(r, F->desc.max_seqs);
+        load_state(F, &bad, len, dst,
+                   SET(ERR_CORRUPT) | SET(ERR_INCOMPATIBLE) | SET(ERR_INVALID_ARG), what);
+        free(bad.p);
+        check(F, 1);
+    } else if (all && variant == 1) {
+        load_elsewhere(F, &image);
+    } else if (all) { /* clear, then load everything back */
+        for (int s = 0; s < F->desc.max_seqs; s++)
+            seq_group_rows(F, S, s, rows[s]);
+        oplog(F, "kvrt_cache_clear()");
+        st = kvrt_cache_clear(F->cache);
+        oplog_status(F, st);
+        expect(F, "kvrt_cache_clear", st, SET(OK));
+        if (F->plan_state != PLAN_NONE)
+            F->plan_state = PLAN_STALE;
+        /* an empty cache: every block free, the pool as far as it grew */
+        snapshot *E = calloc(1, sizeof(snapshot));
+        if (E == NULL)
+            fprintf(stderr, "kvrt-fuzz: out of host memory\n"), exit(1);
+        for (int g = 0; g < F->n_groups; g++) {
+            E->stats[g] = S->stats[g];
+            E->stats[g].blocks_free = S->stats[g].blocks_total;
+        }
+        ref_status_set allowed =
+            load_fits(F, E, F->desc.max_seqs, rows, F->desc.block_size, max_blocks_of(F));
+        free(E);
+        st = load_state(F, &image, image.n, -1, allowed, "");
+        if (st != KVRT_OK)
+            ref_clear(F->ref);
+        for (int s = 0; s < F->desc.max_seqs; s++)
+            F->pristine[s] = 0;
+        check(F, 0);
+    } else { /* one sequence into another id (or the same), through memory or a file */
+        int32_t dst = (int32_t)rng_below(r, F->desc.max_seqs);
+        for (int k = 0; k < F->desc.max_seqs && rng_chance(r, 0.8); k++) {
+            int32_t s = (int32_t)rng_below(r, F->desc.max_seqs);
+            if (ref_seq_is_empty(F->ref, s)) {
+                dst = s;
+                break;
+            }
+        }
+        ref_status_set allowed;
+        if (seq >= F->desc.max_seqs || !ref_seq_is_empty(F->ref, dst)) {
+            allowed = SET(ERR_INVALID_ARG);
+        } else {
+            seq_group_rows(F, S, seq, rows[0]);
+            allowed = load_fits(F, S, 1, rows, F->desc.block_size, max_blocks_of(F));
+        }
+        uint64_t digest = ref_digest(F);
+        if (variant == 3 && rng_chance(r, 0.3)) {
+            char path[256];
+            const char *dir = getenv("TMPDIR");
+            snprintf(path, sizeof path, "%s/kvrt-fuzz-%ld-%" PRId64 ".state",
+                     dir && *dir ? dir : "/tmp", (long)getpid(), F->stream);
+            oplog(F, "kvrt_state_save_file(seq %d, %s)", (int)seq, path);
+            st = kvrt_state_save_file(F->cache, seq, path);
+            oplog_status(F, st);
+            expect(F, "kvrt_state_save_file", st, SET(OK));
+            oplog(F, "kvrt_state_load_file(dst %d)", (int)dst);
+            st = kvrt_state_load_file(F->cache, dst, path);
+            oplog_status(F, st);
+            expect(F, "kvrt_state_load_file", st, allowed);
+            remove(path);
+            oplog(F, "kvrt_state_load_file(dst %d, a missing file)", (int)dst);
+            kvrt_status st2 = kvrt_state_load_file(F->cache, dst, path);
+            oplog_status(F, st2);
+            expect(F, "kvrt_state_load_file of a missing file", st2, SET(ERR_IO));
+        } else {
+            st = load_state(F, &image, image.n, dst, allowed, "");
+        }
+        if (st == KVRT_OK) {
+            ref_seq_import(F->ref, dst, saved, seq);
+            F->pristine[dst] = 0;
+            edit_done(F, digest, 1);
+        }
+        check(F, st != KVRT_OK);
+    }
+    ref_destroy(saved);
+    free(image.p);
+}
+
+static void op_offload(fuzz *F)
+{
+    if (F->state_unsupported)
+        return;
+    rng *r = &F->r;
+    if (F->off != NULL && rng_chance(r, 0.2)) {
+        oplog(F, "kvrt_offload_free()");
+        kvrt_offload_free(F->off);
+        ref_destroy(F->off_ref);
+        F->off = NULL;
+        F->off_ref = NULL;
+        return;
+    }
+    if (F->off == NULL) {
+        int32_t seq = random_seq(F, 0, 0.03);
+        kvrt_offload *off = NULL;
+        uint64_t digest = ref_digest(F);
+        oplog(F, "kvrt_seq_offload(seq %d)", (int)seq);
+        kvrt_status st = kvrt_seq_offload(F->cache, seq, &off);
+        oplog_status(F, st);
+        expect(F, "kvrt_seq_offload", st,
+               seq >= F->desc.max_seqs ? SET(ERR_INVALID_ARG) : SET(OK) | SET(ERR_UNSUPPORTED));
+        if (st == KVRT_ERR_UNSUPPORTED)
+            F->state_unsupported = 1;
+        if (st != KVRT_OK) {
+            if (off != NULL)
+                fail(F, "a failed kvrt_seq_offload left *out non-NULL");
+            check(F, 1);
+            return;
+        }
+        if (off == NULL || kvrt_offload_bytes(off) == 0)
+            fail(F, "kvrt_seq_offload returned no offload");
+        F->off = off;
+        F->off_ref = ref_clone(F->ref);
+        F->off_seq = seq;
+        seq_group_rows(F, before(F), seq, F->off_rows);
+        ref_seq_rm(F->ref, seq, 0, -1, 1);
+        edit_done(F, digest, 1);
+        check(F, 0);
+        return;
+    }
+    int32_t dst = (int32_t)rng_below(r, F->desc.max_seqs);
+    for (int k = 0; k < F->desc.max_seqs && rng_chance(r, 0.8); k++) {
+        int32_t s = (int32_t)rng_below(r, F->desc.max_seqs);
+        if (ref_seq_is_empty(F->ref, s)) {
+            dst = s;
+            break;
+        }
+    }
+    ref_status_set allowed = SET(ERR_INVALID_ARG);
+    if (ref_seq_is_empty(F->ref, dst)) {
+        int64_t rows[1][MAX_LAYERS];
+        memcpy(rows[0], F->off_rows, sizeof F->off_rows);
+        allowed = load_fits(F, before(F), 1, rows, F->desc.block_size, max_blocks_of(F));
+    }
+    uint64_t digest = ref_digest(F);
+    oplog(F, "kvrt_seq_restore(dst %d) of seq %d", (int)dst, (int)F->off_seq);
+    kvrt_status st = kvrt_seq_restore(F->cache, dst, F->off);
+    oplog_status(F, st);
+    expect(F, "kvrt_seq_restore", st, allowed);
+    if (st == KVRT_OK) {
+        ref_seq_import(F->ref, dst, F->off_ref, F->off_seq);
+        F->pristine[dst] = 0;
+        edit_done(F, digest, 1);
+    }
+    check(F, st != KVRT_OK);
+}
+
 /* A write of the batch's current plan, whatever its state. */
 static void op_stale_write(fuzz *F)
 {
@@ -2297,8 +2717,8 @@ static void run_op(fuzz *F)
         has_cross |= F->li[l].d.kind == KVRT_LAYER_CROSS;
     /* weights */
     enum { W_PLAN, W_RM, W_CP, W_KEEP, W_SHIFT, W_CTX, W_DIV, W_COMPACT, W_CLEAR, W_CROSS,
-           W_GATHER, W_INVALID, W_STALE, W_BATCH, W_N };
-    int w[W_N] = {34, 9, 7, 1, 8, 3, 4, 4, 1, has_cross ? 7 : 0, 4, 8, 2, 1};
+           W_GATHER, W_INVALID, W_STALE, W_BATCH, W_STATE, W_OFFLOAD, W_N };
+    int w[W_N] = {34, 9, 7, 1, 8, 3, 4, 4, 1, has_cross ? 7 : 0, 4, 8, 2, 1, 3, 2};
     int total = 0;
     for (int i = 0; i < W_N; i++)
         total += w[i];
@@ -2335,6 +2755,8 @@ static void run_op(fuzz *F)
     case W_GATHER: op_gather(F); break;
     case W_INVALID: op_invalid(F); break;
     case W_STALE: op_stale_write(F); break;
+    case W_STATE: op_save_load(F); break;
+    case W_OFFLOAD: op_offload(F); break;
     default: op_new_batch(F); break;
     }
 }

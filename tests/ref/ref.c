@@ -735,6 +735,20 @@ void ref_clear(ref_model *m)
     }
 }
 
+void ref_seq_import(ref_model *m, int32_t dst, const ref_model *from, int32_t src)
+{
+    const ref_seq *s = &from->seqs[src];
+    ref_seq *d = &m->seqs[dst];
+    seq_clear(d);
+    seq_reserve(d, s->n);
+    for (int64_t i = 0; i < s->n; i++)
+        d->tokens[i] = token_copy(m, &s->tokens[i]);
+    d->n = s->n;
+    for (int l = 0; l < m->n_layers; l++)
+        if (m->layers[l].kind == KVRT_LAYER_CROSS)
+            cross_copy(cross_of(m, l, dst), cross_of(from, l, src), &m->layers[l]);
+}
+
 /* ---- attention ---- */
 
 /* Whether a key at kpos is visible to a query at qpos in a self layer. */

@@ -146,6 +146,10 @@ ref_status_set ref_seq_shift(ref_model *m, int32_t seq, int32_t p0, int32_t p1, 
                              int apply);
 ref_status_set ref_seq_div(ref_model *m, int32_t seq, int32_t p0, int32_t p1, int d, int apply);
 void ref_clear(ref_model *m);
+/* Copies sequence src of `from` (tokens and cross rows) into sequence dst of
+ * m, which must be empty (a state load or an offload restored). The models
+ * must have the same layers. */
+void ref_seq_import(ref_model *m, int32_t dst, const ref_model *from, int32_t src);
 
 /* ---- RoPE, in double ---- */
 

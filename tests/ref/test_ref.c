@@ -266,6 +266,16 @@ static void test_rm_cp_keep(void)
     CHECK(positions_are(m, 2, 1, want3));
     CHECK(positions_are(m, 0, 2, want4));
 
+    /* import from another model: tokens and cross rows, deep copies */
+    ref_model *other = ref_clone(m);
+    CHECK(ref_seq_rm(m, 0, 0, -1, 1) == OKSET);
+    CHECK(ref_seq_is_empty(m, 0));
+    ref_seq_import(m, 0, other, 0);
+    ref_destroy(other);
+    CHECK(positions_are(m, 0, 2, want4));
+    CHECK(ref_cross_rows(m, 1, 0, &k, NULL) == 3 && k[5] == 6);
+    CHECK(ref_seq_find(m, 0, 3)->data[1] == (double)3.1f);
+
     /* keep */
     CHECK(ref_seq_keep(m, 3, 0) == ERRSET(INVALID_ARG));
     CHECK(ref_seq_keep(m, -1, 0) == ERRSET(INVALID_ARG));
