@@ -407,6 +407,10 @@ typedef struct fuzz {
 
 static int64_t total_ops, total_checks, total_errors, total_attention;
 static int64_t rows_rotated, rows_exact, max_rotations;
+/* Largest error of a re-rotated element seen, per dtype, in units of
+ * rotations * eps * max|rotated element| (the bound allows 4 + a little). */
+static double worst_rotation_error[3];
+static double worst_attention_error; /* largest |error| / bound of an attention output */
 
 /* Per call and status, how often it happened (printed with -v). */
 enum { TALLY_CALLS = 48, TALLY_STATUS = 16 };
@@ -444,6 +448,10 @@ static void tally_print(void)
     }
     printf("  rows compared: %" PRId64 " exact, %" PRId64 " re-rotated (up to %" PRId64 " times)\n",
            rows_exact, rows_rotated, max_rotations);
+    printf("  largest re-rotation error, in rotations x eps x max|element| (bound 4): f32 %.3g, "
+           "f16 %.3g, bf16 %.3g\n",
+           worst_rotation_error[0], worst_rotation_error[1], worst_rotation_error[2]);
+    printf("  largest attention error, as a fraction of its bound: %.3g\n", worst_attention_error);
 }
 
 static const char *sname(kvrt_status st) { return kvrt_status_name(st); }
@@ -666,8 +674,12 @@ static void compare_row(fuzz *F, int seq, int layer, int32_t pos, const snap_row
     for (int64_t e = 0; e < L->k_elems; e++) {
         double got = ref_load(r->k, dt, i * L->k_elems + e), want = ref_k[e];
         int ok;
-        if (rotations > 0 && L->rotary[e])
+        if (rotations > 0 && L->rotary[e]) {
             ok = fabs(got - want) <= bound;
+            double unit = (bound - rotations * 0x1.0p-24) / 4;
+            if (unit > 0 && fabs(got - want) / unit > worst_rotation_error[dt])
+                worst_rotation_error[dt] = fabs(got - want) / unit;
+        }
         else
             ok = got == want && signbit(got) == signbit(want);
         if (!ok) {
@@ -1134,7 +1146,7 @@ static void make_desc(fuzz *F)
     else if (o->model == MODEL_GEMMA && rng_chance(r, 0.5))
         d->block_size = 16;
     else
-        d->block_size = 1 << rng_below(r, 7);
+        d->block_size = 1 << (rng_chance(r, 0.05) ? 7 + rng_below(r, 2) : rng_below(r, 7));
     int big = 0;
     for (int l = 0; l < F->n_layers; l++)
         big |= F->layers[l].latent_dim >= 512;
@@ -1527,6 +1539,8 @@ static void op_attention(fuzz *F, int layer)
                 double got = ref_load(hout, p.out_dtype, (int64_t)t * p.n_q_heads * dv + e);
                 double want = F->outd[e];
                 int ok = keys == 0 ? got == 0 : fabs(got - want) <= tol;
+                if (keys > 0 && fabs(got - want) / tol > worst_attention_error)
+                    worst_attention_error = fabs(got - want) / tol;
                 if (!ok)
                     fail(F, "attention layer %d token %d (seq %d pos %d) head %" PRId64
                             " dim %" PRId64 ": %.9g, reference %.9g (difference %.3g, bound %.3g, "
@@ -2754,7 +2768,12 @@ static void run_op(fuzz *F)
     case W_CROSS: op_cross_set(F); break;
     case W_GATHER: op_gather(F); break;
     case W_INVALID: op_invalid(F); break;
-    case W_STALE: op_stale_write(F); break;
+    case W_STALE:
+        if (F->plan_n > 0 && rng_chance(r, 0.4))
+            op_attention(F, (int)rng_below(r, F->n_layers)); /* on whatever the plan is now */
+        else
+            op_stale_write(F);
+        break;
     case W_STATE: op_save_load(F); break;
     case W_OFFLOAD: op_offload(F); break;
     default: op_new_batch(F); break;
