@@ -4,7 +4,9 @@
  * Random operation streams run on a kvrt cache (any backend) and on the
  * reference model (tests/ref) side by side: plans with ragged batches,
  * writes, cross-attention K/V, rm, cp, keep, shift, div, compact, clear,
- * gathers, attention and invalid calls. After every operation:
+ * gathers, attention, state save/load (into the same cache, into a second
+ * cache of another block size, damaged images, files), offload/restore and
+ * invalid calls. After every operation:
  *   (a) kvrt's status is one the reference allows for the call;
  *   (b) every sequence's rows of every layer, gathered in position order,
  *       equal the reference: bit-exact where data was only moved, within a
@@ -16,7 +18,9 @@
  *       statistics, group infos and every gathered byte are as before.
  * kvrt_batch_plan's KVRT_ERR_CAPACITY and KVRT_ERR_WINDOW_EVICTED are judged
  * against kvrt's own statistics and group infos: a refusal must be justified
- * by them, and an acceptance must not lose a row a token should see.
+ * by them, and an acceptance must not lose a row a token should see. After a
+ * decode step of a sequence only ever appended to, a sliding-window group
+ * holds at most ceil(window / block_size) + 2 blocks of it.
  *
  * Usage: kvrt-fuzz [--backend cpu|cuda|hip] [--streams N] [--seed S]
  *                  [--first I] [--model attn|gemma|deepseek|whisper|mixed]
