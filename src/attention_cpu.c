@@ -48,6 +48,7 @@
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__)) && \
     !(defined(KVRT_ATTENTION_GENERIC) && KVRT_ATTENTION_GENERIC)
 #  define KVRT_ATTENTION_X86 1
+#  include <cpuid.h>
 #  include <immintrin.h>
 #else
 #  define KVRT_ATTENTION_X86 0
@@ -209,6 +210,65 @@ KVRT_ALWAYS_INLINE void dot_rows(float *restrict s, const float *restrict q,
             a0[0] = madd(q[d], k0[d], a0[0], fused);
         s[c] = sum_lanes(a0);
     }
+}
+
+#if KVRT_ATTENTION_X86
+/* The lane sums of eight vectors as one vector (three pairwise levels, as
+ * sum_lanes): a few shuffles instead of seven scalar adds per sum. */
+__attribute__((target("avx2,fma"))) static inline __m256
+sum_lanes8_avx2(__m256 a0, __m256 a1, __m256 a2, __m256 a3, __m256 a4, __m256 a5, __m256 a6,
+                __m256 a7)
+{
+    __m256 t0 = _mm256_hadd_ps(a0, a1), t1 = _mm256_hadd_ps(a2, a3);
+    __m256 t2 = _mm256_hadd_ps(a4, a5), t3 = _mm256_hadd_ps(a6, a7);
+    __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20),
+                         _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+/* dot_rows with AVX2: eight keys at a time, eight independent chains. */
+__attribute__((target("avx2,fma"))) static void dot_rows_avx2(float *restrict s,
+                                                              const float *restrict q,
+                                                              const float *restrict k,
+                                                              int64_t stride, int32_t n,
+                                                              int32_t dim)
+{
+    int32_t c = 0;
+    if (dim % 8 == 0) {
+        for (; c + 8 <= n; c += 8) {
+            const float *kc = k + c * stride;
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0,
+                   a6 = a0, a7 = a0;
+            for (int32_t d = 0; d < dim; d += 8) {
+                __m256 qd = _mm256_loadu_ps(q + d);
+                a0 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(kc + d), a0);
+                a1 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(kc + stride + d), a1);
+                a2 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(kc + 2 * stride + d), a2);
+                a3 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(kc + 3 * stride + d), a3);
+                a4 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(kc + 4 * stride + d), a4);
+                a5 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(kc + 5 * stride + d), a5);
+                a6 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(kc + 6 * stride + d), a6);
+                a7 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(kc + 7 * stride + d), a7);
+            }
+            _mm256_storeu_ps(s + c, sum_lanes8_avx2(a0, a1, a2, a3, a4, a5, a6, a7));
+        }
+    }
+    dot_rows(s + c, q, k + c * stride, stride, n - c, dim, 1);
+}
+#endif
+
+/* dot_rows in the copy being compiled (fused: the AVX2 + FMA one). */
+KVRT_ALWAYS_INLINE void dot_rows_isa(float *restrict s, const float *restrict q,
+                                     const float *restrict k, int64_t stride, int32_t n,
+                                     int32_t dim, const int fused)
+{
+#if KVRT_ATTENTION_X86
+    if (fused) {
+        dot_rows_avx2(s, q, k, stride, n, dim);
+        return;
+    }
+#endif
+    dot_rows(s, q, k, stride, n, dim, fused);
 }
 
 /* acc[0, dim) += w[c] * (v + c * stride)[0, dim) for c in [0, n) with
@@ -444,16 +504,17 @@ static void collect_chunk(const attn_plan *pl, const int32_t *pages, const int64
     cr->n = nv;
 }
 
-/* Asks for the K and V rows of a chunk ahead of their use: a chunk's rows
- * sit in a few blocks, which is too short a stream for the hardware
+/* Asks for the K and V rows [from, to) of a chunk ahead of their use: a
+ * chunk's rows sit in a few blocks, too short a stream for the hardware
  * prefetcher to find by itself. */
-static void prefetch_rows(const attn_plan *pl, const chunk_rows *cr)
+static void prefetch_rows(const attn_plan *pl, const chunk_rows *cr, int32_t from, int32_t to)
 {
     const kvrt_attention_op *op = pl->op;
     const kvrt_layout *L = &op->layer.layout;
     const int64_t k_bytes = (int64_t)L->dim_k * L->elem_size;
     const int64_t v_bytes = op->mla ? 0 : (int64_t)L->dim_v * L->elem_size;
-    for (int32_t c = 0; c < cr->n; c++) {
+    to = to < cr->n ? to : cr->n;
+    for (int32_t c = from; c < to; c++) {
         const char *k = (const char *)op->layer.k + cr->row[c] * k_bytes;
         for (int64_t at = 0; at < k_bytes; at += 64)
             KVRT_PREFETCH(k + at);
@@ -527,7 +588,7 @@ KVRT_ALWAYS_INLINE void update_row(const attn_plan *pl, attn_scratch *sc, int32_
 
     /* Logits, masked to -inf where the row's token does not see the key
      * (see[] is 0 past nv up to n_pad). */
-    dot_rows(s, sc->q + (int64_t)r * pl->dim_k, sc->k, pl->dim_k, nv, pl->dim_k, fused);
+    dot_rows_isa(s, sc->q + (int64_t)r * pl->dim_k, sc->k, pl->dim_k, nv, pl->dim_k, fused);
     float mul = op->scale;
     if (op->softcap > 0.0f) {
         for (int32_t c = 0; c < nv; c++)
@@ -625,14 +686,19 @@ KVRT_ALWAYS_INLINE void unit_body(const attn_plan *pl, attn_scratch *sc, int64_t
         next->n = 0;
         for (; i0 < end && next->n == 0; i0 += chunk)
             collect_chunk(pl, pages, qpos, ur.nt, head, i0, end, next);
-        prefetch_rows(pl, next);
+        /* The next chunk's rows are prefetched a slice per row updated, so
+         * that their misses overlap this chunk's arithmetic. */
+        const int32_t slice = (next->n + rows - 1) / rows;
+        int32_t prefetched = 0;
         pl->gather(pl, sc, cur);
         for (int32_t t = 0; t < ur.nt; t++) {
-            if (!cur->seen[t])
-                continue;
-            for (int32_t h = 0; h < ur.nh; h++)
-                update_row(pl, sc, t * ur.nh + h, cur->see + t * chunk, cur->n, v_rows,
-                           v_stride, fused);
+            for (int32_t h = 0; h < ur.nh; h++) {
+                prefetch_rows(pl, next, prefetched, prefetched + slice);
+                prefetched += slice;
+                if (cur->seen[t])
+                    update_row(pl, sc, t * ur.nh + h, cur->see + t * chunk, cur->n, v_rows,
+                               v_stride, fused);
+            }
         }
         chunk_rows *done = cur;
         cur = next;
@@ -696,6 +762,18 @@ static void merge_splits(const attn_plan *pl, attn_scratch *sc, int64_t base_uni
     }
     write_rows(pl, &ur, sc->acc, sc->l, sc->out);
 }
+
+#if KVRT_ATTENTION_X86
+/* Whether the AVX2 + FMA + F16C copy can run here (with the OS saving the
+ * AVX registers, which __builtin_cpu_supports checks). */
+static int have_avx2_fma_f16c(void)
+{
+    unsigned eax, ebx, ecx, edx;
+    if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma"))
+        return 0;
+    return __get_cpuid(1, &eax, &ebx, &ecx, &edx) && (ecx & bit_F16C);
+}
+#endif
 
 kvrt_status kvrt_cpu_attention(const kvrt_attention_op *op)
 {
@@ -786,8 +864,7 @@ kvrt_status kvrt_cpu_attention(const kvrt_attention_op *op)
     void (*unit)(const attn_plan *, attn_scratch *, int64_t) = unit_generic;
     pl.gather = gather_generic;
 #if KVRT_ATTENTION_X86
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-        __builtin_cpu_supports("f16c")) {
+    if (have_avx2_fma_f16c()) {
         unit = unit_avx2;
         pl.gather = gather_x86;
     }
