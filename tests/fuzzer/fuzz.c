@@ -25,8 +25,11 @@
  * Usage: kvrt-fuzz [--backend cpu|cuda|hip] [--streams N] [--seed S]
  *                  [--first I] [--model attn|gemma|deepseek|whisper|mixed]
  *                  [--block-size B] [--dtype f32|f16|bf16] [--ops N] [-v]
+ *        kvrt-fuzz [--backend cpu|cuda|hip] --scenario NAME|all|list [-v]
  * --streams defaults to $KVRT_FUZZ_STREAMS or 200. Stream i draws everything
- * from (seed, i) alone, so "--first i --streams 1" replays it.
+ * from (seed, i) alone, so "--first i --streams 1" replays it. A scenario is
+ * a fixed operation list, the shortest case of a defect found, checked the
+ * same way.
  * Exit status: 0 all streams passed, 1 a mismatch (the seed, the stream, the
  * last operations and a command that replays it are printed), 2 bad usage,
  * 77 no device for the backend.
@@ -118,6 +121,7 @@ typedef struct options {
     int          dtype;       /* -1: drawn per stream */
     int          ops;
     int          verbose;
+    const char  *scenario;    /* --scenario NAME|all|list */
 } options;
 
 static void usage(void)
@@ -125,7 +129,8 @@ static void usage(void)
     fprintf(stderr,
             "usage: kvrt-fuzz [--backend cpu|cuda|hip] [--streams N] [--seed S] [--first I]\n"
             "                 [--model attn|gemma|deepseek|whisper|mixed] [--block-size B]\n"
-            "                 [--dtype f32|f16|bf16] [--ops N] [-v]\n");
+            "                 [--dtype f32|f16|bf16] [--ops N] [-v]\n"
+            "       kvrt-fuzz [--backend cpu|cuda|hip] --scenario NAME|all|list [-v]\n");
     exit(2);
 }
 
@@ -198,6 +203,8 @@ static options parse_options(int argc, char **argv)
                 usage();
         } else if (strcmp(a, "--ops") == 0) {
             o.ops = (int)parse_int(v, 1, 1000000);
+        } else if (strcmp(a, "--scenario") == 0) {
+            o.scenario = v;
         } else {
             usage();
         }
@@ -364,8 +371,12 @@ typedef struct snapshot {
 
 enum { PLAN_NONE, PLAN_VALID, PLAN_MAYBE, PLAN_STALE };
 
+typedef struct scenario scenario;
+
 typedef struct fuzz {
     const options  *opt;
+    const scenario *sc;              /* a scenario's stream, or NULL */
+    int             has_full;        /* some self group keeps every row */
     int64_t         stream;
     rng             r;
     /* the cache */
@@ -512,6 +523,11 @@ static void fail(fuzz *F, const char *fmt, ...)
     for (int64_t i = first; i < F->log_n; i++)
         fprintf(stderr, "    %s\n", F->log[i % LOG_KEEP]);
     const options *o = F->opt;
+    if (F->sc != NULL) {
+        fprintf(stderr, "  replay: kvrt-fuzz --backend %s --scenario %s -v\n",
+                kvrt_backend_name(o->backend), o->scenario);
+        exit(1);
+    }
     fprintf(stderr, "  replay: kvrt-fuzz --backend %s --model %s", kvrt_backend_name(o->backend),
             model_names[o->model]);
     if (o->block_size)
@@ -769,10 +785,28 @@ static void compare_with_ref(fuzz *F, snapshot *S)
         int64_t n;
         const ref_token *t = ref_seq_tokens(F->ref, s, &n);
         int32_t rmin = ref_seq_pos_min(F->ref, s), rmax = ref_seq_pos_max(F->ref, s);
-        if (S->pos_min[s] != rmin || S->pos_max[s] != rmax || S->n_tokens[s] != n)
+        int64_t rn = n;
+        if (!F->has_full) { /* every group drops rows: the queries follow what they hold */
+            rmin = rmax = -1;
+            rn = -1;
+            for (int g = 0; g < F->n_groups; g++) {
+                const snap_rows *r = &S->rows[s][F->g[g].first_layer];
+                if (!F->g[g].self)
+                    continue;
+                if (rn < 0)
+                    rn = r->n;
+                if (r->n > 0 && (rmin < 0 || r->pos[0] < rmin))
+                    rmin = r->pos[0];
+                if (r->n > 0 && r->pos[r->n - 1] > rmax)
+                    rmax = r->pos[r->n - 1];
+            }
+            if (rn < 0)
+                rn = 0;
+        }
+        if (S->pos_min[s] != rmin || S->pos_max[s] != rmax || S->n_tokens[s] != rn)
             fail(F, "seq %d: kvrt pos_min %d pos_max %d n_tokens %" PRId64
                     ", reference %d %d %" PRId64,
-                 s, (int)S->pos_min[s], (int)S->pos_max[s], S->n_tokens[s], (int)rmin, (int)rmax, n);
+                 s, (int)S->pos_min[s], (int)S->pos_max[s], S->n_tokens[s], (int)rmin, (int)rmax, rn);
 
         for (int l = 0; l < F->n_layers; l++) {
             const layer_info *L = &F->li[l];
@@ -1266,12 +1300,18 @@ static void check_invalid_descs(fuzz *F)
     expect(F, "kvrt_cache_create(NULL out)", kvrt_cache_create(&F->desc, NULL), SET(ERR_INVALID_ARG));
 }
 
+static void scenario_desc(fuzz *F);
+
 static void stream_setup(fuzz *F)
 {
-    make_desc(F);
     F->op_index = -1;
-    if (rng_chance(&F->r, 0.1))
-        check_invalid_descs(F);
+    if (F->sc != NULL) {
+        scenario_desc(F);
+    } else {
+        make_desc(F);
+        if (rng_chance(&F->r, 0.1))
+            check_invalid_descs(F);
+    }
     oplog(F, "kvrt_cache_create(%s)", F->config);
     kvrt_status st = kvrt_cache_create(&F->desc, &F->cache);
     oplog_status(F, st);
@@ -1320,6 +1360,8 @@ static void stream_setup(fuzz *F)
                  G->first_layer);
         }
     }
+    for (int g = 0; g < F->n_groups; g++)
+        F->has_full |= F->g[g].self && !F->g[g].evicting;
     if (kvrt_layer_group(F->cache, -1) != -1 || kvrt_layer_group(F->cache, F->n_layers) != -1)
         fail(F, "kvrt_layer_group of a layer out of range is not -1");
 
@@ -1560,29 +1602,60 @@ static void op_attention(fuzz *F, int layer)
 /* Plans                                                                     */
 /* ------------------------------------------------------------------------ */
 
-/* Blocks a plan may need per self group: lower (without sliding-window
- * reuse or copy-on-write) and upper (with copy-on-write of every partly
- * used shared last block, without reuse). */
+/* Blocks a plan needs from group g's pool beyond those its sliding window
+ * frees: bounds [lower, upper].
+ * A group without eviction needs, per sequence, the blocks its new slots
+ * take beyond its last block (lower) plus a copy of a partly used last block
+ * when blocks are shared (upper).
+ * A sliding-window group frees the blocks whose rows all lie at or below
+ * the sequence's lowest new position - window. For a sequence only ever
+ * appended to in position order, without holes, in a pool without shared
+ * blocks, slot order is position order, so its gathered rows in blocks of
+ * block_size are its page table and the count is exact. Otherwise eviction
+ * can free anything (lower) or nothing (upper). */
 static void plan_need(const fuzz *F, int n, const int32_t *seqs, const int32_t *pos, int g,
                       int64_t *lower, int64_t *upper)
 {
     const snapshot *S = F->snap[F->cur];
     int64_t count[MAX_SEQS] = {0};
+    int32_t pmin[MAX_SEQS];
     for (int i = 0; i < n; i++)
-        if (seqs[i] >= 0 && seqs[i] < F->desc.max_seqs && pos[i] >= 0)
+        if (seqs[i] >= 0 && seqs[i] < F->desc.max_seqs && pos[i] >= 0) {
+            if (count[seqs[i]] == 0 || pos[i] < pmin[seqs[i]])
+                pmin[seqs[i]] = pos[i];
             count[seqs[i]]++;
+        }
     int64_t bs = F->desc.block_size;
+    int shared = S->stats[g].blocks_shared > 0;
     *lower = *upper = 0;
     for (int s = 0; s < F->desc.max_seqs; s++) {
         if (count[s] == 0)
             continue;
         const kvrt_seq_group_info *I = &S->info[s][g];
+        const snap_rows *r = &S->rows[s][F->g[g].first_layer];
         int64_t extra = (I->n_slots + count[s] + bs - 1) / bs - I->n_blocks;
         if (extra < 0)
             extra = 0;
-        *upper += extra + (I->n_slots % bs != 0 && S->stats[g].blocks_shared > 0);
-        if (!F->g[g].evicting)
+        if (!F->g[g].evicting) {
             *lower += extra;
+            *upper += extra + (I->n_slots % bs != 0 && shared);
+        } else if (F->pristine[s] && !shared && I->n_slots == r->n) {
+            int64_t limit = (int64_t)pmin[s] - F->g[g].window, evicted = 0;
+            for (int64_t k = 0; limit >= -1 && k < I->n_blocks; k++) {
+                int64_t last = (k + 1) * bs < r->n ? (k + 1) * bs : r->n;
+                if (r->pos[last - 1] > limit) /* rows ascend within and across blocks */
+                    break;
+                evicted++;
+            }
+            int64_t kept = I->n_blocks - evicted;
+            int64_t cur = kept == 0 ? 0 : I->n_slots - evicted * bs;
+            int64_t exact = (cur + count[s] + bs - 1) / bs - kept - evicted;
+            *lower += exact;
+            *upper += exact;
+        } else {
+            *lower -= I->n_blocks;
+            *upper += extra + (I->n_slots % bs != 0 && shared);
+        }
     }
 }
 
@@ -1678,10 +1751,10 @@ static void check_ring(fuzz *F, int32_t seq)
     }
 }
 
-static void op_plan(fuzz *F)
+/* Plans n tokens, and after a successful plan writes every self layer
+ * (now and then one stays unwritten) and maybe runs attention. */
+static void do_plan(fuzz *F, int n, int32_t *seqs, int32_t *pos)
 {
-    int32_t seqs[MAX_BATCH], pos[MAX_BATCH];
-    int n = gen_plan(F, seqs, pos);
     const snapshot *S = before(F);
     ref_status_set allowed = ref_plan(F->ref, n, seqs, pos, F->max_tokens, 0);
     /* sliding windows and capacity, judged on kvrt's own state */
@@ -1765,7 +1838,7 @@ static void op_plan(fuzz *F)
 
     /* which sequences stay appended in position order */
     int decode[MAX_SEQS] = {0};
-    for (int s = 0; s < F->desc.max_seqs; s++) {
+    for (int s = 0; s < F->desc.max_seqs; s++) { /* new slots follow in position order */
         int32_t last = ref_seq_pos_max(F->ref, s);
         int count = 0;
         for (int i = 0; i < n; i++) {
@@ -1774,7 +1847,6 @@ static void op_plan(fuzz *F)
             count++;
             if (pos[i] <= last)
                 F->pristine[s] = 0;
-            last = pos[i];
         }
         decode[s] = count == 1;
     }
@@ -1801,6 +1873,13 @@ static void op_plan(fuzz *F)
     }
     if (rng_chance(&F->r, 0.3))
         op_attention(F, (int)rng_below(&F->r, F->n_layers));
+}
+
+static void op_plan(fuzz *F)
+{
+    int32_t seqs[MAX_BATCH], pos[MAX_BATCH];
+    int n = gen_plan(F, seqs, pos);
+    do_plan(F, n, seqs, pos);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -1938,6 +2017,8 @@ static void op_div(fuzz *F, int32_t seq, int32_t p0, int32_t p1, int d)
     finish_edit(F, "kvrt_seq_div", st, allowed, digest, 0);
 }
 
+static void do_cp(fuzz *F, int32_t src, int32_t dst, int32_t p0, int32_t p1);
+
 static void op_cp(fuzz *F)
 {
     rng *r = &F->r;
@@ -1954,6 +2035,11 @@ static void op_cp(fuzz *F)
     int32_t p0 = 0, p1 = -1;
     if (rng_chance(r, 0.5))
         gen_range(F, src, &p0, &p1);
+    do_cp(F, src, dst, p0, p1);
+}
+
+static void do_cp(fuzz *F, int32_t src, int32_t dst, int32_t p0, int32_t p1)
+{
     uint64_t digest = ref_digest(F);
     ref_status_set allowed = ref_seq_cp(F->ref, src, dst, p0, p1, 0);
     if (REF_HAS(allowed, KVRT_OK) && src >= 0 && src < F->desc.max_seqs) {
@@ -1972,9 +2058,8 @@ static void op_cp(fuzz *F)
     finish_edit(F, "kvrt_seq_cp", st, allowed, digest, 0);
 }
 
-static void op_keep(fuzz *F)
+static void do_keep(fuzz *F, int32_t seq)
 {
-    int32_t seq = random_seq(F, 0.05, 0.05);
     uint64_t digest = ref_digest(F);
     ref_status_set allowed = ref_seq_keep(F->ref, seq, 0);
     oplog(F, "kvrt_seq_keep(seq %d)", (int)seq);
@@ -1984,6 +2069,8 @@ static void op_keep(fuzz *F)
         ref_seq_keep(F->ref, seq, 1);
     finish_edit(F, "kvrt_seq_keep", st, allowed, digest, 0);
 }
+
+static void op_keep(fuzz *F) { do_keep(F, random_seq(F, 0.05, 0.05)); }
 
 static int32_t gen_delta(fuzz *F, int32_t seq)
 {
@@ -2025,6 +2112,8 @@ static void op_context_shift(fuzz *F)
     op_shift(F, seq, b, -1, -(b - a));
 }
 
+static void do_cross_set(fuzz *F, int layer, int32_t seq, int n);
+
 static void op_cross_set(fuzz *F)
 {
     rng *r = &F->r;
@@ -2041,6 +2130,11 @@ static void op_cross_set(fuzz *F)
         n = F->desc.cross_max_len + 1;
     else if (rng_chance(r, 0.04))
         n = 0;
+    do_cross_set(F, layer, seq, n);
+}
+
+static void do_cross_set(fuzz *F, int layer, int32_t seq, int n)
+{
     const layer_info *L = &F->li[layer];
     kvrt_dtype src = random_dtype(F);
     size_t es = kvrt_dtype_size(src);
@@ -2723,6 +2817,138 @@ static void op_invalid(fuzz *F)
     check(F, 1);
 }
 
+
+/* ------------------------------------------------------------------------ */
+/* Scenarios: fixed operation lists, each the shortest case of a defect the  */
+/* fuzzer found, replayed through the same checks (--scenario NAME|all).     */
+/* ------------------------------------------------------------------------ */
+
+struct scenario {
+    const char *name;
+    const char *what;      /* what kvrt must do */
+    /* layers: "full" ATTN 1x8/8, "swaW" the same with window W, "cross" CROSS
+     * 1x8/8, "mla" MLA 16+8 */
+    const char *layers;
+    int         block_size, n_blocks, max_blocks, max_seqs;
+    /* "plan S@P0..P1 S@P ...", "rm S P0 P1", "shift S P0 P1 D", "div S P0 P1 D",
+     * "cp SRC DST P0 P1", "keep S", "cross LAYER S N", "compact", "clear" */
+    const char *ops[12];
+};
+
+static const scenario scenarios[] = {
+    {"plan-negative-position", "a negative position is KVRT_ERR_INVALID_ARG",
+     "full", 16, 4, 0, 1, {"plan 0@-1"}},
+    {"window-frees-blocks",
+     "blocks that leave the window make room for the new tokens (no KVRT_ERR_CAPACITY)",
+     "swa2", 2, 2, 0, 1, {"plan 0@0..3", "plan 0@6..8"}},
+    {"window-frees-for-earlier-sequence",
+     "blocks one sequence's window frees serve an earlier sequence of the same plan "
+     "(no KVRT_ERR_INTERNAL half-way through)",
+     "swa4", 2, 4, 0, 2, {"plan 1@0..3", "plan 0@0..1", "plan 0@2..5 1@100"}},
+    {"shift-evicted-rows",
+     "moving positions a window dropped moves evicted_max with them, so a token whose window "
+     "holds them is refused",
+     "full swa4", 2, 16, 0, 1, {"plan 0@0..9", "plan 0@10", "shift 0 4 6 100", "plan 0@106"}},
+    {"emptied-sequence-starts-afresh",
+     "a sequence emptied by removals in parts keeps no evicted range",
+     "full swa4", 2, 16, 0, 1,
+     {"plan 0@0..9", "plan 0@10", "rm 0 2 4", "rm 0 0 2", "rm 0 4 -1", "plan 0@0"}},
+    {"copy-without-tokens", "a copy that holds no token holds no evicted range",
+     "full swa4", 2, 16, 0, 2, {"plan 0@0..9", "plan 0@10", "rm 0 2 4", "cp 0 1 2 4", "plan 1@0"}},
+    {"failed-plan-keeps-pools", "a plan refused in one group grows no other group's pool",
+     "full swa4", 2, 2, 8, 2, {"plan 0@0..3", "plan 0@10", "rm 0 10 11", "plan 1@0..5 0@4"}},
+    {"copy-cross-to-fresh-sequence",
+     "kvrt_seq_cp shares cross K/V with a sequence that never had any",
+     "full cross", 16, 4, 0, 2, {"cross 1 0 3", "cp 0 1 0 -1"}},
+    {"copy-empty-range-shares-cross", "a copy of an empty range still shares the cross K/V",
+     "full cross", 16, 4, 0, 2, {"cross 1 0 3", "cp 0 1 0 0"}},
+};
+
+enum { N_SCENARIOS = (int)(sizeof scenarios / sizeof scenarios[0]) };
+
+static void scenario_desc(fuzz *F)
+{
+    const scenario *sc = F->sc;
+    kvrt_cache_desc *d = &F->desc;
+    kvrt_cache_desc_init(d);
+    F->n_layers = 0;
+    char buf[128];
+    snprintf(buf, sizeof buf, "%s", sc->layers);
+    for (char *t = strtok(buf, " "); t != NULL && F->n_layers < MAX_LAYERS; t = strtok(NULL, " ")) {
+        kvrt_layer_desc l;
+        memset(&l, 0, sizeof l);
+        if (strcmp(t, "mla") == 0) {
+            l = mla_layer(16, 8);
+        } else {
+            l.kind = strcmp(t, "cross") == 0 ? KVRT_LAYER_CROSS : KVRT_LAYER_ATTN;
+            l.n_kv_heads = 1;
+            l.head_dim_k = l.head_dim_v = 8;
+            if (strncmp(t, "swa", 3) == 0)
+                l.window = atoi(t + 3);
+        }
+        F->layers[F->n_layers++] = l;
+    }
+    d->device.backend = F->opt->backend;
+    d->dtype = KVRT_F32;
+    d->n_layers = F->n_layers;
+    d->layers = F->layers;
+    d->max_seqs = sc->max_seqs;
+    d->block_size = sc->block_size;
+    d->n_blocks = sc->n_blocks;
+    d->max_blocks = sc->max_blocks;
+    d->cross_max_len = strstr(sc->layers, "cross") ? 4 : 0;
+    d->rope.n_rot = 8;
+    F->max_tokens = MAX_TOKENS;
+    snprintf(F->config, sizeof F->config,
+             "scenario %s: layers %s, block_size %d, n_blocks %d, max_blocks %d, max_seqs %d",
+             sc->name, sc->layers, sc->block_size, sc->n_blocks, sc->max_blocks, sc->max_seqs);
+}
+
+/* Runs one operation of a scenario. */
+static void scenario_op(fuzz *F, const char *op)
+{
+    int a[4] = {0};
+    if (strncmp(op, "plan ", 5) == 0) {
+        int32_t seqs[MAX_BATCH], pos[MAX_BATCH];
+        int n = 0;
+        for (const char *p = op + 5; *p != '\0' && n < MAX_BATCH;) {
+            int seq, p0, p1, used = 0;
+            if (sscanf(p, "%d@%d..%d%n", &seq, &p0, &p1, &used) == 3) {
+            } else if (sscanf(p, "%d@%d%n", &seq, &p0, &used) == 2) {
+                p1 = p0;
+            } else {
+                fprintf(stderr, "kvrt-fuzz: bad scenario operation '%s'\n", op);
+                exit(2);
+            }
+            for (int q = p0; q <= p1 && n < MAX_BATCH; q++)
+                seqs[n] = seq, pos[n] = q, n++;
+            p += used;
+            while (*p == ' ')
+                p++;
+        }
+        do_plan(F, n, seqs, pos);
+    } else if (sscanf(op, "rm %d %d %d", &a[0], &a[1], &a[2]) == 3) {
+        op_rm(F, a[0], a[1], a[2]);
+    } else if (sscanf(op, "shift %d %d %d %d", &a[0], &a[1], &a[2], &a[3]) == 4) {
+        op_shift(F, a[0], a[1], a[2], a[3]);
+    } else if (sscanf(op, "div %d %d %d %d", &a[0], &a[1], &a[2], &a[3]) == 4) {
+        op_div(F, a[0], a[1], a[2], a[3]);
+    } else if (sscanf(op, "cp %d %d %d %d", &a[0], &a[1], &a[2], &a[3]) == 4) {
+        do_cp(F, a[0], a[1], a[2], a[3]);
+    } else if (sscanf(op, "keep %d", &a[0]) == 1) {
+        do_keep(F, a[0]);
+    } else if (sscanf(op, "cross %d %d %d", &a[0], &a[1], &a[2]) == 3) {
+        do_cross_set(F, a[0], a[1], a[2]);
+    } else if (strcmp(op, "compact") == 0) {
+        op_compact(F);
+    } else if (strcmp(op, "clear") == 0) {
+        op_clear(F);
+    } else {
+        fprintf(stderr, "kvrt-fuzz: bad scenario operation '%s'\n", op);
+        exit(2);
+    }
+}
+
 /* ------------------------------------------------------------------------ */
 /* Streams                                                                   */
 /* ------------------------------------------------------------------------ */
@@ -2784,18 +3010,23 @@ static void run_op(fuzz *F)
     }
 }
 
-static void run_stream(const options *o, int64_t stream)
+static void run_stream(const options *o, int64_t stream, const scenario *sc)
 {
     fuzz *F = calloc(1, sizeof *F);
     if (F == NULL)
         fprintf(stderr, "kvrt-fuzz: out of host memory\n"), exit(1);
     F->opt = o;
+    F->sc = sc;
     F->stream = stream;
     rng_seed(&F->r, o->seed, (uint64_t)stream);
     stream_setup(F);
     if (o->verbose)
         printf("stream %" PRId64 ": %s\n", stream, F->config);
-    for (F->op_index = 1; F->op_index <= o->ops; F->op_index++) {
+    for (F->op_index = 1; sc != NULL && F->op_index <= 12 && sc->ops[F->op_index - 1]; F->op_index++) {
+        scenario_op(F, sc->ops[F->op_index - 1]);
+        F->n_ops++;
+    }
+    for (F->op_index = 1; sc == NULL && F->op_index <= o->ops; F->op_index++) {
         run_op(F);
         F->n_ops++;
     }
@@ -2819,8 +3050,29 @@ int main(int argc, char **argv)
         return 1;
     }
     dev_open(o.backend);
+    if (o.scenario != NULL) {
+        int found = 0;
+        for (int i = 0; i < N_SCENARIOS; i++) {
+            const scenario *sc = &scenarios[i];
+            if (strcmp(o.scenario, "list") == 0) {
+                printf("%-36s %s\n", sc->name, sc->what);
+                found = 1;
+                continue;
+            }
+            if (strcmp(o.scenario, "all") != 0 && strcmp(o.scenario, sc->name) != 0)
+                continue;
+            options one = o;
+            one.scenario = sc->name;
+            run_stream(&one, 0, sc);
+            printf("kvrt-fuzz: scenario %s: ok\n", sc->name);
+            found = 1;
+        }
+        if (!found)
+            usage();
+        return 0;
+    }
     for (int64_t i = 0; i < o.streams; i++)
-        run_stream(&o, o.first + i);
+        run_stream(&o, o.first + i, NULL);
     printf("kvrt-fuzz: %s %s: %" PRId64 " streams, %" PRId64 " operations (%" PRId64
            " refused as expected), %" PRId64 " checks, %" PRId64 " attention calls compared: ok\n",
            kvrt_backend_name(o.backend), model_names[o.model], o.streams, total_ops, total_errors,
