@@ -526,17 +526,30 @@ static void prefetch_rows(const attn_plan *pl, const chunk_rows *cr, int32_t fro
     }
 }
 
+/* The end of the run of consecutive rows that starts at row `first` of a
+ * chunk: rows of one block are adjacent in K and V (and in the buffers), so
+ * a run converts as one array. */
+KVRT_ALWAYS_INLINE int32_t run_end(const chunk_rows *cr, int32_t first)
+{
+    int32_t end = first + 1;
+    while (end < cr->n && cr->row[end] == cr->row[end - 1] + 1)
+        end++;
+    return end;
+}
+
 KVRT_ALWAYS_INLINE void gather_rows(const attn_plan *pl, attn_scratch *sc, const chunk_rows *cr)
 {
     const kvrt_attention_op *op = pl->op;
     const kvrt_layout *L = &op->layer.layout;
-    for (int32_t c = 0; c < cr->n; c++)
-        row_to_f32(sc->k + (int64_t)c * L->dim_k, op->layer.k, L->dtype,
-                   cr->row[c] * L->dim_k, L->dim_k);
-    if (!op->mla)
-        for (int32_t c = 0; c < cr->n; c++)
-            row_to_f32(sc->v + (int64_t)c * L->dim_v, op->layer.v, L->dtype,
-                       cr->row[c] * L->dim_v, L->dim_v);
+    const int32_t dk = L->dim_k, dv = L->dim_v;
+    for (int32_t c = 0, end; c < cr->n; c = end) {
+        end = run_end(cr, c);
+        row_to_f32(sc->k + (int64_t)c * dk, op->layer.k, L->dtype, cr->row[c] * dk,
+                   (end - c) * dk);
+        if (!op->mla)
+            row_to_f32(sc->v + (int64_t)c * dv, op->layer.v, L->dtype, cr->row[c] * dv,
+                       (end - c) * dv);
+    }
 }
 
 static void gather_generic(const attn_plan *pl, attn_scratch *sc, const chunk_rows *cr)
@@ -545,11 +558,17 @@ static void gather_generic(const attn_plan *pl, attn_scratch *sc, const chunk_ro
 }
 
 #if KVRT_ATTENTION_X86
-/* F16C converts 8 halves in one instruction. */
+/* f16 to f32 with F16C, 8 halves per instruction. */
 __attribute__((target("avx2,fma,f16c"))) static inline void
 f16_row_f16c(float *restrict dst, const uint16_t *restrict src, int32_t n)
 {
     int32_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m256 a = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i)));
+        __m256 b = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i + 8)));
+        _mm256_storeu_ps(dst + i, a);
+        _mm256_storeu_ps(dst + i + 8, b);
+    }
     for (; i + 8 <= n; i += 8)
         _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
     for (; i < n; i++)
@@ -566,11 +585,13 @@ gather_x86(const attn_plan *pl, attn_scratch *sc, const chunk_rows *cr)
         return;
     }
     const uint16_t *k = op->layer.k, *v = op->layer.v;
-    for (int32_t c = 0; c < cr->n; c++)
-        f16_row_f16c(sc->k + (int64_t)c * L->dim_k, k + cr->row[c] * L->dim_k, L->dim_k);
-    if (!op->mla)
-        for (int32_t c = 0; c < cr->n; c++)
-            f16_row_f16c(sc->v + (int64_t)c * L->dim_v, v + cr->row[c] * L->dim_v, L->dim_v);
+    const int32_t dk = L->dim_k, dv = L->dim_v;
+    for (int32_t c = 0, end; c < cr->n; c = end) {
+        end = run_end(cr, c);
+        f16_row_f16c(sc->k + (int64_t)c * dk, k + cr->row[c] * dk, (end - c) * dk);
+        if (!op->mla)
+            f16_row_f16c(sc->v + (int64_t)c * dv, v + cr->row[c] * dv, (end - c) * dv);
+    }
 }
 #endif
 

@@ -9,9 +9,11 @@
  * tokens of one sequence with increasing positions), decode tokens, tokens
  * at arbitrary positions and tokens that see nothing. K/V of holes and of
  * unused slots hold NaN and unused slots carry position 0, so reading a row
- * the kernel must not read shows up as a failure. The output is poisoned
- * with NaN first and every element is checked against the bound derived at
- * check_case().
+ * the kernel must not read shows up as a failure; some cases also put a NaN
+ * in one live K or V row, which the outputs that see it must show and the
+ * others must not. The output is poisoned with NaN first and every element
+ * is checked against the bound derived in check_case(); a token that sees
+ * nothing must get exact zeros.
  *
  * The grid: head dims 64, 80, 96, 128, 256 and MLA 576/512; block sizes 1,
  * 16, 64; cache dtype f32, f16, bf16; GQA ratios 1, 4, 8, 16 (all
