@@ -202,8 +202,9 @@ KVRT_API size_t kvrt_layer_row_bytes(const kvrt_layer_desc *layer, kvrt_dtype dt
 typedef struct kvrt_cache kvrt_cache;
 
 /* Creates a cache: validates desc (every bad field is KVRT_ERR_INVALID_ARG
- * with a message naming it), forms layer groups (layers of the same kind
- * class and window share a page table), and allocates n_blocks blocks per
+ * with a message naming it), forms layer groups (self-attention layers of
+ * the same kind and window share a page table; each CROSS layer is a group of
+ * its own), and allocates n_blocks blocks per
  * group on the device. KVRT_ERR_NO_DEVICE if the device does not exist,
  * KVRT_ERR_OUT_OF_MEMORY / KVRT_ERR_DEVICE if allocation fails.
  * On success *out owns the cache; on failure *out is NULL. */

@@ -295,6 +295,10 @@ static kvrt_status create_group_memory(kvrt_cache *cache, kvrt_group *g)
         kvrt_seq_pages *sp = &g->seqs[s];
         sp->pos_min = sp->pos_max = sp->evicted_min = sp->evicted_max = -1;
     }
+    if (g->evict) {
+        g->pending = calloc((size_t)g->max_blocks, sizeof(int32_t));
+        KVRT_CHECK(g->pending != NULL, KVRT_ERR_OUT_OF_MEMORY, "host planning counts");
+    }
     if (kvrt_group_is_self(g)) {
         g->pos = malloc((size_t)(g->max_blocks * bs) * sizeof(int32_t));
         g->dirty = calloc((size_t)g->max_blocks, 1);
@@ -464,6 +468,7 @@ static void core_destroy(kvrt_cache *cache)
         free(g->dirty);
         free(g->dirty_list);
         free(g->cross_len);
+        free(g->pending);
     }
     if (cache->mem != NULL && be->ops != NULL)
         for (int i = 0; i < cache->n_layers_total; i++) {

@@ -19,23 +19,33 @@ void kvrt_cache_desc_init(kvrt_cache_desc *desc)
     desc->validate = 1;
 }
 
+static int head_dim_ok(int d) { return d >= 8 && d <= 1024 && d % 8 == 0; }
+
+/* The layer rules of check_layer below that need no cache context. */
+static int layer_shape_ok(const kvrt_layer_desc *l)
+{
+    switch (l->kind) {
+    case KVRT_LAYER_ATTN:
+    case KVRT_LAYER_CROSS:
+        return l->n_kv_heads >= 1 && l->n_kv_heads <= 1024 && head_dim_ok(l->head_dim_k) &&
+               head_dim_ok(l->head_dim_v) && l->latent_dim == 0 && l->rope_dim == 0 &&
+               l->window >= 0 && (l->kind == KVRT_LAYER_ATTN || l->window == 0);
+    case KVRT_LAYER_MLA:
+        return l->n_kv_heads == 0 && l->head_dim_k == 0 && l->head_dim_v == 0 && l->window == 0 &&
+               head_dim_ok(l->latent_dim) && l->rope_dim >= 0 && l->rope_dim <= 1024 &&
+               l->rope_dim % 2 == 0;
+    }
+    return 0;
+}
+
 size_t kvrt_layer_row_bytes(const kvrt_layer_desc *layer, kvrt_dtype dtype)
 {
     size_t es = kvrt_dtype_size(dtype);
-    if (layer == NULL || es == 0)
+    if (layer == NULL || es == 0 || !layer_shape_ok(layer))
         return 0;
-    switch (layer->kind) {
-    case KVRT_LAYER_ATTN:
-    case KVRT_LAYER_CROSS:
-        if (layer->n_kv_heads <= 0 || layer->head_dim_k <= 0 || layer->head_dim_v <= 0)
-            return 0;
-        return (size_t)layer->n_kv_heads * (size_t)(layer->head_dim_k + layer->head_dim_v) * es;
-    case KVRT_LAYER_MLA:
-        if (layer->latent_dim <= 0 || layer->rope_dim < 0)
-            return 0;
+    if (layer->kind == KVRT_LAYER_MLA)
         return (size_t)(layer->latent_dim + layer->rope_dim) * es;
-    }
-    return 0;
+    return (size_t)layer->n_kv_heads * (size_t)(layer->head_dim_k + layer->head_dim_v) * es;
 }
 
 static const char *kind_name(kvrt_layer_kind kind)

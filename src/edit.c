@@ -160,27 +160,107 @@ static kvrt_status rewrite_apply(kvrt_cache *cache, kvrt_group *g, int32_t seq, 
     return KVRT_OK;
 }
 
+/* Keeps the dropped-position interval [evicted_min, evicted_max] of a
+ * sliding-window group true after an edit: the part inside the edited range
+ * is mapped like the tokens (or forgotten when removed), and the result is
+ * the hull of what remains, so resuming is never allowed wrongly. */
 static void rewrite_evicted(kvrt_seq_pages *sp, const rewrite *rw)
 {
     if (sp->evicted_max < 0)
         return;
-    int32_t lo = sp->evicted_min, hi = sp->evicted_max;
-    if (rw->kind == REWRITE_RM) {
-        if (rw->p0 <= lo && (rw->p1 < 0 || rw->p1 > hi))
-            sp->evicted_min = sp->evicted_max = -1;
-        else if (rw->p0 <= hi && (rw->p1 < 0 || rw->p1 > hi))
-            sp->evicted_max = rw->p0 - 1;
-        return;
+    int64_t lo = sp->evicted_min, hi = sp->evicted_max;
+    int64_t r1 = rw->p1 < 0 ? INT64_MAX : (int64_t)rw->p1 - 1; /* range [p0, r1] */
+    int64_t nlo = INT64_MAX, nhi = -1;
+    /* parts outside the range stay */
+    if (lo < rw->p0) {
+        nlo = lo;
+        nhi = hi < rw->p0 ? hi : rw->p0 - 1;
     }
-    if (!in_range(lo, rw->p0, rw->p1) || !in_range(hi, rw->p0, rw->p1))
-        return;
-    int64_t nlo = rewrite_pos(rw, lo), nhi = rewrite_pos(rw, hi);
-    if (nhi == REWRITE_REMOVE) {
+    if (hi > r1) {
+        int64_t a = lo > r1 ? lo : r1 + 1;
+        if (a < nlo)
+            nlo = a;
+        nhi = hi;
+    }
+    /* the part inside is mapped */
+    int64_t b0 = lo > rw->p0 ? lo : rw->p0, b1 = hi < r1 ? hi : r1;
+    if (b0 <= b1 && rw->kind != REWRITE_RM) {
+        int64_t m0 = rw->kind == REWRITE_SHIFT ? b0 + rw->arg : b0 / rw->arg;
+        int64_t m1 = rw->kind == REWRITE_SHIFT ? b1 + rw->arg : b1 / rw->arg;
+        if (m0 < 0)
+            m0 = 0;
+        if (m1 >= 0) {
+            if (m0 < nlo)
+                nlo = m0;
+            if (m1 > nhi)
+                nhi = m1;
+        }
+    }
+    if (nhi < 0 || nlo > nhi) {
         sp->evicted_min = sp->evicted_max = -1;
         return;
     }
-    sp->evicted_min = nlo == REWRITE_REMOVE ? 0 : (int32_t)nlo;
-    sp->evicted_max = (int32_t)nhi;
+    sp->evicted_min = (int32_t)nlo;
+    sp->evicted_max = (int32_t)(nhi > INT32_MAX - 1 ? INT32_MAX - 1 : nhi);
+}
+
+static int64_t sorted_live(const kvrt_group *g, const kvrt_seq_pages *sp, int32_t *out)
+{
+    int64_t m = 0;
+    for (int64_t i = 0; i < sp->n_slots; i++) {
+        int32_t p = g->pos[kvrt_seq_slot(g, sp, i)];
+        if (p >= 0)
+            out[m++] = p;
+    }
+    qsort(out, (size_t)m, sizeof(int32_t), cmp_i32);
+    return m;
+}
+
+/* After an edit, the positions a sliding-window group dropped are derived
+ * again from the live slots where a full group holds every token: they are
+ * the tokens the full group has and the window group lacks. Without a full
+ * group, an empty sequence forgets them. */
+static kvrt_status refresh_evicted(kvrt_cache *cache, int32_t seq)
+{
+    const kvrt_group *full = NULL;
+    int any_live = 0;
+    for (int j = 0; j < cache->n_groups; j++) {
+        const kvrt_group *g = &cache->groups[j];
+        if (!kvrt_group_is_self(g))
+            continue;
+        any_live |= g->seqs[seq].n_live > 0;
+        if (!g->evict && full == NULL)
+            full = g;
+    }
+    for (int j = 0; j < cache->n_groups; j++) {
+        kvrt_group *g = &cache->groups[j];
+        kvrt_seq_pages *sp = &g->seqs[seq];
+        if (!g->evict || sp->evicted_max < 0)
+            continue;
+        if (full == NULL) {
+            if (!any_live)
+                sp->evicted_min = sp->evicted_max = -1;
+            continue;
+        }
+        const kvrt_seq_pages *fp = &full->seqs[seq];
+        int32_t *a, *b;
+        KVRT_TRY(kvrt_scratch(cache, 1, fp->n_live + 1, &a));
+        KVRT_TRY(kvrt_scratch(cache, 2, sp->n_live + 1, &b));
+        int64_t na = sorted_live(full, fp, a), nb = sorted_live(g, sp, b);
+        int32_t lo = -1, hi = -1;
+        for (int64_t i = 0, k = 0; i < na; i++) {
+            while (k < nb && b[k] < a[i])
+                k++;
+            if (k < nb && b[k] == a[i])
+                continue;
+            if (lo < 0)
+                lo = a[i];
+            hi = a[i];
+        }
+        sp->evicted_min = lo;
+        sp->evicted_max = hi;
+    }
+    return KVRT_OK;
 }
 
 static kvrt_status rotate_group(kvrt_cache *cache, kvrt_group *g, const int32_t *slots,
@@ -212,8 +292,11 @@ static kvrt_status run_rewrite(kvrt_cache *cache, int32_t seq, const rewrite *rw
 {
     int32_t s0 = seq < 0 ? 0 : seq, s1 = seq < 0 ? cache->desc.max_seqs : seq + 1;
     int64_t most_live = 0;
+    int32_t *cows;
+    KVRT_TRY(kvrt_scratch(cache, 2, cache->n_groups, &cows));
     for (int j = 0; j < cache->n_groups; j++) {
         kvrt_group *g = &cache->groups[j];
+        cows[j] = 0;
         if (!kvrt_group_is_self(g))
             continue;
         int64_t cow = 0, live = 0;
@@ -222,10 +305,17 @@ static kvrt_status run_rewrite(kvrt_cache *cache, int32_t seq, const rewrite *rw
                 KVRT_TRY(rewrite_check(cache, g, s, rw, &cow));
                 live += g->seqs[s].n_live;
             }
-        KVRT_TRY(kvrt_group_ensure_free(cache, g, cow));
+        KVRT_CHECK(cow <= kvrt_group_available(g), KVRT_ERR_CAPACITY,
+                   "layer group %d needs %lld blocks to copy shared blocks before the edit; %d "
+                   "free, room to grow by %d",
+                   j, (long long)cow, g->n_free, g->max_blocks - g->n_blocks);
+        cows[j] = (int32_t)cow;
         if (live > most_live)
             most_live = live;
     }
+    for (int j = 0; j < cache->n_groups; j++)
+        if (cows[j] > 0)
+            KVRT_TRY(kvrt_group_ensure_free(cache, &cache->groups[j], cows[j]));
     /* rotation lists, sized before anything changes */
     int32_t *rot_slots, *rot_deltas;
     KVRT_TRY(kvrt_scratch(cache, 0, most_live + 1, &rot_slots));
@@ -244,6 +334,8 @@ static kvrt_status run_rewrite(kvrt_cache *cache, int32_t seq, const rewrite *rw
         KVRT_TRY(rotate_group(cache, g, rot_slots, rot_deltas, n_rot));
         KVRT_TRY(kvrt_group_sync_pos(cache, g));
     }
+    for (int32_t s = s0; s < s1; s++)
+        KVRT_TRY(refresh_evicted(cache, s));
     cache->epoch++;
     return KVRT_OK;
 }
@@ -338,10 +430,15 @@ kvrt_status kvrt_seq_cp(kvrt_cache *cache, int32_t src, int32_t dst, int32_t p0,
         return KVRT_OK;
     KVRT_CHECK(seq_empty(cache, dst), KVRT_ERR_INVALID_ARG,
                "kvrt_seq_cp: destination sequence %d is not empty (remove it first)", (int)dst);
+    int32_t *need;
+    KVRT_TRY(kvrt_scratch(cache, 0, cache->n_groups, &need));
     /* blocks to copy, per group */
     for (int j = 0; j < cache->n_groups; j++) {
         kvrt_group *g = &cache->groups[j];
         const kvrt_seq_pages *sp = &g->seqs[src];
+        kvrt_seq_pages *dp = &g->seqs[dst];
+        need[j] = 0;
+        KVRT_TRY(kvrt_reserve((void **)&dp->blocks, &dp->cap_blocks, sp->n_blocks + 1, sizeof(int32_t)));
         if (!kvrt_group_is_self(g))
             continue;
         int64_t copies = 0, bs = g->block_size;
@@ -355,10 +452,15 @@ kvrt_status kvrt_seq_cp(kvrt_cache *cache, int32_t src, int32_t dst, int32_t p0,
             }
             copies += inside > 0 && inside < live;
         }
-        KVRT_TRY(kvrt_group_ensure_free(cache, g, copies));
-        kvrt_seq_pages *dp = &g->seqs[dst];
-        KVRT_TRY(kvrt_reserve((void **)&dp->blocks, &dp->cap_blocks, sp->n_blocks + 1, sizeof(int32_t)));
+        need[j] = copies;
+        KVRT_CHECK(copies <= kvrt_group_available(g), KVRT_ERR_CAPACITY,
+                   "kvrt_seq_cp: layer group %d needs %lld blocks for boundary copies; %d free, room "
+                   "to grow by %d",
+                   j, (long long)copies, g->n_free, g->max_blocks - g->n_blocks);
     }
+    for (int j = 0; j < cache->n_groups; j++)
+        if (need[j] > 0)
+            KVRT_TRY(kvrt_group_ensure_free(cache, &cache->groups[j], need[j]));
     cache->be.ops->stage_reset(&cache->be, cache->stream);
     for (int j = 0; j < cache->n_groups; j++) {
         kvrt_group *g = &cache->groups[j];
@@ -411,14 +513,18 @@ kvrt_status kvrt_seq_cp(kvrt_cache *cache, int32_t src, int32_t dst, int32_t p0,
                                     : (int64_t)dp->n_blocks * bs;
         seq_trim(g, dp);
         kvrt_seq_pages_refresh(g, dp);
-        if (sp->evicted_max >= 0 && sp->evicted_max >= p0 && (p1 < 0 || sp->evicted_min < p1)) {
-            dp->evicted_min = sp->evicted_min > p0 ? sp->evicted_min : p0;
-            dp->evicted_max = p1 >= 0 && sp->evicted_max >= p1 ? p1 - 1 : sp->evicted_max;
+        /* the dropped positions inside the range are dropped for dst too */
+        int32_t elo = sp->evicted_min > p0 ? sp->evicted_min : p0;
+        int32_t ehi = p1 >= 0 && sp->evicted_max >= p1 ? p1 - 1 : sp->evicted_max;
+        if (sp->evicted_max >= 0 && elo <= ehi) {
+            dp->evicted_min = elo;
+            dp->evicted_max = ehi;
         } else {
             dp->evicted_min = dp->evicted_max = -1;
         }
         KVRT_TRY(kvrt_group_sync_pos(cache, g));
     }
+    KVRT_TRY(refresh_evicted(cache, dst));
     cache->epoch++;
     return KVRT_OK;
 }

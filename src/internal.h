@@ -80,6 +80,7 @@ typedef struct kvrt_group {
     int32_t         n_dirty;
     int32_t        *cross_len;     /* CROSS: rows held by each block */
     int             evict;         /* sliding window that frees old blocks */
+    int32_t        *pending;       /* evict: [max_blocks] planning counts, kept zero */
     kvrt_seq_pages *seqs;          /* [max_seqs] */
 } kvrt_group;
 
@@ -197,6 +198,8 @@ struct kvrt_batch {
     int32_t          *order;
     int32_t          *seq_first_pos; /* per batch sequence: lowest new position */
     int32_t          *seq_count;
+    int64_t          *grow;        /* per group: blocks to add */
+    int64_t           grow_cap;
 };
 
 #endif /* KVRT_INTERNAL_H */

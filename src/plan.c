@@ -36,6 +36,7 @@ void kvrt_batch_destroy(kvrt_batch *batch)
     free(batch->order);
     free(batch->seq_first_pos);
     free(batch->seq_count);
+    free(batch->grow);
     free(batch->image);
     free(batch);
 }
@@ -213,8 +214,10 @@ kvrt_status kvrt_batch_plan(kvrt_cache *cache, int n, const int32_t *seq_ids,
         KVRT_CHECK(seq_ids[t] >= 0 && seq_ids[t] < cache->desc.max_seqs, KVRT_ERR_INVALID_ARG,
                    "kvrt_batch_plan: token %d: sequence %d is out of range [0, %d)", t,
                    (int)seq_ids[t], cache->desc.max_seqs);
-        KVRT_CHECK(positions[t] >= 0 && positions[t] < INT32_MAX, KVRT_ERR_POS_RANGE,
-                   "kvrt_batch_plan: token %d: position %d must be in [0, 2^31 - 1)", t,
+        KVRT_CHECK(positions[t] >= 0, KVRT_ERR_INVALID_ARG,
+                   "kvrt_batch_plan: token %d: position %d is negative", t, (int)positions[t]);
+        KVRT_CHECK(positions[t] < INT32_MAX, KVRT_ERR_POS_RANGE,
+                   "kvrt_batch_plan: token %d: position %d must be below 2^31 - 1", t,
                    (int)positions[t]);
     }
     /* tokens by (sequence, position) */
@@ -274,28 +277,36 @@ kvrt_status kvrt_batch_plan(kvrt_cache *cache, int n, const int32_t *seq_ids,
             }
         }
     }
-    /* sliding windows and capacity, per group */
+    /* sliding windows: every token must see all rows of its window */
+    for (int j = 0; j < cache->n_groups; j++) {
+        kvrt_group *g = &cache->groups[j];
+        for (int s = 0; g->evict && s < n_seqs; s++) {
+            const kvrt_seq_pages *sp = &g->seqs[plans[s].seq];
+            int32_t pmin = plans[s].pos_min;
+            KVRT_CHECK(sp->evicted_max < 0 || (int64_t)sp->evicted_max <= (int64_t)pmin - g->window,
+                       KVRT_ERR_WINDOW_EVICTED,
+                       "kvrt_batch_plan: sequence %d position %d: layer %d's window of %d "
+                       "positions was evicted up to position %d",
+                       (int)plans[s].seq, (int)pmin, g->layers[0], g->window, (int)sp->evicted_max);
+        }
+    }
+    /* capacity, per group */
+    KVRT_TRY(kvrt_reserve((void **)&batch->grow, &batch->grow_cap, cache->n_groups, sizeof(int64_t)));
+    int64_t *grow = batch->grow;
     for (int j = 0; j < cache->n_groups; j++) {
         kvrt_group *g = &cache->groups[j];
         if (!kvrt_group_is_self(g))
             continue;
         int64_t need = 0, freed = 0;
-        int32_t *pending = NULL;
-        if (g->evict)
-            KVRT_TRY(kvrt_scratch(cache, 2, g->n_blocks, &pending));
-        for (int s = 0; s < n_seqs; s++) {
+        int32_t *pending = g->pending; /* zero between plans */
+        kvrt_status st = KVRT_OK;
+        for (int s = 0; s < n_seqs && st == KVRT_OK; s++) {
             const kvrt_seq_pages *sp = &g->seqs[plans[s].seq];
             int64_t cur = sp->n_slots;
             int32_t cur_blocks = sp->n_blocks;
             int32_t last_block = sp->n_blocks > 0 ? sp->blocks[sp->n_blocks - 1] : -1;
             if (g->evict) {
                 int32_t pmin = plans[s].pos_min;
-                KVRT_CHECK(sp->evicted_max < 0 || (int64_t)sp->evicted_max <= (int64_t)pmin - g->window,
-                           KVRT_ERR_WINDOW_EVICTED,
-                           "kvrt_batch_plan: sequence %d position %d: layer %d's window of %d "
-                           "positions was evicted up to position %d",
-                           (int)plans[s].seq, (int)pmin, g->layers[0], g->window,
-                           (int)sp->evicted_max);
                 int32_t limit = (int32_t)((int64_t)pmin - g->window);
                 int32_t kept = 0, last_removed = 0;
                 for (int32_t i = 0; i < sp->n_blocks; i++) {
@@ -325,8 +336,8 @@ kvrt_status kvrt_batch_plan(kvrt_cache *cache, int n, const int32_t *seq_ids,
             int64_t want = (cur + plans[s].count + bs - 1) / bs;
             need += want - have;
             kvrt_seq_pages *spw = &g->seqs[plans[s].seq];
-            KVRT_TRY(kvrt_reserve((void **)&spw->blocks, &spw->cap_blocks, sp->n_blocks + want + 1,
-                                  sizeof(int32_t)));
+            st = kvrt_reserve((void **)&spw->blocks, &spw->cap_blocks, sp->n_blocks + want + 1,
+                              sizeof(int32_t));
             if (cur % bs != 0 && last_block >= 0 && g->refcount[last_block] > 1)
                 need++; /* copy-on-write of the partly used last block */
         }
@@ -336,14 +347,18 @@ kvrt_status kvrt_batch_plan(kvrt_cache *cache, int n, const int32_t *seq_ids,
                 for (int32_t i = 0; i < sp->n_blocks; i++)
                     pending[sp->blocks[i]] = 0;
             }
+        KVRT_TRY(st);
         KVRT_CHECK(need <= kvrt_group_available(g) + freed, KVRT_ERR_CAPACITY,
                    "kvrt_batch_plan: layer group %d (layer %d) needs %lld new blocks; %d free, "
                    "%lld leaving the window, room to grow by %d",
                    j, g->layers[0], (long long)need, g->n_free, (long long)freed,
                    g->max_blocks - g->n_blocks);
-        if (need > freed)
-            KVRT_TRY(kvrt_group_ensure_free(cache, g, need - freed));
+        grow[j] = need > freed ? need - freed : 0;
     }
+    /* every group fits: grow the pools that must (addresses stay) */
+    for (int j = 0; j < cache->n_groups; j++)
+        if (kvrt_group_is_self(&cache->groups[j]) && grow[j] > 0)
+            KVRT_TRY(kvrt_group_ensure_free(cache, &cache->groups[j], grow[j]));
     /* host arrays sized for the page tables */
     int64_t words = 2 * (int64_t)n;
     for (int j = 0; j < cache->n_groups; j++) {
@@ -390,15 +405,18 @@ kvrt_status kvrt_batch_plan(kvrt_cache *cache, int n, const int32_t *seq_ids,
         kvrt_batch_group *bg = &batch->groups[j];
         int32_t pages = 0;
         bg->max_seq_slots = 0;
+        /* first every sequence frees what left its window, so that the
+         * blocks counted as freed exist before anyone allocates */
+        for (int s = 0; g->evict && s < n_seqs; s++) {
+            kvrt_seq_pages *sp = &g->seqs[plans[s].seq];
+            int32_t limit = (int32_t)((int64_t)plans[s].pos_min - g->window);
+            if (limit >= -1)
+                evict_blocks(g, sp, limit);
+            kvrt_seq_pages_refresh(g, sp);
+        }
         for (int s = 0; s < n_seqs; s++) {
             kvrt_seq_pages *sp = &g->seqs[plans[s].seq];
             if (kvrt_group_is_self(g)) {
-                if (g->evict) {
-                    int32_t limit = (int32_t)((int64_t)plans[s].pos_min - g->window);
-                    if (limit >= -1)
-                        evict_blocks(g, sp, limit);
-                    kvrt_seq_pages_refresh(g, sp);
-                }
                 int64_t bs = g->block_size;
                 if (sp->n_slots % bs != 0)
                     KVRT_TRY(kvrt_group_unshare(cache, g, sp, sp->n_blocks - 1));

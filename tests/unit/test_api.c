@@ -212,7 +212,7 @@ static void test_plan_errors(void **state)
     EXPECT(KVRT_ERR_INVALID_ARG, kvrt_batch_plan(c, 1, seqs + 2, pos, b));
     assert_non_null(strstr(kvrt_last_error(), "sequence 5"));
     pos[0] = -2;
-    EXPECT(KVRT_ERR_POS_RANGE, kvrt_batch_plan(c, 1, seqs, pos, b));
+    EXPECT(KVRT_ERR_INVALID_ARG, kvrt_batch_plan(c, 1, seqs, pos, b));
     EXPECT(KVRT_ERR_INVALID_ARG, kvrt_batch_plan(c, 0, seqs, pos, b));
     EXPECT(KVRT_ERR_INVALID_ARG, kvrt_batch_plan(c, 17, seqs, pos, b));
     EXPECT(KVRT_ERR_INVALID_ARG, kvrt_batch_plan(c, 1, NULL, pos, b));
