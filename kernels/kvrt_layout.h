@@ -17,11 +17,11 @@
 #define KVRT_LAYOUT_H
 
 #include <stdint.h>
-#if !defined(__CUDACC__) && !defined(__HIPCC__)
+#if !defined(__CUDACC__) && !defined(__HIPCC__) && !defined(__HIP__)
 #  include <math.h>
 #endif
 
-#if defined(__CUDACC__) || defined(__HIPCC__)
+#if defined(__CUDACC__) || defined(__HIPCC__) || defined(__HIP__)
 #  define KVRT_HD __host__ __device__
 #else
 #  define KVRT_HD

@@ -43,9 +43,11 @@ typedef struct kvrt_backend_ops {
 
     /* Zeroes n bytes of device memory. */
     kvrt_status (*zero)(kvrt_backend_t *be, void *dst, size_t n, void *stream);
-    /* Copies n bytes of host memory into a staging area the device can read
-     * and returns its device address; valid for work queued on `stream`
-     * until the next stage_reset. The host buffer may be reused at once. */
+    /* Makes n bytes of host memory readable by work queued next on `stream`
+     * and returns their device address: a copy through a pinned ring on GPUs
+     * (the host buffer may be reused once the consuming op is queued), the
+     * host pointer itself on the CPU (whose ops complete before returning).
+     * Valid until the next stage_reset on that stream. */
     kvrt_status (*stage)(kvrt_backend_t *be, const void *host, size_t n, void *stream,
                          const void **device);
     /* Starts a new staging round (previous staged data may be reused once
@@ -70,7 +72,11 @@ typedef struct kvrt_backend_ops {
     kvrt_status (*scratch_alloc)(kvrt_backend_t *be, size_t n, void **p);
     void (*scratch_free)(kvrt_backend_t *be, void *p);
 
-    /* The operations (kernels on GPUs, their C twins on the CPU). */
+    /* The operations (kernels on GPUs, their C twins on the CPU). Contracts
+     * the kernels rely on: spans of one move never overlap (no destination
+     * is another span's source) and stay inside one block; slots of one
+     * rotate are distinct; blocks of one set_pos are distinct; max_rot_dims
+     * is at least every layer's rot_dims. */
     kvrt_status (*write)(kvrt_backend_t *be, const kvrt_write_op *op, void *stream);
     kvrt_status (*move)(kvrt_backend_t *be, const kvrt_move_op *op, void *stream);
     kvrt_status (*rotate)(kvrt_backend_t *be, const kvrt_rotate_op *op, void *stream);
