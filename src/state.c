@@ -23,8 +23,11 @@
 #  define STATE_HOST_LE 1
 #endif
 
-/* Bytes of rows moved through host memory per step (writer and GPU loader). */
-#define STATE_CHUNK_BYTES ((size_t)8 << 20)
+/* Bytes of rows moved through host memory per step: on the CPU a chunk
+ * that stays in cache between gather, checksum and the writer; on GPUs
+ * larger ones, each a device round trip. */
+#define STATE_CHUNK_CPU ((size_t)1 << 20)
+#define STATE_CHUNK_GPU ((size_t)16 << 20)
 /* Input read per reader call: a claimed size is only allocated as data arrives. */
 #define STATE_READ_STEP ((size_t)16 << 20)
 #define STATE_MAX_LAYERS 4096u
@@ -539,7 +542,8 @@ kvrt_status kvrt_state_write(kvrt_cache *cache, int32_t seq, kvrt_state_writer w
      * at least one row of any layer) */
     uint64_t total = 0;
     KVRT_TRY(kvrt_state_size(cache, seq, &total));
-    size_t buf_bytes = total < STATE_CHUNK_BYTES ? (size_t)total : STATE_CHUNK_BYTES;
+    size_t chunk = cache->desc.device.backend == KVRT_BACKEND_CPU ? STATE_CHUNK_CPU : STATE_CHUNK_GPU;
+    size_t buf_bytes = total < chunk ? (size_t)total : chunk;
     for (int l = 0; l < cache->desc.n_layers; l++) {
         size_t r = kvrt_layer_row_bytes(&cache->layers[l], cache->desc.dtype);
         if (r > buf_bytes)
@@ -1134,7 +1138,7 @@ static kvrt_status load_rows(kvrt_cache *cache, const kvrt_layer_ref *ref, const
     }
     /* GPUs: through device scratch in chunks (the image would best be pinned
      * host memory; uploads go through the backend's pinned staging). */
-    int64_t per = (int64_t)(STATE_CHUNK_BYTES / (k_row + v_row));
+    int64_t per = (int64_t)(STATE_CHUNK_GPU / (k_row + v_row));
     if (per < 1)
         per = 1;
     if (per > n)
