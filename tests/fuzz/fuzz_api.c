@@ -161,21 +161,6 @@ static int seq_empty(const kvrt_cache *c, int32_t seq)
     return 1;
 }
 
-/* kvrt_seq_cp into a sequence whose cross page table was never allocated
- * dereferences it (src/edit.c, cross groups skip the page-table reserve);
- * zero cross rows allocate it. Only on an empty destination, where it
- * changes nothing. Harmless once that is fixed. */
-static void prime_cross(kvrt_cache *c, int32_t seq)
-{
-    const kvrt_cache_desc *d = kvrt_cache_get_desc(c);
-    if (seq < 0 || seq >= d->max_seqs || !seq_empty(c, seq))
-        return;
-    for (int l = 0; l < d->n_layers; l++)
-        if (d->layers[l].kind == KVRT_LAYER_CROSS)
-            FUZZ_ASSERT(kvrt_cross_set(c, l, seq, 0, NULL, NULL, KVRT_F32, NULL) == KVRT_OK,
-                        "cross_set 0 rows");
-}
-
 static kvrt_status op_plan(ctx *x, bytes *b)
 {
     int n = 1 + (int)(u8(b) % MAX_BATCH);
@@ -336,7 +321,6 @@ static kvrt_status run_op(ctx *x, bytes *b)
     }
     case 4: {
         int32_t src = seq_arg(b), dst = seq_arg(b), p0 = pos_arg(b), p1 = pos_arg(b);
-        prime_cross(x->c, dst);
         return kvrt_seq_cp(x->c, src, dst, p0, p1);
     }
     case 5:

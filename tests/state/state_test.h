@@ -191,17 +191,6 @@ static inline void fill_cross(kvrt_cache *c, int32_t seq, int n, uint32_t salt)
     }
 }
 
-/* kvrt_seq_cp into a sequence whose cross page table was never allocated
- * dereferences it (src/edit.c, cross groups skip the page-table reserve);
- * setting zero cross rows first allocates it. Harmless once that is fixed. */
-static inline void prime_cross(kvrt_cache *c, int32_t seq)
-{
-    const kvrt_cache_desc *d = kvrt_cache_get_desc(c);
-    for (int l = 0; l < d->n_layers; l++)
-        if (d->layers[l].kind == KVRT_LAYER_CROSS)
-            OK(kvrt_cross_set(c, l, seq, 0, NULL, NULL, KVRT_F32, NULL));
-}
-
 /* ---- byte buffers, state images ---- */
 
 typedef struct blob {

@@ -47,7 +47,6 @@ static void test_offload_roundtrip(void **state)
             kvrt_cache *c = make_cache(layout, opts(dtypes[di], 16, 1500, 4));
             fill_seq(c, 0, 0, 4000, 1, 1);
             fill_cross(c, 0, 30, 1);
-            prime_cross(c, 1);
             OK(kvrt_seq_cp(c, 0, 1, 0, -1)); /* seq 1 shares seq 0's blocks */
             fill_seq(c, 1, 4000, 4500, 1, 2);
             OK(kvrt_seq_rm(c, 1, 10, 20));

@@ -192,7 +192,6 @@ static void test_after_edits(void **state)
         kvrt_cache *src = make_cache(LAYOUT_MIXED, opts(all_dtypes[di], 16, 1200, 3));
         fill_seq(src, 0, 0, 3000, 1, 11);
         fill_cross(src, 0, 64, 11);
-        prime_cross(src, 1);
         OK(kvrt_seq_cp(src, 0, 1, 0, -1));
         fill_seq(src, 0, 3000, 6000, 1, 12);
         fill_seq(src, 1, 3000, 500, 1, 13);
