@@ -16,7 +16,14 @@
  *     wrong, is kvrt_last_error().
  *   - A call that fails changes nothing: the cache is exactly as it was.
  *   - The library never aborts, exits or prints.
- *   - Positions are int32. p1 < 0 in a range [p0, p1) means "to the end".
+ *   - Positions are int32 in [0, 2^31 - 2]. In a range [p0, p1), p1 < 0 means
+ *     "to the end" and p0 < 0 is read as 0; p0 > p1 >= 0 is
+ *     KVRT_ERR_INVALID_ARG; an empty range changes nothing.
+ *   - A sequence never holds two tokens at one position: a plan or an edit
+ *     that would create one fails with KVRT_ERR_POS_EXISTS.
+ *   - A plan (kvrt_batch) is valid until the next plan, edit or
+ *     kvrt_cross_set of the cache; kvrt_write and kvrt_attention refuse a
+ *     stale batch with KVRT_ERR_INVALID_ARG.
  *   - `stream` is a cudaStream_t / hipStream_t (NULL: the default stream); the
  *     CPU backend ignores it and completes work before returning.
  *   - Plans and sequence edits run on the cache's stream (kvrt_cache_set_stream).
@@ -264,8 +271,9 @@ KVRT_API kvrt_status kvrt_cache_stats_get(const kvrt_cache *cache, int group,
                                           kvrt_cache_stats *out);
 
 /* Checks every internal invariant (refcounts equal page-table references,
- * free + used == total, positions in range, no duplicate positions, bounded
- * sliding-window rings). KVRT_ERR_INTERNAL with a message on the first
+ * free + used == total, free blocks hold no position, recorded position
+ * ranges equal the live slots', no duplicate positions, the device copy of
+ * positions equals the host's). KVRT_ERR_INTERNAL with a message on the first
  * violation. For tests and debugging; costs O(cache size) on the host. */
 KVRT_API kvrt_status kvrt_cache_check(const kvrt_cache *cache);
 
@@ -292,7 +300,8 @@ KVRT_API int kvrt_batch_n_tokens(const kvrt_batch *batch);
  * Uploads the step's metadata (slots, page tables, positions) to the device
  * asynchronously on the cache's stream.
  * Errors, with nothing changed: KVRT_ERR_INVALID_ARG (n out of [1,max_tokens],
- * seq id out of range, negative position), KVRT_ERR_POS_EXISTS (a position
+ * seq id out of range, negative position), KVRT_ERR_POS_RANGE (position
+ * 2^31 - 1), KVRT_ERR_POS_EXISTS (a position
  * already in the sequence or twice in the batch), KVRT_ERR_WINDOW_EVICTED (a
  * sliding-window group no longer holds rows the token must see),
  * KVRT_ERR_CAPACITY (not enough blocks even after growth). */
@@ -316,7 +325,8 @@ KVRT_API kvrt_status kvrt_write(kvrt_cache *cache, const kvrt_batch *batch, int 
 
 typedef struct kvrt_attention_params {
     int        n_q_heads;  /* a multiple of the layer's n_kv_heads (MLA: any >= 1) */
-    float      scale;      /* multiplies q.k; 0 means 1/sqrt(head_dim_k) */
+    float      scale;      /* multiplies q.k; 0 means 1/sqrt(dk), dk = head_dim_k
+                              (MLA: latent_dim + rope_dim) */
     float      softcap;    /* > 0: logits become softcap * tanh(s / softcap) */
     kvrt_dtype q_dtype;    /* dtype of q */
     kvrt_dtype out_dtype;  /* f32 or the cache dtype */
@@ -342,7 +352,8 @@ KVRT_API kvrt_status kvrt_attention(kvrt_cache *cache, const kvrt_batch *batch, 
 /* Stores a sequence's static K/V of one CROSS layer: k [n][n_kv_heads][head_dim_k],
  * v [n][n_kv_heads][head_dim_v] on the cache's device, converted from src_dtype.
  * Replaces what the sequence had in that layer (a copy shared through
- * kvrt_seq_cp is copied first). KVRT_ERR_INVALID_ARG if n > cross_max_len. */
+ * kvrt_seq_cp is left to the other sequences); n = 0 empties it.
+ * KVRT_ERR_INVALID_ARG if n > cross_max_len. Makes earlier plans stale. */
 KVRT_API kvrt_status kvrt_cross_set(kvrt_cache *cache, int layer, int32_t seq, int n,
                                     const void *k, const void *v, kvrt_dtype src_dtype,
                                     void *stream);
@@ -352,14 +363,18 @@ KVRT_API kvrt_status kvrt_cross_set(kvrt_cache *cache, int layer, int32_t seq, i
 /* ------------------------------------------------------------------------ */
 
 /* Removes the tokens of sequence seq (seq < 0: every sequence) with positions
- * in [p0, p1) from every group. Removing every position of a sequence also
- * drops its cross-attention K/V. Blocks left empty return to the pool. */
+ * in [p0, p1) from every group. The range [0, end) (p0 <= 0, p1 < 0) also
+ * drops the sequence's cross-attention K/V. Blocks left empty return to the
+ * pool. KVRT_ERR_CAPACITY if a block shared with another sequence must be
+ * copied first and none is free. */
 KVRT_API kvrt_status kvrt_seq_rm(kvrt_cache *cache, int32_t seq, int32_t p0, int32_t p1);
 
 /* Copies the tokens of src in [p0, p1) into dst, which must hold nothing
  * (KVRT_ERR_INVALID_ARG otherwise). Blocks whose used slots all lie in the
  * range are shared (reference-counted, copied on the first write that touches
- * them); boundary blocks are copied. Cross-attention K/V is shared. */
+ * them); boundary blocks are copied. Cross-attention K/V is shared (also for
+ * an empty range). src == dst changes nothing and succeeds. A destination
+ * holding cross K/V is not empty. */
 KVRT_API kvrt_status kvrt_seq_cp(kvrt_cache *cache, int32_t src, int32_t dst,
                                  int32_t p0, int32_t p1);
 
@@ -369,12 +384,13 @@ KVRT_API kvrt_status kvrt_seq_keep(kvrt_cache *cache, int32_t seq);
 /* Adds delta to the positions in [p0, p1) of seq (seq < 0: every sequence)
  * and re-rotates the rotary part of their cached K by delta (all layers of a
  * group in one launch). Tokens whose new position is negative are removed.
- * KVRT_ERR_POS_RANGE if a new position would overflow int32. */
+ * KVRT_ERR_POS_EXISTS if a moved token would land on a position the sequence
+ * keeps; KVRT_ERR_POS_RANGE if a new position would overflow int32. */
 KVRT_API kvrt_status kvrt_seq_shift(kvrt_cache *cache, int32_t seq, int32_t p0, int32_t p1,
                                     int32_t delta);
 
-/* Divides the positions in [p0, p1) by d (>= 1, rounding down) and
- * re-rotates K accordingly. Two tokens that would land on one position:
+/* Divides the positions in [p0, p1) of seq (seq < 0: every sequence) by
+ * d (>= 1, rounding down) and re-rotates K accordingly. Two tokens that would land on one position:
  * KVRT_ERR_POS_EXISTS, nothing changed. */
 KVRT_API kvrt_status kvrt_seq_div(kvrt_cache *cache, int32_t seq, int32_t p0, int32_t p1,
                                   int d);
@@ -413,7 +429,8 @@ KVRT_API kvrt_status kvrt_seq_group_info_get(const kvrt_cache *cache, int32_t se
 
 /* Sets *ok to 1 when a token of seq planned at position pos would see every
  * row it should (no sliding-window group has dropped a row inside its window),
- * else 0. A decoder resumes a prefix only when this holds. */
+ * else 0. A decoder resumes a prefix only when this holds.
+ * KVRT_ERR_POS_RANGE for a negative pos. */
 KVRT_API kvrt_status kvrt_seq_can_resume(const kvrt_cache *cache, int32_t seq, int32_t pos,
                                          int *ok);
 
