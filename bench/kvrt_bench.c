@@ -19,9 +19,9 @@
  *   {"op":..,"backend":..,"dtype":..,"shape":{..},"median_ms":..,"bytes":..,
  *    "gbps":..,"copy_gbps":..,"fraction":..}   (+ "tflops" for attention)
  * bytes counts the bytes the operation reads plus writes; copy_gbps is a
- * large device copy (on the CPU a memcpy split across the OpenMP threads),
- * also counting read plus write bytes, measured before each operation;
- * fraction = gbps / copy_gbps.
+ * device copy of --size-mib (on the CPU a memcpy split across the OpenMP
+ * threads), also counting read plus write bytes, timed once after each timed
+ * run of the operation (the median of those); fraction = gbps / copy_gbps.
  */
 #include <math.h>
 #include <stdarg.h>
@@ -90,7 +90,8 @@ typedef struct bench {
     int          quick;
     FILE        *json;
     devmem_timer timer;
-    double       copy_gbps;      /* measured before each op */
+    devmem_copy_probe probe;     /* the copy each op is compared with */
+    double       copy_gbps;      /* the median probe copy of the last time_op */
     int          header_done;
 } bench;
 
@@ -107,7 +108,7 @@ static void print_header(bench *b)
 static void report(bench *b, const char *op, kvrt_dtype dtype, const char *shape_json,
                    const char *shape_text, double median_ms, double bytes, double flops)
 {
-    double gbps = bytes / (median_ms * 1e-3) / 1e9;
+    double gbps = devmem_gbps(bytes, median_ms);
     double fraction = b->copy_gbps > 0 ? gbps / b->copy_gbps : 0.0;
     print_header(b);
     printf("%-18s %-5s %-5s %-44s %10.3f %9.2f %9.2f %8.3f", op,
@@ -140,12 +141,6 @@ static void skip(bench *b, const char *op, const char *why)
     print_header(b);
     printf("skip %s on %s: %s\n", op, kvrt_backend_name(b->device.backend), why);
     fflush(stdout);
-}
-
-/* The copy bandwidth this op is compared with, measured now. */
-static void measure_copy(bench *b)
-{
-    DM(devmem_copy_gbps(b->device, b->size, b->runs < 20 ? 20 : b->runs, &b->copy_gbps));
 }
 
 /* ------------------------------------------------------------------------ */
@@ -301,10 +296,14 @@ static void fill(kvrt_cache *c, kvrt_batch *batch, int max_tokens, fill_source *
 typedef void (*run_fn)(bench *b, void *ctx);
 
 /* Median milliseconds of `run` over b->runs runs after two warm-up runs;
- * `reset` (untimed, may be NULL) runs before each. */
+ * `reset` (untimed, may be NULL) runs before each. Each timed run is
+ * followed by one timed copy of the probe, so that b->copy_gbps (the median
+ * of those) is measured under the same conditions as the op, even when
+ * other work on the machine or clocks change during the measurement. */
 static double time_op(bench *b, run_fn run, run_fn reset, void *ctx)
 {
     double *ms = xmalloc(sizeof(double) * (size_t)b->runs);
+    double *copy_ms = xmalloc(sizeof(double) * (size_t)b->runs);
     for (int r = -2; r < b->runs; r++) {
         if (reset != NULL)
             reset(b, ctx);
@@ -313,11 +312,15 @@ static double time_op(bench *b, run_fn run, run_fn reset, void *ctx)
         run(b, ctx);
         double t;
         DM(devmem_timer_stop(&b->timer, &t));
-        if (r >= 0)
+        if (r >= 0) {
             ms[r] = t;
+            DM(devmem_copy_probe_run(&b->probe, &copy_ms[r]));
+        }
     }
     double median = devmem_median(ms, b->runs);
+    b->copy_gbps = devmem_gbps(2.0 * (double)b->probe.bytes, devmem_median(copy_ms, b->runs));
     free(ms);
+    free(copy_ms);
     return median;
 }
 
@@ -492,7 +495,6 @@ static void bench_write(bench *b)
     rw_setup(b, &x, 0);
     run_write(b, &x);
     rw_validate(b, &x);
-    measure_copy(b);
     double ms = time_op(b, run_write, NULL, &x);
     int64_t n = (int64_t)x.per_seq * OP_SEQS;
     double bytes = 2.0 * (double)n * (double)op_token_bytes(b); /* read sources, write slots */
@@ -530,7 +532,6 @@ static void bench_gather(bench *b)
         expect_bytes(x.k_dst[l].host, x.k_src[l].host, x.k_src[l].bytes, "gathered K");
         expect_bytes(x.v_dst[l].host, x.v_src[l].host, x.v_src[l].bytes, "gathered V");
     }
-    measure_copy(b);
     double ms = time_op(b, run_gather, NULL, &x);
     int64_t n = (int64_t)x.per_seq * OP_SEQS;
     double bytes = 2.0 * (double)n * (double)op_token_bytes(b); /* read slots, write dst */
@@ -627,7 +628,6 @@ static void bench_shift(bench *b)
     free(in);
     free(ref);
 
-    measure_copy(b);
     double ms = time_op(b, run_shift, NULL, &x);
     int64_t n = (int64_t)per_seq * OP_SEQS;
     /* the rotated part of K (here all of it) is read and written; V is not touched */
@@ -780,7 +780,6 @@ static void bench_copy(bench *b)
     if (st.blocks_shared != 0)
         die("validation: %lld blocks still shared after the first writes", (long long)st.blocks_shared);
     copy_validate(b, &x, x.src_tokens);
-    measure_copy(b);
     double ms = time_op(b, run_copy_cow, reset_copies, &x);
     /* each copy reads and writes a whole block; each new row is read and written */
     double bytes = 2.0 * x.n_pairs * (double)block_bytes + 2.0 * x.n_pairs * (double)row_bytes;
@@ -903,7 +902,6 @@ static void bench_compact(bench *b)
             moved += (int64_t)j * OP_BLOCK + k >= per_seq_live;
     moved *= OP_SEQS;
 
-    measure_copy(b);
     double ms = time_op(b, run_compact, reset_compact, &x);
     double bytes = 2.0 * (double)moved * (double)op_token_bytes(b);
     char extra[160], shape[320], text[96];
@@ -1078,8 +1076,6 @@ static void bench_attention_shape(bench *b, const attn_shape *sh)
         if (worst > 1.0)
             die("validation: %s output is off the double-precision reference by %.2f of its bound",
                 sh->op, worst);
-
-        measure_copy(b);
         double ms = time_op(b, run_attention, NULL, &x);
         /* K and V read once, q read, out written */
         double bytes = n_layers * (layer_bytes + (double)n_tokens * sh->n_q_heads * (dk + dv) * es);
@@ -1303,6 +1299,7 @@ int main(int argc, char **argv)
     if (json_path != NULL && (b.json = fopen(json_path, "a")) == NULL)
         die("cannot open %s for appending", json_path);
     DM(devmem_timer_init(&b.timer, b.device));
+    DM(devmem_copy_probe_init(&b.probe, b.device, b.size));
 
     char desc[256];
     KV(kvrt_device_describe(b.device, desc, sizeof desc));
@@ -1315,6 +1312,7 @@ int main(int argc, char **argv)
     for (int k = 0; k < N_OPS; k++)
         if (selected[k])
             ops[k].fn(&b);
+    devmem_copy_probe_destroy(&b.probe);
     devmem_timer_destroy(&b.timer);
     if (b.json != NULL)
         fclose(b.json);

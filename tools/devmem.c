@@ -231,47 +231,75 @@ static void cpu_parallel_copy(char *dst, const char *src, size_t n)
     }
 }
 
-int devmem_copy_gbps(kvrt_device device, size_t bytes, int runs, double *gbps)
+int devmem_copy_probe_init(devmem_copy_probe *probe, kvrt_device device, size_t bytes)
 {
-    *gbps = 0.0;
-    if (runs < 1)
-        runs = 1;
-    char *src = devmem_alloc(device, bytes), *dst = devmem_alloc(device, bytes);
-    double *ms = malloc(sizeof(double) * (size_t)runs);
-    devmem_timer timer;
-    int rc = src != NULL && dst != NULL && ms != NULL ? 0 : -1;
-    if (rc == 0 && ms == NULL)
-        rc = devmem_fail("host allocation");
+    memset(probe, 0, sizeof *probe);
+    probe->device = device;
+    probe->bytes = bytes;
+    probe->src = devmem_alloc(device, bytes);
+    probe->dst = devmem_alloc(device, bytes);
+    int rc = probe->src != NULL && probe->dst != NULL ? 0 : -1;
     if (rc == 0)
-        rc = devmem_timer_init(&timer, device);
+        rc = devmem_timer_init(&probe->timer, device);
     if (rc != 0) {
-        devmem_free(device, src);
-        devmem_free(device, dst);
-        free(ms);
+        devmem_free(device, probe->src);
+        devmem_free(device, probe->dst);
+        memset(probe, 0, sizeof *probe);
         return -1;
     }
     if (device.backend == KVRT_BACKEND_CPU) { /* touch every page before timing */
-        memset(src, 1, bytes);
-        memset(dst, 2, bytes);
+        memset(probe->src, 1, bytes);
+        memset(probe->dst, 2, bytes);
     }
-    for (int r = -2; r < runs && rc == 0; r++) { /* two warm-up copies */
-        rc = devmem_timer_start(&timer);
-        if (rc == 0)
-            rc = device.backend == KVRT_BACKEND_CPU ? (cpu_parallel_copy(dst, src, bytes), 0)
-                                                     : devmem_copy(device, dst, src, bytes);
-        double t = 0.0;
-        if (rc == 0)
-            rc = devmem_timer_stop(&timer, &t);
-        if (r >= 0)
-            ms[r] = t;
-    }
-    if (rc == 0) {
-        double median = devmem_median(ms, runs);
-        *gbps = median > 0.0 ? 2.0 * (double)bytes / (median * 1e-3) / 1e9 : 0.0;
-    }
-    devmem_timer_destroy(&timer);
-    devmem_free(device, src);
-    devmem_free(device, dst);
+    double ms;
+    for (int r = 0; r < 2 && rc == 0; r++) /* warm-up */
+        rc = devmem_copy_probe_run(probe, &ms);
+    if (rc != 0)
+        devmem_copy_probe_destroy(probe);
+    return rc;
+}
+
+int devmem_copy_probe_run(devmem_copy_probe *probe, double *ms)
+{
+    int rc = devmem_timer_start(&probe->timer);
+    if (rc == 0 && probe->device.backend == KVRT_BACKEND_CPU)
+        cpu_parallel_copy(probe->dst, probe->src, probe->bytes);
+    else if (rc == 0)
+        rc = devmem_copy(probe->device, probe->dst, probe->src, probe->bytes);
+    if (rc == 0)
+        rc = devmem_timer_stop(&probe->timer, ms);
+    return rc;
+}
+
+void devmem_copy_probe_destroy(devmem_copy_probe *probe)
+{
+    if (probe->src == NULL && probe->dst == NULL)
+        return;
+    devmem_timer_destroy(&probe->timer);
+    devmem_free(probe->device, probe->src);
+    devmem_free(probe->device, probe->dst);
+    memset(probe, 0, sizeof *probe);
+}
+
+double devmem_gbps(double bytes, double ms)
+{
+    return ms > 0.0 ? bytes / (ms * 1e-3) / 1e9 : 0.0;
+}
+
+int devmem_copy_gbps(kvrt_device device, size_t bytes, int runs, double *gbps)
+{
+    *gbps = 0.0;
+    runs = runs < 1 ? 1 : runs;
+    devmem_copy_probe probe;
+    double *ms = malloc(sizeof(double) * (size_t)runs);
+    if (ms == NULL)
+        return devmem_fail("host allocation");
+    int rc = devmem_copy_probe_init(&probe, device, bytes);
+    for (int r = 0; r < runs && rc == 0; r++)
+        rc = devmem_copy_probe_run(&probe, &ms[r]);
+    if (rc == 0)
+        *gbps = devmem_gbps(2.0 * (double)bytes, devmem_median(ms, runs));
+    devmem_copy_probe_destroy(&probe);
     free(ms);
     return rc;
 }

@@ -51,10 +51,30 @@ int devmem_timer_stop(devmem_timer *timer, double *ms);
 /* Seconds of the monotonic clock. */
 double devmem_now(void);
 
-/* The device's copy bandwidth in GB/s (1e9 bytes/s, counting bytes read
- * plus bytes written): the median of `runs` copies of `bytes` after a
- * warm-up. On the CPU a memcpy split into one contiguous piece per OpenMP
- * thread; on GPUs a device-to-device copy timed with events. */
+/* A large device copy, timed one run at a time, so that a benchmark can
+ * interleave it with the runs of what it measures and compare the two
+ * under the same conditions. On the CPU a memcpy split into one contiguous
+ * piece per OpenMP thread; on GPUs a device-to-device copy timed with
+ * events. */
+typedef struct devmem_copy_probe {
+    kvrt_device  device;
+    char        *src, *dst;
+    size_t       bytes;
+    devmem_timer timer;
+} devmem_copy_probe;
+
+/* Allocates and touches both buffers and runs two warm-up copies. */
+int devmem_copy_probe_init(devmem_copy_probe *probe, kvrt_device device, size_t bytes);
+/* One copy of probe->bytes; *ms its duration. */
+int devmem_copy_probe_run(devmem_copy_probe *probe, double *ms);
+/* A zeroed probe is fine. */
+void devmem_copy_probe_destroy(devmem_copy_probe *probe);
+
+/* GB/s (1e9 bytes per second) of `bytes` moved in `ms`. */
+double devmem_gbps(double bytes, double ms);
+
+/* The device's copy bandwidth in GB/s, counting bytes read plus bytes
+ * written: the median of `runs` probe copies of `bytes` after a warm-up. */
 int devmem_copy_gbps(kvrt_device device, size_t bytes, int runs, double *gbps);
 
 /* A device buffer with a host image of what it holds (the same memory on

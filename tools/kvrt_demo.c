@@ -500,15 +500,16 @@ static void llama_session(kvrt_device device, int quick, totals *total)
     print_stats(&m, "after turn 1");
 
     /* a second answer to the same prompt: fork, then decode both together */
+    int64_t used_before = stats(&m).blocks_used;
     KV(kvrt_seq_cp(m.cache, 0, 1, 0, prompt));
     kvrt_cache_stats s = stats(&m);
     rows a = gather(&m, 2, 0, 0, prompt), b = gather(&m, 2, 1, 0, -1);
     expect_same_rows(&m, &a, &b, "fork");
     rows_free(&a);
     rows_free(&b);
-    say("fork", "kvrt_seq_cp(0 -> 1, [0, %d)): %lld blocks shared, the partial last block copied; "
+    say("fork", "kvrt_seq_cp(0 -> 1, [0, %d)): %lld blocks shared, %lld boundary block copied; "
                 "seq 1 reads the prompt's rows",
-        prompt, (long long)s.blocks_shared);
+        prompt, (long long)s.blocks_shared, (long long)(s.blocks_used - used_before));
     int64_t shared_before = s.blocks_shared;
     for (int i = 0; i < answer; i++)
         decode(&m, 2, both);
