@@ -1,174 +1,518 @@
 /*
  * attention.cu: kvrt_attention_op, masked paged attention of a batch's
- * tokens over their sequences' slots (decode and prefill alike, ATTN, MLA
- * and CROSS layers). C twin: kvrt_cpu_attention in src/attention_cpu.c.
+ * tokens over their sequences' slots (decode, short query blocks and
+ * prefill, ATTN, MLA and CROSS layers). C twin: kvrt_cpu_attention in
+ * src/attention_cpu.c.
  *
- * Version 1, the straightforward kernel: correctness first, no tensor
- * cores, no split of long sequences, K/V read once per query head.
- *
- * A block handles one (token, query head) row. It walks the sequence's used
- * slots in tiles of kTile:
- *   A. threads [0, kTile) look up one slot each through the page table and
- *      decide whether the row's token sees it (position >= 0, <= the
- *      token's position when causal, > position - window when windowed;
- *      every slot when the layer has no positions);
- *   B. each warp takes visible slots of the tile in turn: its lanes stride
- *      over the K row (coalesced), multiply by the query (in shared memory,
- *      f32) and reduce the dot product by shuffles; lane 0 stores the logit
- *      (scaled, soft-capped);
- *   C. every thread reads the tile's logits and updates the online softmax
- *      (running max m, sum l) identically;
- *   D. threads [0, kTile) turn logits into weights; then each thread adds
- *      the weighted V rows (ATTN: the kv head's V; MLA: the first dim_v
- *      values of the K row) into its own output elements (kept in shared
- *      memory), skipping zero weights as the twin does, so that a hole's
- *      garbage never reaches the output.
- * The row is written as acc / l in the output dtype; no visible key gives
- * zeros, a NaN logit of a visible key gives NaN, as in the twin.
+ * One tiled kernel (attention_kernel) serves decode and prefill; the
+ * launcher picks the tile shape from the op:
+ *   - A CTA owns a query tile: up to `tt` consecutive batch tokens of one
+ *     sequence times up to `hpc` query heads that share one kv head (GQA;
+ *     MLA: all query heads share the latent row). Its rows (token, query
+ *     head), at most kMaxRows, read every K/V row of the kv head once.
+ *     Decode (few tokens per sequence): tt is the next power of two of the
+ *     tokens per sequence (1..8), hpc as many heads of the group as fit.
+ *     Prefill: tt = 32 tokens (16 with GQA pairs of heads).
+ *   - Tile leaders: grid.x runs over tokens (grid.y over kv heads and
+ *     chunks of their query heads); token t leads a tile when
+ *     t % tt == 0 or its predecessor belongs to another sequence, and takes
+ *     the following tokens of its sequence up to the next multiple of tt.
+ *     Every token belongs to exactly one leader; other CTAs return at once.
+ *   - The CTA walks its split of the sequence's used slots in key tiles of
+ *     kKeyTile: (A) page-table walk and positions, (B) logits, one slot per
+ *     group of lanes reading the K row with 16-byte loads, dotted against
+ *     the rows' queries (f32, shared memory) and reduced by shuffles within
+ *     the group, (C) online softmax per row (m, l in f32), (D) the weighted
+ *     V rows added into the rows' accumulators (shared memory, f32), V read
+ *     with 16-byte loads; zero weights are skipped, as in the twin, so that
+ *     a hole's garbage never reaches the output.
+ *   - Flash-decoding: grid.z splits the slots when there are too few CTAs
+ *     for the device; each split writes (m, l, acc) to a workspace that the
+ *     glue owns, and attention_combine merges the splits into the output.
+ * A token with no visible key gives zeros; a visible NaN logit gives NaN.
  *
  * Results differ from the twin by summation order and by expf against its
- * polynomial exp (both within 2 ulp): f32 rounding, bounded in tests/gpu.
+ * polynomial exp: f32 rounding, bounded in tests/gpu.
  */
 #include "gpu_common.cuh"
 
+#include <algorithm>
+
 namespace {
 
-constexpr int kTile = 64;          /* slots per tile */
-constexpr int kAttnThreads = 128;  /* a multiple of every warp width */
+constexpr int kAttnThreads = 256;  /* a multiple of every warp width */
+constexpr int kKeyTile = 32;       /* slots per key tile */
+constexpr int kMaxRows = 32;       /* (token, query head) rows per CTA */
+constexpr int kMaxSplits = 64;
+constexpr int kSplitMinSlots = 256;
+constexpr size_t kSharedLimit = 48 * 1024; /* dynamic shared memory per CTA */
 
-/* Dynamic shared memory: q [dim_k], acc [dim_v]. */
+/* Elements [i, i + N) of a cache array of dtype DT as f32; PACK: N == 8 and
+ * 16-byte aligned. */
+template <int DT, bool PACK>
+__device__ inline void load_row_part(const void *base, int64_t i, float *out)
+{
+    typedef typename dtype_traits<DT>::storage S;
+    const S *p = static_cast<const S *>(base) + i;
+    if (PACK) {
+        pack8<S> v = load_pack8(p);
+#pragma unroll
+        for (int e = 0; e < 8; e++)
+            out[e] = dtype_traits<DT>::to_f32(v.v[e]);
+    } else {
+        out[0] = dtype_traits<DT>::to_f32(*p);
+    }
+}
+
+/* N (1 or 8) floats of shared memory; 8: 32-byte aligned, two 16-byte accesses. */
+template <int N> __device__ inline void load_shared(const float *p, float *out)
+{
+    if (N == 8) {
+        const float4 a = reinterpret_cast<const float4 *>(p)[0];
+        const float4 b = reinterpret_cast<const float4 *>(p)[1];
+        out[0] = a.x, out[1] = a.y, out[2] = a.z, out[3] = a.w;
+        out[4] = b.x, out[5] = b.y, out[6] = b.z, out[7] = b.w;
+    } else {
+        out[0] = p[0];
+    }
+}
+template <int N> __device__ inline void store_shared(float *p, const float *in)
+{
+    if (N == 8) {
+        reinterpret_cast<float4 *>(p)[0] = make_float4(in[0], in[1], in[2], in[3]);
+        reinterpret_cast<float4 *>(p)[1] = make_float4(in[4], in[5], in[6], in[7]);
+    } else {
+        p[0] = in[0];
+    }
+}
+
+__device__ inline bool slot_visible(int64_t p, int64_t qpos, const kvrt_attention_op &op)
+{
+    return p >= 0 && (!op.causal || p <= qpos) && (op.window <= 0 || p > qpos - op.window);
+}
+
+/*
+ * partial: NULL when n_splits == 1 (the CTA writes the output); otherwise
+ * [n_tokens][n_q_heads][n_splits][2 + dim_v] floats: m, l (NaN: a NaN
+ * logit was seen), acc.
+ * Dynamic shared memory: q [tt * hpc][dim_k], acc [tt * hpc][dim_v].
+ */
+template <int DT, bool PACK>
 __global__ void __launch_bounds__(kAttnThreads)
-    attention_kernel(const kvrt_attention_op op)
+    attention_kernel(const kvrt_attention_op op, const int tt, const int hpc,
+                     const int n_chunks, const int split_slots, float *partial)
 {
     extern __shared__ float shared[];
-    __shared__ int64_t tile_slot[kTile];
-    __shared__ int tile_visible[kTile];
-    __shared__ float tile_logit[kTile];
-    __shared__ float tile_weight[kTile];
+    __shared__ int64_t s_slot[kKeyTile];
+    __shared__ int32_t s_pos[kKeyTile];
+    __shared__ int s_any[kKeyTile];     /* some token of the tile sees the slot */
+    __shared__ float s_p[kMaxRows][kKeyTile + 1];
+    __shared__ float s_m[kMaxRows], s_l[kMaxRows], s_alpha[kMaxRows];
+    __shared__ int s_nan[kMaxRows];
+    __shared__ int64_t s_qpos[kMaxRows];
 
+    constexpr int E = PACK ? 8 : 1; /* elements per lane step */
     const kvrt_layout L = op.layer.layout;
     const int32_t dim_k = L.dim_k, dim_v = op.dim_v;
-    float *q = shared;
-    float *acc = shared + dim_k;
-
-    const int64_t row = blockIdx.x; /* token * n_q_heads + query head */
-    const int32_t t = (int32_t)(row / op.n_q_heads);
-    const int32_t qh = (int32_t)(row - (int64_t)t * op.n_q_heads);
     const int32_t group = op.n_q_heads / L.n_heads;
-    const int32_t head = op.mla ? 0 : qh / group;
-    const int32_t seq = op.tok_seq[t];
-    const int64_t qpos = op.tok_pos[t];
+
+    /* the tile's tokens */
+    const int32_t t0 = (int32_t)blockIdx.x;
+    const int32_t seq = op.tok_seq[t0];
+    if (t0 % tt != 0 && op.tok_seq[t0 - 1] == seq)
+        return; /* not a leader (uniform over the CTA) */
+    int nt = 1;
+    while (nt < tt && t0 + nt < op.n_tokens && (t0 + nt) % tt != 0 &&
+           op.tok_seq[t0 + nt] == seq)
+        nt++;
+
+    /* the tile's query heads: kv head kvh, heads [h0, h0 + nh) */
+    const int32_t kvh = (int32_t)blockIdx.y / n_chunks;
+    const int32_t chunk = (int32_t)blockIdx.y - kvh * n_chunks;
+    const int32_t h0 = kvh * group + chunk * hpc;
+    const int nh = min(hpc, group - chunk * hpc);
+    const int32_t head = op.mla ? 0 : kvh;
+    const int R = nt * nh; /* row r: token t0 + r / nh, query head h0 + r % nh */
+    const int R_cap = tt * hpc;
+    float *q = shared;                          /* [R_cap][dim_k] */
+    float *acc = shared + (size_t)R_cap * dim_k; /* [R_cap][dim_v] */
+
+    for (int i = threadIdx.x; i < R * dim_k; i += blockDim.x) {
+        const int r = i / dim_k, d = i - r * dim_k;
+        const int64_t row = (int64_t)(t0 + r / nh) * op.n_q_heads + h0 + r % nh;
+        q[i] = kvrt_load(op.q, op.q_dtype, row * dim_k + d);
+    }
+    for (int i = threadIdx.x; i < R * dim_v; i += blockDim.x)
+        acc[i] = 0.0f;
+    if (threadIdx.x < kMaxRows) {
+        const int r = threadIdx.x;
+        s_m[r] = -INFINITY;
+        s_l[r] = 0.0f;
+        s_nan[r] = 0;
+        s_qpos[r] = r < R ? op.tok_pos[t0 + r / nh] : 0;
+    }
+
     const int32_t *pages = op.page_indices + op.page_indptr[seq];
     const int64_t n_slots = op.seq_n_slots[seq];
+    const int64_t j_begin = (int64_t)blockIdx.z * split_slots;
+    const int64_t j_end = min(n_slots, j_begin + (int64_t)split_slots);
 
-    for (int32_t d = threadIdx.x; d < dim_k; d += blockDim.x)
-        q[d] = kvrt_load(op.q, op.q_dtype, row * dim_k + d);
-    for (int32_t d = threadIdx.x; d < dim_v; d += blockDim.x)
-        acc[d] = 0.0f;
+    /* phase B geometry: groups of lps lanes, one slot per group */
+    const int W = KVRT_WARP_SIZE;
+    int lps = W;
+    while (lps > 1 && (lps / 2) * E >= dim_k)
+        lps /= 2;
+    const int lane = threadIdx.x % W, warp = threadIdx.x / W;
+    const int sub = lane % lps;
+    const int groups_per_pass = (int)(blockDim.x / W) * (W / lps);
+    const int my_group = warp * (W / lps) + lane / lps;
+    const int n_units_v = dim_v / E;
+    const void *v_region = op.mla ? op.layer.k : op.layer.v;
+    __syncthreads();
 
-    const int lane = threadIdx.x % warpSize, warp = threadIdx.x / warpSize;
-    const int n_warps = blockDim.x / warpSize;
-    float m = -INFINITY, l = 0.0f;
-    bool nan_logit = false;
-
-    for (int64_t j0 = 0; j0 < n_slots; j0 += kTile) {
-        /* A: which slots of the tile the token sees */
-        if (threadIdx.x < kTile) {
-            const int64_t j = j0 + threadIdx.x;
-            int visible = 0;
+    for (int64_t j0 = j_begin; j0 < j_end; j0 += kKeyTile) {
+        /* A: slots of the tile, their positions, whether any token sees them */
+        if (threadIdx.x < kKeyTile) {
+            const int c = threadIdx.x;
+            const int64_t j = j0 + c;
+            int any = 0;
             int64_t slot = 0;
-            if (j < n_slots) {
+            int32_t p = 0;
+            if (j < j_end) {
                 slot = kvrt_page_slot(pages, L.block_size, (int32_t)j);
-                visible = 1;
-                if (op.pos != NULL) {
-                    const int64_t p = op.pos[slot];
-                    visible = p >= 0 && (!op.causal || p <= qpos) &&
-                              (op.window <= 0 || p > qpos - op.window);
+                if (op.pos == NULL) {
+                    any = 1;
+                } else {
+                    p = op.pos[slot];
+                    for (int ti = 0; ti < nt && !any; ti++)
+                        any = slot_visible(p, s_qpos[ti * nh], op);
                 }
             }
-            tile_slot[threadIdx.x] = slot;
-            tile_visible[threadIdx.x] = visible;
-            tile_logit[threadIdx.x] = -INFINITY;
+            s_slot[c] = slot;
+            s_pos[c] = p;
+            s_any[c] = any;
         }
         __syncthreads();
 
-        /* B: logits of the visible slots, one warp per slot */
-        for (int c = warp; c < kTile; c += n_warps) {
-            if (!tile_visible[c])
-                continue;
-            const int64_t base = kvrt_k_index(&L, tile_slot[c], head);
-            float dot = 0.0f;
-            for (int32_t d = lane; d < dim_k; d += warpSize)
-                dot += q[d] * kvrt_load(op.layer.k, L.dtype, base + d);
-            for (int offset = warpSize / 2; offset > 0; offset /= 2)
-                dot += KVRT_SHFL_XOR(dot, offset);
-            if (lane == 0)
-                tile_logit[c] = op.softcap > 0.0f ? op.softcap * tanhf(dot * op.scale / op.softcap)
-                                                  : dot * op.scale;
+        /* B: logits s_p[r][c] of the slots some token sees */
+        for (int base = 0; base < kKeyTile; base += groups_per_pass) {
+            const int c = base + my_group;
+            const bool active = c < kKeyTile && s_any[c];
+            float part[kMaxRows];
+#pragma unroll
+            for (int r = 0; r < kMaxRows; r++)
+                part[r] = 0.0f;
+            if (active) {
+                const int64_t kb = kvrt_k_index(&L, s_slot[c], head);
+                for (int32_t d = sub * E; d < dim_k; d += lps * E) {
+                    float kv[E];
+                    load_row_part<DT, PACK>(op.layer.k, kb + d, kv);
+#pragma unroll
+                    for (int r = 0; r < kMaxRows; r++) {
+                        if (r < R) {
+                            const float *qr = q + (size_t)r * dim_k + d;
+                            float qv[E];
+                            load_shared<E>(qr, qv);
+#pragma unroll
+                            for (int e = 0; e < E; e++)
+                                part[r] = fmaf(qv[e], kv[e], part[r]);
+                        }
+                    }
+                }
+            }
+#pragma unroll
+            for (int r = 0; r < kMaxRows; r++) {
+                if (r < R) { /* R is uniform: every lane shuffles */
+                    float v = part[r];
+                    for (int off = lps / 2; off > 0; off /= 2)
+                        v += KVRT_SHFL_XOR(v, off);
+                    part[r] = v;
+                }
+            }
+            if (active && sub == 0) {
+#pragma unroll
+                for (int r = 0; r < kMaxRows; r++) {
+                    if (r < R) {
+                        const float dot = part[r];
+                        s_p[r][c] = op.softcap > 0.0f
+                                        ? op.softcap * tanhf(dot * op.scale / op.softcap)
+                                        : dot * op.scale;
+                    }
+                }
+            }
         }
         __syncthreads();
 
-        /* C: the online softmax's running max (every thread alike) */
-        float tile_max = -INFINITY;
-        for (int c = 0; c < kTile; c++) {
-            if (!tile_visible[c])
-                continue;
-            const float s = tile_logit[c];
-            if (s != s)
-                nan_logit = true;
-            else if (s > tile_max)
-                tile_max = s;
-        }
-        if (tile_max > -INFINITY) {
-            if (tile_max > m) {
-                const float alpha = m > -INFINITY ? expf(m - tile_max) : 0.0f;
-                for (int32_t d = threadIdx.x; d < dim_v; d += blockDim.x)
-                    acc[d] *= alpha;
+        /* C: online softmax, one thread per row; s_p becomes the weights */
+        if ((int)threadIdx.x < R) {
+            const int r = threadIdx.x;
+            const int64_t qpos = s_qpos[r];
+            float tile_max = -INFINITY;
+            for (int c = 0; c < kKeyTile; c++) {
+                bool vis = s_any[c] && (op.pos == NULL || slot_visible(s_pos[c], qpos, op));
+                const float s = vis ? s_p[r][c] : -INFINITY;
+                if (vis && s != s)
+                    s_nan[r] = 1;
+                else if (s > tile_max)
+                    tile_max = s;
+                if (!vis)
+                    s_p[r][c] = -INFINITY;
+            }
+            const float m_old = s_m[r];
+            const float m_new = fmaxf(m_old, tile_max);
+            float alpha = 1.0f, l = s_l[r];
+            if (m_new > -INFINITY) {
+                alpha = m_old > -INFINITY ? expf(m_old - m_new) : 0.0f;
                 l *= alpha;
-                m = tile_max;
+                for (int c = 0; c < kKeyTile; c++) {
+                    const float s = s_p[r][c];
+                    const float w = s == s && s > -INFINITY ? expf(s - m_new) : 0.0f;
+                    s_p[r][c] = w;
+                    l += w;
+                }
+            } else {
+                for (int c = 0; c < kKeyTile; c++)
+                    s_p[r][c] = 0.0f;
             }
-            /* D: weights, then the weighted V rows */
-            if (threadIdx.x < kTile) {
-                const float s = tile_logit[threadIdx.x];
-                tile_weight[threadIdx.x] =
-                    tile_visible[threadIdx.x] && s == s ? expf(s - m) : 0.0f;
-            }
-            __syncthreads();
-            for (int c = 0; c < kTile; c++)
-                l += tile_weight[c];
-            const void *v_region = op.mla ? op.layer.k : op.layer.v;
-            for (int c = 0; c < kTile; c++) {
-                const float w = tile_weight[c];
+            s_m[r] = m_new;
+            s_l[r] = l;
+            s_alpha[r] = alpha;
+        }
+        __syncthreads();
+
+        /* D: acc = acc * alpha + sum_c w[r][c] * V[c] */
+        for (int i = threadIdx.x; i < R * n_units_v; i += blockDim.x) {
+            const int r = i / n_units_v, u = i - r * n_units_v;
+            float *a = acc + (size_t)r * dim_v + u * E;
+            const float alpha = s_alpha[r];
+            float av[E];
+            load_shared<E>(a, av);
+#pragma unroll
+            for (int e = 0; e < E; e++)
+                av[e] *= alpha;
+            for (int c = 0; c < kKeyTile; c++) {
+                const float w = s_p[r][c];
                 if (w == 0.0f)
                     continue;
-                const int64_t base = op.mla ? kvrt_k_index(&L, tile_slot[c], 0)
-                                            : kvrt_v_index(&L, tile_slot[c], head);
-                for (int32_t d = threadIdx.x; d < dim_v; d += blockDim.x)
-                    acc[d] += w * kvrt_load(v_region, L.dtype, base + d);
+                const int64_t vb = op.mla ? kvrt_k_index(&L, s_slot[c], 0)
+                                          : kvrt_v_index(&L, s_slot[c], head);
+                float vv[E];
+                load_row_part<DT, PACK>(v_region, vb + u * E, vv);
+#pragma unroll
+                for (int e = 0; e < E; e++)
+                    av[e] = fmaf(w, vv[e], av[e]);
             }
+            store_shared<E>(a, av);
         }
         __syncthreads(); /* the tile's shared arrays are rewritten next */
     }
 
+    /* the rows: output, or this split's partial */
+    for (int i = threadIdx.x; i < R * dim_v; i += blockDim.x) {
+        const int r = i / dim_v, d = i - r * dim_v;
+        const int64_t row = (int64_t)(t0 + r / nh) * op.n_q_heads + h0 + r % nh;
+        const float l = s_l[r];
+        if (partial == NULL) {
+            const float out = s_nan[r] ? NAN : l > 0.0f ? acc[i] / l : 0.0f;
+            kvrt_store(op.out, op.out_dtype, row * dim_v + d, out);
+        } else {
+            float *pp = partial + (row * gridDim.z + blockIdx.z) * (int64_t)(dim_v + 2);
+            if (d == 0) {
+                pp[0] = s_m[r];
+                pp[1] = s_nan[r] ? NAN : l;
+            }
+            pp[2 + d] = acc[i];
+        }
+    }
+}
+
+/* Merges the splits' partials of one (token, query head) row per CTA. */
+__global__ void __launch_bounds__(128)
+    attention_combine_kernel(const kvrt_attention_op op, const int n_splits,
+                             const float *partial)
+{
+    const int64_t row = blockIdx.x;
+    const int32_t dim_v = op.dim_v;
+    const float *pr = partial + row * n_splits * (int64_t)(dim_v + 2);
+    float m = -INFINITY;
+    bool nan = false;
+    for (int s = 0; s < n_splits; s++) {
+        const float *pp = pr + (int64_t)s * (dim_v + 2);
+        const float l = pp[1];
+        if (l != l)
+            nan = true;
+        else if (l > 0.0f)
+            m = fmaxf(m, pp[0]);
+    }
+    float l_total = 0.0f;
+    for (int s = 0; s < n_splits; s++) {
+        const float *pp = pr + (int64_t)s * (dim_v + 2);
+        if (pp[1] > 0.0f)
+            l_total += pp[1] * expf(pp[0] - m);
+    }
     for (int32_t d = threadIdx.x; d < dim_v; d += blockDim.x) {
-        const float out = nan_logit ? NAN : l > 0.0f ? acc[d] / l : 0.0f;
+        float a = 0.0f;
+        for (int s = 0; s < n_splits; s++) {
+            const float *pp = pr + (int64_t)s * (dim_v + 2);
+            if (pp[1] > 0.0f)
+                a += pp[2 + d] * expf(pp[0] - m);
+        }
+        const float out = nan ? NAN : l_total > 0.0f ? a / l_total : 0.0f;
         kvrt_store(op.out, op.out_dtype, row * dim_v + d, out);
     }
 }
 
+/* Multiprocessors of the current device, cached per device. */
+int sm_count()
+{
+    static int cached[64];
+    int dev = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || dev < 0) {
+        (void)cudaGetLastError();
+        return 100;
+    }
+    if (dev < 64 && cached[dev] > 0)
+        return cached[dev];
+    int n = 0;
+#if defined(KVRT_GPU_IS_HIP)
+    if (hipDeviceGetAttribute(&n, hipDeviceAttributeMultiprocessorCount, dev) != hipSuccess)
+#else
+    if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
+#endif
+    {
+        (void)cudaGetLastError();
+        n = 100;
+    }
+    if (n <= 0)
+        n = 100;
+    if (dev < 64)
+        cached[dev] = n;
+    return n;
+}
+
+struct attn_plan {
+    int tt, hpc, n_chunks, n_splits, split_slots;
+    size_t shared, workspace;
+    bool ok;
+};
+
+/* The tile shape, splits and workspace of an op; ws_bytes caps the
+ * workspace (SIZE_MAX: as much as the best plan wants). */
+attn_plan make_plan(const kvrt_attention_op *op, size_t ws_bytes)
+{
+    attn_plan p = {};
+    const kvrt_layout L = op->layer.layout;
+    const int group = op->n_q_heads / L.n_heads;
+    const int n_seqs = op->n_seqs > 0 ? op->n_seqs : 1;
+    const int per_seq = (op->n_tokens + n_seqs - 1) / n_seqs;
+    const bool decode = per_seq <= 8;
+    if (decode) {
+        p.tt = 1;
+        while (p.tt < per_seq)
+            p.tt *= 2;
+    } else {
+        p.tt = group >= 2 ? 16 : 32;
+    }
+    p.hpc = std::min(group, kMaxRows / p.tt);
+    const size_t row_bytes = ((size_t)L.dim_k + (size_t)op->dim_v) * sizeof(float);
+    while ((size_t)p.tt * p.hpc * row_bytes > kSharedLimit && p.hpc > 1)
+        p.hpc--;
+    while ((size_t)p.tt * p.hpc * row_bytes > kSharedLimit && p.tt > 1)
+        p.tt /= 2;
+    p.shared = (size_t)p.tt * p.hpc * row_bytes;
+    p.ok = p.shared <= kSharedLimit;
+    p.n_chunks = (group + p.hpc - 1) / p.hpc;
+
+    /* splits: enough CTAs for two waves of the device */
+    p.n_splits = 1;
+    p.split_slots = op->max_seq_slots > 0 ? op->max_seq_slots : 1;
+    if (decode) {
+        const int64_t base = (int64_t)L.n_heads * p.n_chunks * n_seqs;
+        const int64_t target = 2LL * sm_count();
+        int64_t splits = base >= target ? 1 : (target + base - 1) / base;
+        const int64_t by_len = op->max_seq_slots / kSplitMinSlots;
+        if (splits > by_len)
+            splits = by_len;
+        if (splits > kMaxSplits)
+            splits = kMaxSplits;
+        const size_t per_split = (size_t)op->n_tokens * op->n_q_heads *
+                                 ((size_t)op->dim_v + 2) * sizeof(float);
+        if (splits > 1 && (size_t)splits * per_split > ws_bytes)
+            splits = (int64_t)(ws_bytes / per_split);
+        if (splits > 1) {
+            int64_t slots = (op->max_seq_slots + splits - 1) / splits;
+            slots = (slots + kKeyTile - 1) / kKeyTile * kKeyTile;
+            p.n_splits = (int)((op->max_seq_slots + slots - 1) / slots);
+            p.split_slots = (int)slots;
+            p.workspace = (size_t)p.n_splits * per_split;
+        }
+    }
+    if (p.n_splits <= 1) {
+        p.n_splits = 1;
+        p.split_slots = op->max_seq_slots > 0 ? op->max_seq_slots : 1;
+        p.workspace = 0;
+    }
+    return p;
+}
+
+template <int DT>
+cudaError_t launch_dt(const kvrt_attention_op *op, const attn_plan &p, bool pack, float *ws,
+                      cudaStream_t stream)
+{
+    const dim3 grid((unsigned)op->n_tokens, (unsigned)(op->layer.layout.n_heads * p.n_chunks),
+                    (unsigned)p.n_splits);
+    float *partial = p.n_splits > 1 ? ws : NULL;
+    if (pack)
+        attention_kernel<DT, true><<<grid, kAttnThreads, p.shared, stream>>>(
+            *op, p.tt, p.hpc, p.n_chunks, p.split_slots, partial);
+    else
+        attention_kernel<DT, false><<<grid, kAttnThreads, p.shared, stream>>>(
+            *op, p.tt, p.hpc, p.n_chunks, p.split_slots, partial);
+    return cudaGetLastError();
+}
+
 } // namespace
 
-extern "C" cudaError_t KVRT_GPU_FN(launch_attention)(const kvrt_attention_op *op, void *stream)
+extern "C" size_t KVRT_GPU_FN(attention_workspace)(const kvrt_attention_op *op)
+{
+    if (op->n_tokens <= 0 || op->n_q_heads <= 0 || op->layer.layout.n_heads <= 0)
+        return 0;
+    return make_plan(op, SIZE_MAX).workspace;
+}
+
+extern "C" cudaError_t KVRT_GPU_FN(launch_attention_ws)(const kvrt_attention_op *op,
+                                                        void *stream, void *workspace,
+                                                        size_t workspace_bytes)
 {
     if (op->n_tokens <= 0 || op->n_q_heads <= 0)
         return cudaSuccess;
     const kvrt_layout L = op->layer.layout;
-    const size_t shared = ((size_t)L.dim_k + (size_t)op->dim_v) * sizeof(float);
     const int64_t rows = (int64_t)op->n_tokens * op->n_q_heads;
-    if (L.n_heads <= 0 || op->n_q_heads % L.n_heads != 0 || shared > 40 * 1024 ||
-        rows > 0x7fffffff)
+    if (L.n_heads <= 0 || op->n_q_heads % L.n_heads != 0 || rows > 0x7fffffff)
         return cudaErrorInvalidValue;
+    const attn_plan p = make_plan(op, workspace != NULL ? workspace_bytes : 0);
+    if (!p.ok || (int64_t)L.n_heads * p.n_chunks > 65535)
+        return cudaErrorInvalidValue;
+    const void *v_region = op->mla ? op->layer.k : op->layer.v;
+    const bool pack = L.dim_k % 8 == 0 && op->dim_v % 8 == 0 && aligned_to(op->layer.k, 16) &&
+                      aligned_to(v_region, 16);
+    cudaStream_t s = (cudaStream_t)stream;
+    float *ws = (float *)workspace;
     clear_stale_error();
-    attention_kernel<<<(unsigned)rows, kAttnThreads, shared, (cudaStream_t)stream>>>(*op);
+    cudaError_t err;
+    if (L.dtype == KVRT_LAYOUT_F32)
+        err = launch_dt<KVRT_LAYOUT_F32>(op, p, pack, ws, s);
+    else if (L.dtype == KVRT_LAYOUT_F16)
+        err = launch_dt<KVRT_LAYOUT_F16>(op, p, pack, ws, s);
+    else
+        err = launch_dt<KVRT_LAYOUT_BF16>(op, p, pack, ws, s);
+    if (err != cudaSuccess || p.n_splits == 1)
+        return err;
+    attention_combine_kernel<<<(unsigned)rows, 128, 0, s>>>(*op, p.n_splits, ws);
     return launch_status();
+}
+
+extern "C" cudaError_t KVRT_GPU_FN(launch_attention)(const kvrt_attention_op *op, void *stream)
+{
+    return KVRT_GPU_FN(launch_attention_ws)(op, stream, NULL, 0);
 }

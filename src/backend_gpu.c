@@ -240,6 +240,7 @@ typedef struct gpu_ctx {
     gpu_retired *retired;
     int          n_retired, cap_retired;
     gpu_chunk   *capture_host, *capture_device;
+    gpu_chunk   *attn_ws;       /* attention split partials; head: the current one */
 #if defined(KVRT_GPU_IS_CUDA)
     int          have_vmm;
     gpu_vmm      vmm;
@@ -1084,7 +1085,37 @@ static kvrt_status gpu_set_pos(kvrt_backend_t *be, const kvrt_pos_op *op, void *
     GPU_SCOPED(be, launched(KVRT_GPU_FN(launch_set_pos)(op, stream), "set_pos"));
 }
 
-static kvrt_status attention_impl(const kvrt_attention_op *op, void *stream)
+/* Attention's workspace (split partials of long decode sequences): grown
+ * outside stream capture, never shrunk, and older ones kept until shutdown
+ * because a captured graph may still use them. During capture a workspace
+ * too small makes the launcher split less (or not at all). Attention calls
+ * on one backend share it: they are expected on one stream at a time. */
+static void attention_workspace(gpu_ctx *ctx, const kvrt_attention_op *op, void *stream,
+                                void **ws, size_t *bytes)
+{
+    size_t need = KVRT_GPU_FN(attention_workspace)(op);
+    gpu_chunk *cur = ctx->attn_ws;
+    int capturing = 1;
+    if (need > 0 && (cur == NULL || cur->cap < need) &&
+        stream_capturing(GPU_STREAM(stream), &capturing) == KVRT_OK && !capturing) {
+        size_t cap = (size_t)round_up(need + need / 2, 1 << 20);
+        gpu_chunk *c = calloc(1, sizeof *c);
+        void *p = NULL;
+        if (c != NULL && cudaMalloc(&p, cap) == cudaSuccess) {
+            c->p = p;
+            c->cap = cap;
+            c->next = ctx->attn_ws;
+            ctx->attn_ws = c;
+        } else {
+            (void)cudaGetLastError();
+            free(c);
+        }
+    }
+    *ws = ctx->attn_ws != NULL ? ctx->attn_ws->p : NULL;
+    *bytes = ctx->attn_ws != NULL ? ctx->attn_ws->cap : 0;
+}
+
+static kvrt_status attention_impl(gpu_ctx *ctx, const kvrt_attention_op *op, void *stream)
 {
     const kvrt_layout *L = &op->layer.layout;
     const size_t shared = ((size_t)L->dim_k + (size_t)op->dim_v) * sizeof(float);
@@ -1094,12 +1125,15 @@ static kvrt_status attention_impl(const kvrt_attention_op *op, void *stream)
     KVRT_CHECK((int64_t)op->n_tokens * op->n_q_heads <= 0x7fffffff, KVRT_ERR_UNSUPPORTED,
                "%s: attention over %d tokens x %d query heads is too large for one launch",
                KVRT_GPU_API_NAME, op->n_tokens, op->n_q_heads);
-    return launched(KVRT_GPU_FN(launch_attention)(op, stream), "attention");
+    void *ws = NULL;
+    size_t ws_bytes = 0;
+    attention_workspace(ctx, op, stream, &ws, &ws_bytes);
+    return launched(KVRT_GPU_FN(launch_attention_ws)(op, stream, ws, ws_bytes), "attention");
 }
 
 static kvrt_status gpu_attention(kvrt_backend_t *be, const kvrt_attention_op *op, void *stream)
 {
-    GPU_SCOPED(be, attention_impl(op, stream));
+    GPU_SCOPED(be, attention_impl(GPU_CTX(be), op, stream));
 }
 
 /* ------------------------------------------------------------------------ */
@@ -1124,6 +1158,13 @@ static void ctx_release(gpu_ctx *ctx)
     free(ctx->retired);
     chunks_free(&ctx->capture_host);
     chunks_free(&ctx->capture_device);
+    while (ctx->attn_ws != NULL) {
+        gpu_chunk *next = ctx->attn_ws->next;
+        if (cudaFree(ctx->attn_ws->p) != cudaSuccess)
+            (void)cudaGetLastError();
+        free(ctx->attn_ws);
+        ctx->attn_ws = next;
+    }
     if (ctx->aux != NULL && cudaStreamDestroy(ctx->aux) != cudaSuccess)
         (void)cudaGetLastError();
     free(ctx);

@@ -10,6 +10,8 @@
 #ifndef KVRT_GPU_LAUNCH_H
 #define KVRT_GPU_LAUNCH_H
 
+#include <stddef.h>
+
 #include "kvrt_ops.h"
 
 #ifdef __cplusplus
@@ -31,6 +33,14 @@ cudaError_t KVRT_GPU_FN(launch_set_pos)(const kvrt_pos_op *op, void *stream);
  * rows beyond 40 KiB of shared memory); the glue checks those first and
  * reports them as KVRT_ERR_UNSUPPORTED. */
 cudaError_t KVRT_GPU_FN(launch_attention)(const kvrt_attention_op *op, void *stream);
+/* The same with a device workspace for splitting long sequences (flash-
+ * decoding): attention_workspace gives the bytes the best plan for `op`
+ * wants (0: none); launch_attention_ws splits as far as `workspace_bytes`
+ * allows (NULL: no split, as launch_attention). The workspace must stay
+ * untouched by other work until the launched kernels finish. */
+size_t KVRT_GPU_FN(attention_workspace)(const kvrt_attention_op *op);
+cudaError_t KVRT_GPU_FN(launch_attention_ws)(const kvrt_attention_op *op, void *stream,
+                                             void *workspace, size_t workspace_bytes);
 
 #ifdef __cplusplus
 }

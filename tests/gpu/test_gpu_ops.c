@@ -1013,6 +1013,100 @@ int main(int argc, char **argv)
         c.q_dtype = KVRT_LAYOUT_F16;
         c.out_dtype = KVRT_LAYOUT_F16;
         test_attention(&r, c);
+        /* cross-attention, decode: one token per sequence */
+        c.tokens_per_seq = 1;
+        test_attention(&r, c);
+
+        /* decode of a few long sequences: the slots split over CTAs and
+         * merged (flash-decoding), GQA groups of 4 and 8 */
+        memset(&c, 0, sizeof c);
+        c.L = layout_attn(2, 128, 128, 16, KVRT_LAYOUT_BF16, 128);
+        c.dim_v = 128;
+        c.n_blocks = 1024;
+        c.n_seqs = 2;
+        c.max_seq_blocks = 500;
+        c.tokens_per_seq = 1;
+        c.n_q_heads = 16;
+        c.causal = 1;
+        c.q_dtype = KVRT_LAYOUT_BF16;
+        c.out_dtype = KVRT_LAYOUT_BF16;
+        test_attention(&r, c);
+        c.window = 1000; /* splits before the window see nothing */
+        test_attention(&r, c);
+        c.window = 0;
+        c.softcap = 50.0f;
+        c.L = layout_attn(1, 64, 64, 32, KVRT_LAYOUT_F32, 64);
+        c.dim_v = 64;
+        c.n_q_heads = 4;
+        c.q_dtype = KVRT_LAYOUT_F32;
+        c.out_dtype = KVRT_LAYOUT_F16;
+        test_attention(&r, c);
+        c.softcap = 0;
+        /* short query blocks (speculative verification): 2, 3, 8 tokens */
+        c.L = layout_attn(4, 128, 128, 16, KVRT_LAYOUT_F16, 128);
+        c.dim_v = 128;
+        c.n_q_heads = 32;
+        c.n_seqs = 5;
+        c.max_seq_blocks = 150;
+        c.q_dtype = KVRT_LAYOUT_F16;
+        c.out_dtype = KVRT_LAYOUT_F32;
+        for (int32_t tps = 2; tps <= 8; tps += tps < 3 ? 1 : 5) {
+            c.tokens_per_seq = tps;
+            test_attention(&r, c);
+        }
+        /* prefill tiles with ragged ends: 45 tokens per sequence (tiles of
+         * 32 and 16 tokens), head dims 64, 96 (generic), 256 */
+        c.tokens_per_seq = 45;
+        c.n_seqs = 3;
+        c.max_seq_blocks = 12;
+        c.n_blocks = 64;
+        c.L = layout_attn(2, 64, 64, 16, KVRT_LAYOUT_BF16, 64);
+        c.dim_v = 64;
+        c.n_q_heads = 2;
+        test_attention(&r, c);
+        c.n_q_heads = 8;
+        c.window = 20;
+        test_attention(&r, c);
+        c.window = 0;
+        c.L = layout_attn(2, 96, 96, 8, KVRT_LAYOUT_F16, 96);
+        c.dim_v = 96;
+        test_attention(&r, c);
+        c.L = layout_attn(1, 256, 256, 16, KVRT_LAYOUT_F32, 256);
+        c.dim_v = 256;
+        c.n_q_heads = 3;
+        c.softcap = 20.0f;
+        test_attention(&r, c);
+        c.softcap = 0;
+        /* a head dim that is not a multiple of 8: element-wise loads */
+        c.L = layout_attn(2, 36, 20, 16, KVRT_LAYOUT_F16, 36);
+        c.dim_v = 20;
+        c.n_q_heads = 4;
+        c.tokens_per_seq = 1;
+        test_attention(&r, c);
+        c.tokens_per_seq = 40;
+        test_attention(&r, c);
+        /* MLA decode with 16, 64 and 128 query heads, long latent rows split */
+        c.L = layout_mla(512, 64, 64, KVRT_LAYOUT_BF16);
+        c.mla = 1;
+        c.dim_v = 512;
+        c.n_blocks = 128;
+        c.max_seq_blocks = 60;
+        c.n_seqs = 2;
+        c.tokens_per_seq = 1;
+        c.q_dtype = KVRT_LAYOUT_BF16;
+        c.out_dtype = KVRT_LAYOUT_BF16;
+        for (int32_t h = 16; h <= 128; h *= h == 16 ? 4 : 2) {
+            c.n_q_heads = h;
+            test_attention(&r, c);
+        }
+        c.L = layout_mla(512, 64, 16, KVRT_LAYOUT_F16);
+        c.n_q_heads = 16;
+        c.tokens_per_seq = 4; /* MLA short query blocks */
+        c.max_seq_blocks = 100;
+        c.n_blocks = 256;
+        c.q_dtype = KVRT_LAYOUT_F32;
+        c.out_dtype = KVRT_LAYOUT_F32;
+        test_attention(&r, c);
     }
 
     /* set_pos */
