@@ -2,7 +2,9 @@
  *   state/  valid states of every fuzz layout (whole cache and one sequence),
  *           truncated and bit-flipped variants, random bytes;
  *   api/    call programs for fuzz_api.c (a scripted run per layout)
- *           and random byte strings.
+ *           and random byte strings. The api/found_*.bin files beside them
+ *           are inputs that libFuzzer found (fuzz-api -merge=1), kept as
+ *           they are; this program does not touch them.
  * Deterministic: running it again rewrites the same files.
  *   build/tests/fuzz/fuzz-gen-corpus tests/fuzz/corpus */
 #include <errno.h>
