@@ -138,12 +138,59 @@ static void cpu_scratch_free(kvrt_backend_t *be, void *p)
     free(p);
 }
 
+
+/* Copies n bytes. With `stream` set, and both pointers 32-byte aligned and n
+ * a multiple of 64, with non-temporal stores: a large op (many MiB) would
+ * otherwise read every destination line before writing it (a third of its
+ * memory traffic) and evict the cache for rows nobody reads soon. The
+ * caller fences (copy_fence) before its results are used. */
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#  include <immintrin.h>
+__attribute__((target("avx"))) static void copy_stream_avx(char *dst, const char *src, size_t n)
+{
+    for (size_t i = 0; i < n; i += 64) {
+        __m256i a = _mm256_loadu_si256((const __m256i *)(src + i));
+        __m256i b = _mm256_loadu_si256((const __m256i *)(src + i + 32));
+        _mm256_stream_si256((__m256i *)(dst + i), a);
+        _mm256_stream_si256((__m256i *)(dst + i + 32), b);
+    }
+}
+static inline void copy_fence(void) { _mm_sfence(); }
+#  define HAVE_STREAM 1
+#else
+static inline void copy_fence(void) {}
+#  define HAVE_STREAM 0
+#endif
+
+enum { STREAM_MIN_BYTES = 16 << 20 }; /* ops moving less stay in the cache */
+
+static inline void copy_bytes(void *dst, const void *src, size_t n, int stream)
+{
+#if HAVE_STREAM
+    if (stream && ((uintptr_t)dst & 31) == 0 && (n & 63) == 0) {
+        copy_stream_avx(dst, src, n);
+        return;
+    }
+#endif
+    (void)stream;
+    memcpy(dst, src, n);
+}
+
+static int stream_ok(void)
+{
+#if HAVE_STREAM
+    return __builtin_cpu_supports("avx");
+#else
+    return 0;
+#endif
+}
+
 /* Converts n elements between dtypes (memcpy when they match). */
 static void convert_row(void *dst, int32_t dst_dtype, const void *src, int32_t src_dtype, int64_t n,
-                        int32_t elem_size)
+                        int32_t elem_size, int stream)
 {
     if (dst_dtype == src_dtype) {
-        memcpy(dst, src, (size_t)n * (size_t)elem_size);
+        copy_bytes(dst, src, (size_t)n * (size_t)elem_size, stream);
         return;
     }
     for (int64_t i = 0; i < n; i++)
@@ -159,20 +206,27 @@ static kvrt_status cpu_write(kvrt_backend_t *be, const kvrt_write_op *op, void *
     (void)stream;
     const kvrt_layout L = op->layer.layout;
     const size_t src_es = dtype_bytes(op->src_dtype), es = (size_t)L.elem_size;
-#pragma omp parallel for schedule(static) if (op->n_rows >= 64)
+    const size_t bytes = (size_t)op->n_rows * L.n_heads * (L.dim_k + (op->v_src ? L.dim_v : 0)) * es;
+    const int nt = bytes >= STREAM_MIN_BYTES && stream_ok();
+#pragma omp parallel if (op->n_rows >= 64)
+    {
+#pragma omp for schedule(static) nowait
     for (int32_t r = 0; r < op->n_rows; r++) {
         int64_t slot = op->slots[r];
         for (int32_t h = 0; h < L.n_heads; h++) {
             const char *ks = (const char *)op->k_src + ((int64_t)r * L.n_heads + h) * L.dim_k * src_es;
             char *kd = (char *)op->layer.k + kvrt_k_index(&L, slot, h) * es;
-            convert_row(kd, L.dtype, ks, op->src_dtype, L.dim_k, L.elem_size);
+            convert_row(kd, L.dtype, ks, op->src_dtype, L.dim_k, L.elem_size, nt);
             if (op->v_src != NULL && L.dim_v > 0) {
                 const char *vs =
                     (const char *)op->v_src + ((int64_t)r * L.n_heads + h) * L.dim_v * src_es;
                 char *vd = (char *)op->layer.v + kvrt_v_index(&L, slot, h) * es;
-                convert_row(vd, L.dtype, vs, op->src_dtype, L.dim_v, L.elem_size);
+                convert_row(vd, L.dtype, vs, op->src_dtype, L.dim_v, L.elem_size, nt);
             }
         }
+    }
+    if (nt)
+        copy_fence();
     }
     return KVRT_OK;
 }
@@ -183,57 +237,188 @@ static kvrt_status cpu_move(kvrt_backend_t *be, const kvrt_move_op *op, void *st
 {
     (void)be;
     (void)stream;
-    int64_t total = (int64_t)op->n_spans * op->n_layers;
-#pragma omp parallel for schedule(dynamic, 4) if (total >= 16)
+    /* Threads by bytes, not by pieces: a copy-on-write or seq_cp boundary
+     * copy is one span, n_layers x n_heads pieces of block_size rows, a few
+     * hundred KiB that one thread copies at half the machine's bandwidth.
+     * One task per (span, layer, head). */
+    int32_t heads = 1;
+    size_t bytes = 0;
+    for (int32_t l = 0; l < op->n_layers; l++) {
+        const kvrt_layout *L = &op->layers[l].layout;
+        heads = L->n_heads > heads ? L->n_heads : heads;
+        bytes += (size_t)op->max_len * L->n_heads * (L->dim_k + (op->layers[l].v ? L->dim_v : 0)) *
+                 (size_t)L->elem_size;
+    }
+    bytes *= (size_t)op->n_spans;
+    int64_t total = (int64_t)op->n_spans * op->n_layers * heads;
+#pragma omp parallel for schedule(static) if (bytes >= (128 << 10) && total >= 2)
     for (int64_t t = 0; t < total; t++) {
-        const kvrt_span sp = op->spans[t / op->n_layers];
-        const kvrt_layer_ref *ref = &op->layers[t % op->n_layers];
+        const kvrt_span sp = op->spans[t / heads / op->n_layers];
+        const kvrt_layer_ref *ref = &op->layers[t / heads % op->n_layers];
         const kvrt_layout *L = &ref->layout;
-        for (int32_t h = 0; h < L->n_heads; h++) {
-            size_t es = (size_t)L->elem_size;
-            memcpy((char *)ref->k + kvrt_k_index(L, sp.dst, h) * es,
-                   (const char *)ref->k + kvrt_k_index(L, sp.src, h) * es,
-                   (size_t)sp.len * (size_t)L->dim_k * es);
-            if (ref->v != NULL && L->dim_v > 0)
-                memcpy((char *)ref->v + kvrt_v_index(L, sp.dst, h) * es,
-                       (const char *)ref->v + kvrt_v_index(L, sp.src, h) * es,
-                       (size_t)sp.len * (size_t)L->dim_v * es);
-        }
+        int32_t h = (int32_t)(t % heads);
+        if (h >= L->n_heads)
+            continue;
+        size_t es = (size_t)L->elem_size;
+        memcpy((char *)ref->k + kvrt_k_index(L, sp.dst, h) * es,
+               (const char *)ref->k + kvrt_k_index(L, sp.src, h) * es,
+               (size_t)sp.len * (size_t)L->dim_k * es);
+        if (ref->v != NULL && L->dim_v > 0)
+            memcpy((char *)ref->v + kvrt_v_index(L, sp.dst, h) * es,
+                   (const char *)ref->v + kvrt_v_index(L, sp.src, h) * es,
+                   (size_t)sp.len * (size_t)L->dim_v * es);
     }
     return KVRT_OK;
 }
 
-/* rotate: per slot, the angle of each pair is computed once (in double) and
- * applied to every layer and head in f32, rounding back to the cache dtype. */
+/* rotate: cos/sin of every pair depend only on (delta, dims), and a shift
+ * moves a whole range by one delta, so each thread keeps the table of the
+ * last (delta, dims) it saw instead of computing pow/cos/sin per slot,
+ * layer, head and pair. Each head's rotated part is converted to f32 once,
+ * turned, and converted back (F16C where the processor has it). */
+enum { ROT_MAX_PAIRS = 512 };
+
+typedef struct rot_table {
+    int64_t delta;
+    int32_t dims;
+    float   c[ROT_MAX_PAIRS], s[ROT_MAX_PAIRS];
+} rot_table;
+
+static void rot_table_get(rot_table *t, const kvrt_rope *rope, int32_t dims, int64_t delta)
+{
+    if (t->delta == delta && t->dims == dims)
+        return;
+    for (int32_t p = 0; p < dims / 2; p++) {
+        double angle = kvrt_rope_angle(rope, dims, p, delta);
+        t->c[p] = (float)cos(angle);
+        t->s[p] = (float)sin(angle);
+    }
+    t->delta = delta;
+    t->dims = dims;
+}
+
+/* x[a], x[b] of each pair turned by the table, in f32. */
+static inline void rot_apply(float *restrict out, const float *restrict x, const rot_table *t,
+                             int32_t style, int32_t dims)
+{
+    int32_t half = dims / 2;
+    if (style == 0) {
+        for (int32_t p = 0; p < half; p++) {
+            float a = x[2 * p], b = x[2 * p + 1];
+            out[2 * p] = a * t->c[p] - b * t->s[p];
+            out[2 * p + 1] = a * t->s[p] + b * t->c[p];
+        }
+    } else {
+        for (int32_t p = 0; p < half; p++) {
+            float a = x[p], b = x[p + half];
+            out[p] = a * t->c[p] - b * t->s[p];
+            out[p + half] = a * t->s[p] + b * t->c[p];
+        }
+    }
+}
+
+static void rotate_head_generic(void *k, int32_t dtype, int64_t base, const rot_table *t,
+                                int32_t style, int32_t dims)
+{
+    float x[2 * ROT_MAX_PAIRS], out[2 * ROT_MAX_PAIRS];
+    for (int32_t i = 0; i < dims; i++)
+        x[i] = kvrt_load(k, dtype, base + i);
+    rot_apply(out, x, t, style, dims);
+    for (int32_t i = 0; i < dims; i++)
+        kvrt_store(k, dtype, base + i, out[i]);
+}
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#  include <immintrin.h>
+#  define ROT_F16C 1
+__attribute__((target("avx2,fma,f16c"))) static void
+rotate_head_f16c(uint16_t *k, int64_t base, const rot_table *t, int32_t style, int32_t dims)
+{
+    float x[2 * ROT_MAX_PAIRS], out[2 * ROT_MAX_PAIRS];
+    uint16_t *h = k + base;
+    int32_t i = 0;
+    for (; i + 8 <= dims; i += 8)
+        _mm256_storeu_ps(x + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i))));
+    for (; i < dims; i++)
+        x[i] = kvrt_f16_to_f32(h[i]);
+    rot_apply(out, x, t, style, dims);
+    for (i = 0; i + 8 <= dims; i += 8)
+        _mm_storeu_si128((__m128i *)(h + i), _mm256_cvtps_ph(_mm256_loadu_ps(out + i), _MM_FROUND_TO_NEAREST_INT));
+    for (; i < dims; i++)
+        h[i] = kvrt_f32_to_f16(out[i]);
+}
+#else
+#  define ROT_F16C 0
+#endif
+
 static kvrt_status cpu_rotate(kvrt_backend_t *be, const kvrt_rotate_op *op, void *stream)
 {
     (void)be;
     (void)stream;
-#pragma omp parallel for schedule(static) if (op->n >= 64)
-    for (int32_t i = 0; i < op->n; i++) {
-        int64_t slot = op->slots[i];
-        int64_t delta = op->deltas[i];
-        if (delta == 0)
-            continue;
-        for (int32_t l = 0; l < op->n_layers; l++) {
-            const kvrt_layer_ref *ref = &op->layers[l];
+    int f16c = 0;
+#if ROT_F16C
+    f16c = __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx2") &&
+           __builtin_cpu_supports("fma");
+#endif
+    if (op->n <= 0 || op->n_layers <= 0)
+        return KVRT_OK;
+    /* Runs of slots in one block: a task is one layer's run, walked head by
+     * head, so that it sweeps the block's K ([n_heads][block_size][dim_k],
+     * contiguous) in address order rather than jumping between n_layers x
+     * n_heads places per slot. */
+    const int32_t bs = op->layers[0].layout.block_size;
+    int32_t *run = malloc(sizeof(int32_t) * ((size_t)op->n + 1));
+    if (run == NULL)
+        return kvrt_set_error(KVRT_ERR_OUT_OF_MEMORY, "cpu rotate: %d run starts", op->n);
+    int32_t n_runs = 0;
+    for (int32_t i = 0; i < op->n; i++)
+        if (i == 0 || op->slots[i] / bs != op->slots[i - 1] / bs)
+            run[n_runs++] = i;
+    run[n_runs] = op->n;
+    int64_t tasks = (int64_t)n_runs * op->n_layers;
+#pragma omp parallel if (op->n >= 64)
+    {
+        rot_table t;
+        t.delta = 0; /* delta 0 is skipped, so never looked up */
+        t.dims = -1;
+#pragma omp for schedule(dynamic, 8)
+        for (int64_t task = 0; task < tasks; task++) {
+            const kvrt_layer_ref *ref = &op->layers[task % op->n_layers];
             const kvrt_layout *L = &ref->layout;
-            int32_t dims = L->rot_dims;
-            for (int32_t p = 0; p < dims / 2; p++) {
-                double angle = kvrt_rope_angle(&op->rope, dims, p, delta);
-                float c = (float)cos(angle), s = (float)sin(angle);
-                int32_t a, b;
-                kvrt_rope_pair(op->rope.style, dims, p, &a, &b);
-                for (int32_t h = 0; h < L->n_heads; h++) {
-                    int64_t base = kvrt_k_index(L, slot, h) + L->rot_offset;
-                    float x = kvrt_load(ref->k, L->dtype, base + a);
-                    float y = kvrt_load(ref->k, L->dtype, base + b);
-                    kvrt_store(ref->k, L->dtype, base + a, x * c - y * s);
-                    kvrt_store(ref->k, L->dtype, base + b, x * s + y * c);
+            const int32_t r = (int32_t)(task / op->n_layers), dims = L->rot_dims;
+            if (dims <= 0)
+                continue;
+            for (int32_t h = 0; h < L->n_heads; h++) {
+                /* the next head's rows (the next 4 KiB page, which hardware
+                 * prefetchers do not enter) while this head's are turned */
+                if (h + 1 < L->n_heads) {
+                    int32_t hn = h + 1;
+                    const char *a = (const char *)ref->k +
+                                    (kvrt_k_index(L, op->slots[run[r]], hn) + L->rot_offset) * L->elem_size;
+                    const char *z = (const char *)ref->k +
+                                    (kvrt_k_index(L, op->slots[run[r + 1] - 1], hn) + L->rot_offset + dims) * L->elem_size;
+                    for (; a < z; a += 64)
+                        __builtin_prefetch(a, 1);
+                }
+                for (int32_t i = run[r]; i < run[r + 1]; i++) {
+                    int64_t delta = op->deltas[i];
+                    if (delta == 0)
+                        continue;
+                    rot_table_get(&t, &op->rope, dims, delta);
+                    int64_t base = kvrt_k_index(L, op->slots[i], h) + L->rot_offset;
+#if ROT_F16C
+                    if (f16c && L->dtype == KVRT_LAYOUT_F16) {
+                        rotate_head_f16c(ref->k, base, &t, op->rope.style, dims);
+                        continue;
+                    }
+#endif
+                    rotate_head_generic(ref->k, L->dtype, base, &t, op->rope.style, dims);
                 }
             }
         }
     }
+    (void)f16c;
+    free(run);
     return KVRT_OK;
 }
 
@@ -243,19 +428,27 @@ static kvrt_status cpu_gather(kvrt_backend_t *be, const kvrt_gather_op *op, void
     (void)stream;
     const kvrt_layout L = op->layer.layout;
     const size_t es = (size_t)L.elem_size;
-#pragma omp parallel for schedule(static) if (op->n >= 256)
+    const size_t bytes = (size_t)op->n * L.n_heads *
+                         ((op->k_dst ? L.dim_k : 0) + (op->v_dst ? L.dim_v : 0)) * es;
+    const int nt = bytes >= STREAM_MIN_BYTES && stream_ok();
+#pragma omp parallel if (op->n >= 256)
+    {
+#pragma omp for schedule(static) nowait
     for (int32_t r = 0; r < op->n; r++) {
         int64_t slot = op->slots[r];
         for (int32_t h = 0; h < L.n_heads; h++) {
             if (op->k_dst != NULL)
-                memcpy((char *)op->k_dst + ((int64_t)r * L.n_heads + h) * L.dim_k * es,
-                       (const char *)op->layer.k + kvrt_k_index(&L, slot, h) * es,
-                       (size_t)L.dim_k * es);
+                copy_bytes((char *)op->k_dst + ((int64_t)r * L.n_heads + h) * L.dim_k * es,
+                           (const char *)op->layer.k + kvrt_k_index(&L, slot, h) * es,
+                           (size_t)L.dim_k * es, nt);
             if (op->v_dst != NULL && L.dim_v > 0)
-                memcpy((char *)op->v_dst + ((int64_t)r * L.n_heads + h) * L.dim_v * es,
-                       (const char *)op->layer.v + kvrt_v_index(&L, slot, h) * es,
-                       (size_t)L.dim_v * es);
+                copy_bytes((char *)op->v_dst + ((int64_t)r * L.n_heads + h) * L.dim_v * es,
+                           (const char *)op->layer.v + kvrt_v_index(&L, slot, h) * es,
+                           (size_t)L.dim_v * es, nt);
         }
+    }
+    if (nt)
+        copy_fence();
     }
     return KVRT_OK;
 }

@@ -612,6 +612,7 @@ kvrt_status kvrt_cache_compact(kvrt_cache *cache)
              * Destinations are holes and sources tokens, so no move reads
              * what another writes. */
             int64_t i = 0, k = sp->n_slots - 1;
+            int32_t first = n_spans;
             for (;;) {
                 while (i < k && (g->pos[kvrt_seq_slot(g, sp, i)] >= 0 ||
                                  g->refcount[sp->blocks[i / g->block_size]] > 1))
@@ -620,16 +621,37 @@ kvrt_status kvrt_cache_compact(kvrt_cache *cache)
                     k--;
                 if (i >= k || g->refcount[sp->blocks[k / g->block_size]] > 1)
                     break;
-                int64_t from = kvrt_seq_slot(g, sp, k), to = kvrt_seq_slot(g, sp, i);
-                cache->spans[n_spans].src = (int32_t)from;
-                cache->spans[n_spans].dst = (int32_t)to;
+                cache->spans[n_spans].src = (int32_t)kvrt_seq_slot(g, sp, k);
+                cache->spans[n_spans].dst = (int32_t)kvrt_seq_slot(g, sp, i);
                 cache->spans[n_spans].len = 1;
                 n_spans++;
-                g->pos[to] = g->pos[from];
-                g->pos[from] = -1;
-                kvrt_group_mark_dirty(g, (int32_t)(to / g->block_size));
-                kvrt_group_mark_dirty(g, (int32_t)(from / g->block_size));
+                i++;
+                k--;
             }
+            /* Every token moved lies behind every hole filled, so the tokens
+             * may fill the holes in ascending order too; then runs that are
+             * consecutive on both sides (inside one block) are one span. */
+            int32_t m = n_spans - first, out = first;
+            for (int32_t j = 0; j < m / 2; j++) {
+                int32_t t = cache->spans[first + j].src;
+                cache->spans[first + j].src = cache->spans[first + m - 1 - j].src;
+                cache->spans[first + m - 1 - j].src = t;
+            }
+            for (int32_t j = first; j < n_spans; j++) {
+                kvrt_span sp_j = cache->spans[j];
+                g->pos[sp_j.dst] = g->pos[sp_j.src];
+                g->pos[sp_j.src] = -1;
+                kvrt_group_mark_dirty(g, sp_j.dst / g->block_size);
+                kvrt_group_mark_dirty(g, sp_j.src / g->block_size);
+                kvrt_span *last = out > first ? &cache->spans[out - 1] : NULL;
+                if (last != NULL && last->src + last->len == sp_j.src &&
+                    last->dst + last->len == sp_j.dst && sp_j.src % g->block_size != 0 &&
+                    sp_j.dst % g->block_size != 0)
+                    last->len++;
+                else
+                    cache->spans[out++] = sp_j;
+            }
+            n_spans = out;
             seq_trim(g, sp);
             kvrt_seq_pages_refresh(g, sp);
         }
