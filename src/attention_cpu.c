@@ -68,6 +68,7 @@ enum {
     ROW_FLOATS = 32768,     /* f32 elements of a unit's queries (and of acc), about */
     SPLIT_MIN_SLOTS = 256,  /* a split of a sequence covers at least this many slots */
     UNITS_PER_THREAD = 4,   /* below this many units per thread, split the slots */
+    PREFETCH_CHUNKS = 2,    /* chunks ahead whose rows are prefetched */
 };
 
 /* ---- arithmetic, written so that loops over it vectorize ---- */
@@ -364,8 +365,10 @@ struct attn_scratch {
     float   *k;      /* [chunk][dim_k] visible K rows of the chunk as f32 */
     float   *v;      /* [chunk][dim_v] their V rows (not used for MLA) */
     float   *s;      /* [chunk] logits, then weights */
-    int64_t *row[2];   /* [chunk] each: chunk_rows.row of this chunk and the next */
-    uint8_t *see[2];   /* [TILE_TOKENS][chunk] each: chunk_rows.see */
+    /* chunk_rows.row ([chunk]) and .see ([TILE_TOKENS][chunk]) of the chunk
+     * being computed and of the PREFETCH_CHUNKS after it */
+    int64_t *row[PREFETCH_CHUNKS + 1];
+    uint8_t *see[PREFETCH_CHUNKS + 1];
     float   *out;    /* [dim_v] one output row before its conversion */
 };
 
@@ -402,7 +405,7 @@ static size_t scratch_carve(const attn_plan *pl, char *base, attn_scratch *sc)
     sc->k = carve(base, &at, chunk * pl->dim_k * sizeof(float));
     sc->v = carve(base, &at, pl->op->mla ? 0 : chunk * pl->dim_v * sizeof(float));
     sc->s = carve(base, &at, chunk * sizeof(float));
-    for (int i = 0; i < 2; i++) {
+    for (int i = 0; i <= PREFETCH_CHUNKS; i++) {
         sc->row[i] = carve(base, &at, chunk * sizeof(int64_t));
         sc->see[i] = carve(base, &at, TILE_TOKENS * chunk);
     }
@@ -502,6 +505,17 @@ static void collect_chunk(const attn_plan *pl, const int32_t *pages, const int64
         for (int32_t c = nv; c < (int32_t)round_up((size_t)nv, LANES); c++)
             cr->see[t * chunk + c] = 0;
     cr->n = nv;
+}
+
+/* Collects the next chunk from used slot i0 on that has a visible row
+ * (cr->n 0 when none is left); returns where the chunk after it starts. */
+static int64_t collect_next(const attn_plan *pl, const int32_t *pages, const int64_t *qpos,
+                            int32_t nt, int32_t head, int64_t i0, int64_t end, chunk_rows *cr)
+{
+    cr->n = 0;
+    for (; i0 < end && cr->n == 0; i0 += pl->chunk)
+        collect_chunk(pl, pages, qpos, nt, head, i0, end, cr);
+    return i0;
 }
 
 /* Asks for the K and V rows [from, to) of a chunk ahead of their use: a
@@ -690,40 +704,39 @@ KVRT_ALWAYS_INLINE void unit_body(const attn_plan *pl, attn_scratch *sc, int64_t
     }
     memset(sc->acc, 0, (size_t)rows * dv * sizeof(float));
 
-    /* Chunk by chunk; the next chunk's visible rows are known (and
-     * prefetched) before the current one is computed. */
+    /* Chunk by chunk; the visible rows of the next PREFETCH_CHUNKS chunks
+     * are known (and prefetched) before the current one is computed. */
     const float *v_rows = op->mla ? sc->k : sc->v;
     const int64_t v_stride = op->mla ? dk : dv;
-    chunk_rows rows_a, rows_b, *cur = &rows_a, *next = &rows_b;
-    rows_a.row = sc->row[0];
-    rows_a.see = sc->see[0];
-    rows_b.row = sc->row[1];
-    rows_b.see = sc->see[1];
+    chunk_rows ring[PREFETCH_CHUNKS + 1];
+    for (int k = 0; k <= PREFETCH_CHUNKS; k++) {
+        ring[k].row = sc->row[k];
+        ring[k].see = sc->see[k];
+    }
     int64_t i0 = begin;
-    cur->n = 0;
-    for (; i0 < end && cur->n == 0; i0 += chunk)
-        collect_chunk(pl, pages, qpos, ur.nt, head, i0, end, cur);
-    while (cur->n > 0) {
-        next->n = 0;
-        for (; i0 < end && next->n == 0; i0 += chunk)
-            collect_chunk(pl, pages, qpos, ur.nt, head, i0, end, next);
-        /* The next chunk's rows are prefetched a slice per row updated, so
-         * that their misses overlap this chunk's arithmetic. */
-        const int32_t slice = (next->n + rows - 1) / rows;
+    for (int k = 0; k < PREFETCH_CHUNKS; k++) {
+        i0 = collect_next(pl, pages, qpos, ur.nt, head, i0, end, &ring[k]);
+        if (k > 0)
+            prefetch_rows(pl, &ring[k], 0, ring[k].n);
+    }
+    for (int64_t c = 0; ring[c % (PREFETCH_CHUNKS + 1)].n > 0; c++) {
+        chunk_rows *cur = &ring[c % (PREFETCH_CHUNKS + 1)];
+        chunk_rows *ahead = &ring[(c + PREFETCH_CHUNKS) % (PREFETCH_CHUNKS + 1)];
+        i0 = collect_next(pl, pages, qpos, ur.nt, head, i0, end, ahead);
+        /* The rows PREFETCH_CHUNKS chunks ahead are prefetched a slice per
+         * row updated, so that their misses overlap this chunk's arithmetic. */
+        const int32_t slice = (ahead->n + rows - 1) / rows;
         int32_t prefetched = 0;
         pl->gather(pl, sc, cur);
         for (int32_t t = 0; t < ur.nt; t++) {
             for (int32_t h = 0; h < ur.nh; h++) {
-                prefetch_rows(pl, next, prefetched, prefetched + slice);
+                prefetch_rows(pl, ahead, prefetched, prefetched + slice);
                 prefetched += slice;
                 if (cur->seen[t])
                     update_row(pl, sc, t * ur.nh + h, cur->see + t * chunk, cur->n, v_rows,
                                v_stride, fused);
             }
         }
-        chunk_rows *done = cur;
-        cur = next;
-        next = done;
     }
 
     if (pl->n_splits == 1) {
