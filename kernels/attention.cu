@@ -45,7 +45,10 @@ constexpr int kKeyTile = 32;       /* slots per key tile */
 constexpr int kMaxRows = 32;       /* (token, query head) rows per CTA */
 constexpr int kMaxSplits = 64;
 constexpr int kSplitMinSlots = 256;
-constexpr size_t kSharedLimit = 48 * 1024; /* dynamic shared memory per CTA */
+/* Dynamic shared memory per CTA: with the static arrays (about 5.5 KiB)
+ * under the 48 KiB a CTA gets without opting in; one row of up to 40 KiB
+ * (the glue's bound) always fits. */
+constexpr size_t kSharedLimit = 40 * 1024;
 
 /* Elements [i, i + N) of a cache array of dtype DT as f32; PACK: N == 8 and
  * 16-byte aligned. */
@@ -98,11 +101,11 @@ __device__ inline bool slot_visible(int64_t p, int64_t qpos, const kvrt_attentio
  * Dynamic shared memory: q [tt * hpc][dim_k], acc [tt * hpc][dim_v].
  */
 template <int DT, bool PACK>
-__global__ void __launch_bounds__(kAttnThreads)
+__global__ void __launch_bounds__(kAttnThreads, 2)
     attention_kernel(const kvrt_attention_op op, const int tt, const int hpc,
                      const int n_chunks, const int split_slots, float *partial)
 {
-    extern __shared__ float shared[];
+    extern __shared__ __align__(16) float shared[];
     __shared__ int64_t s_slot[kKeyTile];
     __shared__ int32_t s_pos[kKeyTile];
     __shared__ int s_any[kKeyTile];     /* some token of the tile sees the slot */
