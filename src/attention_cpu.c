@@ -29,6 +29,7 @@
 #include "attention_cpu.h"
 
 #include <math.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -136,9 +137,10 @@ KVRT_ALWAYS_INLINE void row_to_f32(float *restrict dst, const void *base, int32_
 }
 
 /* e^x for x <= 0, within 2 ulp: Cody-Waite reduction and Cephes' expf
- * polynomial. Below -87.33 (and for -inf, a masked logit, or NaN) it gives 0
+ * polynomial. Below -87.33 (and for -inf, a masked logit) it gives 0
  * instead of a subnormal, an absolute error under 2^-125 against weights
- * whose largest is 1. Branch-free, so that a loop over it vectorizes. */
+ * whose largest is 1; NaN stays NaN. Branch-free, so that a loop over it
+ * vectorizes. */
 KVRT_ALWAYS_INLINE float exp_nonpositive(float x, const int fused)
 {
     bits32 xc, lo, y;
@@ -160,7 +162,8 @@ KVRT_ALWAYS_INLINE float exp_nonpositive(float x, const int fused)
     bits32 scale;
     scale.u = (uint32_t)(n + 127) << 23;
     y.f = p * scale.f;
-    y.u &= in_range;
+    uint32_t is_nan = 0u - (uint32_t)(x != x);
+    y.u = (y.u & in_range) | (is_nan & 0x7fc00000u);
     return y.f;
 }
 
@@ -274,17 +277,17 @@ KVRT_ALWAYS_INLINE void dot_rows_isa(float *restrict s, const float *restrict q,
 
 /* acc[0, dim) += w[c] * (v + c * stride)[0, dim) for c in [0, n) with
  * w[c] != 0 (a zero weight is a key this row does not see: its row is not
- * touched, so an inf there cannot become a NaN). Eight keys per pass over
+ * touched, so an inf there cannot become a NaN; all_nonzero: none is 0). Eight keys per pass over
  * acc, so that acc is loaded and stored once per eight rows of V and the
  * iterations of a pass are independent of each other. */
 KVRT_ALWAYS_INLINE void accumulate(float *restrict acc, const float *restrict w,
                                    const float *restrict v, int64_t stride, int32_t n,
-                                   int32_t dim, const int fused)
+                                   int all_nonzero, int32_t dim, const int fused)
 {
     int32_t key[CHUNK_MAX], n_keys = 0;
     for (int32_t c = 0; c < n; c++) {
         key[n_keys] = c;
-        n_keys += w[c] != 0.0f;
+        n_keys += all_nonzero || w[c] != 0.0f;
     }
     int32_t j = 0;
     for (; j + 8 <= n_keys; j += 8) {
@@ -633,29 +636,27 @@ KVRT_ALWAYS_INLINE void update_row(const attn_plan *pl, attn_scratch *sc, int32_
     for (int32_t c = nv; c < n_pad; c++)
         s[c] = 0.0f;
     float most[LANES];
-    int32_t nan[LANES] = {0};
     for (int l = 0; l < LANES; l++)
         most[l] = -INFINITY;
     for (int32_t c = 0; c < n_pad; c += LANES)
         for (int l = 0; l < LANES; l++) {
             float x = see[c + l] ? s[c + l] * mul : -INFINITY;
             s[c + l] = x;
-            most[l] = x > most[l] ? x : most[l];
-            nan[l] |= x != x;
+            most[l] = x > most[l] ? x : most[l]; /* NaN never wins */
         }
     float cmax = most[0];
-    int32_t any_nan = nan[0];
-    for (int l = 1; l < LANES; l++) {
+    for (int l = 1; l < LANES; l++)
         cmax = most[l] > cmax ? most[l] : cmax;
-        any_nan |= nan[l];
-    }
     float *m = sc->m + r, *lsum = sc->l + r, *acc = sc->acc + (int64_t)r * pl->dim_v;
-    if (any_nan) { /* a NaN in q or a visible K row: the row's output is NaN */
-        *lsum = NAN;
+    if (!(cmax > -INFINITY)) {
+        /* The row's token sees keys here (the caller checked), so their
+         * logits are -inf or NaN (a NaN in q or K): a NaN makes the row's
+         * output NaN. Otherwise NaN weights below carry it into l. */
+        for (int32_t c = 0; c < nv; c++)
+            if (s[c] != s[c])
+                *lsum = NAN;
         return;
     }
-    if (!(cmax > -INFINITY))
-        return; /* nothing visible here */
     if (cmax > *m) {
         if (*m > -INFINITY) {
             float alpha = exp_nonpositive(*m - cmax, fused);
@@ -668,13 +669,18 @@ KVRT_ALWAYS_INLINE void update_row(const attn_plan *pl, attn_scratch *sc, int32_
 
     const float row_max = *m;
     float part[LANES] = {0};
+    int32_t nonzero[LANES] = {0};
     for (int32_t c = 0; c < n_pad; c += LANES)
         for (int l = 0; l < LANES; l++) {
             s[c + l] = exp_nonpositive(s[c + l] - row_max, fused);
             part[l] += s[c + l];
+            nonzero[l] += s[c + l] != 0.0f;
         }
     *lsum += sum_lanes(part);
-    accumulate(acc, s, v_rows, v_stride, nv, pl->dim_v, fused);
+    int32_t n_nonzero = 0;
+    for (int l = 0; l < LANES; l++)
+        n_nonzero += nonzero[l];
+    accumulate(acc, s, v_rows, v_stride, nv, n_nonzero == nv, pl->dim_v, fused);
 }
 
 KVRT_ALWAYS_INLINE void unit_body(const attn_plan *pl, attn_scratch *sc, int64_t unit,
@@ -799,13 +805,21 @@ static void merge_splits(const attn_plan *pl, attn_scratch *sc, int64_t base_uni
 
 #if KVRT_ATTENTION_X86
 /* Whether the AVX2 + FMA + F16C copy can run here (with the OS saving the
- * AVX registers, which __builtin_cpu_supports checks). */
+ * AVX registers, which __builtin_cpu_supports checks). Asked once: cpuid
+ * traps to the hypervisor in a virtual machine. */
 static int have_avx2_fma_f16c(void)
 {
-    unsigned eax, ebx, ecx, edx;
-    if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma"))
-        return 0;
-    return __get_cpuid(1, &eax, &ebx, &ecx, &edx) && (ecx & bit_F16C);
+    static _Atomic int known; /* 0 unknown, 1 no, 2 yes */
+    int have = atomic_load_explicit(&known, memory_order_relaxed);
+    if (have == 0) {
+        unsigned eax, ebx, ecx, edx;
+        have = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                       __get_cpuid(1, &eax, &ebx, &ecx, &edx) && (ecx & bit_F16C)
+                   ? 2
+                   : 1;
+        atomic_store_explicit(&known, have, memory_order_relaxed);
+    }
+    return have == 2;
 }
 #endif
 
