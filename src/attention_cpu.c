@@ -8,17 +8,20 @@
  *     chunk, up to TILE_TOKENS); a decode token is a tile of its own. The
  *     tokens of a tile share the K/V rows they read, so those rows are read
  *     and converted once for all of them.
- *   - A unit is (tile, kv head, the query heads sharing that kv head, a split
- *     of the sequence's slots). It walks its slots in chunks of a few dozen:
- *     it collects the chunk's slots that some token of the tile sees,
- *     converts their K and V rows of the kv head to f32 once, and updates
- *     each (token, query head) row with an online softmax kept in f32:
- *     running max m, running sum l, unnormalized output acc. The next
- *     chunk's rows are prefetched meanwhile. Rows of holes and of slots no
- *     token of the tile sees are never read.
+ *   - A unit is (tile, query heads, a split of the sequence's slots). Its
+ *     query heads are those of all the kv heads when they fit (so that a
+ *     block's K region, [n_kv_heads][block_size][dim_k], and its V region are
+ *     each read front to back in one burst), else those of some kv heads, or
+ *     a part of one kv head's (MLA's 128). It walks its slots in chunks of a
+ *     block or so: it collects the chunk's slots that some token of the tile
+ *     sees, then for each kv head converts their K and V rows to f32 once
+ *     and updates each (token, query head) row of that kv head with an online
+ *     softmax kept in f32: running max m, running sum l, unnormalized output
+ *     acc. The rows of the chunks ahead are prefetched meanwhile. Rows of
+ *     holes and of slots no token of the tile sees are never read.
  *   - OpenMP threads take units dynamically. When there are too few units to
- *     keep them busy (decode of a few long sequences, MLA), the slots are
- *     split and the splits' partial (m, l, acc) merged afterwards.
+ *     keep them busy (decode of a few sequences), the slots are split and the
+ *     splits' partial (m, l, acc) merged afterwards.
  *
  * Inner loops run over LANES-element steps with a compile-time trip count so
  * that compilers vectorize them at -O2 for whatever the target's vector width
@@ -65,7 +68,7 @@ enum {
     LANES = 8,              /* elements per step of an inner loop */
     TILE_TOKENS = 8,        /* tokens of one sequence sharing a unit, at most */
     CHUNK_MAX = 64,         /* slots per chunk, at most */
-    CHUNK_FLOATS = 4096,    /* f32 elements of one chunk's K (16 KiB: L1 with its V) */
+    CHUNK_FLOATS = 2048,    /* f32 elements of one chunk's K (8 KiB: L1 with its V) */
     ROW_FLOATS = 32768,     /* f32 elements of a unit's queries (and of acc), about */
     SPLIT_MIN_SLOTS = 256,  /* a split of a sequence covers at least this many slots */
     UNITS_PER_THREAD = 4,   /* below this many units per thread, split the slots */
@@ -340,8 +343,9 @@ KVRT_ALWAYS_INLINE void accumulate(float *restrict acc, const float *restrict w,
 typedef struct attn_plan attn_plan;
 typedef struct attn_scratch attn_scratch;
 typedef struct chunk_rows chunk_rows;
-/* Converts the K and V rows of a chunk's visible slots to f32. */
-typedef void (*gather_fn)(const attn_plan *pl, attn_scratch *sc, const chunk_rows *cr);
+/* Converts the K and V rows of kv head g at a chunk's visible slots to f32. */
+typedef void (*gather_fn)(const attn_plan *pl, attn_scratch *sc, const chunk_rows *cr,
+                          int32_t g);
 
 struct attn_plan {
     const kvrt_attention_op *op;
@@ -349,8 +353,12 @@ struct attn_plan {
     int32_t        dim_k;      /* elements of q and of a K row */
     int32_t        dim_v;      /* output elements per head */
     int32_t        group;      /* query heads per kv head */
-    int32_t        head_sub;   /* query heads per unit */
-    int32_t        n_sub;      /* units per (tile, kv head, split) */
+    /* A unit's query heads: kv_per_unit whole kv heads (all their query
+     * heads), or, when one kv head's query heads do not fit (kv_per_unit 0),
+     * head_sub of one kv head's. head_units: units per (tile, split). */
+    int32_t        kv_per_unit;
+    int32_t        head_sub;
+    int32_t        head_units;
     int32_t        chunk;      /* slots per chunk, a multiple of LANES */
     int32_t        rows_max;   /* (token, query head) rows per unit, at most */
     int32_t        n_tiles;
@@ -379,7 +387,8 @@ struct attn_scratch {
 struct chunk_rows {
     int32_t  n;                  /* visible rows */
     int32_t  seen[TILE_TOKENS];  /* of which each token of the tile sees */
-    int64_t *row;                /* [chunk] their rows in K and V of the kv head:
+    int64_t *row;                /* [chunk] their rows in K and V of kv head 0;
+                                  * kv head g's are block_size rows further each:
                                   * K at row * dim_k, V at row * dim_v */
     uint8_t *see;                /* [TILE_TOKENS][chunk]: token t sees row c */
 };
@@ -417,24 +426,37 @@ static size_t scratch_carve(const attn_plan *pl, char *base, attn_scratch *sc)
 }
 
 /* The rows of a unit: tokens [t0, t0 + nt) of one tile, query heads
- * [h0, h0 + nh); row r = token t0 + r / nh, query head h0 + r % nh. */
+ * [h0, h0 + nh), whose kv heads are [g0, g1); row r = token t0 + r / nh,
+ * query head h0 + r % nh. */
 typedef struct unit_rows {
-    int32_t t0, nt, h0, nh;
+    int32_t t0, nt, h0, nh, g0, g1;
 } unit_rows;
 
 static unit_rows rows_of(const attn_plan *pl, int64_t base_unit)
 {
-    int32_t n_heads = pl->op->layer.layout.n_heads;
-    int32_t sub = (int32_t)(base_unit % pl->n_sub);
-    int32_t head = (int32_t)(base_unit / pl->n_sub % n_heads);
-    int32_t tile = (int32_t)(base_unit / pl->n_sub / n_heads);
+    const kvrt_attention_op *op = pl->op;
+    int32_t k = (int32_t)(base_unit % pl->head_units);
+    int32_t tile = (int32_t)(base_unit / pl->head_units);
     unit_rows ur;
     ur.t0 = pl->tile_first[tile];
     ur.nt = pl->tile_first[tile + 1] - ur.t0;
-    ur.h0 = head * pl->group + sub * pl->head_sub;
-    ur.nh = pl->group - sub * pl->head_sub;
-    if (ur.nh > pl->head_sub)
-        ur.nh = pl->head_sub;
+    if (pl->kv_per_unit > 0) {
+        ur.g0 = k * pl->kv_per_unit;
+        ur.g1 = ur.g0 + pl->kv_per_unit;
+        if (ur.g1 > op->layer.layout.n_heads)
+            ur.g1 = op->layer.layout.n_heads;
+        ur.h0 = ur.g0 * pl->group;
+        ur.nh = (ur.g1 - ur.g0) * pl->group;
+    } else {
+        int32_t n_sub = (pl->group + pl->head_sub - 1) / pl->head_sub;
+        int32_t sub = k % n_sub;
+        ur.g0 = k / n_sub;
+        ur.g1 = ur.g0 + 1;
+        ur.h0 = ur.g0 * pl->group + sub * pl->head_sub;
+        ur.nh = pl->group - sub * pl->head_sub;
+        if (ur.nh > pl->head_sub)
+            ur.nh = pl->head_sub;
+    }
     return ur;
 }
 
@@ -467,11 +489,11 @@ static void write_rows(const attn_plan *pl, const unit_rows *ur, const float *ac
 /* ---- a chunk's rows ---- */
 
 /* Collects the used slots [i0, min(i0 + chunk, end)) of a sequence that
- * some token of the tile (positions qpos[0, nt)) sees, as rows of kv head
- * `head`. Walks blocks and offsets instead of dividing each slot index by
- * block_size (kvrt_page_slot and kvrt_k_index do, once per call). */
+ * some token of the tile (positions qpos[0, nt)) sees. Walks blocks and
+ * offsets instead of dividing each slot index by block_size (kvrt_page_slot
+ * and kvrt_k_index do, once per call). */
 static void collect_chunk(const attn_plan *pl, const int32_t *pages, const int64_t *qpos,
-                          int32_t nt, int32_t head, int64_t i0, int64_t end, chunk_rows *cr)
+                          int32_t nt, int64_t i0, int64_t end, chunk_rows *cr)
 {
     const kvrt_attention_op *op = pl->op;
     const int32_t chunk = pl->chunk, block_size = op->layer.layout.block_size;
@@ -499,8 +521,8 @@ static void collect_chunk(const attn_plan *pl, const int32_t *pages, const int64
             cr->seen[t] += visible;
             any |= visible;
         }
-        /* kvrt_k_index(layout, slot, head) / dim_k */
-        cr->row[nv] = (block * n_heads + head) * block_size + offset;
+        /* kvrt_k_index(layout, slot, 0) / dim_k */
+        cr->row[nv] = block * n_heads * block_size + offset;
         nv += any;
         offset++;
     }
@@ -513,30 +535,35 @@ static void collect_chunk(const attn_plan *pl, const int32_t *pages, const int64
 /* Collects the next chunk from used slot i0 on that has a visible row
  * (cr->n 0 when none is left); returns where the chunk after it starts. */
 static int64_t collect_next(const attn_plan *pl, const int32_t *pages, const int64_t *qpos,
-                            int32_t nt, int32_t head, int64_t i0, int64_t end, chunk_rows *cr)
+                            int32_t nt, int64_t i0, int64_t end, chunk_rows *cr)
 {
     cr->n = 0;
     for (; i0 < end && cr->n == 0; i0 += pl->chunk)
-        collect_chunk(pl, pages, qpos, nt, head, i0, end, cr);
+        collect_chunk(pl, pages, qpos, nt, i0, end, cr);
     return i0;
 }
 
-/* Asks for the K and V rows [from, to) of a chunk ahead of their use: a
- * chunk's rows sit in a few blocks, too short a stream for the hardware
+/* Asks for rows of a chunk ahead of their use: items [from, to) of the
+ * chunk's rows of kv heads [g0, g0 + (to - 1) / n], item i being row i % n
+ * of kv head g0 + i / n (so that a block's region is asked for in order).
+ * A chunk's rows sit in a few blocks, too short a stream for the hardware
  * prefetcher to find by itself. */
-static void prefetch_rows(const attn_plan *pl, const chunk_rows *cr, int32_t from, int32_t to)
+static void prefetch_rows(const attn_plan *pl, const chunk_rows *cr, int32_t g0, int64_t from,
+                          int64_t to)
 {
     const kvrt_attention_op *op = pl->op;
     const kvrt_layout *L = &op->layer.layout;
     const int64_t k_bytes = (int64_t)L->dim_k * L->elem_size;
     const int64_t v_bytes = op->mla ? 0 : (int64_t)L->dim_v * L->elem_size;
-    to = to < cr->n ? to : cr->n;
-    for (int32_t c = from; c < to; c++) {
-        const char *k = (const char *)op->layer.k + cr->row[c] * k_bytes;
+    if (cr->n == 0)
+        return;
+    for (int64_t i = from; i < to; i++) {
+        int64_t row = cr->row[i % cr->n] + (int64_t)(g0 + i / cr->n) * L->block_size;
+        const char *k = (const char *)op->layer.k + row * k_bytes;
         for (int64_t at = 0; at < k_bytes; at += 64)
             KVRT_PREFETCH(k + at);
         if (v_bytes) {
-            const char *v = (const char *)op->layer.v + cr->row[c] * v_bytes;
+            const char *v = (const char *)op->layer.v + row * v_bytes;
             for (int64_t at = 0; at < v_bytes; at += 64)
                 KVRT_PREFETCH(v + at);
         }
@@ -554,24 +581,27 @@ KVRT_ALWAYS_INLINE int32_t run_end(const chunk_rows *cr, int32_t first)
     return end;
 }
 
-KVRT_ALWAYS_INLINE void gather_rows(const attn_plan *pl, attn_scratch *sc, const chunk_rows *cr)
+KVRT_ALWAYS_INLINE void gather_rows(const attn_plan *pl, attn_scratch *sc, const chunk_rows *cr,
+                                    int32_t g)
 {
     const kvrt_attention_op *op = pl->op;
     const kvrt_layout *L = &op->layer.layout;
     const int32_t dk = L->dim_k, dv = L->dim_v;
+    const int64_t head_rows = (int64_t)g * L->block_size;
     for (int32_t c = 0, end; c < cr->n; c = end) {
         end = run_end(cr, c);
-        row_to_f32(sc->k + (int64_t)c * dk, op->layer.k, L->dtype, cr->row[c] * dk,
-                   (end - c) * dk);
+        row_to_f32(sc->k + (int64_t)c * dk, op->layer.k, L->dtype,
+                   (cr->row[c] + head_rows) * dk, (end - c) * dk);
         if (!op->mla)
-            row_to_f32(sc->v + (int64_t)c * dv, op->layer.v, L->dtype, cr->row[c] * dv,
-                       (end - c) * dv);
+            row_to_f32(sc->v + (int64_t)c * dv, op->layer.v, L->dtype,
+                       (cr->row[c] + head_rows) * dv, (end - c) * dv);
     }
 }
 
-static void gather_generic(const attn_plan *pl, attn_scratch *sc, const chunk_rows *cr)
+static void gather_generic(const attn_plan *pl, attn_scratch *sc, const chunk_rows *cr,
+                           int32_t g)
 {
-    gather_rows(pl, sc, cr);
+    gather_rows(pl, sc, cr, g);
 }
 
 #if KVRT_ATTENTION_X86
@@ -593,21 +623,23 @@ f16_row_f16c(float *restrict dst, const uint16_t *restrict src, int32_t n)
 }
 
 __attribute__((target("avx2,fma,f16c"))) static void
-gather_x86(const attn_plan *pl, attn_scratch *sc, const chunk_rows *cr)
+gather_x86(const attn_plan *pl, attn_scratch *sc, const chunk_rows *cr, int32_t g)
 {
     const kvrt_attention_op *op = pl->op;
     const kvrt_layout *L = &op->layer.layout;
     if (L->dtype != KVRT_LAYOUT_F16) {
-        gather_rows(pl, sc, cr);
+        gather_rows(pl, sc, cr, g);
         return;
     }
     const uint16_t *k = op->layer.k, *v = op->layer.v;
     const int32_t dk = L->dim_k, dv = L->dim_v;
+    const int64_t head_rows = (int64_t)g * L->block_size;
     for (int32_t c = 0, end; c < cr->n; c = end) {
         end = run_end(cr, c);
-        f16_row_f16c(sc->k + (int64_t)c * dk, k + cr->row[c] * dk, (end - c) * dk);
+        f16_row_f16c(sc->k + (int64_t)c * dk, k + (cr->row[c] + head_rows) * dk, (end - c) * dk);
         if (!op->mla)
-            f16_row_f16c(sc->v + (int64_t)c * dv, v + cr->row[c] * dv, (end - c) * dv);
+            f16_row_f16c(sc->v + (int64_t)c * dv, v + (cr->row[c] + head_rows) * dv,
+                         (end - c) * dv);
     }
 }
 #endif
@@ -691,7 +723,7 @@ KVRT_ALWAYS_INLINE void unit_body(const attn_plan *pl, attn_scratch *sc, int64_t
     const int32_t split = (int32_t)(unit % pl->n_splits);
     const int64_t base_unit = unit / pl->n_splits;
     const unit_rows ur = rows_of(pl, base_unit);
-    const int32_t head = ur.h0 / pl->group, rows = ur.nt * ur.nh;
+    const int32_t rows = ur.nt * ur.nh, n_kv = ur.g1 - ur.g0;
 
     const int32_t seq = op->tok_seq[ur.t0];
     const int32_t *pages = op->page_indices + op->page_indptr[seq];
@@ -711,7 +743,9 @@ KVRT_ALWAYS_INLINE void unit_body(const attn_plan *pl, attn_scratch *sc, int64_t
     memset(sc->acc, 0, (size_t)rows * dv * sizeof(float));
 
     /* Chunk by chunk; the visible rows of the next PREFETCH_CHUNKS chunks
-     * are known (and prefetched) before the current one is computed. */
+     * are known (and prefetched) before the current one is computed. For
+     * each chunk the kv heads are taken in order, so that each block's K
+     * and V regions are read front to back. */
     const float *v_rows = op->mla ? sc->k : sc->v;
     const int64_t v_stride = op->mla ? dk : dv;
     chunk_rows ring[PREFETCH_CHUNKS + 1];
@@ -721,26 +755,33 @@ KVRT_ALWAYS_INLINE void unit_body(const attn_plan *pl, attn_scratch *sc, int64_t
     }
     int64_t i0 = begin;
     for (int k = 0; k < PREFETCH_CHUNKS; k++) {
-        i0 = collect_next(pl, pages, qpos, ur.nt, head, i0, end, &ring[k]);
+        i0 = collect_next(pl, pages, qpos, ur.nt, i0, end, &ring[k]);
         if (k > 0)
-            prefetch_rows(pl, &ring[k], 0, ring[k].n);
+            prefetch_rows(pl, &ring[k], ur.g0, 0, (int64_t)n_kv * ring[k].n);
     }
     for (int64_t c = 0; ring[c % (PREFETCH_CHUNKS + 1)].n > 0; c++) {
         chunk_rows *cur = &ring[c % (PREFETCH_CHUNKS + 1)];
         chunk_rows *ahead = &ring[(c + PREFETCH_CHUNKS) % (PREFETCH_CHUNKS + 1)];
-        i0 = collect_next(pl, pages, qpos, ur.nt, head, i0, end, ahead);
+        i0 = collect_next(pl, pages, qpos, ur.nt, i0, end, ahead);
         /* The rows PREFETCH_CHUNKS chunks ahead are prefetched a slice per
          * row updated, so that their misses overlap this chunk's arithmetic. */
-        const int32_t slice = (ahead->n + rows - 1) / rows;
-        int32_t prefetched = 0;
-        pl->gather(pl, sc, cur);
-        for (int32_t t = 0; t < ur.nt; t++) {
-            for (int32_t h = 0; h < ur.nh; h++) {
-                prefetch_rows(pl, ahead, prefetched, prefetched + slice);
-                prefetched += slice;
-                if (cur->seen[t])
-                    update_row(pl, sc, t * ur.nh + h, cur->see + t * chunk, cur->n, v_rows,
-                               v_stride, fused);
+        const int64_t items = (int64_t)n_kv * ahead->n, slice = (items + rows - 1) / rows;
+        int64_t prefetched = 0;
+        for (int32_t g = ur.g0; g < ur.g1; g++) {
+            /* this kv head's query heads among the unit's */
+            int32_t h_first = g * pl->group > ur.h0 ? g * pl->group - ur.h0 : 0;
+            int32_t h_end = (g + 1) * pl->group - ur.h0 < ur.nh ? (g + 1) * pl->group - ur.h0
+                                                               : ur.nh;
+            pl->gather(pl, sc, cur, g);
+            for (int32_t t = 0; t < ur.nt; t++) {
+                for (int32_t h = h_first; h < h_end; h++) {
+                    prefetch_rows(pl, ahead, ur.g0, prefetched,
+                                  prefetched + slice < items ? prefetched + slice : items);
+                    prefetched += slice;
+                    if (cur->seen[t])
+                        update_row(pl, sc, t * ur.nh + h, cur->see + t * chunk, cur->n,
+                                   v_rows, v_stride, fused);
+                }
             }
         }
     }
@@ -837,17 +878,27 @@ kvrt_status kvrt_cpu_attention(const kvrt_attention_op *op)
     pl.group = op->n_q_heads / L->n_heads;
     int32_t dim_max = pl.dim_k > pl.dim_v ? pl.dim_k : pl.dim_v;
 
-    /* Query heads per unit: all of a kv head's, unless their rows would not
-     * stay in cache (MLA's 128 heads of 576). */
-    pl.head_sub = pl.group;
-    if ((int64_t)pl.group * dim_max > ROW_FLOATS) {
+    /* Query heads per unit: those of as many kv heads as fit ROW_FLOATS (all
+     * of a token's, usually: then a block's K and V regions are read as two
+     * bursts), or, when one kv head's do not fit (MLA's 128 heads of 576),
+     * a part of one kv head's. */
+    int32_t heads_per_unit;
+    if ((int64_t)pl.group * dim_max <= ROW_FLOATS) {
+        pl.kv_per_unit = (int32_t)(ROW_FLOATS / ((int64_t)pl.group * dim_max));
+        if (pl.kv_per_unit > L->n_heads)
+            pl.kv_per_unit = L->n_heads;
+        pl.head_units = (L->n_heads + pl.kv_per_unit - 1) / pl.kv_per_unit;
+        heads_per_unit = pl.kv_per_unit * pl.group;
+    } else {
         int32_t parts = (int32_t)(((int64_t)pl.group * dim_max + ROW_FLOATS - 1) / ROW_FLOATS);
+        pl.kv_per_unit = 0;
         pl.head_sub = (pl.group + parts - 1) / parts;
+        pl.head_units = L->n_heads * ((pl.group + pl.head_sub - 1) / pl.head_sub);
+        heads_per_unit = pl.head_sub;
     }
-    pl.n_sub = (pl.group + pl.head_sub - 1) / pl.head_sub;
-    int32_t tile_tokens = ROW_FLOATS / (pl.head_sub * dim_max);
+    int32_t tile_tokens = (int32_t)(ROW_FLOATS / ((int64_t)heads_per_unit * dim_max));
     tile_tokens = tile_tokens < 1 ? 1 : tile_tokens > TILE_TOKENS ? TILE_TOKENS : tile_tokens;
-    pl.rows_max = tile_tokens * pl.head_sub;
+    pl.rows_max = tile_tokens * heads_per_unit;
     int32_t dim_row = L->dim_k > (op->mla ? 0 : L->dim_v) ? L->dim_k : L->dim_v;
     pl.chunk = CHUNK_FLOATS / (dim_row > 0 ? dim_row : 1);
     pl.chunk = pl.chunk < LANES ? LANES : pl.chunk > CHUNK_MAX ? CHUNK_MAX : pl.chunk;
@@ -870,7 +921,7 @@ kvrt_status kvrt_cpu_attention(const kvrt_attention_op *op)
         max_slots = op->seq_n_slots[s] > max_slots ? op->seq_n_slots[s] : max_slots;
 
     /* Split the slots when the units would leave threads idle. */
-    int64_t n_base = (int64_t)n_tiles * L->n_heads * pl.n_sub;
+    int64_t n_base = (int64_t)n_tiles * pl.head_units;
     pl.n_splits = 1;
     if (n_threads > 1 && n_base < (int64_t)UNITS_PER_THREAD * n_threads) {
         int64_t want = ((int64_t)UNITS_PER_THREAD * n_threads + n_base - 1) / n_base;

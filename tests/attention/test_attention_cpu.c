@@ -21,8 +21,8 @@
  * 32; causal or not (cross, with or without positions); q dtype; out dtype f32
  * or the cache dtype; softcap on or off; scale; logit magnitude. Then long
  * contexts under several thread counts (the slot-splitting path), MLA with
- * 128 query heads, and single-key cases that must reproduce V exactly for
- * every f16 and bf16 value.
+ * 128 query heads, more kv heads than one unit takes, and single-key cases
+ * that must reproduce V exactly for every f16 and bf16 value.
  *
  * Exit status 0 when everything passes, 1 otherwise.
  */
@@ -670,6 +670,30 @@ static void test_mla_many_heads(void)
     printf("mla 128 heads: 3 cases\n");
 }
 
+/* More kv heads than one unit takes (units then cover a part of a token's
+ * kv heads, the last one fewer). */
+static void test_many_kv_heads(void)
+{
+    static const int shapes[][3] = {{40, 4, 256}, {9, 16, 256}, {17, 8, 128}};
+    for (int i = 0; i < 3; i++) {
+        config c;
+        memset(&c, 0, sizeof c);
+        c.n_kv = shapes[i][0];
+        c.n_q = shapes[i][0] * shapes[i][1];
+        c.dim_k = c.dim_v = c.out_dim = shapes[i][2];
+        c.block_size = 16;
+        c.cache_dtype = i;
+        draw_rest(&c);
+        c.n_seqs = 2;
+        c.max_slots = 70;
+        c.max_tokens = 3;
+        char label[64];
+        snprintf(label, sizeof label, "many kv heads %d", i);
+        run(&c, label);
+    }
+    printf("many kv heads: 3 cases\n");
+}
+
 /* One visible key: the weight is exactly 1, so the output must equal V
  * exactly, for every finite f16 and bf16 value (and the conversion to f32
  * that feeds the f32 output). Checks the kernel's own element conversion. */
@@ -773,6 +797,7 @@ int main(void)
     test_single_key_exact();
     test_grid();
     test_mla_many_heads();
+    test_many_kv_heads();
     test_long_context();
     printf("%ld elements checked, %ld rows that see nothing, %ld elements that see a NaN, "
            "worst error / bound %.3g\n",
