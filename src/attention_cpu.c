@@ -71,7 +71,7 @@ enum {
     CHUNK_FLOATS = 2048,    /* f32 elements of one chunk's K (8 KiB: L1 with its V) */
     ROW_FLOATS = 32768,     /* f32 elements of a unit's queries (and of acc), about */
     SPLIT_MIN_SLOTS = 256,  /* a split of a sequence covers at least this many slots */
-    UNITS_PER_THREAD = 4,   /* below this many units per thread, split the slots */
+    UNITS_PER_THREAD = 8,   /* below this many units per thread, split the slots */
     PREFETCH_CHUNKS = 2,    /* chunks ahead whose rows are prefetched */
 };
 
