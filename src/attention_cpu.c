@@ -622,24 +622,46 @@ f16_row_f16c(float *restrict dst, const uint16_t *restrict src, int32_t n)
         dst[i] = kvrt_f16_to_f32(src[i]);
 }
 
+/* bf16 to f32 with AVX2: widen, shift into the high half. */
+__attribute__((target("avx2,fma,f16c"))) static inline void
+bf16_row_avx2(float *restrict dst, const uint16_t *restrict src, int32_t n)
+{
+    int32_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(src + i)));
+        _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)));
+    }
+    for (; i < n; i++)
+        dst[i] = kvrt_bf16_to_f32(src[i]);
+}
+
 __attribute__((target("avx2,fma,f16c"))) static void
 gather_x86(const attn_plan *pl, attn_scratch *sc, const chunk_rows *cr, int32_t g)
 {
     const kvrt_attention_op *op = pl->op;
     const kvrt_layout *L = &op->layer.layout;
-    if (L->dtype != KVRT_LAYOUT_F16) {
+    if (L->dtype == KVRT_LAYOUT_F32) {
         gather_rows(pl, sc, cr, g);
         return;
     }
+    const int f16 = L->dtype == KVRT_LAYOUT_F16;
     const uint16_t *k = op->layer.k, *v = op->layer.v;
     const int32_t dk = L->dim_k, dv = L->dim_v;
     const int64_t head_rows = (int64_t)g * L->block_size;
     for (int32_t c = 0, end; c < cr->n; c = end) {
         end = run_end(cr, c);
-        f16_row_f16c(sc->k + (int64_t)c * dk, k + (cr->row[c] + head_rows) * dk, (end - c) * dk);
-        if (!op->mla)
-            f16_row_f16c(sc->v + (int64_t)c * dv, v + (cr->row[c] + head_rows) * dv,
-                         (end - c) * dv);
+        const uint16_t *k_run = k + (cr->row[c] + head_rows) * dk;
+        if (f16)
+            f16_row_f16c(sc->k + (int64_t)c * dk, k_run, (end - c) * dk);
+        else
+            bf16_row_avx2(sc->k + (int64_t)c * dk, k_run, (end - c) * dk);
+        if (op->mla)
+            continue;
+        const uint16_t *v_run = v + (cr->row[c] + head_rows) * dv;
+        if (f16)
+            f16_row_f16c(sc->v + (int64_t)c * dv, v_run, (end - c) * dv);
+        else
+            bf16_row_avx2(sc->v + (int64_t)c * dv, v_run, (end - c) * dv);
     }
 }
 #endif
