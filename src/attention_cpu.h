@@ -11,10 +11,14 @@
 /* Computes op (see kvrt_attention_op in kernels/kvrt_ops.h) with f32
  * accumulation, in parallel over the host's OpenMP threads, and returns when
  * op->out is written. Every element of op->out is written; a token with no
- * visible key gets zeros. The caller validates op (shapes, dtypes, pointers
- * and page tables in range). Returns KVRT_ERR_OUT_OF_MEMORY, without setting
- * a message and without writing op->out, when its host scratch (a few
- * hundred KiB per thread) cannot be allocated; otherwise KVRT_OK. */
+ * visible key gets zeros; a NaN in q or in a K row a token sees makes that
+ * token's rows NaN (in a V row: the element it feeds). op->dim_v is the
+ * output row length; V rows are read with layer.layout.dim_v (equal for
+ * ATTN and CROSS). op->max_seq_slots is not needed (seq_n_slots is read).
+ * The caller validates op (shapes, dtypes, pointers and page tables in
+ * range). Returns KVRT_ERR_OUT_OF_MEMORY, without setting a message and
+ * without writing op->out, when its host scratch (a few hundred KiB per
+ * thread) cannot be allocated; otherwise KVRT_OK. */
 kvrt_status kvrt_cpu_attention(const kvrt_attention_op *op);
 
 #endif /* KVRT_ATTENTION_CPU_H */
