@@ -868,8 +868,8 @@ static void merge_splits(const attn_plan *pl, attn_scratch *sc, int64_t base_uni
 
 #if KVRT_ATTENTION_X86
 /* Whether the AVX2 + FMA + F16C copy can run here (with the OS saving the
- * AVX registers, which __builtin_cpu_supports checks). Asked once: cpuid
- * traps to the hypervisor in a virtual machine. */
+ * AVX registers, which __builtin_cpu_supports checks). Asked once: a cpuid
+ * instruction can cost microseconds. */
 static int have_avx2_fma_f16c(void)
 {
     static _Atomic int known; /* 0 unknown, 1 no, 2 yes */
