@@ -77,8 +77,8 @@ typedef struct kvrt_attention_op {
     const int32_t *pos;          /* device [n_blocks][block_size]; NULL: all visible */
     int32_t        causal;
     int32_t        window;       /* 0: none */
-    int32_t        mla;          /* 1: V is the first dim_v_mla of the K row */
-    int32_t        dim_v;        /* output values per head (MLA: latent_dim) */
+    int32_t        mla;          /* 1: V is the first dim_v values of the K row */
+    int32_t        dim_v;        /* output values per head: layout.dim_v, or latent_dim for MLA */
     int32_t        n_tokens;
     int32_t        n_q_heads;
     float          scale;

@@ -467,7 +467,11 @@ static kvrt_status cpu_attention(kvrt_backend_t *be, const kvrt_attention_op *op
 {
     (void)be;
     (void)stream;
-    return kvrt_cpu_attention(op);
+    kvrt_status st = kvrt_cpu_attention(op);
+    if (st == KVRT_ERR_OUT_OF_MEMORY)
+        return kvrt_set_error(st, "cpu attention: host scratch for %d tokens could not be allocated",
+                              op->n_tokens);
+    return st;
 }
 
 static void cpu_shutdown(kvrt_backend_t *be)
