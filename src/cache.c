@@ -276,9 +276,27 @@ kvrt_status kvrt_cache_sync_pos(kvrt_cache *cache)
 
 static int same_group(const kvrt_cache *cache, const kvrt_group *g, const kvrt_layer_desc *l)
 {
-    if (l->kind == KVRT_LAYER_CROSS || g->kind != l->kind)
-        return 0;
-    return cache->layers[g->layers[0]].window == l->window;
+    return kvrt_layers_share_group(&cache->layers[g->layers[0]], l);
+}
+
+int64_t kvrt_seq_pages_live_sorted(const kvrt_group *g, const kvrt_seq_pages *sp, int32_t *out)
+{
+    int64_t m = 0;
+    for (int64_t i = 0; i < sp->n_slots; i++) {
+        int32_t p = g->pos[kvrt_seq_slot(g, sp, i)];
+        if (p >= 0)
+            out[m++] = p;
+    }
+    qsort(out, (size_t)m, sizeof(int32_t), kvrt_cmp_i32);
+    return m;
+}
+
+int kvrt_seq_is_empty(const kvrt_cache *cache, int32_t seq)
+{
+    for (int j = 0; j < cache->n_groups; j++)
+        if (cache->groups[j].seqs[seq].n_blocks > 0)
+            return 0;
+    return 1;
 }
 
 static kvrt_status create_group_memory(kvrt_cache *cache, kvrt_group *g)
@@ -576,11 +594,6 @@ kvrt_status kvrt_cache_stats_get(const kvrt_cache *cache, int group, kvrt_cache_
     return KVRT_OK;
 }
 
-static int cmp_i32(const void *a, const void *b)
-{
-    int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
-    return (x > y) - (x < y);
-}
 
 #define INVARIANT(cond, ...)                                                                   \
     do {                                                                                       \
@@ -632,15 +645,9 @@ static kvrt_status check_group(const kvrt_cache *cache, int gi)
         if (g->pos == NULL)
             continue;
         KVRT_TRY(kvrt_reserve((void **)&posbuf, &posbuf_cap, sp->n_slots + 1, sizeof(int32_t)));
-        int64_t live = 0;
-        for (int64_t i = 0; i < sp->n_slots; i++) {
-            int32_t p = g->pos[kvrt_seq_slot(g, sp, i)];
-            if (p >= 0)
-                posbuf[live++] = p;
-        }
+        int64_t live = kvrt_seq_pages_live_sorted(g, sp, posbuf);
         INVARIANT(live == sp->n_live, "group %d seq %d: %lld live slots, %lld recorded", gi, s,
                   (long long)live, (long long)sp->n_live);
-        qsort(posbuf, (size_t)live, sizeof(int32_t), cmp_i32);
         for (int64_t i = 1; i < live; i++)
             INVARIANT(posbuf[i] != posbuf[i - 1], "group %d seq %d: position %d twice", gi, s,
                       posbuf[i]);

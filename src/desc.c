@@ -48,7 +48,7 @@ size_t kvrt_layer_row_bytes(const kvrt_layer_desc *layer, kvrt_dtype dtype)
     return (size_t)layer->n_kv_heads * (size_t)(layer->head_dim_k + layer->head_dim_v) * es;
 }
 
-static const char *kind_name(kvrt_layer_kind kind)
+const char *kvrt_layer_kind_name(int kind)
 {
     switch (kind) {
     case KVRT_LAYER_ATTN: return "ATTN";
@@ -57,6 +57,13 @@ static const char *kind_name(kvrt_layer_kind kind)
     }
     return "?";
 }
+
+int kvrt_layers_share_group(const kvrt_layer_desc *a, const kvrt_layer_desc *b)
+{
+    return a->kind != KVRT_LAYER_CROSS && a->kind == b->kind && a->window == b->window;
+}
+
+#define kind_name(k) kvrt_layer_kind_name((int)(k))
 
 #define LAYER_CHECK(cond, ...) KVRT_CHECK(cond, KVRT_ERR_INVALID_ARG, __VA_ARGS__)
 

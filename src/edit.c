@@ -9,11 +9,6 @@
 
 #include "internal.h"
 
-static int cmp_i32(const void *a, const void *b)
-{
-    int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
-    return (x > y) - (x < y);
-}
 
 static int in_range(int32_t p, int32_t p0, int32_t p1) { return p >= p0 && (p1 < 0 || p < p1); }
 
@@ -82,7 +77,7 @@ static kvrt_status rewrite_check(kvrt_cache *cache, const kvrt_group *g, int32_t
     }
     if (rw->kind == REWRITE_RM)
         return KVRT_OK;
-    qsort(newpos, (size_t)m, sizeof(int32_t), cmp_i32);
+    qsort(newpos, (size_t)m, sizeof(int32_t), kvrt_cmp_i32);
     for (int64_t i = 1; i < m; i++)
         KVRT_CHECK(newpos[i] != newpos[i - 1], KVRT_ERR_POS_EXISTS,
                    "sequence %d: two tokens would share position %d after the edit", (int)seq,
@@ -204,18 +199,6 @@ static void rewrite_evicted(kvrt_seq_pages *sp, const rewrite *rw)
     sp->evicted_max = (int32_t)(nhi > INT32_MAX - 1 ? INT32_MAX - 1 : nhi);
 }
 
-static int64_t sorted_live(const kvrt_group *g, const kvrt_seq_pages *sp, int32_t *out)
-{
-    int64_t m = 0;
-    for (int64_t i = 0; i < sp->n_slots; i++) {
-        int32_t p = g->pos[kvrt_seq_slot(g, sp, i)];
-        if (p >= 0)
-            out[m++] = p;
-    }
-    qsort(out, (size_t)m, sizeof(int32_t), cmp_i32);
-    return m;
-}
-
 /* After an edit, the positions a sliding-window group dropped are derived
  * again from the live slots where a full group holds every token: they are
  * the tokens the full group has and the window group lacks. Without a full
@@ -246,7 +229,7 @@ static kvrt_status refresh_evicted(kvrt_cache *cache, int32_t seq)
         int32_t *a, *b;
         KVRT_TRY(kvrt_scratch(cache, 1, fp->n_live + 1, &a));
         KVRT_TRY(kvrt_scratch(cache, 2, sp->n_live + 1, &b));
-        int64_t na = sorted_live(full, fp, a), nb = sorted_live(g, sp, b);
+        int64_t na = kvrt_seq_pages_live_sorted(full, fp, a), nb = kvrt_seq_pages_live_sorted(g, sp, b);
         int32_t lo = -1, hi = -1;
         for (int64_t i = 0, k = 0; i < na; i++) {
             while (k < nb && b[k] < a[i])
@@ -409,14 +392,6 @@ kvrt_status kvrt_seq_div(kvrt_cache *cache, int32_t seq, int32_t p0, int32_t p1,
 
 /* ---- cp, keep, clear ---- */
 
-static int seq_empty(const kvrt_cache *cache, int32_t seq)
-{
-    for (int j = 0; j < cache->n_groups; j++)
-        if (cache->groups[j].seqs[seq].n_blocks > 0)
-            return 0;
-    return 1;
-}
-
 kvrt_status kvrt_seq_cp(kvrt_cache *cache, int32_t src, int32_t dst, int32_t p0, int32_t p1)
 {
     KVRT_TRY(kvrt_check_cache(cache, "kvrt_seq_cp"));
@@ -428,7 +403,7 @@ kvrt_status kvrt_seq_cp(kvrt_cache *cache, int32_t src, int32_t dst, int32_t p0,
     KVRT_TRY(check_range("kvrt_seq_cp", p0, p1));
     if (src == dst)
         return KVRT_OK;
-    KVRT_CHECK(seq_empty(cache, dst), KVRT_ERR_INVALID_ARG,
+    KVRT_CHECK(kvrt_seq_is_empty(cache, dst), KVRT_ERR_INVALID_ARG,
                "kvrt_seq_cp: destination sequence %d is not empty (remove it first)", (int)dst);
     int32_t *need;
     KVRT_TRY(kvrt_scratch(cache, 0, cache->n_groups, &need));

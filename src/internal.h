@@ -121,6 +121,18 @@ struct kvrt_cache {
 /* Checks a handle's layer index and maps it to the core's. */
 kvrt_status kvrt_map_layer(const kvrt_cache *handle, int *layer, const char *fn);
 
+/* qsort comparison of int32 values. */
+int kvrt_cmp_i32(const void *a, const void *b);
+/* "ATTN", "MLA", "CROSS", "?". */
+const char *kvrt_layer_kind_name(int kind);
+/* The grouping rule: two self-attention layers of the same kind and window
+ * share a page table; a CROSS layer shares with none. */
+int kvrt_layers_share_group(const kvrt_layer_desc *a, const kvrt_layer_desc *b);
+/* Live positions of a sequence in a group, sorted, into out (n_live room). */
+int64_t kvrt_seq_pages_live_sorted(const kvrt_group *g, const kvrt_seq_pages *sp, int32_t *out);
+/* 1 when the sequence holds nothing in any group (cross K/V included). */
+int kvrt_seq_is_empty(const kvrt_cache *cache, int32_t seq);
+
 /* Layout of a layer for kernels. */
 kvrt_layout kvrt_layer_layout(const kvrt_cache *cache, int layer);
 

@@ -113,11 +113,6 @@ static int cmp_token(const void *a, const void *b)
     return (x > y) - (x < y);
 }
 
-static int cmp_i32(const void *a, const void *b)
-{
-    int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
-    return (x > y) - (x < y);
-}
 
 /* The group whose live slots are a sequence's whole token set: a group
  * without eviction if there is one. */
@@ -261,16 +256,10 @@ kvrt_status kvrt_batch_plan(kvrt_cache *cache, int n, const int32_t *seq_ids,
                 continue;
             int32_t *live;
             KVRT_TRY(kvrt_scratch(cache, 1, sp->n_live, &live));
-            int64_t m = 0;
-            for (int64_t i = 0; i < sp->n_slots; i++) {
-                int32_t p = g->pos[kvrt_seq_slot(g, sp, i)];
-                if (p >= 0)
-                    live[m++] = p;
-            }
-            qsort(live, (size_t)m, sizeof(int32_t), cmp_i32);
+            int64_t m = kvrt_seq_pages_live_sorted(g, sp, live);
             for (int k = 0; k < plans[s].count; k++) {
                 int32_t p = positions[order[plans[s].first + k]];
-                KVRT_CHECK(bsearch(&p, live, (size_t)m, sizeof(int32_t), cmp_i32) == NULL,
+                KVRT_CHECK(bsearch(&p, live, (size_t)m, sizeof(int32_t), kvrt_cmp_i32) == NULL,
                            KVRT_ERR_POS_EXISTS,
                            "kvrt_batch_plan: sequence %d already holds position %d",
                            (int)plans[s].seq, (int)p);

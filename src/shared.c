@@ -11,10 +11,6 @@
 
 kvrt_status kvrt_desc_validate(const kvrt_cache_desc *desc);
 
-static const char *kind_name(kvrt_layer_kind kind)
-{
-    return kind == KVRT_LAYER_ATTN ? "ATTN" : kind == KVRT_LAYER_MLA ? "MLA" : "CROSS";
-}
 
 #define SAME(field, what)                                                                      \
     KVRT_CHECK(a->field == b->field, KVRT_ERR_INCOMPATIBLE,                                    \
@@ -44,8 +40,7 @@ static int find_group(const kvrt_cache *core, const kvrt_layer_desc *l)
 {
     for (int j = 0; j < core->n_groups; j++) {
         const kvrt_group *g = &core->groups[j];
-        if (kvrt_group_is_self(g) && g->kind == l->kind &&
-            core->layers[g->layers[0]].window == l->window)
+        if (kvrt_layers_share_group(&core->layers[g->layers[0]], l))
             return j;
     }
     return -1;
@@ -107,7 +102,7 @@ kvrt_status kvrt_cache_create_shared(kvrt_cache *base, const kvrt_cache_desc *de
         KVRT_CHECK(find_group(core, l) >= 0, KVRT_ERR_INCOMPATIBLE,
                    "kvrt_cache_create_shared: layer %d: the base has no %s group with window %d "
                    "to share a page table with",
-                   i, kind_name(l->kind), l->window);
+                   i, kvrt_layer_kind_name(l->kind), l->window);
         n_own++;
     }
 

@@ -125,15 +125,7 @@ const char *kvrt_state_tag_name(uint32_t tag)
     return "????";
 }
 
-static const char *kind_name(uint32_t kind)
-{
-    switch (kind) {
-    case KVRT_LAYER_ATTN: return "ATTN";
-    case KVRT_LAYER_MLA: return "MLA";
-    case KVRT_LAYER_CROSS: return "CROSS";
-    }
-    return "?";
-}
+#define kind_name(k) kvrt_layer_kind_name((int)(k))
 
 /* ---- groups, as the cache forms them (cache.c: same_group) ---- */
 
@@ -145,12 +137,11 @@ static uint32_t derive_groups(const kvrt_layer_desc *layers, uint32_t n, uint32_
     uint32_t n_groups = 0;
     for (uint32_t i = 0; i < n; i++) {
         group[i] = UINT32_MAX;
-        if (layers[i].kind != KVRT_LAYER_CROSS)
-            for (uint32_t j = 0; j < i; j++)
-                if (layers[j].kind == layers[i].kind && layers[j].window == layers[i].window) {
-                    group[i] = group[j];
-                    break;
-                }
+        for (uint32_t j = 0; j < i; j++)
+            if (kvrt_layers_share_group(&layers[j], &layers[i])) {
+                group[i] = group[j];
+                break;
+            }
         if (group[i] == UINT32_MAX)
             group[i] = n_groups++;
     }
@@ -164,13 +155,6 @@ static uint64_t section_bytes(uint64_t payload)
     return KVRT_STATE_FRAME_BYTES + payload + KVRT_STATE_CHECKSUM_BYTES;
 }
 
-static int seq_holds_anything(const kvrt_cache *cache, int32_t seq)
-{
-    for (int j = 0; j < cache->n_groups; j++)
-        if (cache->groups[j].seqs[seq].n_blocks > 0)
-            return 1;
-    return 0;
-}
 
 /* Rows of seq in group j: live tokens (self) or cross rows. */
 static int64_t group_rows(const kvrt_group *g, int32_t seq)
@@ -221,7 +205,7 @@ kvrt_status kvrt_state_size(const kvrt_cache *cache, int32_t seq, uint64_t *byte
         n += seq_state_bytes(cache, seq);
     else
         for (int32_t s = 0; s < cache->desc.max_seqs; s++)
-            if (seq_holds_anything(cache, s))
+            if (!kvrt_seq_is_empty(cache, s))
                 n += seq_state_bytes(cache, s);
     *bytes = n;
     return KVRT_OK;
@@ -500,12 +484,12 @@ static kvrt_status write_state(out_stream *o, kvrt_cache *cache, int32_t seq, ui
         n_seqs = 1;
     else
         for (int32_t s = 0; s < cache->desc.max_seqs; s++)
-            n_seqs += (uint32_t)seq_holds_anything(cache, s);
+            n_seqs += (uint32_t)!kvrt_seq_is_empty(cache, s);
     KVRT_TRY(out_raw(o, KVRT_STATE_MAGIC, KVRT_STATE_MAGIC_BYTES));
     KVRT_TRY(write_head(o, cache, n_seqs));
     int32_t s0 = seq >= 0 ? seq : 0, s1 = seq >= 0 ? seq + 1 : cache->desc.max_seqs;
     for (int32_t s = s0; s < s1; s++) {
-        if (seq < 0 && !seq_holds_anything(cache, s))
+        if (seq < 0 && kvrt_seq_is_empty(cache, s))
             continue;
         group_rows_list *lists = calloc((size_t)cache->n_groups, sizeof *lists);
         KVRT_CHECK(lists != NULL, KVRT_ERR_OUT_OF_MEMORY, "kvrt_state_write: host lists");
@@ -1200,7 +1184,7 @@ kvrt_status kvrt_state_apply(kvrt_cache *cache, int32_t dst_seq, const kvrt_stat
             st = kvrt_set_error(KVRT_ERR_INVALID_ARG,
                                 "kvrt_state_read: sequence %d of the state is out of the cache's "
                                 "range [0, %d)", (int)t, cache->desc.max_seqs);
-        else if (seq_holds_anything(cache, t))
+        else if (!kvrt_seq_is_empty(cache, t))
             st = kvrt_set_error(KVRT_ERR_INVALID_ARG,
                                 "kvrt_state_read: destination sequence %d is not empty (remove it "
                                 "first)", (int)t);

@@ -48,3 +48,9 @@ kvrt_status kvrt_scratch(kvrt_cache *cache, int which, int64_t n, int32_t **out)
     *out = *p;
     return KVRT_OK;
 }
+
+int kvrt_cmp_i32(const void *a, const void *b)
+{
+    int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
+    return (x > y) - (x < y);
+}

@@ -4,32 +4,7 @@
 #ifndef KVRT_STATE_TEST_H
 #define KVRT_STATE_TEST_H
 
-#include <stdarg.h>
-#include <stddef.h>
-#include <setjmp.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-
-#include <cmocka.h>
-
-#include "kvrt.h"
-
-#define OK(expr)                                                                               \
-    do {                                                                                       \
-        kvrt_status st_ = (expr);                                                              \
-        if (st_ != KVRT_OK)                                                                    \
-            fail_msg("%s -> %s: %s", #expr, kvrt_status_name(st_), kvrt_last_error());         \
-    } while (0)
-
-#define EXPECT(status, expr)                                                                   \
-    do {                                                                                       \
-        kvrt_status st_ = (expr);                                                              \
-        if (st_ != (status))                                                                   \
-            fail_msg("%s -> %s, expected %s (%s)", #expr, kvrt_status_name(st_),               \
-                     kvrt_status_name(status), kvrt_last_error());                             \
-    } while (0)
+#include "../unit/common.h" /* cmocka, kvrt.h, OK() and EXPECT() */
 
 /* ---- layouts ---- */
 
