@@ -43,24 +43,37 @@
 
 #if defined(__GNUC__)
 #  define KVRT_ALWAYS_INLINE static inline __attribute__((always_inline))
+/* kernels with many live vectors: their own functions, so that the
+ * caller's invariants do not take their registers */
+#  define KVRT_NOINLINE static __attribute__((noinline))
 #else
 #  define KVRT_ALWAYS_INLINE static inline
+#  define KVRT_NOINLINE static
 #endif
 
-/* KVRT_ATTENTION_GENERIC=1 builds the portable code only (the tests build
- * it both ways). */
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__)) && \
-    !(defined(KVRT_ATTENTION_GENERIC) && KVRT_ATTENTION_GENERIC)
+/* KVRT_ATTENTION_ISA caps the x86 copies compiled in: 0 the portable code
+ * only, 1 also AVX2 + FMA + F16C, 2 (the default) also AVX-512F. The tests
+ * build every level, so that each copy is tested on a processor that has
+ * the next. */
+#ifndef KVRT_ATTENTION_ISA
+#  define KVRT_ATTENTION_ISA 2
+#endif
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__)) && KVRT_ATTENTION_ISA >= 1
 #  define KVRT_ATTENTION_X86 1
 #  include <cpuid.h>
 #  include <immintrin.h>
 #else
 #  define KVRT_ATTENTION_X86 0
 #endif
+#define KVRT_ATTENTION_AVX512 (KVRT_ATTENTION_X86 && KVRT_ATTENTION_ISA >= 2)
 
 #if defined(__GNUC__)
+/* loops over a few registers: unrolled, so that arrays of vectors stay in
+ * registers */
+#  define KVRT_UNROLL _Pragma("GCC unroll 16")
 #  define KVRT_PREFETCH(p) __builtin_prefetch(p)
 #else
+#  define KVRT_UNROLL
 #  define KVRT_PREFETCH(p) ((void)(p))
 #endif
 
@@ -68,6 +81,8 @@ enum {
     LANES = 8,              /* elements per step of an inner loop */
     TILE_TOKENS = 8,        /* tokens of one sequence sharing a unit, at most */
     CHUNK_MAX = 64,         /* slots per chunk, at most */
+    KEY_PAD = 16,           /* the AVX-512 dots read K rows up to a multiple of this */
+    ROW_BLOCK = 4,          /* query rows the AVX-512 code takes together, at most */
     CHUNK_FLOATS = 2048,    /* f32 elements of one chunk's K (8 KiB: L1 with its V) */
     ROW_FLOATS = 32768,     /* f32 elements of a unit's queries (and of acc), about */
     SPLIT_MIN_SLOTS = 256,  /* a split of a sequence covers at least this many slots */
@@ -373,9 +388,11 @@ struct attn_scratch {
     float   *q;      /* [rows_max][dim_k] queries as f32 */
     float   *acc;    /* [rows_max][dim_v] */
     float   *m, *l;  /* [rows_max] running max and sum of weights */
-    float   *k;      /* [chunk][dim_k] visible K rows of the chunk as f32 */
+    float   *k;      /* [chunk][dim_k] visible K rows of the chunk as f32 (with
+                      * rows up to a multiple of KEY_PAD, zeros until written) */
     float   *v;      /* [chunk][dim_v] their V rows (not used for MLA) */
-    float   *s;      /* [chunk] logits, then weights */
+    float   *s;      /* [ROW_BLOCK][chunk rounded up to KEY_PAD] logits, then
+                      * weights (the portable code uses the first row) */
     /* chunk_rows.row ([chunk]) and .see ([TILE_TOKENS][chunk]) of the chunk
      * being computed and of the PREFETCH_CHUNKS after it */
     int64_t *row[PREFETCH_CHUNKS + 1];
@@ -414,12 +431,12 @@ static size_t scratch_carve(const attn_plan *pl, char *base, attn_scratch *sc)
     sc->acc = carve(base, &at, rows * pl->dim_v * sizeof(float));
     sc->m = carve(base, &at, rows * sizeof(float));
     sc->l = carve(base, &at, rows * sizeof(float));
-    sc->k = carve(base, &at, chunk * pl->dim_k * sizeof(float));
+    sc->k = carve(base, &at, round_up(chunk, KEY_PAD) * pl->dim_k * sizeof(float));
     sc->v = carve(base, &at, pl->op->mla ? 0 : chunk * pl->dim_v * sizeof(float));
-    sc->s = carve(base, &at, chunk * sizeof(float));
+    sc->s = carve(base, &at, ROW_BLOCK * round_up(chunk, KEY_PAD) * sizeof(float));
     for (int i = 0; i <= PREFETCH_CHUNKS; i++) {
         sc->row[i] = carve(base, &at, chunk * sizeof(int64_t));
-        sc->see[i] = carve(base, &at, TILE_TOKENS * chunk);
+        sc->see[i] = carve(base, &at, TILE_TOKENS * chunk + KEY_PAD); /* read 16 at a time */
     }
     sc->out = carve(base, &at, (size_t)pl->dim_v * sizeof(float));
     return at;
@@ -634,9 +651,48 @@ bf16_row_avx2(float *restrict dst, const uint16_t *restrict src, int32_t n)
     for (; i < n; i++)
         dst[i] = kvrt_bf16_to_f32(src[i]);
 }
+#endif
 
-__attribute__((target("avx2,fma,f16c"))) static void
-gather_x86(const attn_plan *pl, attn_scratch *sc, const chunk_rows *cr, int32_t g)
+#if KVRT_ATTENTION_AVX512
+#  define KVRT_TARGET_AVX512 __attribute__((target("avx512f,avx2,fma,f16c")))
+
+/* f16 and bf16 rows to f32, 16 elements per instruction. */
+KVRT_TARGET_AVX512 static inline void f16_row_avx512(float *restrict dst,
+                                                     const uint16_t *restrict src, int32_t n)
+{
+    int32_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        __m512 a = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(src + i)));
+        __m512 b = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(src + i + 16)));
+        _mm512_storeu_ps(dst + i, a);
+        _mm512_storeu_ps(dst + i + 16, b);
+    }
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(dst + i,
+                         _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(src + i))));
+    for (; i < n; i++)
+        dst[i] = kvrt_f16_to_f32(src[i]);
+}
+
+KVRT_TARGET_AVX512 static inline void bf16_row_avx512(float *restrict dst,
+                                                      const uint16_t *restrict src, int32_t n)
+{
+    int32_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(src + i)));
+        _mm512_storeu_ps(dst + i, _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)));
+    }
+    for (; i < n; i++)
+        dst[i] = kvrt_bf16_to_f32(src[i]);
+}
+
+#endif
+
+#if KVRT_ATTENTION_X86
+/* gather_rows with vector conversions of f16 and bf16 rows (isa: 1 AVX2 +
+ * F16C, 2 AVX-512F); f32 rows are copied as they are. */
+KVRT_ALWAYS_INLINE void gather_vector(const attn_plan *pl, attn_scratch *sc,
+                                      const chunk_rows *cr, int32_t g, const int isa)
 {
     const kvrt_attention_op *op = pl->op;
     const kvrt_layout *L = &op->layer.layout;
@@ -648,39 +704,62 @@ gather_x86(const attn_plan *pl, attn_scratch *sc, const chunk_rows *cr, int32_t 
     const uint16_t *k = op->layer.k, *v = op->layer.v;
     const int32_t dk = L->dim_k, dv = L->dim_v;
     const int64_t head_rows = (int64_t)g * L->block_size;
+    (void)isa; /* without the AVX-512 copy, always 1 */
     for (int32_t c = 0, end; c < cr->n; c = end) {
         end = run_end(cr, c);
-        const uint16_t *k_run = k + (cr->row[c] + head_rows) * dk;
-        if (f16)
-            f16_row_f16c(sc->k + (int64_t)c * dk, k_run, (end - c) * dk);
-        else
-            bf16_row_avx2(sc->k + (int64_t)c * dk, k_run, (end - c) * dk);
-        if (op->mla)
-            continue;
-        const uint16_t *v_run = v + (cr->row[c] + head_rows) * dv;
-        if (f16)
-            f16_row_f16c(sc->v + (int64_t)c * dv, v_run, (end - c) * dv);
-        else
-            bf16_row_avx2(sc->v + (int64_t)c * dv, v_run, (end - c) * dv);
+        for (int kv = 0; kv < (op->mla ? 1 : 2); kv++) {
+            const int32_t dim = kv ? dv : dk;
+            const uint16_t *src = (kv ? v : k) + (cr->row[c] + head_rows) * dim;
+            float *dst = (kv ? sc->v : sc->k) + (int64_t)c * dim;
+            int32_t n = (end - c) * dim;
+#if KVRT_ATTENTION_AVX512
+            if (isa == 2) {
+                if (f16)
+                    f16_row_avx512(dst, src, n);
+                else
+                    bf16_row_avx512(dst, src, n);
+                continue;
+            }
+#endif
+            if (f16)
+                f16_row_f16c(dst, src, n);
+            else
+                bf16_row_avx2(dst, src, n);
+        }
     }
+}
+
+__attribute__((target("avx2,fma,f16c"))) static void
+gather_x86(const attn_plan *pl, attn_scratch *sc, const chunk_rows *cr, int32_t g)
+{
+    gather_vector(pl, sc, cr, g, 1);
+}
+#endif
+
+#if KVRT_ATTENTION_AVX512
+KVRT_TARGET_AVX512 static void gather_avx512(const attn_plan *pl, attn_scratch *sc,
+                                             const chunk_rows *cr, int32_t g)
+{
+    gather_vector(pl, sc, cr, g, 2);
 }
 #endif
 
 /* ---- one unit ---- */
 
-/* Updates row r's (m, l, acc) with the chunk's nv gathered rows, of which
- * the row's token sees those with see[c]. */
-KVRT_ALWAYS_INLINE void update_row(const attn_plan *pl, attn_scratch *sc, int32_t r,
-                                   const uint8_t *see, int32_t nv, const float *v_rows,
-                                   int64_t v_stride, const int fused)
+/* The online-softmax step of one row for one chunk. s[0, nv) holds the
+ * row's dot products with the chunk's gathered K rows; see[c] says whether
+ * the row's token sees row c (0 past nv up to a multiple of LANES). The dots
+ * become weights e^(logit - m) in s (0 where unseen, and from nv up to that
+ * multiple), and the row's running max m and sum l are updated. Returns 0
+ * when nothing is to be accumulated (every seen logit -inf or NaN: a NaN is
+ * recorded in l); else 1, with *alpha the factor the row's acc must be
+ * scaled by first (1 when m did not move) and *all_nonzero whether every
+ * weight of [0, nv) is nonzero. */
+KVRT_ALWAYS_INLINE int softmax_row(const kvrt_attention_op *op, float *restrict s,
+                                   const uint8_t *see, int32_t nv, float *m, float *lsum,
+                                   float *alpha, int *all_nonzero, const int fused)
 {
-    const kvrt_attention_op *op = pl->op;
-    float *s = sc->s;
     int32_t n_pad = (int32_t)round_up((size_t)nv, LANES);
-
-    /* Logits, masked to -inf where the row's token does not see the key
-     * (see[] is 0 past nv up to n_pad). */
-    dot_rows_isa(s, sc->q + (int64_t)r * pl->dim_k, sc->k, pl->dim_k, nv, pl->dim_k, fused);
     float mul = op->scale;
     if (op->softcap > 0.0f) {
         for (int32_t c = 0; c < nv; c++)
@@ -689,6 +768,7 @@ KVRT_ALWAYS_INLINE void update_row(const attn_plan *pl, attn_scratch *sc, int32_
     }
     for (int32_t c = nv; c < n_pad; c++)
         s[c] = 0.0f;
+    /* logits, masked to -inf where the row's token does not see the key */
     float most[LANES];
     for (int l = 0; l < LANES; l++)
         most[l] = -INFINITY;
@@ -701,7 +781,6 @@ KVRT_ALWAYS_INLINE void update_row(const attn_plan *pl, attn_scratch *sc, int32_
     float cmax = most[0];
     for (int l = 1; l < LANES; l++)
         cmax = most[l] > cmax ? most[l] : cmax;
-    float *m = sc->m + r, *lsum = sc->l + r, *acc = sc->acc + (int64_t)r * pl->dim_v;
     if (!(cmax > -INFINITY)) {
         /* The row's token sees keys here (the caller checked), so their
          * logits are -inf or NaN (a NaN in q or K): a NaN makes the row's
@@ -709,14 +788,13 @@ KVRT_ALWAYS_INLINE void update_row(const attn_plan *pl, attn_scratch *sc, int32_
         for (int32_t c = 0; c < nv; c++)
             if (s[c] != s[c])
                 *lsum = NAN;
-        return;
+        return 0;
     }
+    *alpha = 1.0f;
     if (cmax > *m) {
         if (*m > -INFINITY) {
-            float alpha = exp_nonpositive(*m - cmax, fused);
-            *lsum *= alpha;
-            for (int32_t d = 0; d < pl->dim_v; d++)
-                acc[d] *= alpha;
+            *alpha = exp_nonpositive(*m - cmax, fused);
+            *lsum *= *alpha;
         }
         *m = cmax;
     }
@@ -734,12 +812,311 @@ KVRT_ALWAYS_INLINE void update_row(const attn_plan *pl, attn_scratch *sc, int32_
     int32_t n_nonzero = 0;
     for (int l = 0; l < LANES; l++)
         n_nonzero += nonzero[l];
-    accumulate(acc, s, v_rows, v_stride, nv, n_nonzero == nv, pl->dim_v, fused);
+    *all_nonzero = n_nonzero == nv;
+    return 1;
 }
 
-KVRT_ALWAYS_INLINE void unit_body(const attn_plan *pl, attn_scratch *sc, int64_t unit,
-                                  const int fused)
+/* Updates row r's (m, l, acc) with the chunk's nv gathered rows, of which
+ * the row's token sees those with see[c]. */
+KVRT_ALWAYS_INLINE void update_row(const attn_plan *pl, attn_scratch *sc, int32_t r,
+                                   const uint8_t *see, int32_t nv, const float *v_rows,
+                                   int64_t v_stride, const int fused)
 {
+    float *s = sc->s, alpha;
+    int all_nonzero;
+    dot_rows_isa(s, sc->q + (int64_t)r * pl->dim_k, sc->k, pl->dim_k, nv, pl->dim_k, fused);
+    if (!softmax_row(pl->op, s, see, nv, sc->m + r, sc->l + r, &alpha, &all_nonzero, fused))
+        return;
+    float *acc = sc->acc + (int64_t)r * pl->dim_v;
+    if (alpha != 1.0f)
+        for (int32_t d = 0; d < pl->dim_v; d++)
+            acc[d] *= alpha;
+    accumulate(acc, s, v_rows, v_stride, nv, all_nonzero, pl->dim_v, fused);
+}
+
+#if KVRT_ATTENTION_AVX512
+/* The lane sums of sixteen vectors as one vector, lane i the sum of a[i]:
+ * four pairwise levels, each halving the vectors and the lanes they are
+ * summed over (45 instructions for 16 sums). */
+KVRT_TARGET_AVX512 static inline __m512 sum_lanes16_avx512(const __m512 a[16])
+{
+    __m512 w[8], x[4], y[2];
+    KVRT_UNROLL
+    for (int i = 0; i < 8; i++) /* per 128 bits: a[2i] in lanes 0, 2; a[2i+1] in 1, 3 */
+        w[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]),
+                             _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+    KVRT_UNROLL
+    for (int i = 0; i < 4; i++) /* per 128 bits: a[4i + j] in lane j */
+        x[i] = _mm512_add_ps(_mm512_shuffle_ps(w[2 * i], w[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_ps(w[2 * i], w[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    KVRT_UNROLL
+    for (int i = 0; i < 2; i++) /* 128-bit parts 0, 2 and 1, 3 summed */
+        y[i] = _mm512_add_ps(
+            _mm512_shuffle_f32x4(x[2 * i], x[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+            _mm512_shuffle_f32x4(x[2 * i], x[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(y[0], y[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(y[0], y[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+/* exp_nonpositive on 16 lanes, the same operations in the same order
+ * (bit-identical to the scalar one with FMA). */
+KVRT_TARGET_AVX512 KVRT_ALWAYS_INLINE __m512 exp_nonpositive_avx512(__m512 x)
+{
+    const __m512 lo = _mm512_set1_ps(-87.33654f);
+    __mmask16 in_range = _mm512_cmp_ps_mask(x, lo, _CMP_GE_OQ);
+    __m512 xc = _mm512_mask_blend_ps(in_range, lo, x);
+    __m512i n = _mm512_cvttps_epi32(
+        _mm512_sub_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
+                      _mm512_set1_ps(0.5f)));
+    __m512 fn = _mm512_cvtepi32_ps(n);
+    __m512 r = _mm512_fmadd_ps(fn, _mm512_set1_ps(-0.693359375f), xc);
+    r = _mm512_fmadd_ps(fn, _mm512_set1_ps(2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
+    __m512 scale = _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_add_epi32(n, _mm512_set1_epi32(127)), 23));
+    __m512 y = _mm512_mul_ps(p, scale);
+    __mmask16 is_nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+    y = _mm512_maskz_mov_ps(in_range, y);
+    return _mm512_mask_mov_ps(y, is_nan, _mm512_set1_ps(NAN));
+}
+
+/* One step of the 4 x 4 dots: 16 elements of four query rows against 16 of
+ * four K rows (k0..k3 converted once, used four times). */
+#define KVRT_DOTS_STEP(LOAD)                                                                   \
+    do {                                                                                       \
+        __m512 k0 = LOAD(kc + d), k1 = LOAD(kc + dim + d), k2 = LOAD(kc + 2 * dim + d),          \
+               k3 = LOAD(kc + 3 * dim + d), x;                                                 \
+        x = LOAD(q0 + d);                                                                      \
+        a00 = _mm512_fmadd_ps(x, k0, a00), a01 = _mm512_fmadd_ps(x, k1, a01);                  \
+        a02 = _mm512_fmadd_ps(x, k2, a02), a03 = _mm512_fmadd_ps(x, k3, a03);                  \
+        x = LOAD(q1 + d);                                                                      \
+        a10 = _mm512_fmadd_ps(x, k0, a10), a11 = _mm512_fmadd_ps(x, k1, a11);                  \
+        a12 = _mm512_fmadd_ps(x, k2, a12), a13 = _mm512_fmadd_ps(x, k3, a13);                  \
+        x = LOAD(q2 + d);                                                                      \
+        a20 = _mm512_fmadd_ps(x, k0, a20), a21 = _mm512_fmadd_ps(x, k1, a21);                  \
+        a22 = _mm512_fmadd_ps(x, k2, a22), a23 = _mm512_fmadd_ps(x, k3, a23);                  \
+        x = LOAD(q3 + d);                                                                      \
+        a30 = _mm512_fmadd_ps(x, k0, a30), a31 = _mm512_fmadd_ps(x, k1, a31);                  \
+        a32 = _mm512_fmadd_ps(x, k2, a32), a33 = _mm512_fmadd_ps(x, k3, a33);                  \
+    } while (0)
+#define KVRT_LOAD_FULL(p) _mm512_loadu_ps(p)
+#define KVRT_LOAD_TAIL(p) _mm512_maskz_loadu_ps(tail, p)
+
+/* s[i * s_stride + c] = dot(q_i, k + c * dim) over dim elements for the
+ * four query rows q0..q3 (a row may repeat: its sums are computed twice)
+ * and keys c in [0, n rounded up to 4): sixteen accumulators, four rows by
+ * four keys. Each dot is 16 partial sums of dim / 16 products (the rest in
+ * masked loads), added pairwise. */
+KVRT_TARGET_AVX512 KVRT_NOINLINE void dots4_avx512(float *restrict s, int64_t s_stride,
+                                                        const float *q0, const float *q1,
+                                                        const float *q2, const float *q3,
+                                                        const float *k, int32_t n, int32_t dim)
+{
+    const int32_t full = dim & ~15;
+    const __mmask16 tail = (__mmask16)((1u << (dim & 15)) - 1u);
+    for (int32_t c0 = 0; c0 < n; c0 += 4) {
+        const float *kc = k + (int64_t)c0 * dim;
+        __m512 a00 = _mm512_setzero_ps(), a01 = a00, a02 = a00, a03 = a00, a10 = a00,
+               a11 = a00, a12 = a00, a13 = a00, a20 = a00, a21 = a00, a22 = a00, a23 = a00,
+               a30 = a00, a31 = a00, a32 = a00, a33 = a00;
+        int32_t d = 0;
+        for (; d < full; d += 16)
+            KVRT_DOTS_STEP(KVRT_LOAD_FULL);
+        if (tail)
+            KVRT_DOTS_STEP(KVRT_LOAD_TAIL);
+        const __m512 a[16] = {a00, a01, a02, a03, a10, a11, a12, a13,
+                              a20, a21, a22, a23, a30, a31, a32, a33};
+        __m512 sums = sum_lanes16_avx512(a);
+        _mm_storeu_ps(s + c0, _mm512_extractf32x4_ps(sums, 0));
+        _mm_storeu_ps(s + s_stride + c0, _mm512_extractf32x4_ps(sums, 1));
+        _mm_storeu_ps(s + 2 * s_stride + c0, _mm512_extractf32x4_ps(sums, 2));
+        _mm_storeu_ps(s + 3 * s_stride + c0, _mm512_extractf32x4_ps(sums, 3));
+    }
+}
+#undef KVRT_DOTS_STEP
+
+/* softmax_row for 16 lanes at a time, without a soft-cap. see16[j] holds the
+ * visibility of keys [16 j, 16 j + 16) as bits (none from nv on). */
+KVRT_TARGET_AVX512 KVRT_ALWAYS_INLINE int softmax_row_avx512(float scale, float *restrict s,
+                                                             const __mmask16 *see16, int32_t nv,
+                                                             float *m, float *lsum,
+                                                             float *alpha, int *all_nonzero)
+{
+    const __m512 neg_inf = _mm512_set1_ps(-INFINITY), mul = _mm512_set1_ps(scale);
+    __m512 most = neg_inf;
+    __mmask16 nan = 0;
+    for (int32_t c0 = 0, j = 0; c0 < nv; c0 += 16, j++) {
+        __m512 x = _mm512_mask_mul_ps(neg_inf, see16[j], _mm512_maskz_loadu_ps(see16[j], s + c0),
+                                      mul);
+        _mm512_storeu_ps(s + c0, x);
+        nan |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+        most = _mm512_max_ps(x, most); /* a NaN x gives most: NaN never wins */
+    }
+    float cmax = _mm512_reduce_max_ps(most);
+    if (!(cmax > -INFINITY)) { /* as softmax_row */
+        if (nan)
+            *lsum = NAN;
+        return 0;
+    }
+    *alpha = 1.0f;
+    if (cmax > *m) {
+        if (*m > -INFINITY) {
+            *alpha = exp_nonpositive(*m - cmax, 1);
+            *lsum *= *alpha;
+        }
+        *m = cmax;
+    }
+    const __m512 row_max = _mm512_set1_ps(*m);
+    __m512 part = _mm512_setzero_ps();
+    int32_t n_nonzero = 0;
+    for (int32_t c0 = 0, j = 0; c0 < nv; c0 += 16, j++) {
+        __m512 w = exp_nonpositive_avx512(_mm512_sub_ps(_mm512_loadu_ps(s + c0), row_max));
+        _mm512_storeu_ps(s + c0, w);
+        part = _mm512_add_ps(part, w);
+        n_nonzero += __builtin_popcount(
+            _mm512_mask_cmp_ps_mask(nv - c0 >= 16 ? 0xffff : (1u << (nv - c0)) - 1u, w,
+                                    _mm512_setzero_ps(), _CMP_NEQ_UQ));
+    }
+    *lsum += _mm512_reduce_add_ps(part);
+    *all_nonzero = n_nonzero == nv;
+    return 1;
+}
+
+/* Masks of the 16 elements at d0 + 16 x, x in [0, 4), of a dim-element row. */
+KVRT_TARGET_AVX512 KVRT_ALWAYS_INLINE __mmask16 slice_mask(int32_t dim, int32_t d0, int x)
+{
+    int32_t left = dim - d0 - 16 * x;
+    return left >= 16 ? (__mmask16)0xffff
+                      : left > 0 ? (__mmask16)((1u << left) - 1u) : (__mmask16)0;
+}
+
+/* acc rows i in [0, 4) (acc + i * dim) = alpha[i] * acc + sum over keys
+ * c in [0, n) of w[i * w_stride + c] * (v + c * v_stride): 64 elements at a
+ * time in 16 accumulators, each V vector loaded once for the four rows. The
+ * sum runs in key order, as accumulate's. */
+KVRT_TARGET_AVX512 KVRT_NOINLINE void accumulate4_avx512(float *acc, const float *w,
+                                                              int64_t w_stride,
+                                                              const float *alpha,
+                                                              const float *v, int64_t v_stride,
+                                                              int32_t n, int32_t dim)
+{
+    for (int32_t d0 = 0; d0 < dim; d0 += 64) {
+        const __mmask16 m0 = slice_mask(dim, d0, 0), m1 = slice_mask(dim, d0, 1),
+                        m2 = slice_mask(dim, d0, 2), m3 = slice_mask(dim, d0, 3);
+        float *r0 = acc + d0, *r1 = r0 + dim, *r2 = r1 + dim, *r3 = r2 + dim;
+#define KVRT_ACC_LOAD(r, i, mk, x) \
+    _mm512_mul_ps(_mm512_set1_ps(alpha[i]), _mm512_maskz_loadu_ps(mk, r + 16 * x))
+        __m512 a00 = KVRT_ACC_LOAD(r0, 0, m0, 0), a01 = KVRT_ACC_LOAD(r0, 0, m1, 1),
+               a02 = KVRT_ACC_LOAD(r0, 0, m2, 2), a03 = KVRT_ACC_LOAD(r0, 0, m3, 3),
+               a10 = KVRT_ACC_LOAD(r1, 1, m0, 0), a11 = KVRT_ACC_LOAD(r1, 1, m1, 1),
+               a12 = KVRT_ACC_LOAD(r1, 1, m2, 2), a13 = KVRT_ACC_LOAD(r1, 1, m3, 3),
+               a20 = KVRT_ACC_LOAD(r2, 2, m0, 0), a21 = KVRT_ACC_LOAD(r2, 2, m1, 1),
+               a22 = KVRT_ACC_LOAD(r2, 2, m2, 2), a23 = KVRT_ACC_LOAD(r2, 2, m3, 3),
+               a30 = KVRT_ACC_LOAD(r3, 3, m0, 0), a31 = KVRT_ACC_LOAD(r3, 3, m1, 1),
+               a32 = KVRT_ACC_LOAD(r3, 3, m2, 2), a33 = KVRT_ACC_LOAD(r3, 3, m3, 3);
+#undef KVRT_ACC_LOAD
+        for (int32_t c = 0; c < n; c++) {
+            const float *vr = v + c * v_stride + d0;
+            const __m512 v0 = _mm512_maskz_loadu_ps(m0, vr), v1 = _mm512_maskz_loadu_ps(m1, vr + 16),
+                         v2 = _mm512_maskz_loadu_ps(m2, vr + 32),
+                         v3 = _mm512_maskz_loadu_ps(m3, vr + 48);
+            __m512 x = _mm512_set1_ps(w[c]);
+            a00 = _mm512_fmadd_ps(x, v0, a00), a01 = _mm512_fmadd_ps(x, v1, a01);
+            a02 = _mm512_fmadd_ps(x, v2, a02), a03 = _mm512_fmadd_ps(x, v3, a03);
+            x = _mm512_set1_ps(w[w_stride + c]);
+            a10 = _mm512_fmadd_ps(x, v0, a10), a11 = _mm512_fmadd_ps(x, v1, a11);
+            a12 = _mm512_fmadd_ps(x, v2, a12), a13 = _mm512_fmadd_ps(x, v3, a13);
+            x = _mm512_set1_ps(w[2 * w_stride + c]);
+            a20 = _mm512_fmadd_ps(x, v0, a20), a21 = _mm512_fmadd_ps(x, v1, a21);
+            a22 = _mm512_fmadd_ps(x, v2, a22), a23 = _mm512_fmadd_ps(x, v3, a23);
+            x = _mm512_set1_ps(w[3 * w_stride + c]);
+            a30 = _mm512_fmadd_ps(x, v0, a30), a31 = _mm512_fmadd_ps(x, v1, a31);
+            a32 = _mm512_fmadd_ps(x, v2, a32), a33 = _mm512_fmadd_ps(x, v3, a33);
+        }
+        _mm512_mask_storeu_ps(r0, m0, a00), _mm512_mask_storeu_ps(r0 + 16, m1, a01);
+        _mm512_mask_storeu_ps(r0 + 32, m2, a02), _mm512_mask_storeu_ps(r0 + 48, m3, a03);
+        _mm512_mask_storeu_ps(r1, m0, a10), _mm512_mask_storeu_ps(r1 + 16, m1, a11);
+        _mm512_mask_storeu_ps(r1 + 32, m2, a12), _mm512_mask_storeu_ps(r1 + 48, m3, a13);
+        _mm512_mask_storeu_ps(r2, m0, a20), _mm512_mask_storeu_ps(r2 + 16, m1, a21);
+        _mm512_mask_storeu_ps(r2 + 32, m2, a22), _mm512_mask_storeu_ps(r2 + 48, m3, a23);
+        _mm512_mask_storeu_ps(r3, m0, a30), _mm512_mask_storeu_ps(r3 + 16, m1, a31);
+        _mm512_mask_storeu_ps(r3 + 32, m2, a32), _mm512_mask_storeu_ps(r3 + 48, m3, a33);
+    }
+}
+
+/* Rows [r0, r0 + R) of the unit, R in [1, 4], of one token and one kv head,
+ * against the chunk's nv gathered rows. */
+KVRT_TARGET_AVX512 KVRT_ALWAYS_INLINE void update_block_avx512(const attn_plan *pl,
+                                                               attn_scratch *sc, int32_t r0,
+                                                               int32_t R, const uint8_t *see,
+                                                               const __mmask16 *see16,
+                                                               int32_t nv, const float *v_rows,
+                                                               int64_t v_stride)
+{
+    const kvrt_attention_op *op = pl->op;
+    const int32_t dk = pl->dim_k, dv = pl->dim_v;
+    const int64_t s_stride = (int64_t)round_up((size_t)pl->chunk, KEY_PAD);
+    float *s = sc->s, alpha[ROW_BLOCK];
+    int go[ROW_BLOCK], all_nonzero[ROW_BLOCK], every = R == ROW_BLOCK;
+    const float *q = sc->q + (int64_t)r0 * dk;
+    dots4_avx512(s, s_stride, q, q + (R > 1 ? dk : 0), q + (R > 2 ? 2 * dk : 0),
+                 q + (R > 3 ? 3 * dk : 0), sc->k, nv, dk);
+    for (int i = 0; i < R; i++) {
+        float *si = s + i * s_stride, *m = sc->m + r0 + i, *l = sc->l + r0 + i;
+        go[i] = op->softcap > 0.0f
+                    ? softmax_row(op, si, see, nv, m, l, &alpha[i], &all_nonzero[i], 1)
+                    : softmax_row_avx512(op->scale, si, see16, nv, m, l, &alpha[i],
+                                         &all_nonzero[i]);
+        every &= go[i] && all_nonzero[i];
+    }
+    float *acc = sc->acc + (int64_t)r0 * dv;
+    if (every) { /* the usual case: four rows, each taking every key */
+        accumulate4_avx512(acc, s, s_stride, alpha, v_rows, v_stride, nv, dv);
+        return;
+    }
+    for (int i = 0; i < R; i++) { /* row by row, skipping weights of 0 */
+        if (!go[i])
+            continue;
+        float *row_acc = acc + (int64_t)i * dv;
+        if (alpha[i] != 1.0f)
+            for (int32_t d = 0; d < dv; d++)
+                row_acc[d] *= alpha[i];
+        accumulate(row_acc, s + i * s_stride, v_rows, v_stride, nv, all_nonzero[i], dv, 1);
+    }
+}
+
+/* Rows [r0, r0 + n) of the unit, one token's query heads of one kv head,
+ * in blocks of four. */
+KVRT_TARGET_AVX512 static void update_heads_avx512(const attn_plan *pl, attn_scratch *sc,
+                                                   int32_t r0, int32_t n, const uint8_t *see,
+                                                   int32_t nv, const float *v_rows,
+                                                   int64_t v_stride)
+{
+    __mmask16 see16[(CHUNK_MAX + 15) / 16];
+    for (int32_t c0 = 0, j = 0; c0 < nv; c0 += 16, j++) {
+        __m128i b = _mm_loadu_si128((const __m128i *)(see + c0));
+        uint32_t unseen = (uint32_t)_mm_movemask_epi8(_mm_cmpeq_epi8(b, _mm_setzero_si128()));
+        uint32_t valid = nv - c0 >= 16 ? 0xffffu : (1u << (nv - c0)) - 1u;
+        see16[j] = (__mmask16)(~unseen & valid);
+    }
+    for (int32_t r = r0; r < r0 + n; r += ROW_BLOCK)
+        update_block_avx512(pl, sc, r, r0 + n - r < ROW_BLOCK ? r0 + n - r : ROW_BLOCK, see,
+                            see16, nv, v_rows, v_stride);
+}
+#endif
+
+/* One unit, in the copy for `isa`: 0 portable, 1 AVX2 + FMA + F16C, 2
+ * AVX-512F (a compile-time constant once inlined). */
+KVRT_ALWAYS_INLINE void unit_body(const attn_plan *pl, attn_scratch *sc, int64_t unit,
+                                  const int isa)
+{
+    const int fused = isa >= 1;
     const kvrt_attention_op *op = pl->op;
     const int32_t dk = pl->dim_k, dv = pl->dim_v, chunk = pl->chunk;
     const int32_t split = (int32_t)(unit % pl->n_splits);
@@ -800,10 +1177,15 @@ KVRT_ALWAYS_INLINE void unit_body(const attn_plan *pl, attn_scratch *sc, int64_t
                     prefetch_rows(pl, ahead, ur.g0, prefetched,
                                   prefetched + slice < items ? prefetched + slice : items);
                     prefetched += slice;
-                    if (cur->seen[t])
+                    if (isa < 2 && cur->seen[t])
                         update_row(pl, sc, t * ur.nh + h, cur->see + t * chunk, cur->n,
                                    v_rows, v_stride, fused);
                 }
+#if KVRT_ATTENTION_AVX512
+                if (isa == 2 && cur->seen[t] && h_end > h_first)
+                    update_heads_avx512(pl, sc, t * ur.nh + h_first, h_end - h_first,
+                                        cur->see + t * chunk, cur->n, v_rows, v_stride);
+#endif
             }
         }
     }
@@ -830,6 +1212,14 @@ __attribute__((target("avx2,fma"))) static void unit_avx2(const attn_plan *pl,
                                                           attn_scratch *sc, int64_t unit)
 {
     unit_body(pl, sc, unit, 1);
+}
+#endif
+
+#if KVRT_ATTENTION_AVX512
+KVRT_TARGET_AVX512 static void unit_avx512(const attn_plan *pl, attn_scratch *sc,
+                                           int64_t unit)
+{
+    unit_body(pl, sc, unit, 2);
 }
 #endif
 
@@ -880,6 +1270,21 @@ static int have_avx2_fma_f16c(void)
                        __get_cpuid(1, &eax, &ebx, &ecx, &edx) && (ecx & bit_F16C)
                    ? 2
                    : 1;
+        atomic_store_explicit(&known, have, memory_order_relaxed);
+    }
+    return have == 2;
+}
+#endif
+
+#if KVRT_ATTENTION_AVX512
+/* Whether the AVX-512F copy can run here (the OS saving the ZMM state
+ * included, which __builtin_cpu_supports checks). */
+static int have_avx512f(void)
+{
+    static _Atomic int known; /* 0 unknown, 1 no, 2 yes */
+    int have = atomic_load_explicit(&known, memory_order_relaxed);
+    if (have == 0) {
+        have = have_avx2_fma_f16c() && __builtin_cpu_supports("avx512f") ? 2 : 1;
         atomic_store_explicit(&known, have, memory_order_relaxed);
     }
     return have == 2;
@@ -990,6 +1395,12 @@ kvrt_status kvrt_cpu_attention(const kvrt_attention_op *op)
         pl.gather = gather_x86;
     }
 #endif
+#if KVRT_ATTENTION_AVX512
+    if (have_avx512f()) {
+        unit = unit_avx512;
+        pl.gather = gather_avx512;
+    }
+#endif
 
 #ifdef _OPENMP
 #  pragma omp parallel num_threads(n_threads)
@@ -1001,6 +1412,9 @@ kvrt_status kvrt_cpu_attention(const kvrt_attention_op *op)
 #endif
         attn_scratch sc;
         scratch_carve(&pl, thread_mem + per_thread * tid, &sc);
+        /* the AVX-512 dots read K rows past the gathered ones and drop
+         * their sums: never let those reads see uninitialized memory */
+        memset(sc.k, 0, round_up((size_t)pl.chunk, KEY_PAD) * pl.dim_k * sizeof(float));
 #ifdef _OPENMP
 #  pragma omp for schedule(dynamic, 1)
 #endif

@@ -26,13 +26,31 @@ static size_t page_round(size_t n)
     return (n + page - 1) / page * page;
 }
 
+/* Regions of at least this size start on a multiple of it and ask for
+ * transparent huge pages: attention streams K and V through whole blocks,
+ * and with 4 KiB pages every 4 KiB is a TLB miss and a stop for the
+ * hardware prefetcher. */
+#define HUGE_PAGE ((size_t)2 << 20)
+
 static kvrt_status cpu_region_create(kvrt_backend_t *be, size_t reserve, size_t commit, void **base)
 {
     (void)be;
     size_t r = page_round(reserve > 0 ? reserve : 1);
-    void *p = mmap(NULL, r, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    size_t slack = r >= HUGE_PAGE ? HUGE_PAGE : 0;
+    char *p = mmap(NULL, r + slack, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     KVRT_CHECK(p != MAP_FAILED, KVRT_ERR_OUT_OF_MEMORY, "cpu: reserving %zu bytes failed: %s", r,
                strerror(errno));
+    if (slack > 0) { /* keep the aligned r bytes, give back the rest */
+        size_t head = (HUGE_PAGE - (uintptr_t)p % HUGE_PAGE) % HUGE_PAGE;
+        if (head > 0)
+            munmap(p, head);
+        if (slack - head > 0)
+            munmap(p + head + r, slack - head);
+        p += head;
+#ifdef MADV_HUGEPAGE
+        (void)madvise(p, r, MADV_HUGEPAGE); /* a hint: without it, 4 KiB pages */
+#endif
+    }
     if (commit > 0 && mprotect(p, page_round(commit), PROT_READ | PROT_WRITE) != 0) {
         int e = errno;
         munmap(p, r);

@@ -694,6 +694,35 @@ static void test_many_kv_heads(void)
     printf("many kv heads: 3 cases\n");
 }
 
+/* Head dims that are not multiples of 16 (the vector kernels' masked
+ * tails), K and V of different widths, and query heads per kv head that
+ * leave a partial block of rows (2, 3, 5, 6, 7). */
+static void test_odd_shapes(void)
+{
+    static const int dims_k[] = {8, 40, 72, 100, 136, 200}, dims_v[] = {8, 24, 72, 100, 130, 200};
+    static const int ratios[] = {1, 2, 3, 5, 6, 7};
+    int cases = 0;
+    for (int i = 0; i < 6; i++)
+        for (int j = 0; j < 6; j++) {
+            config c;
+            memset(&c, 0, sizeof c);
+            c.dim_k = dims_k[i];
+            c.dim_v = c.out_dim = dims_v[(i + j) % 6];
+            c.n_kv = 1 + rng_int(3);
+            c.n_q = ratios[j] * c.n_kv;
+            c.block_size = rng_int(2) ? 16 : 1 + rng_int(20);
+            c.cache_dtype = rng_int(3);
+            draw_rest(&c);
+            c.n_seqs = 1 + rng_int(3);
+            c.max_slots = 20 + rng_int(150);
+            c.max_tokens = 1 + rng_int(10);
+            char label[64];
+            snprintf(label, sizeof label, "odd shape %d", cases++);
+            run(&c, label);
+        }
+    printf("odd shapes: %d cases\n", cases);
+}
+
 /* One visible key: the weight is exactly 1, so the output must equal V
  * exactly, for every finite f16 and bf16 value (and the conversion to f32
  * that feeds the f32 output). Checks the kernel's own element conversion. */
@@ -798,6 +827,7 @@ int main(void)
     test_grid();
     test_mla_many_heads();
     test_many_kv_heads();
+    test_odd_shapes();
     test_long_context();
     printf("%ld elements checked, %ld rows that see nothing, %ld elements that see a NaN, "
            "worst error / bound %.3g\n",
