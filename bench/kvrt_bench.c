@@ -22,6 +22,9 @@
  * device copy of --size-mib (on the CPU a memcpy split across the OpenMP
  * threads), also counting read plus write bytes, timed once after each timed
  * run of the operation (the median of those); fraction = gbps / copy_gbps.
+ * On the CPU a read-only pass over the probe's source is timed likewise:
+ * "read_gbps" and "read_fraction" = gbps / read_gbps, the yardstick for
+ * operations that mostly read (decode attention).
  */
 #include <math.h>
 #include <stdarg.h>
@@ -92,6 +95,7 @@ typedef struct bench {
     devmem_timer timer;
     devmem_copy_probe probe;     /* the copy each op is compared with */
     double       copy_gbps;      /* the median probe copy of the last time_op */
+    double       read_gbps;      /* CPU: the median read of the probe's source, likewise */
     int          header_done;
 } bench;
 
@@ -116,6 +120,8 @@ static void report(bench *b, const char *op, kvrt_dtype dtype, const char *shape
            gbps, b->copy_gbps, fraction);
     if (flops > 0)
         printf("  %.3f TFLOP/s", flops / (median_ms * 1e-3) / 1e12);
+    if (b->read_gbps > 0)
+        printf("  read %.2f GB/s, fraction %.3f", b->read_gbps, gbps / b->read_gbps);
     printf("\n");
     char line[1024];
     int n = snprintf(line, sizeof line,
@@ -127,6 +133,10 @@ static void report(bench *b, const char *op, kvrt_dtype dtype, const char *shape
     if (flops > 0)
         n += snprintf(line + n, sizeof line - (size_t)n, ",\"tflops\":%.4f",
                       flops / (median_ms * 1e-3) / 1e12);
+    if (b->read_gbps > 0)
+        n += snprintf(line + n, sizeof line - (size_t)n,
+                      ",\"read_gbps\":%.3f,\"read_fraction\":%.4f", b->read_gbps,
+                      gbps / b->read_gbps);
     snprintf(line + n, sizeof line - (size_t)n, "}");
     printf("%s\n", line);
     if (b->json != NULL) {
@@ -295,6 +305,29 @@ static void fill(kvrt_cache *c, kvrt_batch *batch, int max_tokens, fill_source *
 
 typedef void (*run_fn)(bench *b, void *ctx);
 
+/* CPU: milliseconds to read the n bytes at p once, one contiguous piece per
+ * OpenMP thread, eight independent sums per thread (a read-only stream: the
+ * ceiling of operations that read much and write little, as decode
+ * attention does; a copy also writes). */
+static double cpu_read_ms(const char *p, size_t n)
+{
+    static volatile uint64_t sink;
+    (void)sink;
+    const uint64_t *w = (const uint64_t *)(const void *)p;
+    int64_t words = (int64_t)(n / 64) * 8;
+    uint64_t total = 0;
+    double t0 = devmem_now();
+#ifdef _OPENMP
+#  pragma omp parallel for schedule(static) reduction(+ : total)
+#endif
+    for (int64_t i = 0; i < words; i += 8)
+        total += (w[i] ^ w[i + 1]) + (w[i + 2] ^ w[i + 3]) + (w[i + 4] ^ w[i + 5]) +
+                 (w[i + 6] ^ w[i + 7]);
+    double ms = (devmem_now() - t0) * 1e3;
+    sink = total;
+    return ms;
+}
+
 /* Median milliseconds of `run` over b->runs runs after two warm-up runs;
  * `reset` (untimed, may be NULL) runs before each. Each timed run is
  * followed by one timed copy of the probe, so that b->copy_gbps (the median
@@ -304,6 +337,8 @@ static double time_op(bench *b, run_fn run, run_fn reset, void *ctx)
 {
     double *ms = xmalloc(sizeof(double) * (size_t)b->runs);
     double *copy_ms = xmalloc(sizeof(double) * (size_t)b->runs);
+    double *read_ms = xmalloc(sizeof(double) * (size_t)b->runs);
+    const int cpu = b->device.backend == KVRT_BACKEND_CPU;
     for (int r = -2; r < b->runs; r++) {
         if (reset != NULL)
             reset(b, ctx);
@@ -315,12 +350,16 @@ static double time_op(bench *b, run_fn run, run_fn reset, void *ctx)
         if (r >= 0) {
             ms[r] = t;
             DM(devmem_copy_probe_run(&b->probe, &copy_ms[r]));
+            if (cpu)
+                read_ms[r] = cpu_read_ms(b->probe.src, b->probe.bytes);
         }
     }
     double median = devmem_median(ms, b->runs);
     b->copy_gbps = devmem_gbps(2.0 * (double)b->probe.bytes, devmem_median(copy_ms, b->runs));
+    b->read_gbps = cpu ? devmem_gbps((double)b->probe.bytes, devmem_median(read_ms, b->runs)) : 0.0;
     free(ms);
     free(copy_ms);
+    free(read_ms);
     return median;
 }
 
