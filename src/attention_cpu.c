@@ -381,7 +381,21 @@ struct attn_plan {
     int32_t        n_splits;   /* splits of each sequence's slots */
     int64_t        split_len;  /* slots per split */
     float         *partial;    /* n_splits > 1: [units][rows_max][2 + dim_v] (m, l, acc) */
+    int32_t        kv_max;     /* kv heads of a unit, at most */
 };
+
+/* Bytes [p, end) of K or V to prefetch, and a queue of them taken a line or
+ * two at a time from inside the arithmetic's loops, so that the next
+ * chunk's misses are spread over this chunk's work: asked for all at once,
+ * they would wait for each other as a gather does. */
+struct line_range {
+    const char *p, *end;
+};
+typedef struct line_queue {
+    const struct line_range *r;
+    int32_t     n, next;
+    const char *p, *end;
+} line_queue;
 
 /* One thread's buffers. */
 struct attn_scratch {
@@ -396,6 +410,7 @@ struct attn_scratch {
     /* chunk_rows.row ([chunk]) and .see ([TILE_TOKENS][chunk]) of the chunk
      * being computed and of the PREFETCH_CHUNKS after it */
     int64_t *row[PREFETCH_CHUNKS + 1];
+    struct line_range *ranges; /* [2 * n_kv of a unit * chunk]: the next chunk's runs */
     uint8_t *see[PREFETCH_CHUNKS + 1];
     float   *out;    /* [dim_v] one output row before its conversion */
 };
@@ -439,6 +454,7 @@ static size_t scratch_carve(const attn_plan *pl, char *base, attn_scratch *sc)
         sc->see[i] = carve(base, &at, TILE_TOKENS * chunk + KEY_PAD); /* read 16 at a time */
     }
     sc->out = carve(base, &at, (size_t)pl->dim_v * sizeof(float));
+    sc->ranges = carve(base, &at, 2 * (size_t)pl->kv_max * chunk * sizeof(struct line_range));
     return at;
 }
 
@@ -587,6 +603,21 @@ static void prefetch_rows(const attn_plan *pl, const chunk_rows *cr, int32_t g0,
     }
 }
 
+KVRT_ALWAYS_INLINE void prefetch_lines(line_queue *lq, int lines)
+{
+    for (int j = 0; j < lines; j++) {
+        if (lq->p >= lq->end) {
+            if (lq->next >= lq->n)
+                return;
+            lq->p = lq->r[lq->next].p;
+            lq->end = lq->r[lq->next].end;
+            lq->next++;
+        }
+        KVRT_PREFETCH(lq->p);
+        lq->p += 64;
+    }
+}
+
 /* The end of the run of consecutive rows that starts at row `first` of a
  * chunk: rows of one block are adjacent in K and V (and in the buffers), so
  * a run converts as one array. */
@@ -596,6 +627,30 @@ KVRT_ALWAYS_INLINE int32_t run_end(const chunk_rows *cr, int32_t first)
     while (end < cr->n && cr->row[end] == cr->row[end - 1] + 1)
         end++;
     return end;
+}
+
+/* The K and V byte runs of a chunk's rows of kv heads [g0, g1), in the
+ * order they are used; returns their count. */
+static int32_t chunk_ranges(const attn_plan *pl, const chunk_rows *cr, int32_t g0, int32_t g1,
+                            struct line_range *out)
+{
+    const kvrt_attention_op *op = pl->op;
+    const kvrt_layout *L = &op->layer.layout;
+    const int64_t k_bytes = (int64_t)L->dim_k * L->elem_size;
+    const int64_t v_bytes = op->mla ? 0 : (int64_t)L->dim_v * L->elem_size;
+    int32_t n = 0;
+    for (int32_t g = g0; g < g1; g++)
+        for (int32_t c = 0, end; c < cr->n; c = end) {
+            end = run_end(cr, c);
+            int64_t row = cr->row[c] + (int64_t)g * L->block_size;
+            const char *k = (const char *)op->layer.k + row * k_bytes;
+            out[n++] = (struct line_range){k, k + (end - c) * k_bytes};
+            if (v_bytes) {
+                const char *v = (const char *)op->layer.v + row * v_bytes;
+                out[n++] = (struct line_range){v, v + (end - c) * v_bytes};
+            }
+        }
+    return n;
 }
 
 KVRT_ALWAYS_INLINE void gather_rows(const attn_plan *pl, attn_scratch *sc, const chunk_rows *cr,
@@ -916,7 +971,8 @@ KVRT_TARGET_AVX512 KVRT_ALWAYS_INLINE __m512 exp_nonpositive_avx512(__m512 x)
 KVRT_TARGET_AVX512 KVRT_NOINLINE void dots4_avx512(float *restrict s, int64_t s_stride,
                                                         const float *q0, const float *q1,
                                                         const float *q2, const float *q3,
-                                                        const float *k, int32_t n, int32_t dim)
+                                                        const float *k, int32_t n, int32_t dim,
+                                                        line_queue *lq)
 {
     const int32_t full = dim & ~15;
     const __mmask16 tail = (__mmask16)((1u << (dim & 15)) - 1u);
@@ -926,8 +982,10 @@ KVRT_TARGET_AVX512 KVRT_NOINLINE void dots4_avx512(float *restrict s, int64_t s_
                a11 = a00, a12 = a00, a13 = a00, a20 = a00, a21 = a00, a22 = a00, a23 = a00,
                a30 = a00, a31 = a00, a32 = a00, a33 = a00;
         int32_t d = 0;
-        for (; d < full; d += 16)
+        for (; d < full; d += 16) {
+            prefetch_lines(lq, 2);
             KVRT_DOTS_STEP(KVRT_LOAD_FULL);
+        }
         if (tail)
             KVRT_DOTS_STEP(KVRT_LOAD_TAIL);
         const __m512 a[16] = {a00, a01, a02, a03, a10, a11, a12, a13,
@@ -1004,7 +1062,8 @@ KVRT_TARGET_AVX512 KVRT_NOINLINE void accumulate4_avx512(float *acc, const float
                                                               int64_t w_stride,
                                                               const float *alpha,
                                                               const float *v, int64_t v_stride,
-                                                              int32_t n, int32_t dim)
+                                                              int32_t n, int32_t dim,
+                                                              line_queue *lq)
 {
     for (int32_t d0 = 0; d0 < dim; d0 += 64) {
         const __mmask16 m0 = slice_mask(dim, d0, 0), m1 = slice_mask(dim, d0, 1),
@@ -1023,6 +1082,7 @@ KVRT_TARGET_AVX512 KVRT_NOINLINE void accumulate4_avx512(float *acc, const float
 #undef KVRT_ACC_LOAD
         for (int32_t c = 0; c < n; c++) {
             const float *vr = v + c * v_stride + d0;
+            prefetch_lines(lq, 2);
             const __m512 v0 = _mm512_maskz_loadu_ps(m0, vr), v1 = _mm512_maskz_loadu_ps(m1, vr + 16),
                          v2 = _mm512_maskz_loadu_ps(m2, vr + 32),
                          v3 = _mm512_maskz_loadu_ps(m3, vr + 48);
@@ -1057,7 +1117,7 @@ KVRT_TARGET_AVX512 KVRT_ALWAYS_INLINE void update_block_avx512(const attn_plan *
                                                                int32_t R, const uint8_t *see,
                                                                const __mmask16 *see16,
                                                                int32_t nv, const float *v_rows,
-                                                               int64_t v_stride)
+                                                               int64_t v_stride, line_queue *lq)
 {
     const kvrt_attention_op *op = pl->op;
     const int32_t dk = pl->dim_k, dv = pl->dim_v;
@@ -1066,7 +1126,7 @@ KVRT_TARGET_AVX512 KVRT_ALWAYS_INLINE void update_block_avx512(const attn_plan *
     int go[ROW_BLOCK], all_nonzero[ROW_BLOCK], every = R == ROW_BLOCK;
     const float *q = sc->q + (int64_t)r0 * dk;
     dots4_avx512(s, s_stride, q, q + (R > 1 ? dk : 0), q + (R > 2 ? 2 * dk : 0),
-                 q + (R > 3 ? 3 * dk : 0), sc->k, nv, dk);
+                 q + (R > 3 ? 3 * dk : 0), sc->k, nv, dk, lq);
     for (int i = 0; i < R; i++) {
         float *si = s + i * s_stride, *m = sc->m + r0 + i, *l = sc->l + r0 + i;
         go[i] = op->softcap > 0.0f
@@ -1077,7 +1137,7 @@ KVRT_TARGET_AVX512 KVRT_ALWAYS_INLINE void update_block_avx512(const attn_plan *
     }
     float *acc = sc->acc + (int64_t)r0 * dv;
     if (every) { /* the usual case: four rows, each taking every key */
-        accumulate4_avx512(acc, s, s_stride, alpha, v_rows, v_stride, nv, dv);
+        accumulate4_avx512(acc, s, s_stride, alpha, v_rows, v_stride, nv, dv, lq);
         return;
     }
     for (int i = 0; i < R; i++) { /* row by row, skipping weights of 0 */
@@ -1096,7 +1156,7 @@ KVRT_TARGET_AVX512 KVRT_ALWAYS_INLINE void update_block_avx512(const attn_plan *
 KVRT_TARGET_AVX512 static void update_heads_avx512(const attn_plan *pl, attn_scratch *sc,
                                                    int32_t r0, int32_t n, const uint8_t *see,
                                                    int32_t nv, const float *v_rows,
-                                                   int64_t v_stride)
+                                                   int64_t v_stride, line_queue *lq)
 {
     __mmask16 see16[(CHUNK_MAX + 15) / 16];
     for (int32_t c0 = 0, j = 0; c0 < nv; c0 += 16, j++) {
@@ -1107,7 +1167,7 @@ KVRT_TARGET_AVX512 static void update_heads_avx512(const attn_plan *pl, attn_scr
     }
     for (int32_t r = r0; r < r0 + n; r += ROW_BLOCK)
         update_block_avx512(pl, sc, r, r0 + n - r < ROW_BLOCK ? r0 + n - r : ROW_BLOCK, see,
-                            see16, nv, v_rows, v_stride);
+                            see16, nv, v_rows, v_stride, lq);
 }
 #endif
 
@@ -1166,6 +1226,10 @@ KVRT_ALWAYS_INLINE void unit_body(const attn_plan *pl, attn_scratch *sc, int64_t
          * row updated, so that their misses overlap this chunk's arithmetic. */
         const int64_t items = (int64_t)n_kv * ahead->n, slice = (items + rows - 1) / rows;
         int64_t prefetched = 0;
+        /* the AVX-512 copy takes them a line or two per step of its loops */
+        line_queue lq = {sc->ranges, 0, 0, NULL, NULL};
+        if (isa == 2)
+            lq.n = chunk_ranges(pl, ahead, ur.g0, ur.g1, sc->ranges);
         for (int32_t g = ur.g0; g < ur.g1; g++) {
             /* this kv head's query heads among the unit's */
             int32_t h_first = g * pl->group > ur.h0 ? g * pl->group - ur.h0 : 0;
@@ -1174,8 +1238,9 @@ KVRT_ALWAYS_INLINE void unit_body(const attn_plan *pl, attn_scratch *sc, int64_t
             pl->gather(pl, sc, cur, g);
             for (int32_t t = 0; t < ur.nt; t++) {
                 for (int32_t h = h_first; h < h_end; h++) {
-                    prefetch_rows(pl, ahead, ur.g0, prefetched,
-                                  prefetched + slice < items ? prefetched + slice : items);
+                    if (isa < 2)
+                        prefetch_rows(pl, ahead, ur.g0, prefetched,
+                                      prefetched + slice < items ? prefetched + slice : items);
                     prefetched += slice;
                     if (isa < 2 && cur->seen[t])
                         update_row(pl, sc, t * ur.nh + h, cur->see + t * chunk, cur->n,
@@ -1184,10 +1249,12 @@ KVRT_ALWAYS_INLINE void unit_body(const attn_plan *pl, attn_scratch *sc, int64_t
 #if KVRT_ATTENTION_AVX512
                 if (isa == 2 && cur->seen[t] && h_end > h_first)
                     update_heads_avx512(pl, sc, t * ur.nh + h_first, h_end - h_first,
-                                        cur->see + t * chunk, cur->n, v_rows, v_stride);
+                                        cur->see + t * chunk, cur->n, v_rows, v_stride, &lq);
 #endif
             }
         }
+        while (lq.p < lq.end || lq.next < lq.n) /* what the loops did not take */
+            prefetch_lines(&lq, 64);
     }
 
     if (pl->n_splits == 1) {
@@ -1323,6 +1390,7 @@ kvrt_status kvrt_cpu_attention(const kvrt_attention_op *op)
         pl.head_units = L->n_heads * ((pl.group + pl.head_sub - 1) / pl.head_sub);
         heads_per_unit = pl.head_sub;
     }
+    pl.kv_max = pl.kv_per_unit > 0 ? pl.kv_per_unit : 1;
     int32_t tile_tokens = (int32_t)(ROW_FLOATS / ((int64_t)heads_per_unit * dim_max));
     tile_tokens = tile_tokens < 1 ? 1 : tile_tokens > TILE_TOKENS ? TILE_TOKENS : tile_tokens;
     pl.rows_max = tile_tokens * heads_per_unit;
