@@ -28,6 +28,18 @@
  * is. On x86 the same code is compiled a second time for AVX2 + FMA (with
  * F16C converting f16 rows) and that copy is chosen at run time when the
  * processor has them.
+ *
+ * A third copy, for AVX-512 (F, BW, VL), is chosen when the processor has
+ * it. It takes a token's query heads of one kv head four at a time: the
+ * dots of four heads with four keys in sixteen registers (each K vector
+ * loaded once for the four), a 16-lane online softmax, and the V sum of
+ * four rows in sixteen registers (each V vector loaded once for the four).
+ * Decode attention reads every K/V byte once and does about 4 flops per
+ * byte, so it is as fast as memory only if the loads of the next chunk are
+ * in flight while this one is computed: the next chunk's K and V lines are
+ * prefetched two at a time from inside the dot and V loops (a burst of
+ * prefetches, or the gather's loads alone, keeps few misses in flight and
+ * leaves memory idle during the arithmetic).
  */
 #include "attention_cpu.h"
 
