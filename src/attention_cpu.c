@@ -29,8 +29,7 @@
  * F16C converting f16 rows) and that copy is chosen at run time when the
  * processor has them.
  *
- * A third copy, for AVX-512 (F, BW, VL), is chosen when the processor has
- * it. It takes a token's query heads of one kv head four at a time: the
+ * A third copy, for AVX-512F, is chosen when the processor has it. It takes a token's query heads of one kv head four at a time: the
  * dots of four heads with four keys in sixteen registers (each K vector
  * loaded once for the four), a 16-lane online softmax, and the V sum of
  * four rows in sixteen registers (each V vector loaded once for the four).
@@ -93,7 +92,9 @@ enum {
     LANES = 8,              /* elements per step of an inner loop */
     TILE_TOKENS = 8,        /* tokens of one sequence sharing a unit, at most */
     CHUNK_MAX = 64,         /* slots per chunk, at most */
-    KEY_PAD = 16,           /* the AVX-512 dots read K rows up to a multiple of this */
+    KEY_PAD = 16,           /* rows of s and of the K scratch are padded to a multiple
+                             * of this: the AVX-512 softmax takes logits 16 at a time,
+                             * its dots read K rows up to a multiple of 4 */
     ROW_BLOCK = 4,          /* query rows the AVX-512 code takes together, at most */
     CHUNK_FLOATS = 2048,    /* f32 elements of one chunk's K (8 KiB: L1 with its V) */
     ROW_FLOATS = 32768,     /* f32 elements of a unit's queries (and of acc), about */
@@ -422,7 +423,7 @@ struct attn_scratch {
     /* chunk_rows.row ([chunk]) and .see ([TILE_TOKENS][chunk]) of the chunk
      * being computed and of the PREFETCH_CHUNKS after it */
     int64_t *row[PREFETCH_CHUNKS + 1];
-    struct line_range *ranges; /* [2 * n_kv of a unit * chunk]: the next chunk's runs */
+    struct line_range *ranges; /* [2 * n_kv of a unit * chunk]: a chunk's K/V runs */
     uint8_t *see[PREFETCH_CHUNKS + 1];
     float   *out;    /* [dim_v] one output row before its conversion */
 };
@@ -588,33 +589,9 @@ static int64_t collect_next(const attn_plan *pl, const int32_t *pages, const int
     return i0;
 }
 
-/* Asks for rows of a chunk ahead of their use: items [from, to) of the
- * chunk's rows of kv heads [g0, g0 + (to - 1) / n], item i being row i % n
- * of kv head g0 + i / n (so that a block's region is asked for in order).
- * A chunk's rows sit in a few blocks, too short a stream for the hardware
- * prefetcher to find by itself. */
-static void prefetch_rows(const attn_plan *pl, const chunk_rows *cr, int32_t g0, int64_t from,
-                          int64_t to)
-{
-    const kvrt_attention_op *op = pl->op;
-    const kvrt_layout *L = &op->layer.layout;
-    const int64_t k_bytes = (int64_t)L->dim_k * L->elem_size;
-    const int64_t v_bytes = op->mla ? 0 : (int64_t)L->dim_v * L->elem_size;
-    if (cr->n == 0)
-        return;
-    for (int64_t i = from; i < to; i++) {
-        int64_t row = cr->row[i % cr->n] + (int64_t)(g0 + i / cr->n) * L->block_size;
-        const char *k = (const char *)op->layer.k + row * k_bytes;
-        for (int64_t at = 0; at < k_bytes; at += 64)
-            KVRT_PREFETCH(k + at);
-        if (v_bytes) {
-            const char *v = (const char *)op->layer.v + row * v_bytes;
-            for (int64_t at = 0; at < v_bytes; at += 64)
-                KVRT_PREFETCH(v + at);
-        }
-    }
-}
-
+/* Asks for the next `lines` cache lines of the queue. A chunk's rows sit in
+ * a few blocks, too short a stream for the hardware prefetcher to find by
+ * itself. */
 KVRT_ALWAYS_INLINE void prefetch_lines(line_queue *lq, int lines)
 {
     for (int j = 0; j < lines; j++) {
@@ -641,28 +618,39 @@ KVRT_ALWAYS_INLINE int32_t run_end(const chunk_rows *cr, int32_t first)
     return end;
 }
 
-/* The K and V byte runs of a chunk's rows of kv heads [g0, g1), in the
- * order they are used; returns their count. */
-static int32_t chunk_ranges(const attn_plan *pl, const chunk_rows *cr, int32_t g0, int32_t g1,
-                            struct line_range *out)
+/* Starts a queue over the K and V byte runs of a chunk's rows of kv heads
+ * [g0, g1), in the order they are used (kept in `runs`); returns the number
+ * of cache lines they span. */
+static int64_t queue_chunk(const attn_plan *pl, const chunk_rows *cr, int32_t g0, int32_t g1,
+                           struct line_range *runs, line_queue *lq)
 {
     const kvrt_attention_op *op = pl->op;
     const kvrt_layout *L = &op->layer.layout;
     const int64_t k_bytes = (int64_t)L->dim_k * L->elem_size;
     const int64_t v_bytes = op->mla ? 0 : (int64_t)L->dim_v * L->elem_size;
     int32_t n = 0;
+    int64_t bytes = 0;
     for (int32_t g = g0; g < g1; g++)
         for (int32_t c = 0, end; c < cr->n; c = end) {
             end = run_end(cr, c);
             int64_t row = cr->row[c] + (int64_t)g * L->block_size;
             const char *k = (const char *)op->layer.k + row * k_bytes;
-            out[n++] = (struct line_range){k, k + (end - c) * k_bytes};
+            runs[n++] = (struct line_range){k, k + (end - c) * k_bytes};
             if (v_bytes) {
                 const char *v = (const char *)op->layer.v + row * v_bytes;
-                out[n++] = (struct line_range){v, v + (end - c) * v_bytes};
+                runs[n++] = (struct line_range){v, v + (end - c) * v_bytes};
             }
+            bytes += (end - c) * (k_bytes + v_bytes);
         }
-    return n;
+    *lq = (line_queue){runs, n, 0, NULL, NULL};
+    return (bytes + 63) / 64 + n; /* a run may start inside a line */
+}
+
+/* Asks for every line left in the queue. */
+static void prefetch_rest(line_queue *lq)
+{
+    while (lq->p < lq->end || lq->next < lq->n)
+        prefetch_lines(lq, 64);
 }
 
 KVRT_ALWAYS_INLINE void gather_rows(const attn_plan *pl, attn_scratch *sc, const chunk_rows *cr,
@@ -1194,7 +1182,7 @@ KVRT_ALWAYS_INLINE void unit_body(const attn_plan *pl, attn_scratch *sc, int64_t
     const int32_t split = (int32_t)(unit % pl->n_splits);
     const int64_t base_unit = unit / pl->n_splits;
     const unit_rows ur = rows_of(pl, base_unit);
-    const int32_t rows = ur.nt * ur.nh, n_kv = ur.g1 - ur.g0;
+    const int32_t rows = ur.nt * ur.nh;
 
     const int32_t seq = op->tok_seq[ur.t0];
     const int32_t *pages = op->page_indices + op->page_indptr[seq];
@@ -1227,21 +1215,22 @@ KVRT_ALWAYS_INLINE void unit_body(const attn_plan *pl, attn_scratch *sc, int64_t
     int64_t i0 = begin;
     for (int k = 0; k < PREFETCH_CHUNKS; k++) {
         i0 = collect_next(pl, pages, qpos, ur.nt, i0, end, &ring[k]);
-        if (k > 0)
-            prefetch_rows(pl, &ring[k], ur.g0, 0, (int64_t)n_kv * ring[k].n);
+        if (k > 0) {
+            line_queue lq;
+            queue_chunk(pl, &ring[k], ur.g0, ur.g1, sc->ranges, &lq);
+            prefetch_rest(&lq);
+        }
     }
     for (int64_t c = 0; ring[c % (PREFETCH_CHUNKS + 1)].n > 0; c++) {
         chunk_rows *cur = &ring[c % (PREFETCH_CHUNKS + 1)];
         chunk_rows *ahead = &ring[(c + PREFETCH_CHUNKS) % (PREFETCH_CHUNKS + 1)];
         i0 = collect_next(pl, pages, qpos, ur.nt, i0, end, ahead);
-        /* The rows PREFETCH_CHUNKS chunks ahead are prefetched a slice per
-         * row updated, so that their misses overlap this chunk's arithmetic. */
-        const int64_t items = (int64_t)n_kv * ahead->n, slice = (items + rows - 1) / rows;
-        int64_t prefetched = 0;
-        /* the AVX-512 copy takes them a line or two per step of its loops */
-        line_queue lq = {sc->ranges, 0, 0, NULL, NULL};
-        if (isa == 2)
-            lq.n = chunk_ranges(pl, ahead, ur.g0, ur.g1, sc->ranges);
+        /* The lines of the chunk PREFETCH_CHUNKS ahead are asked for a few
+         * at a time from inside this chunk's arithmetic: a slice per row
+         * updated, two per step of the AVX-512 copy's dot and V loops. */
+        line_queue lq;
+        const int64_t lines = queue_chunk(pl, ahead, ur.g0, ur.g1, sc->ranges, &lq);
+        const int lines_per_row = (int)((lines + rows - 1) / rows);
         for (int32_t g = ur.g0; g < ur.g1; g++) {
             /* this kv head's query heads among the unit's */
             int32_t h_first = g * pl->group > ur.h0 ? g * pl->group - ur.h0 : 0;
@@ -1251,9 +1240,7 @@ KVRT_ALWAYS_INLINE void unit_body(const attn_plan *pl, attn_scratch *sc, int64_t
             for (int32_t t = 0; t < ur.nt; t++) {
                 for (int32_t h = h_first; h < h_end; h++) {
                     if (isa < 2)
-                        prefetch_rows(pl, ahead, ur.g0, prefetched,
-                                      prefetched + slice < items ? prefetched + slice : items);
-                    prefetched += slice;
+                        prefetch_lines(&lq, lines_per_row);
                     if (isa < 2 && cur->seen[t])
                         update_row(pl, sc, t * ur.nh + h, cur->see + t * chunk, cur->n,
                                    v_rows, v_stride, fused);
@@ -1265,8 +1252,7 @@ KVRT_ALWAYS_INLINE void unit_body(const attn_plan *pl, attn_scratch *sc, int64_t
 #endif
             }
         }
-        while (lq.p < lq.end || lq.next < lq.n) /* what the loops did not take */
-            prefetch_lines(&lq, 64);
+        prefetch_rest(&lq); /* what the loops did not take */
     }
 
     if (pl->n_splits == 1) {
