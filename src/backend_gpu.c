@@ -192,7 +192,8 @@ typedef struct gpu_region {
     size_t   mapped;      /* VMM: bytes backed by physical memory */
     int      vmm;         /* 1: VMM reservation; 0: one allocation of the full reserve */
     gpu_map *maps;        /* VMM mappings, unmapped one by one */
-    int      n_maps, cap_maps;
+    int      n_maps;
+    int64_t  cap_maps;
 } gpu_region;
 
 /* A fence: once `event` has completed, ring bytes before `end` are free. */
@@ -234,11 +235,13 @@ typedef struct gpu_ctx {
     int          ordinal;
     cudaStream_t aux;           /* private non-blocking stream: zeroing of new region memory */
     gpu_region  *regions;
-    int          n_regions, cap_regions;
+    int          n_regions;
+    int64_t      cap_regions;
     gpu_ring     host_ring;     /* pinned: upload and stage sources */
     gpu_ring     device_ring;   /* stage destinations */
     gpu_retired *retired;
-    int          n_retired, cap_retired;
+    int          n_retired;
+    int64_t      cap_retired;
     gpu_chunk   *capture_host, *capture_device;
     gpu_chunk   *attn_ws;       /* attention split partials; head: the current one */
 #if defined(KVRT_GPU_IS_CUDA)
@@ -369,13 +372,7 @@ static gpu_region *region_find(gpu_ctx *ctx, const void *base)
 /* Backs [region->mapped, mapped + size) with new physical memory. */
 static kvrt_status vmm_map(gpu_ctx *ctx, gpu_region *r, size_t size)
 {
-    if (r->n_maps == r->cap_maps) {
-        int cap = r->cap_maps > 0 ? 2 * r->cap_maps : 8;
-        gpu_map *maps = realloc(r->maps, (size_t)cap * sizeof *maps);
-        KVRT_CHECK(maps != NULL, KVRT_ERR_OUT_OF_MEMORY, "%s: region map table", KVRT_GPU_API_NAME);
-        r->maps = maps;
-        r->cap_maps = cap;
-    }
+    KVRT_TRY(kvrt_reserve((void **)&r->maps, &r->cap_maps, r->n_maps + 1, sizeof *r->maps));
     CUmemAllocationProp prop;
     memset(&prop, 0, sizeof prop);
     prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
@@ -419,13 +416,8 @@ static kvrt_status region_create_impl(gpu_ctx *ctx, size_t reserve, size_t commi
 {
     KVRT_CHECK(commit <= reserve, KVRT_ERR_INTERNAL, "%s: region commit %zu > reserve %zu",
                KVRT_GPU_API_NAME, commit, reserve);
-    if (ctx->n_regions == ctx->cap_regions) {
-        int cap = ctx->cap_regions > 0 ? 2 * ctx->cap_regions : 16;
-        gpu_region *regions = realloc(ctx->regions, (size_t)cap * sizeof *regions);
-        KVRT_CHECK(regions != NULL, KVRT_ERR_OUT_OF_MEMORY, "%s: region table", KVRT_GPU_API_NAME);
-        ctx->regions = regions;
-        ctx->cap_regions = cap;
-    }
+    KVRT_TRY(kvrt_reserve((void **)&ctx->regions, &ctx->cap_regions, ctx->n_regions + 1,
+                          sizeof *ctx->regions));
     gpu_region r;
     memset(&r, 0, sizeof r);
     if (reserve == 0)
@@ -656,13 +648,8 @@ static kvrt_status ring_replace(gpu_ctx *ctx, gpu_ring *r, uint64_t need)
     uint64_t cap = r->cap > 0 ? r->cap : GPU_DEVICE_RING_BYTES;
     while (cap < 2 * need)
         cap *= 2;
-    if (ctx->n_retired == ctx->cap_retired) {
-        int c = ctx->cap_retired > 0 ? 2 * ctx->cap_retired : 8;
-        gpu_retired *t = realloc(ctx->retired, (size_t)c * sizeof *t);
-        KVRT_CHECK(t != NULL, KVRT_ERR_OUT_OF_MEMORY, "%s: staging bookkeeping", KVRT_GPU_API_NAME);
-        ctx->retired = t;
-        ctx->cap_retired = c;
-    }
+    KVRT_TRY(kvrt_reserve((void **)&ctx->retired, &ctx->cap_retired, ctx->n_retired + 1,
+                          sizeof *ctx->retired));
     void *p = NULL;
     if (r->is_host)
         KVRT_GPU_TRY(cudaMallocHost(&p, cap));
