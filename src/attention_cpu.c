@@ -92,15 +92,15 @@ enum {
     LANES = 8,              /* elements per step of an inner loop */
     TILE_TOKENS = 8,        /* tokens of one sequence sharing a unit, at most */
     CHUNK_MAX = 64,         /* slots per chunk, at most */
-    KEY_PAD = 16,           /* rows of s and of the K scratch are padded to a multiple
-                             * of this: the AVX-512 softmax takes logits 16 at a time,
-                             * its dots read K rows up to a multiple of 4 */
+    KEY_PAD = 16,           /* rows of s are padded to a multiple of this: the AVX-512
+                             * softmax takes logits 16 at a time */
     ROW_BLOCK = 4,          /* query rows the AVX-512 code takes together, at most */
     CHUNK_FLOATS = 2048,    /* f32 elements of one chunk's K (8 KiB: L1 with its V) */
+    CHUNK_BYTES = 16384,    /* AVX-512 copy: bytes of K and V of one kv head per chunk */
     ROW_FLOATS = 32768,     /* f32 elements of a unit's queries (and of acc), about */
     SPLIT_MIN_SLOTS = 256,  /* a split of a sequence covers at least this many slots */
     UNITS_PER_THREAD = 8,   /* below this many units per thread, split the slots */
-    PREFETCH_CHUNKS = 2,    /* chunks ahead whose rows are prefetched */
+    PREFETCH_CHUNKS = 1,    /* chunks ahead whose rows are prefetched */
 };
 
 /* ---- arithmetic, written so that loops over it vectorize ---- */
@@ -415,8 +415,7 @@ struct attn_scratch {
     float   *q;      /* [rows_max][dim_k] queries as f32 */
     float   *acc;    /* [rows_max][dim_v] */
     float   *m, *l;  /* [rows_max] running max and sum of weights */
-    float   *k;      /* [chunk][dim_k] visible K rows of the chunk as f32 (with
-                      * rows up to a multiple of KEY_PAD, zeros until written) */
+    float   *k;      /* [chunk][dim_k] visible K rows of the chunk as f32 */
     float   *v;      /* [chunk][dim_v] their V rows (not used for MLA) */
     float   *s;      /* [ROW_BLOCK][chunk rounded up to KEY_PAD] logits, then
                       * weights (the portable code uses the first row) */
@@ -426,6 +425,13 @@ struct attn_scratch {
     struct line_range *ranges; /* [2 * n_kv of a unit * chunk]: a chunk's K/V runs */
     uint8_t *see[PREFETCH_CHUNKS + 1];
     float   *out;    /* [dim_v] one output row before its conversion */
+    /* AVX-512 copy: the chunk and kv head being computed, the kv head whose
+     * rows k and v hold (-1: none yet; they are converted only for rows
+     * that skip some key), and where the rows of a block of four that take
+     * no key add their (meaningless) sums */
+    const chunk_rows *chunk_now;
+    int32_t  head, gathered;
+    float   *spare;  /* [dim_v] */
 };
 
 /* The slots of one chunk that some token of the tile sees. */
@@ -459,7 +465,7 @@ static size_t scratch_carve(const attn_plan *pl, char *base, attn_scratch *sc)
     sc->acc = carve(base, &at, rows * pl->dim_v * sizeof(float));
     sc->m = carve(base, &at, rows * sizeof(float));
     sc->l = carve(base, &at, rows * sizeof(float));
-    sc->k = carve(base, &at, round_up(chunk, KEY_PAD) * pl->dim_k * sizeof(float));
+    sc->k = carve(base, &at, chunk * pl->dim_k * sizeof(float));
     sc->v = carve(base, &at, pl->op->mla ? 0 : chunk * pl->dim_v * sizeof(float));
     sc->s = carve(base, &at, ROW_BLOCK * round_up(chunk, KEY_PAD) * sizeof(float));
     for (int i = 0; i <= PREFETCH_CHUNKS; i++) {
@@ -467,6 +473,7 @@ static size_t scratch_carve(const attn_plan *pl, char *base, attn_scratch *sc)
         sc->see[i] = carve(base, &at, TILE_TOKENS * chunk + KEY_PAD); /* read 16 at a time */
     }
     sc->out = carve(base, &at, (size_t)pl->dim_v * sizeof(float));
+    sc->spare = carve(base, &at, (size_t)pl->dim_v * sizeof(float));
     sc->ranges = carve(base, &at, 2 * (size_t)pl->kv_max * chunk * sizeof(struct line_range));
     return at;
 }
@@ -709,7 +716,8 @@ bf16_row_avx2(float *restrict dst, const uint16_t *restrict src, int32_t n)
 #endif
 
 #if KVRT_ATTENTION_AVX512
-#  define KVRT_TARGET_AVX512 __attribute__((target("avx512f,avx2,fma,f16c")))
+#  define KVRT_TARGET_AVX512 \
+        __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
 
 /* f16 and bf16 rows to f32, 16 elements per instruction. */
 KVRT_TARGET_AVX512 static inline void f16_row_avx512(float *restrict dst,
@@ -941,53 +949,88 @@ KVRT_TARGET_AVX512 KVRT_ALWAYS_INLINE __m512 exp_nonpositive_avx512(__m512 x)
     return _mm512_mask_mov_ps(y, is_nan, _mm512_set1_ps(NAN));
 }
 
+/* 16 elements of a K or V row at p, as f32 (the cache's dtype a constant
+ * once inlined); with `masked`, only the lanes of `mask` are read. */
+KVRT_TARGET_AVX512 KVRT_ALWAYS_INLINE __m512 load16(const char *p, __mmask16 mask,
+                                                    const int dtype, const int masked)
+{
+    if (dtype == KVRT_LAYOUT_F32)
+        return masked ? _mm512_maskz_loadu_ps(mask, p) : _mm512_loadu_ps(p);
+    __m256i h = masked ? _mm256_maskz_loadu_epi16(mask, p)
+                       : _mm256_loadu_si256((const __m256i *)(const void *)p);
+    if (dtype == KVRT_LAYOUT_F16)
+        return _mm512_cvtph_ps(h);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+/* Where the AVX-512 kernels read kv head g's K and V rows of a chunk,
+ * straight from the cache (no f32 copy): row c's K at k + row[c] * k_bytes,
+ * its V at v + row[c] * v_bytes (for MLA the V row is the head of the K
+ * row). */
+typedef struct head_rows {
+    const char    *k, *v;
+    const int64_t *row;
+    int64_t        k_bytes, v_bytes;
+    int32_t        n;
+} head_rows;
+
 /* One step of the 4 x 4 dots: 16 elements of four query rows against 16 of
- * four K rows (k0..k3 converted once, used four times). */
-#define KVRT_DOTS_STEP(LOAD)                                                                   \
+ * four K rows (k0..k3 loaded and converted once, used four times). */
+#define KVRT_DOTS_STEP(MASKED)                                                                 \
     do {                                                                                       \
-        __m512 k0 = LOAD(kc + d), k1 = LOAD(kc + dim + d), k2 = LOAD(kc + 2 * dim + d),          \
-               k3 = LOAD(kc + 3 * dim + d), x;                                                 \
-        x = LOAD(q0 + d);                                                                      \
+        const int64_t at = (int64_t)d * es;                                                    \
+        __m512 k0 = load16(k0p + at, tail, dtype, MASKED),                                     \
+               k1 = load16(k1p + at, tail, dtype, MASKED),                                     \
+               k2 = load16(k2p + at, tail, dtype, MASKED),                                     \
+               k3 = load16(k3p + at, tail, dtype, MASKED), x;                                  \
+        x = MASKED ? _mm512_maskz_loadu_ps(tail, q0 + d) : _mm512_loadu_ps(q0 + d);             \
         a00 = _mm512_fmadd_ps(x, k0, a00), a01 = _mm512_fmadd_ps(x, k1, a01);                  \
         a02 = _mm512_fmadd_ps(x, k2, a02), a03 = _mm512_fmadd_ps(x, k3, a03);                  \
-        x = LOAD(q1 + d);                                                                      \
+        x = MASKED ? _mm512_maskz_loadu_ps(tail, q1 + d) : _mm512_loadu_ps(q1 + d);             \
         a10 = _mm512_fmadd_ps(x, k0, a10), a11 = _mm512_fmadd_ps(x, k1, a11);                  \
         a12 = _mm512_fmadd_ps(x, k2, a12), a13 = _mm512_fmadd_ps(x, k3, a13);                  \
-        x = LOAD(q2 + d);                                                                      \
+        x = MASKED ? _mm512_maskz_loadu_ps(tail, q2 + d) : _mm512_loadu_ps(q2 + d);             \
         a20 = _mm512_fmadd_ps(x, k0, a20), a21 = _mm512_fmadd_ps(x, k1, a21);                  \
         a22 = _mm512_fmadd_ps(x, k2, a22), a23 = _mm512_fmadd_ps(x, k3, a23);                  \
-        x = LOAD(q3 + d);                                                                      \
+        x = MASKED ? _mm512_maskz_loadu_ps(tail, q3 + d) : _mm512_loadu_ps(q3 + d);             \
         a30 = _mm512_fmadd_ps(x, k0, a30), a31 = _mm512_fmadd_ps(x, k1, a31);                  \
         a32 = _mm512_fmadd_ps(x, k2, a32), a33 = _mm512_fmadd_ps(x, k3, a33);                  \
     } while (0)
-#define KVRT_LOAD_FULL(p) _mm512_loadu_ps(p)
-#define KVRT_LOAD_TAIL(p) _mm512_maskz_loadu_ps(tail, p)
 
-/* s[i * s_stride + c] = dot(q_i, k + c * dim) over dim elements for the
- * four query rows q0..q3 (a row may repeat: its sums are computed twice)
- * and keys c in [0, n rounded up to 4): sixteen accumulators, four rows by
- * four keys. Each dot is 16 partial sums of dim / 16 products (the rest in
- * masked loads), added pairwise. */
-KVRT_TARGET_AVX512 KVRT_NOINLINE void dots4_avx512(float *restrict s, int64_t s_stride,
-                                                        const float *q0, const float *q1,
-                                                        const float *q2, const float *q3,
-                                                        const float *k, int32_t n, int32_t dim,
-                                                        line_queue *lq)
+/* s[i * s_stride + c] = dot(q_i, K row c) over dim elements for the four
+ * query rows q0..q3 (a row may repeat: its sums are computed twice) and
+ * keys c in [0, n rounded up to 4) (keys from n on repeat key n - 1):
+ * sixteen accumulators, four rows by four keys. Each dot is 16 partial
+ * sums of dim / 16 products (the rest in masked loads), added pairwise.
+ * The queue's cursor is copied into locals, so that it stays in registers
+ * rather than make a chain of stores and loads through memory. */
+KVRT_TARGET_AVX512 KVRT_ALWAYS_INLINE void dots4_body(float *restrict s, int64_t s_stride,
+                                                      const float *q0, const float *q1,
+                                                      const float *q2, const float *q3,
+                                                      const head_rows *hr, int32_t dim,
+                                                      line_queue *queue, const int dtype)
 {
-    const int32_t full = dim & ~15;
+    const int64_t es = dtype == KVRT_LAYOUT_F32 ? 4 : 2;
+    const int32_t full = dim & ~15, n = hr->n;
     const __mmask16 tail = (__mmask16)((1u << (dim & 15)) - 1u);
+    line_queue lq = *queue;
     for (int32_t c0 = 0; c0 < n; c0 += 4) {
-        const float *kc = k + (int64_t)c0 * dim;
+        const int64_t *row = hr->row + c0;
+        const int32_t left = n - c0; /* keys past n repeat the last one */
+        const char *k0p = hr->k + row[0] * hr->k_bytes,
+                   *k1p = hr->k + row[left > 1 ? 1 : 0] * hr->k_bytes,
+                   *k2p = hr->k + row[left > 2 ? 2 : left - 1] * hr->k_bytes,
+                   *k3p = hr->k + row[left > 3 ? 3 : left - 1] * hr->k_bytes;
         __m512 a00 = _mm512_setzero_ps(), a01 = a00, a02 = a00, a03 = a00, a10 = a00,
                a11 = a00, a12 = a00, a13 = a00, a20 = a00, a21 = a00, a22 = a00, a23 = a00,
                a30 = a00, a31 = a00, a32 = a00, a33 = a00;
         int32_t d = 0;
         for (; d < full; d += 16) {
-            prefetch_lines(lq, 2);
-            KVRT_DOTS_STEP(KVRT_LOAD_FULL);
+            prefetch_lines(&lq, 2);
+            KVRT_DOTS_STEP(0);
         }
         if (tail)
-            KVRT_DOTS_STEP(KVRT_LOAD_TAIL);
+            KVRT_DOTS_STEP(1);
         const __m512 a[16] = {a00, a01, a02, a03, a10, a11, a12, a13,
                               a20, a21, a22, a23, a30, a31, a32, a33};
         __m512 sums = sum_lanes16_avx512(a);
@@ -996,8 +1039,23 @@ KVRT_TARGET_AVX512 KVRT_NOINLINE void dots4_avx512(float *restrict s, int64_t s_
         _mm_storeu_ps(s + 2 * s_stride + c0, _mm512_extractf32x4_ps(sums, 2));
         _mm_storeu_ps(s + 3 * s_stride + c0, _mm512_extractf32x4_ps(sums, 3));
     }
+    *queue = lq;
 }
 #undef KVRT_DOTS_STEP
+
+KVRT_TARGET_AVX512 KVRT_NOINLINE void dots4_avx512(float *restrict s, int64_t s_stride,
+                                                   const float *q0, const float *q1,
+                                                   const float *q2, const float *q3,
+                                                   const head_rows *hr, int32_t dim,
+                                                   line_queue *lq, int32_t dtype)
+{
+    if (dtype == KVRT_LAYOUT_F16)
+        dots4_body(s, s_stride, q0, q1, q2, q3, hr, dim, lq, KVRT_LAYOUT_F16);
+    else if (dtype == KVRT_LAYOUT_BF16)
+        dots4_body(s, s_stride, q0, q1, q2, q3, hr, dim, lq, KVRT_LAYOUT_BF16);
+    else
+        dots4_body(s, s_stride, q0, q1, q2, q3, hr, dim, lq, KVRT_LAYOUT_F32);
+}
 
 /* softmax_row for 16 lanes at a time, without a soft-cap. see16[j] holds the
  * visibility of keys [16 j, 16 j + 16) as bits (none from nv on). */
@@ -1054,21 +1112,23 @@ KVRT_TARGET_AVX512 KVRT_ALWAYS_INLINE __mmask16 slice_mask(int32_t dim, int32_t 
                       : left > 0 ? (__mmask16)((1u << left) - 1u) : (__mmask16)0;
 }
 
-/* acc rows i in [0, 4) (acc + i * dim) = alpha[i] * acc + sum over keys
- * c in [0, n) of w[i * w_stride + c] * (v + c * v_stride): 64 elements at a
- * time in 16 accumulators, each V vector loaded once for the four rows. The
- * sum runs in key order, as accumulate's. */
-KVRT_TARGET_AVX512 KVRT_NOINLINE void accumulate4_avx512(float *acc, const float *w,
-                                                              int64_t w_stride,
-                                                              const float *alpha,
-                                                              const float *v, int64_t v_stride,
-                                                              int32_t n, int32_t dim,
-                                                              line_queue *lq)
+/* acc[i] = alpha[i] * acc[i] + sum over keys c in [0, n) of w[i][c] * (V
+ * row c) for the four rows i in [0, 4): 64 elements at a time in 16
+ * accumulators, each V vector loaded and converted once for the four rows.
+ * The sum runs in key order, as accumulate's. */
+KVRT_TARGET_AVX512 KVRT_ALWAYS_INLINE void accumulate4_body(float *const acc[ROW_BLOCK],
+                                                            const float *const w[ROW_BLOCK],
+                                                            const float *alpha,
+                                                            const head_rows *hr, int32_t dim,
+                                                            line_queue *queue, const int dtype)
 {
+    const int64_t es = dtype == KVRT_LAYOUT_F32 ? 4 : 2;
+    const float *w0 = w[0], *w1 = w[1], *w2 = w[2], *w3 = w[3];
+    line_queue lq = *queue;
     for (int32_t d0 = 0; d0 < dim; d0 += 64) {
         const __mmask16 m0 = slice_mask(dim, d0, 0), m1 = slice_mask(dim, d0, 1),
                         m2 = slice_mask(dim, d0, 2), m3 = slice_mask(dim, d0, 3);
-        float *r0 = acc + d0, *r1 = r0 + dim, *r2 = r1 + dim, *r3 = r2 + dim;
+        float *r0 = acc[0] + d0, *r1 = acc[1] + d0, *r2 = acc[2] + d0, *r3 = acc[3] + d0;
 #define KVRT_ACC_LOAD(r, i, mk, x) \
     _mm512_mul_ps(_mm512_set1_ps(alpha[i]), _mm512_maskz_loadu_ps(mk, r + 16 * x))
         __m512 a00 = KVRT_ACC_LOAD(r0, 0, m0, 0), a01 = KVRT_ACC_LOAD(r0, 0, m1, 1),
@@ -1080,22 +1140,23 @@ KVRT_TARGET_AVX512 KVRT_NOINLINE void accumulate4_avx512(float *acc, const float
                a30 = KVRT_ACC_LOAD(r3, 3, m0, 0), a31 = KVRT_ACC_LOAD(r3, 3, m1, 1),
                a32 = KVRT_ACC_LOAD(r3, 3, m2, 2), a33 = KVRT_ACC_LOAD(r3, 3, m3, 3);
 #undef KVRT_ACC_LOAD
-        for (int32_t c = 0; c < n; c++) {
-            const float *vr = v + c * v_stride + d0;
-            prefetch_lines(lq, 2);
-            const __m512 v0 = _mm512_maskz_loadu_ps(m0, vr), v1 = _mm512_maskz_loadu_ps(m1, vr + 16),
-                         v2 = _mm512_maskz_loadu_ps(m2, vr + 32),
-                         v3 = _mm512_maskz_loadu_ps(m3, vr + 48);
-            __m512 x = _mm512_set1_ps(w[c]);
+        const char *v = hr->v + (int64_t)d0 * es;
+        for (int32_t c = 0; c < hr->n; c++) {
+            const char *vr = v + hr->row[c] * hr->v_bytes;
+            prefetch_lines(&lq, 2);
+            const __m512 v0 = load16(vr, m0, dtype, 1), v1 = load16(vr + 16 * es, m1, dtype, 1),
+                         v2 = load16(vr + 32 * es, m2, dtype, 1),
+                         v3 = load16(vr + 48 * es, m3, dtype, 1);
+            __m512 x = _mm512_set1_ps(w0[c]);
             a00 = _mm512_fmadd_ps(x, v0, a00), a01 = _mm512_fmadd_ps(x, v1, a01);
             a02 = _mm512_fmadd_ps(x, v2, a02), a03 = _mm512_fmadd_ps(x, v3, a03);
-            x = _mm512_set1_ps(w[w_stride + c]);
+            x = _mm512_set1_ps(w1[c]);
             a10 = _mm512_fmadd_ps(x, v0, a10), a11 = _mm512_fmadd_ps(x, v1, a11);
             a12 = _mm512_fmadd_ps(x, v2, a12), a13 = _mm512_fmadd_ps(x, v3, a13);
-            x = _mm512_set1_ps(w[2 * w_stride + c]);
+            x = _mm512_set1_ps(w2[c]);
             a20 = _mm512_fmadd_ps(x, v0, a20), a21 = _mm512_fmadd_ps(x, v1, a21);
             a22 = _mm512_fmadd_ps(x, v2, a22), a23 = _mm512_fmadd_ps(x, v3, a23);
-            x = _mm512_set1_ps(w[3 * w_stride + c]);
+            x = _mm512_set1_ps(w3[c]);
             a30 = _mm512_fmadd_ps(x, v0, a30), a31 = _mm512_fmadd_ps(x, v1, a31);
             a32 = _mm512_fmadd_ps(x, v2, a32), a33 = _mm512_fmadd_ps(x, v3, a33);
         }
@@ -1108,6 +1169,21 @@ KVRT_TARGET_AVX512 KVRT_NOINLINE void accumulate4_avx512(float *acc, const float
         _mm512_mask_storeu_ps(r3, m0, a30), _mm512_mask_storeu_ps(r3 + 16, m1, a31);
         _mm512_mask_storeu_ps(r3 + 32, m2, a32), _mm512_mask_storeu_ps(r3 + 48, m3, a33);
     }
+    *queue = lq;
+}
+
+KVRT_TARGET_AVX512 KVRT_NOINLINE void accumulate4_avx512(float *const acc[ROW_BLOCK],
+                                                         const float *const w[ROW_BLOCK],
+                                                         const float *alpha,
+                                                         const head_rows *hr, int32_t dim,
+                                                         line_queue *lq, int32_t dtype)
+{
+    if (dtype == KVRT_LAYOUT_F16)
+        accumulate4_body(acc, w, alpha, hr, dim, lq, KVRT_LAYOUT_F16);
+    else if (dtype == KVRT_LAYOUT_BF16)
+        accumulate4_body(acc, w, alpha, hr, dim, lq, KVRT_LAYOUT_BF16);
+    else
+        accumulate4_body(acc, w, alpha, hr, dim, lq, KVRT_LAYOUT_F32);
 }
 
 /* Rows [r0, r0 + R) of the unit, R in [1, 4], of one token and one kv head,
@@ -1116,34 +1192,50 @@ KVRT_TARGET_AVX512 KVRT_ALWAYS_INLINE void update_block_avx512(const attn_plan *
                                                                attn_scratch *sc, int32_t r0,
                                                                int32_t R, const uint8_t *see,
                                                                const __mmask16 *see16,
-                                                               int32_t nv, const float *v_rows,
-                                                               int64_t v_stride, line_queue *lq)
+                                                               const head_rows *hr,
+                                                               line_queue *lq)
 {
     const kvrt_attention_op *op = pl->op;
-    const int32_t dk = pl->dim_k, dv = pl->dim_v;
+    const int32_t dk = pl->dim_k, dv = pl->dim_v, nv = hr->n;
     const int64_t s_stride = (int64_t)round_up((size_t)pl->chunk, KEY_PAD);
-    float *s = sc->s, alpha[ROW_BLOCK];
-    int go[ROW_BLOCK], all_nonzero[ROW_BLOCK], every = R == ROW_BLOCK;
+    float *s = sc->s, alpha[ROW_BLOCK] = {0};
+    int go[ROW_BLOCK] = {0}, all_nonzero[ROW_BLOCK], any = 0, fast = 1;
     const float *q = sc->q + (int64_t)r0 * dk;
     dots4_avx512(s, s_stride, q, q + (R > 1 ? dk : 0), q + (R > 2 ? 2 * dk : 0),
-                 q + (R > 3 ? 3 * dk : 0), sc->k, nv, dk, lq);
+                 q + (R > 3 ? 3 * dk : 0), hr, dk, lq, op->layer.layout.dtype);
     for (int i = 0; i < R; i++) {
         float *si = s + i * s_stride, *m = sc->m + r0 + i, *l = sc->l + r0 + i;
         go[i] = op->softcap > 0.0f
                     ? softmax_row(op, si, see, nv, m, l, &alpha[i], &all_nonzero[i], 1)
                     : softmax_row_avx512(op->scale, si, see16, nv, m, l, &alpha[i],
                                          &all_nonzero[i]);
-        every &= go[i] && all_nonzero[i];
+        any |= go[i];
+        fast &= !go[i] || all_nonzero[i];
     }
-    float *acc = sc->acc + (int64_t)r0 * dv;
-    if (every) { /* the usual case: four rows, each taking every key */
-        accumulate4_avx512(acc, s, s_stride, alpha, v_rows, v_stride, nv, dv, lq);
+    if (!any)
+        return;
+    if (fast) { /* the usual case: each row takes every key or none */
+        float *acc[ROW_BLOCK];
+        const float *w[ROW_BLOCK];
+        for (int i = 0; i < ROW_BLOCK; i++) { /* rows that take none add to spare */
+            acc[i] = go[i] ? sc->acc + (int64_t)(r0 + i) * dv : sc->spare;
+            w[i] = s + i * s_stride;
+        }
+        accumulate4_avx512(acc, w, alpha, hr, dv, lq, op->layer.layout.dtype);
         return;
     }
-    for (int i = 0; i < R; i++) { /* row by row, skipping weights of 0 */
+    /* Row by row, skipping weights of 0 (a key the row does not see, whose
+     * V may hold anything: 0 * inf would be NaN), over the rows as f32. */
+    if (sc->gathered != sc->head) {
+        pl->gather(pl, sc, sc->chunk_now, sc->head);
+        sc->gathered = sc->head;
+    }
+    const float *v_rows = op->mla ? sc->k : sc->v;
+    const int64_t v_stride = op->mla ? dk : dv;
+    for (int i = 0; i < R; i++) {
         if (!go[i])
             continue;
-        float *row_acc = acc + (int64_t)i * dv;
+        float *row_acc = sc->acc + (int64_t)(r0 + i) * dv;
         if (alpha[i] != 1.0f)
             for (int32_t d = 0; d < dv; d++)
                 row_acc[d] *= alpha[i];
@@ -1155,19 +1247,18 @@ KVRT_TARGET_AVX512 KVRT_ALWAYS_INLINE void update_block_avx512(const attn_plan *
  * in blocks of four. */
 KVRT_TARGET_AVX512 static void update_heads_avx512(const attn_plan *pl, attn_scratch *sc,
                                                    int32_t r0, int32_t n, const uint8_t *see,
-                                                   int32_t nv, const float *v_rows,
-                                                   int64_t v_stride, line_queue *lq)
+                                                   const head_rows *hr, line_queue *lq)
 {
     __mmask16 see16[(CHUNK_MAX + 15) / 16];
-    for (int32_t c0 = 0, j = 0; c0 < nv; c0 += 16, j++) {
+    for (int32_t c0 = 0, j = 0; c0 < hr->n; c0 += 16, j++) {
         __m128i b = _mm_loadu_si128((const __m128i *)(see + c0));
         uint32_t unseen = (uint32_t)_mm_movemask_epi8(_mm_cmpeq_epi8(b, _mm_setzero_si128()));
-        uint32_t valid = nv - c0 >= 16 ? 0xffffu : (1u << (nv - c0)) - 1u;
+        uint32_t valid = hr->n - c0 >= 16 ? 0xffffu : (1u << (hr->n - c0)) - 1u;
         see16[j] = (__mmask16)(~unseen & valid);
     }
     for (int32_t r = r0; r < r0 + n; r += ROW_BLOCK)
         update_block_avx512(pl, sc, r, r0 + n - r < ROW_BLOCK ? r0 + n - r : ROW_BLOCK, see,
-                            see16, nv, v_rows, v_stride, lq);
+                            see16, hr, lq);
 }
 #endif
 
@@ -1202,9 +1293,10 @@ KVRT_ALWAYS_INLINE void unit_body(const attn_plan *pl, attn_scratch *sc, int64_t
     memset(sc->acc, 0, (size_t)rows * dv * sizeof(float));
 
     /* Chunk by chunk; the visible rows of the next PREFETCH_CHUNKS chunks
-     * are known (and prefetched) before the current one is computed. For
-     * each chunk the kv heads are taken in order, so that each block's K
-     * and V regions are read front to back. */
+     * are known (and prefetched) before the current one is computed; the
+     * first chunks' rows are asked for at once, the rest from inside the
+     * arithmetic. For each chunk the kv heads are taken in order, so that
+     * each block's K and V regions are read front to back. */
     const float *v_rows = op->mla ? sc->k : sc->v;
     const int64_t v_stride = op->mla ? dk : dv;
     chunk_rows ring[PREFETCH_CHUNKS + 1];
@@ -1214,12 +1306,10 @@ KVRT_ALWAYS_INLINE void unit_body(const attn_plan *pl, attn_scratch *sc, int64_t
     }
     int64_t i0 = begin;
     for (int k = 0; k < PREFETCH_CHUNKS; k++) {
+        line_queue lq;
         i0 = collect_next(pl, pages, qpos, ur.nt, i0, end, &ring[k]);
-        if (k > 0) {
-            line_queue lq;
-            queue_chunk(pl, &ring[k], ur.g0, ur.g1, sc->ranges, &lq);
-            prefetch_rest(&lq);
-        }
+        queue_chunk(pl, &ring[k], ur.g0, ur.g1, sc->ranges, &lq);
+        prefetch_rest(&lq);
     }
     for (int64_t c = 0; ring[c % (PREFETCH_CHUNKS + 1)].n > 0; c++) {
         chunk_rows *cur = &ring[c % (PREFETCH_CHUNKS + 1)];
@@ -1236,7 +1326,23 @@ KVRT_ALWAYS_INLINE void unit_body(const attn_plan *pl, attn_scratch *sc, int64_t
             int32_t h_first = g * pl->group > ur.h0 ? g * pl->group - ur.h0 : 0;
             int32_t h_end = (g + 1) * pl->group - ur.h0 < ur.nh ? (g + 1) * pl->group - ur.h0
                                                                : ur.nh;
-            pl->gather(pl, sc, cur, g);
+#if KVRT_ATTENTION_AVX512
+            const kvrt_layout *L = &op->layer.layout;
+            const int64_t first = (int64_t)g * L->block_size; /* kv head g's row 0 */
+            const head_rows hr = {
+                (const char *)op->layer.k + first * dk * L->elem_size,
+                op->mla ? (const char *)op->layer.k + first * dk * L->elem_size
+                        : (const char *)op->layer.v + first * dv * L->elem_size,
+                cur->row,
+                (int64_t)dk * L->elem_size,
+                (int64_t)(op->mla ? dk : dv) * L->elem_size,
+                cur->n};
+            sc->chunk_now = cur;
+            sc->head = g;
+            sc->gathered = -1;
+#endif
+            if (isa < 2) /* the AVX-512 copy reads the cache's rows */
+                pl->gather(pl, sc, cur, g);
             for (int32_t t = 0; t < ur.nt; t++) {
                 for (int32_t h = h_first; h < h_end; h++) {
                     if (isa < 2)
@@ -1248,7 +1354,7 @@ KVRT_ALWAYS_INLINE void unit_body(const attn_plan *pl, attn_scratch *sc, int64_t
 #if KVRT_ATTENTION_AVX512
                 if (isa == 2 && cur->seen[t] && h_end > h_first)
                     update_heads_avx512(pl, sc, t * ur.nh + h_first, h_end - h_first,
-                                        cur->see + t * chunk, cur->n, v_rows, v_stride, &lq);
+                                        cur->see + t * chunk, &hr, &lq);
 #endif
             }
         }
@@ -1349,7 +1455,11 @@ static int have_avx512f(void)
     static _Atomic int known; /* 0 unknown, 1 no, 2 yes */
     int have = atomic_load_explicit(&known, memory_order_relaxed);
     if (have == 0) {
-        have = have_avx2_fma_f16c() && __builtin_cpu_supports("avx512f") ? 2 : 1;
+        have = have_avx2_fma_f16c() && __builtin_cpu_supports("avx512f") &&
+                       __builtin_cpu_supports("avx512bw") &&
+                       __builtin_cpu_supports("avx512vl")
+                   ? 2
+                   : 1;
         atomic_store_explicit(&known, have, memory_order_relaxed);
     }
     return have == 2;
@@ -1394,6 +1504,14 @@ kvrt_status kvrt_cpu_attention(const kvrt_attention_op *op)
     pl.rows_max = tile_tokens * heads_per_unit;
     int32_t dim_row = L->dim_k > (op->mla ? 0 : L->dim_v) ? L->dim_k : L->dim_v;
     pl.chunk = CHUNK_FLOATS / (dim_row > 0 ? dim_row : 1);
+#if KVRT_ATTENTION_AVX512
+    /* The AVX-512 copy reads the cache's rows as they are, so its chunk is
+     * set by their bytes: larger chunks, fewer fixed costs per key. MLA's
+     * rows are read again for each block of four of the 128 heads: their
+     * chunk stays at L1's measure. */
+    if (have_avx512f() && !op->mla)
+        pl.chunk = (int32_t)(CHUNK_BYTES / (((int64_t)L->dim_k + L->dim_v) * L->elem_size));
+#endif
     pl.chunk = pl.chunk < LANES ? LANES : pl.chunk > CHUNK_MAX ? CHUNK_MAX : pl.chunk;
     pl.chunk = (int32_t)round_up((size_t)pl.chunk, LANES);
 
@@ -1478,9 +1596,7 @@ kvrt_status kvrt_cpu_attention(const kvrt_attention_op *op)
 #endif
         attn_scratch sc;
         scratch_carve(&pl, thread_mem + per_thread * tid, &sc);
-        /* the AVX-512 dots read K rows past the gathered ones and drop
-         * their sums: never let those reads see uninitialized memory */
-        memset(sc.k, 0, round_up((size_t)pl.chunk, KEY_PAD) * pl.dim_k * sizeof(float));
+        memset(sc.spare, 0, (size_t)pl.dim_v * sizeof(float));
 #ifdef _OPENMP
 #  pragma omp for schedule(dynamic, 1)
 #endif
