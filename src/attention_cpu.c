@@ -101,6 +101,7 @@ enum {
     SPLIT_MIN_SLOTS = 256,  /* a split of a sequence covers at least this many slots */
     UNITS_PER_THREAD = 8,   /* below this many units per thread, split the slots */
     PREFETCH_CHUNKS = 1,    /* chunks ahead whose rows are prefetched */
+    MERGE_ROWS = 8,         /* rows of a base unit whose splits one thread merges */
 };
 
 /* ---- arithmetic, written so that loops over it vectorize ---- */
@@ -420,10 +421,11 @@ struct attn_scratch {
     float   *s;      /* [ROW_BLOCK][chunk rounded up to KEY_PAD] logits, then
                       * weights (the portable code uses the first row) */
     /* chunk_rows.row ([chunk]) and .see ([TILE_TOKENS][chunk]) of the chunk
-     * being computed and of the PREFETCH_CHUNKS after it */
-    int64_t *row[PREFETCH_CHUNKS + 1];
+     * being computed, of the PREFETCH_CHUNKS after it and of the first chunk
+     * of the thread's next unit */
+    int64_t *row[PREFETCH_CHUNKS + 2];
     struct line_range *ranges; /* [2 * n_kv of a unit * chunk]: a chunk's K/V runs */
-    uint8_t *see[PREFETCH_CHUNKS + 1];
+    uint8_t *see[PREFETCH_CHUNKS + 2];
     float   *out;    /* [dim_v] one output row before its conversion */
     /* AVX-512 copy: the chunk and kv head being computed, the kv head whose
      * rows k and v hold (-1: none yet; they are converted only for rows
@@ -468,7 +470,7 @@ static size_t scratch_carve(const attn_plan *pl, char *base, attn_scratch *sc)
     sc->k = carve(base, &at, chunk * pl->dim_k * sizeof(float));
     sc->v = carve(base, &at, pl->op->mla ? 0 : chunk * pl->dim_v * sizeof(float));
     sc->s = carve(base, &at, ROW_BLOCK * round_up(chunk, KEY_PAD) * sizeof(float));
-    for (int i = 0; i <= PREFETCH_CHUNKS; i++) {
+    for (int i = 0; i <= PREFETCH_CHUNKS + 1; i++) {
         sc->row[i] = carve(base, &at, chunk * sizeof(int64_t));
         sc->see[i] = carve(base, &at, TILE_TOKENS * chunk + KEY_PAD); /* read 16 at a time */
     }
@@ -513,17 +515,27 @@ static unit_rows rows_of(const attn_plan *pl, int64_t base_unit)
     return ur;
 }
 
-/* out rows = acc / l in the output dtype; rows with l == 0 (no visible key)
- * get zeros, rows with l NaN (a NaN logit) NaN. */
+/* out rows [r0, r1) = acc / l in the output dtype; rows with l == 0 (no
+ * visible key) get zeros, rows with l NaN (a NaN logit) NaN. */
 static void write_rows(const attn_plan *pl, const unit_rows *ur, const float *acc,
-                       const float *l, float *tmp)
+                       const float *l, float *tmp, int32_t r0, int32_t r1)
 {
     const kvrt_attention_op *op = pl->op;
     int32_t dv = pl->dim_v;
-    for (int32_t r = 0; r < ur->nt * ur->nh; r++) {
+    for (int32_t r = r0; r < r1; r++) {
         const float *a = acc + (int64_t)r * dv;
-        for (int32_t d = 0; d < dv; d++)
-            tmp[d] = l[r] > 0.0f ? a[d] / l[r] : l[r] == 0.0f ? 0.0f : NAN;
+        const float lr = l[r];
+        if (lr > 0.0f) {
+            int32_t d = 0;
+            for (; d + LANES <= dv; d += LANES)
+                for (int k = 0; k < LANES; k++)
+                    tmp[d + k] = a[d + k] / lr;
+            for (; d < dv; d++)
+                tmp[d] = a[d] / lr;
+        } else {
+            for (int32_t d = 0; d < dv; d++)
+                tmp[d] = lr == 0.0f ? 0.0f : NAN;
+        }
         int64_t at = ((int64_t)(ur->t0 + r / ur->nh) * op->n_q_heads + ur->h0 + r % ur->nh) * dv;
         if (op->out_dtype == KVRT_LAYOUT_F32) {
             memcpy((float *)op->out + at, tmp, (size_t)dv * sizeof(float));
@@ -1262,28 +1274,58 @@ KVRT_TARGET_AVX512 static void update_heads_avx512(const attn_plan *pl, attn_scr
 }
 #endif
 
+/* What a unit covers: its rows, its sequence's page table, its slots
+ * [begin, end) and its tokens' positions. */
+typedef struct unit_span {
+    unit_rows      ur;
+    const int32_t *pages;
+    int64_t        begin, end;
+    int64_t        qpos[TILE_TOKENS];
+} unit_span;
+
+static void span_of(const attn_plan *pl, int64_t unit, unit_span *us)
+{
+    const kvrt_attention_op *op = pl->op;
+    const int32_t split = (int32_t)(unit % pl->n_splits);
+    us->ur = rows_of(pl, unit / pl->n_splits);
+    const int32_t seq = op->tok_seq[us->ur.t0];
+    us->pages = op->page_indices + op->page_indptr[seq];
+    us->begin = split * pl->split_len;
+    us->end = us->begin + pl->split_len;
+    if (us->end > op->seq_n_slots[seq])
+        us->end = op->seq_n_slots[seq];
+    for (int32_t t = 0; t < us->ur.nt; t++)
+        us->qpos[t] = op->tok_pos[us->ur.t0 + t];
+}
+
+/* Queues the K/V lines of the first chunk of unit `unit` (collected into
+ * cr), so that the unit a thread takes next starts on rows already in its
+ * caches: started cold, a unit's first chunk costs about three others. */
+static int64_t queue_first_chunk(const attn_plan *pl, int64_t unit, chunk_rows *cr,
+                                 struct line_range *ranges, line_queue *lq)
+{
+    unit_span us;
+    span_of(pl, unit, &us);
+    collect_next(pl, us.pages, us.qpos, us.ur.nt, us.begin, us.end, cr);
+    return queue_chunk(pl, cr, us.ur.g0, us.ur.g1, ranges, lq);
+}
+
 /* One unit, in the copy for `isa`: 0 portable, 1 AVX2 + FMA + F16C, 2
- * AVX-512F (a compile-time constant once inlined). */
+ * AVX-512F (a compile-time constant once inlined). `next`: the unit this
+ * thread takes after it (-1 none), whose first rows are prefetched during
+ * this one's last chunk. */
 KVRT_ALWAYS_INLINE void unit_body(const attn_plan *pl, attn_scratch *sc, int64_t unit,
-                                  const int isa)
+                                  int64_t next, const int isa)
 {
     const int fused = isa >= 1;
     const kvrt_attention_op *op = pl->op;
     const int32_t dk = pl->dim_k, dv = pl->dim_v, chunk = pl->chunk;
-    const int32_t split = (int32_t)(unit % pl->n_splits);
-    const int64_t base_unit = unit / pl->n_splits;
-    const unit_rows ur = rows_of(pl, base_unit);
+    unit_span us;
+    span_of(pl, unit, &us);
+    const unit_rows ur = us.ur;
     const int32_t rows = ur.nt * ur.nh;
-
-    const int32_t seq = op->tok_seq[ur.t0];
-    const int32_t *pages = op->page_indices + op->page_indptr[seq];
-    int64_t begin = split * pl->split_len, end = begin + pl->split_len;
-    if (end > op->seq_n_slots[seq])
-        end = op->seq_n_slots[seq];
-
-    int64_t qpos[TILE_TOKENS];
-    for (int32_t t = 0; t < ur.nt; t++)
-        qpos[t] = op->tok_pos[ur.t0 + t];
+    const int32_t *pages = us.pages;
+    const int64_t *qpos = us.qpos, end = us.end;
     for (int32_t r = 0; r < rows; r++) {
         int64_t at = ((int64_t)(ur.t0 + r / ur.nh) * op->n_q_heads + ur.h0 + r % ur.nh) * dk;
         row_to_f32(sc->q + (int64_t)r * dk, op->q, op->q_dtype, at, dk);
@@ -1299,12 +1341,12 @@ KVRT_ALWAYS_INLINE void unit_body(const attn_plan *pl, attn_scratch *sc, int64_t
      * each block's K and V regions are read front to back. */
     const float *v_rows = op->mla ? sc->k : sc->v;
     const int64_t v_stride = op->mla ? dk : dv;
-    chunk_rows ring[PREFETCH_CHUNKS + 1];
-    for (int k = 0; k <= PREFETCH_CHUNKS; k++) {
+    chunk_rows ring[PREFETCH_CHUNKS + 2]; /* and the next unit's first chunk */
+    for (int k = 0; k <= PREFETCH_CHUNKS + 1; k++) {
         ring[k].row = sc->row[k];
         ring[k].see = sc->see[k];
     }
-    int64_t i0 = begin;
+    int64_t i0 = us.begin;
     for (int k = 0; k < PREFETCH_CHUNKS; k++) {
         line_queue lq;
         i0 = collect_next(pl, pages, qpos, ur.nt, i0, end, &ring[k]);
@@ -1319,7 +1361,9 @@ KVRT_ALWAYS_INLINE void unit_body(const attn_plan *pl, attn_scratch *sc, int64_t
          * at a time from inside this chunk's arithmetic: a slice per row
          * updated, two per step of the AVX-512 copy's dot and V loops. */
         line_queue lq;
-        const int64_t lines = queue_chunk(pl, ahead, ur.g0, ur.g1, sc->ranges, &lq);
+        int64_t lines = queue_chunk(pl, ahead, ur.g0, ur.g1, sc->ranges, &lq);
+        if (ahead->n == 0 && next >= 0) /* the last chunk: the next unit's first */
+            lines = queue_first_chunk(pl, next, &ring[PREFETCH_CHUNKS + 1], sc->ranges, &lq);
         const int lines_per_row = (int)((lines + rows - 1) / rows);
         for (int32_t g = ur.g0; g < ur.g1; g++) {
             /* this kv head's query heads among the unit's */
@@ -1362,7 +1406,7 @@ KVRT_ALWAYS_INLINE void unit_body(const attn_plan *pl, attn_scratch *sc, int64_t
     }
 
     if (pl->n_splits == 1) {
-        write_rows(pl, &ur, sc->acc, sc->l, sc->out);
+        write_rows(pl, &ur, sc->acc, sc->l, sc->out, 0, rows);
         return;
     }
     for (int32_t r = 0; r < rows; r++) {
@@ -1373,39 +1417,41 @@ KVRT_ALWAYS_INLINE void unit_body(const attn_plan *pl, attn_scratch *sc, int64_t
     }
 }
 
-static void unit_generic(const attn_plan *pl, attn_scratch *sc, int64_t unit)
+static void unit_generic(const attn_plan *pl, attn_scratch *sc, int64_t unit, int64_t next)
 {
-    unit_body(pl, sc, unit, 0);
+    unit_body(pl, sc, unit, next, 0);
 }
 
 #if KVRT_ATTENTION_X86
-__attribute__((target("avx2,fma"))) static void unit_avx2(const attn_plan *pl,
-                                                          attn_scratch *sc, int64_t unit)
+__attribute__((target("avx2,fma"))) static void
+unit_avx2(const attn_plan *pl, attn_scratch *sc, int64_t unit, int64_t next)
 {
-    unit_body(pl, sc, unit, 1);
+    unit_body(pl, sc, unit, next, 1);
 }
 #endif
 
 #if KVRT_ATTENTION_AVX512
 KVRT_TARGET_AVX512 static void unit_avx512(const attn_plan *pl, attn_scratch *sc,
-                                           int64_t unit)
+                                           int64_t unit, int64_t next)
 {
-    unit_body(pl, sc, unit, 2);
+    unit_body(pl, sc, unit, next, 2);
 }
 #endif
 
-/* Merges the splits of base unit `base_unit`: for each row,
- * m = max m_i, l = sum l_i e^(m_i - m), acc = sum acc_i e^(m_i - m)
- * (l NaN if some l_i is: a split saw a NaN logit). */
-static void merge_splits(const attn_plan *pl, attn_scratch *sc, int64_t base_unit)
+/* Merges the splits of rows [r0, r0 + MERGE_ROWS) of base unit
+ * `base_unit` (those it has): for each row, m = max m_i,
+ * l = sum l_i e^(m_i - m), acc = sum acc_i e^(m_i - m) (l NaN if some l_i
+ * is: a split saw a NaN logit). */
+static void merge_splits(const attn_plan *pl, attn_scratch *sc, int64_t base_unit, int32_t r0)
 {
     const unit_rows ur = rows_of(pl, base_unit);
     const int32_t dv = pl->dim_v;
+    const int32_t r1 = r0 + MERGE_ROWS < ur.nt * ur.nh ? r0 + MERGE_ROWS : ur.nt * ur.nh;
     const size_t part_size = 2 + (size_t)dv;
-    for (int32_t r = 0; r < ur.nt * ur.nh; r++) {
+    const size_t step = (size_t)pl->rows_max * part_size; /* to the next split's row */
+    for (int32_t r = r0; r < r1; r++) {
         const float *part = pl->partial + ((size_t)base_unit * pl->n_splits * pl->rows_max + r) *
                                               part_size;
-        const size_t step = (size_t)pl->rows_max * part_size; /* to the next split's row */
         float *acc = sc->acc + (int64_t)r * dv, m = -INFINITY, l = 0.0f;
         int nan = 0;
         for (int32_t i = 0; i < pl->n_splits; i++) {
@@ -1417,14 +1463,18 @@ static void merge_splits(const attn_plan *pl, attn_scratch *sc, int64_t base_uni
             const float *p = part + i * step;
             if (!(p[1] > 0.0f))
                 continue; /* nothing visible in this split */
-            float w = exp_nonpositive(p[0] - m, 0);
+            const float w = exp_nonpositive(p[0] - m, 0);
             l += w * p[1];
-            for (int32_t d = 0; d < dv; d++)
+            int32_t d = 0;
+            for (; d + LANES <= dv; d += LANES)
+                for (int k = 0; k < LANES; k++)
+                    acc[d + k] += w * p[2 + d + k];
+            for (; d < dv; d++)
                 acc[d] += w * p[2 + d];
         }
         sc->l[r] = nan ? NAN : l;
     }
-    write_rows(pl, &ur, sc->acc, sc->l, sc->out);
+    write_rows(pl, &ur, sc->acc, sc->l, sc->out, r0, r1);
 }
 
 #if KVRT_ATTENTION_X86
@@ -1571,7 +1621,7 @@ kvrt_status kvrt_cpu_attention(const kvrt_attention_op *op)
     pl.partial = pl.n_splits > 1 ? (float *)(mem + tiles_bytes) : NULL;
     char *thread_mem = mem + tiles_bytes + round_up(partial_bytes, 64);
 
-    void (*unit)(const attn_plan *, attn_scratch *, int64_t) = unit_generic;
+    void (*unit)(const attn_plan *, attn_scratch *, int64_t, int64_t) = unit_generic;
     pl.gather = gather_generic;
 #if KVRT_ATTENTION_X86
     if (have_avx2_fma_f16c()) {
@@ -1586,6 +1636,8 @@ kvrt_status kvrt_cpu_attention(const kvrt_attention_op *op)
     }
 #endif
 
+    _Atomic int64_t next_unit = 0;
+    const int32_t merge_parts = (pl.rows_max + MERGE_ROWS - 1) / MERGE_ROWS;
 #ifdef _OPENMP
 #  pragma omp parallel num_threads(n_threads)
 #endif
@@ -1597,17 +1649,22 @@ kvrt_status kvrt_cpu_attention(const kvrt_attention_op *op)
         attn_scratch sc;
         scratch_carve(&pl, thread_mem + per_thread * tid, &sc);
         memset(sc.spare, 0, (size_t)pl.dim_v * sizeof(float));
-#ifdef _OPENMP
-#  pragma omp for schedule(dynamic, 1)
-#endif
-        for (int64_t u = 0; u < n_units; u++)
-            unit(&pl, &sc, u);
+        /* Units are taken dynamically, each thread claiming its next one
+         * as it starts one, so that it can prefetch the next one's first
+         * rows. */
+        int64_t u = atomic_fetch_add_explicit(&next_unit, 1, memory_order_relaxed);
+        while (u < n_units) {
+            int64_t after = atomic_fetch_add_explicit(&next_unit, 1, memory_order_relaxed);
+            unit(&pl, &sc, u, after < n_units ? after : -1);
+            u = after;
+        }
         if (pl.n_splits > 1) {
 #ifdef _OPENMP
+#  pragma omp barrier
 #  pragma omp for schedule(dynamic, 1)
 #endif
-            for (int64_t b = 0; b < n_base; b++)
-                merge_splits(&pl, &sc, b);
+            for (int64_t b = 0; b < n_base * merge_parts; b++)
+                merge_splits(&pl, &sc, b / merge_parts, (int32_t)(b % merge_parts) * MERGE_ROWS);
         }
     }
     free(mem);
