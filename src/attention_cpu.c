@@ -99,7 +99,8 @@ enum {
     CHUNK_BYTES = 16384,    /* AVX-512 copy: bytes of K and V of one kv head per chunk */
     ROW_FLOATS = 32768,     /* f32 elements of a unit's queries (and of acc), about */
     SPLIT_MIN_SLOTS = 256,  /* a split of a sequence covers at least this many slots */
-    UNITS_PER_THREAD = 8,   /* below this many units per thread, split the slots */
+    UNITS_PER_THREAD = 2,   /* units of work per thread that splits aim for: a thread
+                             * starts each unit by prefetching; its partial sums are merged */
     PREFETCH_CHUNKS = 1,    /* chunks ahead whose rows are prefetched */
     MERGE_ROWS = 8,         /* rows of a base unit whose splits one thread merges */
 };
@@ -1570,28 +1571,37 @@ kvrt_status kvrt_cpu_attention(const kvrt_attention_op *op)
     n_threads = omp_get_max_threads();
 #endif
 
-    /* Tiles, counted first so that one allocation holds everything. */
+    /* Tiles, counted first so that one allocation holds everything, with
+     * the slots they cover. */
     int32_t n_tiles = 1;
+    int64_t tile_slots = op->seq_n_slots[op->tok_seq[0]];
     for (int32_t t = 1, len = 1; t < op->n_tokens; t++, len++)
         if (op->tok_seq[t] != op->tok_seq[t - 1] || len == tile_tokens) {
             n_tiles++;
+            tile_slots += op->seq_n_slots[op->tok_seq[t]];
             len = 0;
         }
     int64_t max_slots = 0;
     for (int32_t s = 0; s < op->n_seqs; s++)
         max_slots = op->seq_n_slots[s] > max_slots ? op->seq_n_slots[s] : max_slots;
 
-    /* Split the slots when the units would leave threads idle. */
+    /* Split the slots so that each thread has about UNITS_PER_THREAD
+     * units of work: a unit covers at most (all slots of all units) /
+     * (threads * UNITS_PER_THREAD) slots, and at least SPLIT_MIN_SLOTS. A
+     * long sequence among short ones is then spread over the threads too.
+     * Splits end on whole chunks. */
     int64_t n_base = (int64_t)n_tiles * pl.head_units;
     pl.n_splits = 1;
-    if (n_threads > 1 && n_base < (int64_t)UNITS_PER_THREAD * n_threads) {
-        int64_t want = ((int64_t)UNITS_PER_THREAD * n_threads + n_base - 1) / n_base;
-        int64_t most = max_slots / SPLIT_MIN_SLOTS;
-        pl.n_splits = (int32_t)(want < most ? want : most);
-        if (pl.n_splits < 1)
-            pl.n_splits = 1;
+    pl.split_len = max_slots;
+    if (n_threads > 1) {
+        int64_t len = tile_slots * pl.head_units / ((int64_t)UNITS_PER_THREAD * n_threads);
+        len = len < SPLIT_MIN_SLOTS ? SPLIT_MIN_SLOTS : len;
+        len = (int64_t)round_up((size_t)len, (size_t)pl.chunk);
+        if (len < max_slots) {
+            pl.n_splits = (int32_t)((max_slots + len - 1) / len);
+            pl.split_len = len;
+        }
     }
-    pl.split_len = pl.n_splits > 1 ? (max_slots + pl.n_splits - 1) / pl.n_splits : max_slots;
     int64_t n_units = n_base * pl.n_splits;
     if (n_threads > n_units)
         n_threads = (int)n_units;
