@@ -7,38 +7,47 @@
  *   - A tile is a run of consecutive batch tokens of one sequence (a prefill
  *     chunk, up to TILE_TOKENS); a decode token is a tile of its own. The
  *     tokens of a tile share the K/V rows they read, so those rows are read
- *     and converted once for all of them.
+ *     once for all of them.
  *   - A unit is (tile, query heads, a split of the sequence's slots). Its
- *     query heads are those of all the kv heads when they fit (so that a
- *     block's K region, [n_kv_heads][block_size][dim_k], and its V region are
- *     each read front to back in one burst), else those of some kv heads, or
- *     a part of one kv head's (MLA's 128). It walks its slots in chunks of a
- *     block or so: it collects the chunk's slots that some token of the tile
- *     sees, then for each kv head converts their K and V rows to f32 once
- *     and updates each (token, query head) row of that kv head with an online
- *     softmax kept in f32: running max m, running sum l, unnormalized output
- *     acc. The rows of the chunks ahead are prefetched meanwhile. Rows of
- *     holes and of slots no token of the tile sees are never read.
- *   - OpenMP threads take units dynamically. When there are too few units to
- *     keep them busy (decode of a few sequences), the slots are split and the
- *     splits' partial (m, l, acc) merged afterwards.
+ *     query heads are those of all the kv heads when they fit, else those of
+ *     some kv heads, or a part of one kv head's (MLA's 128). It walks its
+ *     slots in chunks: it collects the chunk's slots that some token of the
+ *     tile sees, then for each kv head updates each (token, query head) row
+ *     of that kv head with an online softmax kept in f32: running max m,
+ *     running sum l, unnormalized output acc. Rows of holes and of slots no
+ *     token of the tile sees are never read.
+ *   - OpenMP threads take units dynamically; a thread claims its next unit
+ *     when it starts one. Slots are split so that each thread gets about
+ *     UNITS_PER_THREAD units' worth of the batch's slots, and the splits'
+ *     partial (m, l, acc) are merged afterwards, MERGE_ROWS rows at a time.
  *
- * Inner loops run over LANES-element steps with a compile-time trip count so
- * that compilers vectorize them at -O2 for whatever the target's vector width
- * is. On x86 the same code is compiled a second time for AVX2 + FMA (with
- * F16C converting f16 rows) and that copy is chosen at run time when the
- * processor has them.
+ * Memory: decode attention reads every K/V byte once and does about 4 flops
+ * per byte, so it runs at memory speed only if the next rows' misses are in
+ * flight while this chunk is computed. The K and V lines of the next chunk
+ * are queued and asked for (prefetched) a line or two at a time from inside
+ * the arithmetic; a burst of prefetches, or loads alone, keeps few misses
+ * in flight and leaves memory idle meanwhile. A unit's first chunk is asked
+ * for at once; during a unit's last chunk, the first chunk of the unit the
+ * thread takes next is queued instead, so that only a thread's first unit
+ * in a call starts cold.
  *
- * A third copy, for AVX-512F, is chosen when the processor has it. It takes a token's query heads of one kv head four at a time: the
- * dots of four heads with four keys in sixteen registers (each K vector
- * loaded once for the four), a 16-lane online softmax, and the V sum of
- * four rows in sixteen registers (each V vector loaded once for the four).
- * Decode attention reads every K/V byte once and does about 4 flops per
- * byte, so it is as fast as memory only if the loads of the next chunk are
- * in flight while this one is computed: the next chunk's K and V lines are
- * prefetched two at a time from inside the dot and V loops (a burst of
- * prefetches, or the gather's loads alone, keeps few misses in flight and
- * leaves memory idle during the arithmetic).
+ * Three copies of the kernel:
+ *   - Portable: inner loops run over LANES-element steps with a
+ *     compile-time trip count, so that compilers vectorize them at -O2 for
+ *     whatever the target's vector width is. Each chunk's K and V rows of a
+ *     kv head are converted to f32 once (the gather) and the rows updated one
+ *     at a time.
+ *   - AVX2 + FMA (F16C converting f16 rows): the same code compiled for
+ *     them, chosen at run time when the processor has them.
+ *   - AVX-512 (F, BW, VL): a token's query heads of one kv head four at a
+ *     time. The dots of four heads with four keys are sixteen registers,
+ *     the V sum of four rows another sixteen, and each K or V vector is
+ *     loaded straight from the cache and converted in registers once for
+ *     the four (no f32 copy), so a chunk is sized by its bytes (CHUNK_BYTES
+ *     per kv head, for K and V). The softmax is 16 lanes wide. Rows that
+ *     skip a key of the chunk (a weight of 0: the V of a key a row does not
+ *     see may hold anything, and 0 * inf is NaN) are updated one at a time
+ *     from the gathered f32 rows, gathered for that kv head only then.
  */
 #include "attention_cpu.h"
 
@@ -63,7 +72,7 @@
 #endif
 
 /* KVRT_ATTENTION_ISA caps the x86 copies compiled in: 0 the portable code
- * only, 1 also AVX2 + FMA + F16C, 2 (the default) also AVX-512F. The tests
+ * only, 1 also AVX2 + FMA + F16C, 2 (the default) also AVX-512 (F, BW, VL). The tests
  * build every level, so that each copy is tested on a processor that has
  * the next. */
 #ifndef KVRT_ATTENTION_ISA
@@ -766,7 +775,7 @@ KVRT_TARGET_AVX512 static inline void bf16_row_avx512(float *restrict dst,
 
 #if KVRT_ATTENTION_X86
 /* gather_rows with vector conversions of f16 and bf16 rows (isa: 1 AVX2 +
- * F16C, 2 AVX-512F); f32 rows are copied as they are. */
+ * F16C, 2 AVX-512); f32 rows are copied as they are. */
 KVRT_ALWAYS_INLINE void gather_vector(const attn_plan *pl, attn_scratch *sc,
                                       const chunk_rows *cr, int32_t g, const int isa)
 {
@@ -1312,7 +1321,7 @@ static int64_t queue_first_chunk(const attn_plan *pl, int64_t unit, chunk_rows *
 }
 
 /* One unit, in the copy for `isa`: 0 portable, 1 AVX2 + FMA + F16C, 2
- * AVX-512F (a compile-time constant once inlined). `next`: the unit this
+ * AVX-512 (a compile-time constant once inlined). `next`: the unit this
  * thread takes after it (-1 none), whose first rows are prefetched during
  * this one's last chunk. */
 KVRT_ALWAYS_INLINE void unit_body(const attn_plan *pl, attn_scratch *sc, int64_t unit,
@@ -1499,9 +1508,9 @@ static int have_avx2_fma_f16c(void)
 #endif
 
 #if KVRT_ATTENTION_AVX512
-/* Whether the AVX-512F copy can run here (the OS saving the ZMM state
+/* Whether the AVX-512 copy (F, BW and VL) can run here (the OS saving the ZMM state
  * included, which __builtin_cpu_supports checks). */
-static int have_avx512f(void)
+static int have_avx512(void)
 {
     static _Atomic int known; /* 0 unknown, 1 no, 2 yes */
     int have = atomic_load_explicit(&known, memory_order_relaxed);
@@ -1560,7 +1569,7 @@ kvrt_status kvrt_cpu_attention(const kvrt_attention_op *op)
      * set by their bytes: larger chunks, fewer fixed costs per key. MLA's
      * rows are read again for each block of four of the 128 heads: their
      * chunk stays at L1's measure. */
-    if (have_avx512f() && !op->mla)
+    if (have_avx512() && !op->mla)
         pl.chunk = (int32_t)(CHUNK_BYTES / (((int64_t)L->dim_k + L->dim_v) * L->elem_size));
 #endif
     pl.chunk = pl.chunk < LANES ? LANES : pl.chunk > CHUNK_MAX ? CHUNK_MAX : pl.chunk;
@@ -1640,7 +1649,7 @@ kvrt_status kvrt_cpu_attention(const kvrt_attention_op *op)
     }
 #endif
 #if KVRT_ATTENTION_AVX512
-    if (have_avx512f()) {
+    if (have_avx512()) {
         unit = unit_avx512;
         pl.gather = gather_avx512;
     }
