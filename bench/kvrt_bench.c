@@ -5,7 +5,7 @@
  *
  *   kvrt-bench [--backend cpu|cuda|hip] [--dtype f16|bf16|f32] [--runs N]
  *              [--size-mib M] [--quick] [--json FILE] <op...>
- *   ops: write shift copy compact gather attention attention_decode
+ *   ops: write shift copy compact gather plan attention attention_decode
  *        attention_prefill attention_mla all
  *
  * For every measurement: build a cache of at least --size-mib (256 MiB on
@@ -25,6 +25,8 @@
  * On the CPU a read-only pass over the probe's source is timed likewise:
  * "read_gbps" and "read_fraction" = gbps / read_gbps, the yardstick for
  * operations that mostly read (decode attention).
+ * plan times the host side of a decode step (kvrt_batch_plan of 256
+ * sequences); it moves no K/V, so its bytes are 0 and only median_ms counts.
  */
 #include <math.h>
 #include <stdarg.h>
@@ -684,6 +686,79 @@ static void bench_shift(bench *b)
 }
 
 /* ------------------------------------------------------------------------ */
+/* plan: the host side of a decode step                                      */
+/* ------------------------------------------------------------------------ */
+
+/* A decode step of PLAN_SEQS sequences, each PLAN_CONTEXT tokens long: one
+ * token each at its next position. Planning touches page tables and
+ * positions, not K/V, so one small layer stands for any model (the work
+ * does not grow with layers or heads: all self-attention layers share one
+ * group's page tables). Every OP_BLOCK-th step appends a block to each
+ * sequence; the median is the usual step. */
+enum { PLAN_SEQS = 256, PLAN_CONTEXT = 1024, PLAN_HEAD_DIM = 64 };
+
+typedef struct plan_ctx {
+    kvrt_cache *cache;
+    kvrt_batch *batch;
+    int32_t     seqs[PLAN_SEQS], pos[PLAN_SEQS];
+} plan_ctx;
+
+static void run_plan(bench *b, void *ctx)
+{
+    (void)b;
+    plan_ctx *x = ctx;
+    KV(kvrt_batch_plan(x->cache, PLAN_SEQS, x->seqs, x->pos, x->batch));
+}
+
+static void next_positions(bench *b, void *ctx)
+{
+    (void)b;
+    plan_ctx *x = ctx;
+    for (int i = 0; i < PLAN_SEQS; i++)
+        x->pos[i]++;
+}
+
+static void bench_plan(bench *b)
+{
+    kvrt_layer_desc layer;
+    memset(&layer, 0, sizeof layer);
+    layer.kind = KVRT_LAYER_ATTN;
+    layer.n_kv_heads = 1;
+    layer.head_dim_k = layer.head_dim_v = PLAN_HEAD_DIM;
+    const int steps = b->runs + 2, max_tokens = 4096;
+    const int n_blocks = PLAN_SEQS * ((PLAN_CONTEXT + steps) / OP_BLOCK + 1);
+    plan_ctx x;
+    x.cache = make_cache(b, b->dtype, &layer, 1, OP_BLOCK, n_blocks, PLAN_SEQS, PLAN_HEAD_DIM);
+    KV(kvrt_batch_create(x.cache, max_tokens, &x.batch));
+    fill(x.cache, x.batch, max_tokens, NULL, 0, PLAN_SEQS, 0, PLAN_CONTEXT, 0);
+    for (int i = 0; i < PLAN_SEQS; i++) {
+        x.seqs[i] = i;
+        x.pos[i] = PLAN_CONTEXT - 1; /* next_positions runs before each step */
+    }
+
+    double ms = time_op(b, run_plan, next_positions, &x);
+
+    /* validate: each sequence ends at its last planned position, and the
+     * cache's invariants hold */
+    KV(kvrt_cache_check(x.cache));
+    for (int i = 0; i < PLAN_SEQS; i++) {
+        int32_t last;
+        KV(kvrt_seq_pos_max(x.cache, i, &last));
+        if (last != x.pos[i])
+            die("validation: plan: sequence %d ends at %d, expected %d", i, last, x.pos[i]);
+    }
+    char shape[256], text[96];
+    snprintf(shape, sizeof shape,
+             "{\"seqs\":%d,\"context\":%d,\"new_tokens\":1,\"block_size\":%d}", PLAN_SEQS,
+             PLAN_CONTEXT, OP_BLOCK);
+    snprintf(text, sizeof text, "%d seqs x 1 token at ctx %d, p%d (%.1f us)", PLAN_SEQS,
+             PLAN_CONTEXT, OP_BLOCK, ms * 1e3);
+    report(b, "plan", b->dtype, shape, text, ms, 0, 0);
+    kvrt_batch_destroy(x.batch);
+    kvrt_cache_destroy(x.cache);
+}
+
+/* ------------------------------------------------------------------------ */
 /* copy: block copies of copy-on-write and of seq_cp boundary blocks        */
 /* ------------------------------------------------------------------------ */
 
@@ -1229,8 +1304,8 @@ static void usage(FILE *to)
     fprintf(to,
             "usage: kvrt-bench [--backend cpu|cuda|hip] [--dtype f16|bf16|f32] [--runs N]\n"
             "                  [--size-mib M] [--quick] [--json FILE] <op...>\n"
-            "ops: write shift copy compact gather attention attention_decode attention_prefill\n"
-            "     attention_mla all\n"
+            "ops: write shift copy compact gather plan attention attention_decode\n"
+            "     attention_prefill attention_mla all\n"
             "Caches hold at least --size-mib MiB (256 on the CPU, 1024 on GPUs); each op is\n"
             "validated, warmed up, then timed --runs times (default 20) and its median reported\n"
             "with GB/s and the fraction of the copy bandwidth measured in the same run.\n");
@@ -1247,6 +1322,7 @@ static const op_entry ops[] = {
     {"copy", bench_copy},
     {"compact", bench_compact},
     {"gather", bench_gather},
+    {"plan", bench_plan},
     {"attention_decode", bench_attention_decode},
     {"attention_prefill", bench_attention_prefill},
     {"attention_mla", bench_attention_mla},

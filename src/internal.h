@@ -181,8 +181,6 @@ kvrt_status kvrt_scratch(kvrt_cache *cache, int which, int64_t n, int32_t **out)
 typedef struct kvrt_batch_group {
     int32_t *slots;         /* host [max_tokens] slot of each token */
     int32_t *page_indptr;   /* host [max_tokens + 1] */
-    int32_t *page_indices;  /* host, grown */
-    int64_t  page_cap;
     int32_t *seq_n_slots;   /* host [max_tokens] */
     int32_t  max_seq_slots;
     /* device copies, inside the batch's device buffer */

@@ -21,7 +21,6 @@ void kvrt_batch_destroy(kvrt_batch *batch)
             kvrt_batch_group *bg = &batch->groups[j];
             free(bg->slots);
             free(bg->page_indptr);
-            free(bg->page_indices);
             free(bg->seq_n_slots);
         }
     if (batch->device != NULL) {
@@ -360,8 +359,6 @@ kvrt_status kvrt_batch_plan(kvrt_cache *cache, int n, const int32_t *seq_ids,
                               : sp->n_blocks;
             pages += est < g->max_blocks ? est : g->max_blocks;
         }
-        KVRT_TRY(kvrt_reserve((void **)&batch->groups[j].page_indices, &batch->groups[j].page_cap,
-                              pages + 1, sizeof(int32_t)));
         words += 3 * (int64_t)n + 1 + pages;
     }
     KVRT_TRY(kvrt_reserve((void **)&batch->image, &batch->image_cap, words, sizeof(int32_t)));
@@ -389,9 +386,14 @@ kvrt_status kvrt_batch_plan(kvrt_cache *cache, int n, const int32_t *seq_ids,
         for (int k = 0; k < plans[s].count; k++)
             batch->tok_seq[order[plans[s].first + k]] = s;
     }
+    /* Page tables go straight into the upload image (laid out below): per
+     * group, slots [n], page_indptr [n_seqs + 1], seq_n_slots [n_seqs], then
+     * page_indices. */
+    int64_t group_at = 2 * (int64_t)n;
     for (int j = 0; j < cache->n_groups; j++) {
         kvrt_group *g = &cache->groups[j];
         kvrt_batch_group *bg = &batch->groups[j];
+        int32_t *page_indices = batch->image + group_at + n + 2 * (int64_t)n_seqs + 1;
         int32_t pages = 0;
         bg->max_seq_slots = 0;
         /* first every sequence frees what left its window, so that the
@@ -432,13 +434,14 @@ kvrt_status kvrt_batch_plan(kvrt_cache *cache, int n, const int32_t *seq_ids,
                     bg->slots[order[plans[s].first + k]] = -1;
             }
             bg->page_indptr[s] = pages;
-            for (int32_t i = 0; i < sp->n_blocks; i++)
-                bg->page_indices[pages++] = sp->blocks[i];
+            memcpy(page_indices + pages, sp->blocks, (size_t)sp->n_blocks * sizeof(int32_t));
+            pages += sp->n_blocks;
             bg->seq_n_slots[s] = (int32_t)sp->n_slots;
             if (sp->n_slots > bg->max_seq_slots)
                 bg->max_seq_slots = (int32_t)sp->n_slots;
         }
         bg->page_indptr[n_seqs] = pages;
+        group_at += n + 2 * (int64_t)n_seqs + 1 + pages;
     }
     /* one image, one upload */
     int32_t *img = batch->image;
@@ -461,10 +464,8 @@ kvrt_status kvrt_batch_plan(kvrt_cache *cache, int n, const int32_t *seq_ids,
         memcpy(img + at, bg->seq_n_slots, (size_t)n_seqs * sizeof(int32_t));
         bg->d_seq_n_slots = dev + at;
         at += n_seqs;
-        int32_t pages = bg->page_indptr[n_seqs];
-        memcpy(img + at, bg->page_indices, (size_t)pages * sizeof(int32_t));
-        bg->d_page_indices = dev + at;
-        at += pages;
+        bg->d_page_indices = dev + at; /* already in place */
+        at += bg->page_indptr[n_seqs];
     }
     KVRT_TRY(cache->be.ops->upload(&cache->be, batch->device, img, (size_t)at * sizeof(int32_t),
                                    cache->stream));
