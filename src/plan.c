@@ -434,7 +434,8 @@ kvrt_status kvrt_batch_plan(kvrt_cache *cache, int n, const int32_t *seq_ids,
                     bg->slots[order[plans[s].first + k]] = -1;
             }
             bg->page_indptr[s] = pages;
-            memcpy(page_indices + pages, sp->blocks, (size_t)sp->n_blocks * sizeof(int32_t));
+            if (sp->n_blocks > 0) /* blocks is NULL until the first */
+                memcpy(page_indices + pages, sp->blocks, (size_t)sp->n_blocks * sizeof(int32_t));
             pages += sp->n_blocks;
             bg->seq_n_slots[s] = (int32_t)sp->n_slots;
             if (sp->n_slots > bg->max_seq_slots)
