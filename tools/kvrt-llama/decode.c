@@ -493,6 +493,9 @@ int llama_context_shift(llama_session *sess, int s, int n_keep)
     kvrt_cache *cache = sess->dec->cache;
     KV_TRY(kvrt_seq_rm(cache, s, n_keep, n_keep + n_discard));
     KV_TRY(kvrt_seq_shift(cache, s, n_keep + n_discard, -1, -n_discard));
+    /* The removed range left holes; new tokens go after the last used slot,
+     * so close them before the context refills. */
+    KV_TRY(kvrt_cache_compact(cache));
     memmove(seq->tokens + n_keep, seq->tokens + n_keep + n_discard,
             (size_t)(seq->n - n_keep - n_discard) * sizeof(int));
     seq->n -= n_discard;

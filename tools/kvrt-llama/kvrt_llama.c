@@ -202,7 +202,8 @@ static void print_shift(const llama_session *sess, int s, int dropped, int n_kee
 {
     int n_ctx = sess->dec->opts.n_ctx;
     note("context shift, seq %d: context of %d full; kept the first %d, kvrt_seq_rm [%d, %d), "
-         "kvrt_seq_shift [%d, %d) by -%d; now %d tokens", s, n_ctx, n_keep, n_keep,
+         "kvrt_seq_shift [%d, %d) by -%d, kvrt_cache_compact; now %d tokens", s, n_ctx, n_keep,
+         n_keep,
          n_keep + dropped, n_keep + dropped, n_ctx, dropped, sess->seqs[s].n);
 }
 
@@ -220,13 +221,12 @@ static int generate(llama_session *sess, const llama_tokenizer *tok, const optio
             llama_seq *seq = &sess->seqs[s];
             if (seq->pending < 0)
                 continue;
-            emit(tok, seq, texts ? &texts[s] : NULL, stream);
-            if (seq->pending == LLAMA_EOS) {
-                if (stream)
-                    note("seq %d: end of text", s);
+            if (seq->pending == LLAMA_EOS || seq->pending == LLAMA_BOS) { /* as llama2.c */
+                note("seq %d: end of text", s);
                 seq->pending = -1;
                 continue;
             }
+            emit(tok, seq, texts ? &texts[s] : NULL, stream);
             live++;
         }
         if (live == 0 || i == o->n_gen - 1)

@@ -230,8 +230,9 @@ int llama_decode_step(llama_session *sess, int n_keep, int *shifted);
 
 /* Makes room at the end of a full sequence: keeps its first n_keep tokens,
  * drops the oldest half of the rest (kvrt_seq_rm) and moves the remainder
- * down (kvrt_seq_shift, which re-rotates their cached K). Returns the tokens
- * dropped (>= 1), or -1. */
+ * down (kvrt_seq_shift, which re-rotates their cached K), then closes the
+ * holes left behind (kvrt_cache_compact). Returns the tokens dropped (>= 1),
+ * or -1. */
 int llama_context_shift(llama_session *sess, int seq, int n_keep);
 
 /* Forks seq src into dst (empty): kvrt_seq_cp shares the cached blocks;

@@ -1,0 +1,783 @@
+/*
+ * test_llama.c: kvrt-llama against a plain forward pass.
+ *
+ *   test_llama [--backend cpu|cuda|hip]     (exit 77 where the backend has no device)
+ *
+ * The test writes tiny random checkpoints in the llama2.c format (3 layers,
+ * dim 64, 4 query heads over 2 kv heads, vocab 384, separate classifier; and
+ * a 1-layer model with a shared one) and checks, on f32, f16 and bf16 caches:
+ *   (a) the logits of every cached decode step equal a recomputation of the
+ *       whole prefix from scratch (ref_full: no cache, double precision);
+ *   (b) after each context shift, the logits equal the reference with the
+ *       kept tokens at their new positions (see test_shift for why, with
+ *       more than one layer, the reference keeps each token's K/V as it was
+ *       first computed), and, on the 1-layer model, ref_full over the kept
+ *       tokens;
+ *   (c) each of N sequences forked from one prompt and decoded as one batch
+ *       gives the tokens (top-p sampling) of that prompt decoded alone;
+ *   (d) a saved and reloaded session continues with the same tokens (greedy);
+ * and that bad checkpoints, tokenizers, sessions and prompts fail with a
+ * message naming what is wrong.
+ */
+#include <math.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cmocka.h>
+
+#include "kvrt_layout.h" /* kvrt's f16 / bf16 conversions */
+#include "llama.h"
+
+static kvrt_backend backend = KVRT_BACKEND_CPU;
+static char dir[256];              /* the test's models */
+static char model3_path[300], model1_path[300], tok3_path[300];
+static llama_model model3, model1; /* 3 layers, separate classifier; 1 layer, shared */
+
+#define TRY(expr)                                                                              \
+    do {                                                                                       \
+        if ((expr) != 0)                                                                       \
+            fail_msg("%s: %s", #expr, llama_error());                                          \
+    } while (0)
+
+/* ------------------------------------------------------------------------ */
+/* The reference: the model's function in double, no cache                   */
+/* ------------------------------------------------------------------------ */
+
+/* A sequence as the reference sees it: per token its position and, per
+ * layer, its K before RoPE and its V, from when it was run. Attention
+ * rotates K at the token's current position each time, from scratch. */
+typedef struct ref_seq {
+    const llama_model *m;
+    kvrt_rope_style    style;
+    kvrt_dtype         dtype;  /* the cache's: K and V are read as it stores them */
+    int                n, cap;
+    int               *pos;
+    double            *k, *v;  /* [cap][n_layers][kv_dim] */
+} ref_seq;
+
+static ref_seq ref_create(const llama_model *m, kvrt_rope_style style, kvrt_dtype dtype, int cap)
+{
+    size_t row = (size_t)m->config.n_layers * (size_t)m->kv_dim;
+    ref_seq r = {m, style, dtype, 0, cap, malloc((size_t)cap * sizeof(int)),
+                 malloc((size_t)cap * row * sizeof(double)),
+                 malloc((size_t)cap * row * sizeof(double))};
+    assert_non_null(r.pos);
+    assert_non_null(r.k);
+    assert_non_null(r.v);
+    return r;
+}
+
+static void ref_free(ref_seq *r)
+{
+    free(r->pos);
+    free(r->k);
+    free(r->v);
+}
+
+/* out[o] = sum_i w[o][i] x[i] */
+static void ref_matmul(double *out, const float *w, const double *x, int d_in, int d_out)
+{
+    for (int o = 0; o < d_out; o++) {
+        double s = 0.0;
+        for (int i = 0; i < d_in; i++)
+            s += (double)w[(size_t)o * d_in + i] * x[i];
+        out[o] = s;
+    }
+}
+
+static void ref_rmsnorm(double *out, const double *x, const float *w, int dim)
+{
+    double ss = 0.0;
+    for (int i = 0; i < dim; i++)
+        ss += x[i] * x[i];
+    double scale = 1.0 / sqrt(ss / dim + 1e-5);
+    for (int i = 0; i < dim; i++)
+        out[i] = (double)w[i] * scale * x[i];
+}
+
+static void ref_rope(double *head, int hs, int pos, kvrt_rope_style style)
+{
+    for (int i = 0; i < hs / 2; i++) {
+        double angle = pos * pow(10000.0, -2.0 * i / hs);
+        int a = style == KVRT_ROPE_NORMAL ? 2 * i : i;
+        int b = style == KVRT_ROPE_NORMAL ? 2 * i + 1 : i + hs / 2;
+        double x0 = head[a], x1 = head[b];
+        head[a] = x0 * cos(angle) - x1 * sin(angle);
+        head[b] = x0 * sin(angle) + x1 * cos(angle);
+    }
+}
+
+/* x as the cache stores it (round to nearest even; f32 kept in double). */
+static double stored(double x, kvrt_dtype dtype)
+{
+    if (dtype == KVRT_F16)
+        return kvrt_f16_to_f32(kvrt_f32_to_f16((float)x));
+    if (dtype == KVRT_BF16)
+        return kvrt_bf16_to_f32(kvrt_f32_to_bf16((float)x));
+    return x;
+}
+
+/* Runs token at pos after r's tokens; logits [vocab] of it when not NULL. */
+static void ref_step(ref_seq *r, int token, int pos, double *logits)
+{
+    const llama_model *m = r->m;
+    const llama_config *c = &m->config;
+    const llama_weights *w = &m->w;
+    int dim = c->dim, hs = m->head_size, kv_dim = m->kv_dim, hidden = c->hidden_dim;
+    size_t row = (size_t)c->n_layers * (size_t)kv_dim;
+    assert_true(r->n < r->cap);
+    double *x = calloc((size_t)dim, sizeof(double)), *xb = calloc((size_t)dim, sizeof(double));
+    double *q = calloc((size_t)dim, sizeof(double)), *att = calloc((size_t)dim, sizeof(double));
+    double *o = calloc((size_t)dim, sizeof(double)), *kh = calloc((size_t)hs, sizeof(double));
+    double *h1 = calloc((size_t)hidden, sizeof(double)), *h3 = calloc((size_t)hidden, sizeof(double));
+    double *scores = calloc((size_t)r->n + 1, sizeof(double));
+    int t = r->n;
+    r->pos[t] = pos;
+    for (int i = 0; i < dim; i++)
+        x[i] = w->token_embedding[(size_t)token * dim + i];
+    for (int l = 0; l < c->n_layers; l++) {
+        size_t ld = (size_t)l * dim, lkv = (size_t)l * kv_dim;
+        double *k_t = r->k + t * row + lkv, *v_t = r->v + t * row + lkv;
+        ref_rmsnorm(xb, x, w->rms_att + ld, dim);
+        ref_matmul(q, w->wq + ld * dim, xb, dim, dim);
+        ref_matmul(k_t, w->wk + lkv * dim, xb, dim, kv_dim);
+        ref_matmul(v_t, w->wv + lkv * dim, xb, dim, kv_dim);
+        for (int h = 0; h < c->n_heads; h++) {
+            double *qh = q + h * hs;
+            int g = h / (c->n_heads / c->n_kv_heads);
+            ref_rope(qh, hs, pos, r->style);
+            double max = -INFINITY;
+            for (int j = 0; j <= t; j++) {
+                scores[j] = -INFINITY;
+                if (r->pos[j] > pos)
+                    continue;
+                memcpy(kh, r->k + j * row + lkv + g * hs, (size_t)hs * sizeof(double));
+                ref_rope(kh, hs, r->pos[j], r->style);
+                double s = 0.0;
+                for (int i = 0; i < hs; i++)
+                    s += qh[i] * stored(kh[i], r->dtype);
+                scores[j] = s / sqrt((double)hs);
+                max = fmax(max, scores[j]);
+            }
+            double sum = 0.0;
+            for (int j = 0; j <= t; j++) {
+                scores[j] = scores[j] == -INFINITY ? 0.0 : exp(scores[j] - max);
+                sum += scores[j];
+            }
+            for (int i = 0; i < hs; i++) {
+                double a = 0.0;
+                for (int j = 0; j <= t; j++)
+                    a += scores[j] * stored(r->v[j * row + lkv + g * hs + i], r->dtype);
+                att[h * hs + i] = a / sum;
+            }
+        }
+        ref_matmul(o, w->wo + ld * dim, att, dim, dim);
+        for (int i = 0; i < dim; i++)
+            x[i] += o[i];
+        ref_rmsnorm(xb, x, w->rms_ffn + ld, dim);
+        ref_matmul(h1, w->w1 + (size_t)l * hidden * dim, xb, dim, hidden);
+        ref_matmul(h3, w->w3 + (size_t)l * hidden * dim, xb, dim, hidden);
+        for (int i = 0; i < hidden; i++)
+            h1[i] = h1[i] / (1.0 + exp(-h1[i])) * h3[i];
+        ref_matmul(o, w->w2 + (size_t)l * dim * hidden, h1, hidden, dim);
+        for (int i = 0; i < dim; i++)
+            x[i] += o[i];
+    }
+    r->n++;
+    if (logits) {
+        ref_rmsnorm(xb, x, w->rms_final, dim);
+        ref_matmul(logits, w->wcls, xb, dim, c->vocab_size);
+    }
+    free(x); free(xb); free(q); free(att); free(o); free(kh); free(h1); free(h3); free(scores);
+}
+
+/* The logits of the last of tokens[0..n) at positions 0..n-1, computed
+ * from scratch. */
+static void ref_full(const llama_model *m, kvrt_rope_style style, kvrt_dtype dtype,
+                     const int *tokens, int n, double *logits)
+{
+    ref_seq r = ref_create(m, style, dtype, n);
+    for (int i = 0; i < n; i++)
+        ref_step(&r, tokens[i], i, i == n - 1 ? logits : NULL);
+    ref_free(&r);
+}
+
+/* What a context shift does to the reference: drop [n_keep, n_keep + d),
+ * move the rest down by d. */
+static void ref_shift(ref_seq *r, int n_keep, int d)
+{
+    size_t row = (size_t)r->m->config.n_layers * (size_t)r->m->kv_dim;
+    for (int j = n_keep + d; j < r->n; j++) {
+        r->pos[j - d] = r->pos[j] - d;
+        memcpy(r->k + (j - d) * row, r->k + j * row, row * sizeof(double));
+        memcpy(r->v + (j - d) * row, r->v + j * row, row * sizeof(double));
+    }
+    r->n -= d;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Bounds                                                                    */
+/* ------------------------------------------------------------------------ */
+
+/*
+ * The decoder runs in f32 (u = 2^-24) what the reference runs in double.
+ * A product of inner length K errs by at most gamma_K sum|w_i x_i|,
+ * gamma_K = K u / (1 - K u) (Higham, Accuracy and Stability, 3.1), and,
+ * with rounding errors of random sign, by about sqrt(K) u sum|w_i x_i| with
+ * high probability (Higham and Mary, 2019). With weights of variance 1/K and
+ * unit activations sum|w_i x_i| is about (2/pi) sqrt(K), so an output errs by
+ * about K u (probabilistic) to K^1.5 u (worst case), relative to unit size. A
+ * layer chains four products (q/k/v, o, gate/up, down) and attention (its
+ * softmax and weighted sum add a few u relative); RMSNorm rescales to unit
+ * size without amplifying and the residual adds the errors. After L layers
+ * and the classifier the logits err by about
+ *     (5 L + 1) K u     per unit of logit size,
+ * K = the widest inner length (hidden_dim); the bound takes 4 times that
+ * (6.6e-4 for L = 3, K = 172), relative to (1 + max |logit|), below the
+ * worst case and far above what is measured (about 1e-6, printed). A wrong
+ * position in RoPE or a stale or missing row moves logits by O(0.1 - 1).
+ *
+ * The reference reads K and V as the cache stores them (rounded to f16 or
+ * bf16 after RoPE), so on f16/bf16 caches the same bound holds except where
+ * the f32 and the double K round to neighbouring values: one unit in the last
+ * place of the cache dtype (2^-11, 2^-8) on an element, rarely. A shifted
+ * token's K is rounded a second time after re-rotation (kvrt_seq_shift
+ * rotates the stored K and stores it again), an error of u_dtype |k| on
+ * every element of every shifted row. Through q.k / sqrt(hs) that moves a
+ * score by at most u_dtype |q| |k| / sqrt(hs) (a few u_dtype), hence the
+ * attention output by as much relative, and the logits by that through
+ * the remaining layers. The bounds add 4 u_dtype for the rare neighbouring
+ * roundings and 16 u_dtype once rows were shifted: f16 2e-3 / 7.8e-3,
+ * bf16 1.6e-2 / 6.3e-2, relative to (1 + max |logit|).
+ */
+static double bound(const llama_model *m, kvrt_dtype dtype, int shifted)
+{
+    const llama_config *c = &m->config;
+    int K = c->hidden_dim > c->dim ? c->hidden_dim : c->dim;
+    double f32 = 4.0 * (5 * c->n_layers + 1) * K * 0x1p-24;
+    if (dtype == KVRT_F32)
+        return f32;
+    double u = dtype == KVRT_F16 ? 0x1p-11 : 0x1p-8;
+    return f32 + (shifted ? 16.0 : 4.0) * u;
+}
+
+/* max |got - want| / (1 + max |want|) */
+static double logit_error(const float *got, const double *want, int n)
+{
+    double err = 0.0, scale = 0.0;
+    for (int i = 0; i < n; i++) {
+        err = fmax(err, fabs((double)got[i] - want[i]));
+        scale = fmax(scale, fabs(want[i]));
+    }
+    return err / (1.0 + scale);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Fixtures                                                                  */
+/* ------------------------------------------------------------------------ */
+
+static llama_config config3(void)
+{
+    return (llama_config){.dim = 64, .hidden_dim = 172, .n_layers = 3, .n_heads = 4,
+                          .n_kv_heads = 2, .vocab_size = 384, .seq_len = 64,
+                          .shared_classifier = 0};
+}
+
+static int setup(void **state)
+{
+    (void)state;
+    const char *tmp = getenv("TMPDIR");
+    snprintf(dir, sizeof dir, "%s/kvrt-llama-XXXXXX", tmp ? tmp : "/tmp");
+    if (!mkdtemp(dir))
+        return -1;
+    char sub[300];
+    llama_config c3 = config3(), c1 = config3();
+    c1.n_layers = 1;
+    c1.shared_classifier = 1;
+    snprintf(sub, sizeof sub, "%s/one", dir);
+    if (llama_write_tiny(dir, &c3, 7) != 0 || mkdir(sub, 0777) != 0 ||
+        llama_write_tiny(sub, &c1, 8) != 0)
+        return -1;
+    snprintf(model3_path, sizeof model3_path, "%s/model.bin", dir);
+    snprintf(tok3_path, sizeof tok3_path, "%s/tokenizer.bin", dir);
+    snprintf(model1_path, sizeof model1_path, "%s/one/model.bin", dir);
+    if (llama_model_load(model3_path, &model3) != 0 || llama_model_load(model1_path, &model1) != 0)
+        return -1;
+    return 0;
+}
+
+static int teardown(void **state)
+{
+    (void)state;
+    llama_model_free(&model3);
+    llama_model_free(&model1);
+    char cmd[600];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
+    return system(cmd) == 0 ? 0 : -1;
+}
+
+/* A decoder on the test's backend and a session of n_seqs sequences. */
+static void open_session(const llama_model *m, kvrt_dtype dtype, int n_ctx, int n_seqs,
+                         float temperature, uint64_t seed, llama_decoder *dec,
+                         llama_session *sess)
+{
+    llama_decoder_options o;
+    llama_decoder_options_init(&o);
+    o.device = (kvrt_device){backend, 0};
+    o.cache_dtype = dtype;
+    o.n_ctx = n_ctx;
+    o.max_seqs = n_seqs;
+    o.max_batch = 16; /* prompts longer than this run in chunks */
+    TRY(llama_decoder_create(m, &o, dec));
+    llama_sampler s;
+    llama_sampler_init(&s, temperature, 0.9f, seed);
+    TRY(llama_session_create(dec, n_seqs, &s, sess));
+}
+
+static void close_session(llama_decoder *dec, llama_session *sess)
+{
+    llama_session_destroy(sess);
+    llama_decoder_destroy(dec);
+}
+
+static const int prompt[] = {LLAMA_BOS, 300, 17, 42, 99, 250, 7, 310, 11, 64, 200, 5,
+                             128, 77, 301, 33, 90, 140, 260, 3}; /* 20 tokens */
+#define PROMPT_LEN ((int)(sizeof prompt / sizeof *prompt))
+
+static const kvrt_dtype dtypes[3] = {KVRT_F32, KVRT_F16, KVRT_BF16};
+
+/* ------------------------------------------------------------------------ */
+/* (a) cached decode == recomputation of the whole prefix                    */
+/* ------------------------------------------------------------------------ */
+
+static void check_decode(const llama_model *m, kvrt_dtype dtype, kvrt_rope_style style)
+{
+    llama_decoder dec;
+    llama_session sess;
+    open_session(m, dtype, 64, 1, 1.0f, 1, &dec, &sess);
+    dec.opts.rope_style = style; /* the forward pass reads it; the cache's RoPE is for shifts */
+    int vocab = m->config.vocab_size;
+    double *ref = malloc((size_t)vocab * sizeof(double)), worst = 0.0;
+    TRY(llama_prefill(&sess, 0, prompt, PROMPT_LEN));
+    ref_full(m, style, dtype, prompt, PROMPT_LEN, ref);
+    worst = logit_error(dec.logits, ref, vocab);
+    for (int step = 0; step < 40; step++) {
+        TRY(llama_decode_step(&sess, 1, NULL));
+        ref_full(m, style, dtype, sess.seqs[0].tokens, sess.seqs[0].n, ref);
+        double err = logit_error(dec.logits, ref, vocab);
+        worst = fmax(worst, err);
+        if (err > bound(m, dtype, 0))
+            fail_msg("%s cache, step %d (%d tokens): logits err %.3g > %.3g", kvrt_dtype_name(dtype),
+                     step, sess.seqs[0].n, err, bound(m, dtype, 0));
+    }
+    print_message("decode, %s cache, %s rope: worst logit error %.3g (bound %.3g)\n",
+                  kvrt_dtype_name(dtype), style == KVRT_ROPE_NORMAL ? "normal" : "neox", worst,
+                  bound(m, dtype, 0));
+    free(ref);
+    close_session(&dec, &sess);
+}
+
+static void test_decode(void **state)
+{
+    (void)state;
+    for (int d = 0; d < 3; d++)
+        check_decode(&model3, dtypes[d], KVRT_ROPE_NORMAL);
+    check_decode(&model3, KVRT_F32, KVRT_ROPE_NEOX);
+    check_decode(&model1, KVRT_F32, KVRT_ROPE_NORMAL);
+}
+
+/* ------------------------------------------------------------------------ */
+/* (b) context shift                                                         */
+/* ------------------------------------------------------------------------ */
+
+/*
+ * After a shift the cache holds the kept tokens' K and V as they were
+ * computed, with K re-rotated to the new positions. With one layer a
+ * token's K and V depend only on the token, so that is exactly a
+ * recomputation over the kept tokens (ref_full). With more layers a kept
+ * token's deeper K and V were computed while the dropped tokens were still
+ * visible, which no recomputation over the kept tokens reproduces: that is
+ * what a context shift is. There the reference runs beside the decoder
+ * (ref_step per token, ref_shift at each shift), keeping every token's K
+ * before RoPE and rotating it at its current position from scratch, so it
+ * checks the removal, the new positions and the re-rotation.
+ */
+static void check_shift(const llama_model *m, kvrt_dtype dtype)
+{
+    enum { CTX = 32, KEEP = 4 };
+    llama_decoder dec;
+    llama_session sess;
+    open_session(m, dtype, CTX, 1, 1.0f, 3, &dec, &sess);
+    int vocab = m->config.vocab_size, shifts = 0, one_layer = m->config.n_layers == 1;
+    double *ref = malloc((size_t)vocab * sizeof(double)), worst = 0.0;
+    ref_seq r = ref_create(m, KVRT_ROPE_NORMAL, dtype, CTX);
+    TRY(llama_prefill(&sess, 0, prompt, PROMPT_LEN));
+    for (int i = 0; i < PROMPT_LEN; i++)
+        ref_step(&r, prompt[i], i, NULL);
+    for (int step = 0; step < 60; step++) {
+        int shifted[1], token = sess.seqs[0].pending;
+        TRY(llama_decode_step(&sess, KEEP, shifted));
+        if (shifted[0] > 0) {
+            ref_shift(&r, KEEP, shifted[0]);
+            shifts++;
+        }
+        ref_step(&r, token, r.n, ref);
+        assert_int_equal(r.n, sess.seqs[0].n);
+        double err = logit_error(dec.logits, ref, vocab);
+        if (one_layer) {
+            double *full = malloc((size_t)vocab * sizeof(double));
+            ref_full(m, KVRT_ROPE_NORMAL, dtype, sess.seqs[0].tokens, sess.seqs[0].n, full);
+            err = fmax(err, logit_error(dec.logits, full, vocab));
+            free(full);
+        }
+        worst = fmax(worst, err);
+        double b = bound(m, dtype, shifts > 0);
+        if (err > b)
+            fail_msg("%s cache, step %d after %d shifts: logits err %.3g > %.3g",
+                     kvrt_dtype_name(dtype), step, shifts, err, b);
+        int32_t pos_max;
+        assert_int_equal(kvrt_seq_pos_max(dec.cache, 0, &pos_max), KVRT_OK);
+        assert_int_equal(pos_max, sess.seqs[0].n - 1);
+    }
+    assert_true(shifts >= 3);
+    print_message("shift, %d layers, %s cache: %d shifts, worst logit error %.3g (bound %.3g)\n",
+                  m->config.n_layers, kvrt_dtype_name(dtype), shifts, worst, bound(m, dtype, 1));
+    ref_free(&r);
+    free(ref);
+    close_session(&dec, &sess);
+}
+
+static void test_shift(void **state)
+{
+    (void)state;
+    for (int d = 0; d < 3; d++)
+        check_shift(&model3, dtypes[d]);
+    check_shift(&model1, KVRT_F32);
+}
+
+/* ------------------------------------------------------------------------ */
+/* (c) forks decode as the prompt alone                                      */
+/* ------------------------------------------------------------------------ */
+
+static void test_fork(void **state)
+{
+    (void)state;
+    enum { N = 4, STEPS = 30 };
+    int vocab = model3.config.vocab_size;
+    int together[N][STEPS];
+    float *logits = malloc((size_t)N * STEPS * vocab * sizeof(float));
+    llama_decoder dec;
+    llama_session sess;
+    open_session(&model3, KVRT_F32, 64, N, 1.0f, 100, &dec, &sess);
+    TRY(llama_prefill(&sess, 0, prompt, PROMPT_LEN));
+    for (int s = 1; s < N; s++)
+        TRY(llama_fork(&sess, 0, s, 100 + s, dec.logits));
+    kvrt_cache_stats st;
+    assert_int_equal(kvrt_cache_stats_get(dec.cache, -1, &st), KVRT_OK);
+    assert_true(st.blocks_shared >= 1); /* the prompt's full block is shared, not copied */
+    for (int step = 0; step < STEPS; step++) {
+        for (int s = 0; s < N; s++)
+            together[s][step] = sess.seqs[s].pending;
+        TRY(llama_decode_step(&sess, 1, NULL));
+        memcpy(logits + (size_t)step * N * vocab, dec.logits, (size_t)N * vocab * sizeof(float));
+    }
+    close_session(&dec, &sess);
+
+    double worst = 0.0;
+    for (int s = 0; s < N; s++) {
+        open_session(&model3, KVRT_F32, 64, 1, 1.0f, 100 + s, &dec, &sess);
+        TRY(llama_prefill(&sess, 0, prompt, PROMPT_LEN));
+        for (int step = 0; step < STEPS; step++) {
+            if (sess.seqs[0].pending != together[s][step])
+                fail_msg("seq %d, step %d: token %d forked, %d alone", s, step,
+                         together[s][step], sess.seqs[0].pending);
+            TRY(llama_decode_step(&sess, 1, NULL));
+            const float *f = logits + ((size_t)step * N + s) * vocab;
+            for (int i = 0; i < vocab; i++)
+                worst = fmax(worst, fabs((double)f[i] - dec.logits[i]));
+        }
+        close_session(&dec, &sess);
+    }
+    /* Batched and alone run the same arithmetic but may split it
+     * differently (GEMM blocking, attention work split): within the f32
+     * bound, and in practice equal or nearly. */
+    assert_true(worst <= bound(&model3, KVRT_F32, 0));
+    print_message("fork: %d sequences x %d tokens as alone; largest logit difference %.3g\n", N,
+                  STEPS, worst);
+    free(logits);
+}
+
+/* ------------------------------------------------------------------------ */
+/* (d) save and resume                                                       */
+/* ------------------------------------------------------------------------ */
+
+static void check_resume(kvrt_dtype dtype)
+{
+    enum { N = 2, BEFORE = 50, AFTER = 30, CTX = 48 };
+    char path[320];
+    snprintf(path, sizeof path, "%s/session.kvll", dir);
+    int first[N][AFTER];
+    llama_decoder dec;
+    llama_session sess;
+    open_session(&model3, dtype, CTX, N, 0.0f, 1, &dec, &sess); /* greedy */
+    TRY(llama_prefill(&sess, 0, prompt, PROMPT_LEN));
+    TRY(llama_fork(&sess, 0, 1, 0, NULL));
+    TRY(llama_truncate(&sess, 1, 10)); /* seq 1 continues differently */
+    TRY(llama_prefill(&sess, 1, prompt + 15, 5));
+    for (int i = 0; i < BEFORE; i++) /* past the context: shifts before the save */
+        TRY(llama_decode_step(&sess, 1, NULL));
+    TRY(llama_session_save(&sess, path));
+    for (int i = 0; i < AFTER; i++) {
+        for (int s = 0; s < N; s++)
+            first[s][i] = sess.seqs[s].pending;
+        TRY(llama_decode_step(&sess, 1, NULL));
+    }
+    close_session(&dec, &sess);
+
+    open_session(&model3, dtype, CTX, N, 0.0f, 1, &dec, &sess);
+    TRY(llama_session_load(&sess, path));
+    for (int i = 0; i < AFTER; i++) {
+        for (int s = 0; s < N; s++)
+            if (sess.seqs[s].pending != first[s][i])
+                fail_msg("%s cache, seq %d, step %d after resume: token %d, %d before the save",
+                         kvrt_dtype_name(dtype), s, i, sess.seqs[s].pending, first[s][i]);
+        TRY(llama_decode_step(&sess, 1, NULL));
+    }
+    close_session(&dec, &sess);
+}
+
+static void test_resume(void **state)
+{
+    (void)state;
+    for (int d = 0; d < 3; d++)
+        check_resume(dtypes[d]);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Bad input                                                                 */
+/* ------------------------------------------------------------------------ */
+
+static unsigned char *slurp(const char *path, size_t *n)
+{
+    FILE *f = fopen(path, "rb");
+    assert_non_null(f);
+    fseek(f, 0, SEEK_END);
+    *n = (size_t)ftell(f);
+    fseek(f, 0, SEEK_SET);
+    unsigned char *data = malloc(*n);
+    assert_non_null(data);
+    assert_int_equal(fread(data, 1, *n, f), *n);
+    fclose(f);
+    return data;
+}
+
+static void spill(const char *path, const void *data, size_t n)
+{
+    FILE *f = fopen(path, "wb");
+    assert_non_null(f);
+    assert_int_equal(fwrite(data, 1, n, f), n);
+    fclose(f);
+}
+
+/* Loading the checkpoint with header field `field` set to value (field < 0:
+ * unchanged), cut to `bytes` (0: whole), fails naming `needle`. */
+static void bad_checkpoint(int field, int32_t value, size_t bytes, const char *needle)
+{
+    size_t n;
+    unsigned char *data = slurp(model3_path, &n);
+    if (field >= 0)
+        memcpy(data + 4 * field, &value, 4);
+    char path[320];
+    snprintf(path, sizeof path, "%s/bad.bin", dir);
+    spill(path, data, bytes ? bytes : n);
+    llama_model m;
+    if (llama_model_load(path, &m) == 0)
+        fail_msg("checkpoint with field %d = %d, %zu bytes loaded", field, value, bytes);
+    if (!strstr(llama_error(), needle))
+        fail_msg("message \"%s\" does not name \"%s\"", llama_error(), needle);
+    assert_null(m.map);
+    free(data);
+}
+
+static void test_bad_checkpoint(void **state)
+{
+    (void)state;
+    size_t n;
+    free(slurp(model3_path, &n));
+    bad_checkpoint(-1, 0, 20, "shorter than the 28-byte header");
+    bad_checkpoint(-1, 0, n - 1000, "needs");                 /* truncated */
+    bad_checkpoint(2, 1000, 0, "n_layers 1000, but the file holds 3 layers");
+    bad_checkpoint(2, 2, 0, "n_layers 2, but the file holds 3 layers");
+    bad_checkpoint(0, 1 << 30, 0, "dim 1073741824 is out of range");
+    bad_checkpoint(0, 0, 0, "dim 0 is out of range");
+    bad_checkpoint(1, -5, 0, "hidden_dim -5 is out of range");
+    bad_checkpoint(3, 0, 0, "n_heads 0 is out of range");
+    bad_checkpoint(3, 3, 0, "n_heads 3 does not divide dim 64");
+    bad_checkpoint(4, 3, 0, "n_kv_heads 3 does not divide n_heads 4");
+    bad_checkpoint(4, 8, 0, "n_kv_heads 8 is out of range");
+    bad_checkpoint(3, 64, 0, "head size dim / n_heads = 1");
+    bad_checkpoint(5, INT32_MIN, 0, "vocab_size 0 is out of range");
+    bad_checkpoint(5, 1 << 22, 0, "needs");                   /* passes the range, not the size */
+    bad_checkpoint(5, 384, 0, "holds a separate classifier"); /* sign says shared */
+    bad_checkpoint(6, 0, 0, "seq_len 0 is out of range");
+    bad_checkpoint(6, 1 << 24, 0, "needs");
+    /* an absurd but in-range header over a small file allocates nothing */
+    bad_checkpoint(1, 1 << 20, 0, "needs");
+}
+
+static void bad_tokenizer(size_t at, int32_t value, size_t bytes, size_t extra, const char *needle)
+{
+    size_t n;
+    unsigned char *data = slurp(tok3_path, &n);
+    data = realloc(data, n + extra);
+    memset(data + n, 0, extra);
+    if (at != (size_t)-1)
+        memcpy(data + at, &value, 4);
+    char path[320];
+    snprintf(path, sizeof path, "%s/bad_tokenizer.bin", dir);
+    spill(path, data, bytes ? bytes : n + extra);
+    llama_tokenizer tok;
+    if (llama_tokenizer_load(path, model3.config.vocab_size, &tok) == 0)
+        fail_msg("tokenizer (%zu = %d, %zu bytes) loaded", at, value, bytes);
+    if (!strstr(llama_error(), needle))
+        fail_msg("message \"%s\" does not name \"%s\"", llama_error(), needle);
+    assert_null(tok.pieces);
+    free(data);
+}
+
+static void test_bad_tokenizer(void **state)
+{
+    (void)state;
+    llama_tokenizer tok;
+    TRY(llama_tokenizer_load(tok3_path, model3.config.vocab_size, &tok));
+    llama_tokenizer_free(&tok);
+    /* token 0 is "<unk>": score at 4, length at 8, bytes at 12 */
+    bad_tokenizer((size_t)-1, 0, 2, 0, "no max_token_length");
+    bad_tokenizer(0, -1, 0, 0, "max_token_length -1 is out of range");
+    bad_tokenizer(0, 1 << 30, 0, 0, "max_token_length 1073741824 is out of range");
+    bad_tokenizer(8, 1 << 30, 0, 0, "token 0: length 1073741824 is out of range");
+    bad_tokenizer(8, -3, 0, 0, "token 0: length -3 is out of range");
+    bad_tokenizer(8, 15, 0, 0, "");                 /* a lying length desynchronizes what follows */
+    bad_tokenizer((size_t)-1, 0, 100, 0, "of the model's vocab_size 384");
+    bad_tokenizer((size_t)-1, 0, 0, 9, "9 bytes after the model's vocab_size 384 tokens");
+    bad_tokenizer(4, 0x7FC00000, 0, 0, "token 0: score is not finite");
+    if (llama_tokenizer_load(tok3_path, 2, &tok) == 0 || !strstr(llama_error(), "vocab_size 2"))
+        fail_msg("a vocabulary of 2: %s", llama_error());
+}
+
+static void test_bad_session(void **state)
+{
+    (void)state;
+    char path[320], bad[320];
+    snprintf(path, sizeof path, "%s/good.kvll", dir);
+    snprintf(bad, sizeof bad, "%s/bad.kvll", dir);
+    llama_decoder dec;
+    llama_session sess;
+    open_session(&model3, KVRT_F32, 64, 1, 0.0f, 1, &dec, &sess);
+    /* a prompt longer than the context: an error, nothing run */
+    int long_prompt[80];
+    for (int i = 0; i < 80; i++)
+        long_prompt[i] = i + 3;
+    assert_int_equal(llama_prefill(&sess, 0, long_prompt, 80), -1);
+    assert_non_null(strstr(llama_error(), "80 tokens after the 0 cached do not fit the context of 64"));
+    assert_int_equal(sess.seqs[0].n, 0);
+    TRY(llama_prefill(&sess, 0, prompt, PROMPT_LEN));
+    TRY(llama_session_save(&sess, path));
+    close_session(&dec, &sess);
+
+    size_t n;
+    unsigned char *data = slurp(path, &n);
+    struct { size_t bytes; size_t at; int32_t value; const char *needle; } cases[] = {
+        {1, (size_t)-1, 0, "kvrt_state_read"},                 /* n - 100: in kvrt's state */
+        {40, (size_t)-1, 0, "truncated"},                      /* in the header's tokens */
+        {0, 0, 0x12345678, "magic"},
+        {0, 8, 5000, "n_seqs 5000 is out of range"},
+        {0, 12, 96, "dim 96 in file, 64 in the model"},
+        {0, 36, 1000, "1000 tokens do not fit the context of 64"},
+        {0, 40, 384, "pending token 384 is outside the vocabulary"},
+        {0, 60, -4, "token 0 is outside the vocabulary"},
+        {2, 36, 19, "the cache state holds 20 tokens"}, /* 19 in the header, 20 in kvrt's state */
+    };
+    for (size_t c = 0; c < sizeof cases / sizeof *cases; c++) {
+        unsigned char *copy = malloc(n);
+        memcpy(copy, data, n);
+        if (cases[c].at != (size_t)-1)
+            memcpy(copy + cases[c].at, &cases[c].value, 4);
+        size_t bytes = cases[c].bytes ? cases[c].bytes : n;
+        if (cases[c].bytes == 1)
+            bytes = n - 100;
+        if (cases[c].bytes == 2) { /* drop the header's last token, keep kvrt's state whole */
+            memmove(copy + 60 + 19 * 4, copy + 60 + 20 * 4, n - (60 + 20 * 4));
+            bytes = n - 4;
+        }
+        spill(bad, copy, bytes);
+        free(copy);
+        open_session(&model3, KVRT_F32, 64, 1, 0.0f, 1, &dec, &sess);
+        if (llama_session_load(&sess, bad) == 0)
+            fail_msg("bad session %zu loaded", c);
+        if (!strstr(llama_error(), cases[c].needle))
+            fail_msg("case %zu: message \"%s\" does not name \"%s\"", c, llama_error(),
+                     cases[c].needle);
+        int64_t cached;
+        assert_int_equal(kvrt_seq_n_tokens(dec.cache, 0, &cached), KVRT_OK);
+        assert_int_equal(cached, 0);
+        assert_int_equal(sess.seqs[0].n, 0);
+        close_session(&dec, &sess);
+    }
+    free(data);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Tokenizer                                                                 */
+/* ------------------------------------------------------------------------ */
+
+static void test_tokenizer(void **state)
+{
+    (void)state;
+    llama_tokenizer tok;
+    TRY(llama_tokenizer_load(tok3_path, model3.config.vocab_size, &tok));
+    const char *text = "the cat saw\n\xc3\xa9!";
+    int tokens[64], n;
+    TRY(llama_encode(&tok, text, 1, tokens, &n));
+    assert_int_equal(tokens[0], LLAMA_BOS);
+    /* merges happened (" the" is one token) and decoding gives the text back */
+    assert_string_equal(tok.pieces[tokens[1]], " the");
+    char back[64] = "";
+    for (int i = 1; i < n; i++)
+        strcat(back, llama_piece(&tok, tokens[i - 1], tokens[i]));
+    assert_string_equal(back, text);
+    llama_tokenizer_free(&tok);
+}
+
+int main(int argc, char **argv)
+{
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--backend") && i + 1 < argc) {
+            const char *b = argv[++i];
+            backend = !strcmp(b, "cuda") ? KVRT_BACKEND_CUDA
+                      : !strcmp(b, "hip") ? KVRT_BACKEND_HIP : KVRT_BACKEND_CPU;
+        }
+    }
+    if (kvrt_device_count(backend) == 0) {
+        printf("no %s device: skipped\n", kvrt_backend_name(backend));
+        return 77;
+    }
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_tokenizer),
+        cmocka_unit_test(test_decode),
+        cmocka_unit_test(test_shift),
+        cmocka_unit_test(test_fork),
+        cmocka_unit_test(test_resume),
+        cmocka_unit_test(test_bad_checkpoint),
+        cmocka_unit_test(test_bad_tokenizer),
+        cmocka_unit_test(test_bad_session),
+    };
+    return cmocka_run_group_tests(tests, setup, teardown);
+}
