@@ -518,7 +518,7 @@ static void test_fork(void **state)
 /* (d) save and resume                                                       */
 /* ------------------------------------------------------------------------ */
 
-static void check_resume(kvrt_dtype dtype)
+static void check_resume(kvrt_dtype dtype, float temperature)
 {
     enum { N = 2, BEFORE = 50, AFTER = 30, CTX = 48 };
     char path[320];
@@ -526,7 +526,7 @@ static void check_resume(kvrt_dtype dtype)
     int first[N][AFTER];
     llama_decoder dec;
     llama_session sess;
-    open_session(&model3, dtype, CTX, N, 0.0f, 1, &dec, &sess); /* greedy */
+    open_session(&model3, dtype, CTX, N, temperature, 1, &dec, &sess);
     TRY(llama_prefill(&sess, 0, prompt, PROMPT_LEN));
     TRY(llama_fork(&sess, 0, 1, 0, NULL));
     TRY(llama_truncate(&sess, 1, 10)); /* seq 1 continues differently */
@@ -541,7 +541,7 @@ static void check_resume(kvrt_dtype dtype)
     }
     close_session(&dec, &sess);
 
-    open_session(&model3, dtype, CTX, N, 0.0f, 1, &dec, &sess);
+    open_session(&model3, dtype, CTX, N, temperature, 99, &dec, &sess); /* samplers from the file */
     TRY(llama_session_load(&sess, path));
     for (int i = 0; i < AFTER; i++) {
         for (int s = 0; s < N; s++)
@@ -557,7 +557,8 @@ static void test_resume(void **state)
 {
     (void)state;
     for (int d = 0; d < 3; d++)
-        check_resume(dtypes[d]);
+        check_resume(dtypes[d], 0.0f); /* greedy */
+    check_resume(KVRT_F32, 1.0f);      /* top-p: the samplers' state resumes too */
 }
 
 /* ------------------------------------------------------------------------ */
