@@ -168,6 +168,11 @@ int llama_model_load(const char *path, llama_model *model)
                    (long long)st.st_size);
         goto out;
     }
+    if (memcmp(header, "ak42", 4) == 0) {
+        llama_fail("checkpoint %s: a llama2.c export of version 1 or 2 (magic \"ak42\"); "
+                   "kvrt-llama reads the legacy format (export.py --version 0)", path);
+        goto out;
+    }
     llama_config *c = &model->config;
     *c = (llama_config){header[0], header[1], header[2], header[3], header[4], header[5],
                         header[6], 1};

@@ -614,6 +614,7 @@ static void test_bad_checkpoint(void **state)
     free(slurp(model3_path, &n));
     bad_checkpoint(-1, 0, 20, "shorter than the 28-byte header");
     bad_checkpoint(-1, 0, n - 1000, "needs");                 /* truncated */
+    bad_checkpoint(0, 0x32346b61, 0, "version 1 or 2");       /* "ak42" */
     bad_checkpoint(2, 1000, 0, "n_layers 1000, but the file holds 3 layers");
     bad_checkpoint(2, 2, 0, "n_layers 2, but the file holds 3 layers");
     bad_checkpoint(0, 1 << 30, 0, "dim 1073741824 is out of range");
