@@ -207,14 +207,30 @@ static void print_shift(const llama_session *sess, int s, int dropped, int n_kee
          n_keep + dropped, n_keep + dropped, n_ctx, dropped, sess->seqs[s].n);
 }
 
-/* Generates up to n_gen tokens per sequence: each pending token is printed,
- * then run (all sequences as one batch) to draw the next. A sequence stops at
- * EOS. The last drawn token stays pending (a saved session resumes with it). */
-static int generate(llama_session *sess, const llama_tokenizer *tok, const options *o,
-                    text *texts)
+static int decode_step(llama_session *sess, const options *o)
 {
     int shifted[1024];
-    int stream = sess->n_seqs == 1;
+    if (llama_decode_step(sess, o->n_keep, shifted) != 0)
+        return -1;
+    for (int s = 0; s < sess->n_seqs; s++)
+        if (shifted[s] > 0)
+            print_shift(sess, s, shifted[s], o->n_keep);
+    return 0;
+}
+
+/* Generates up to n_gen tokens per sequence: each pending token is printed,
+ * then run (all sequences as one batch) to draw the next. A sequence stops at
+ * EOS. The last drawn token stays pending: a resumed session (resumed != 0),
+ * which printed it before its save, runs it first, so that the two runs
+ * print what one would have. */
+static int generate(llama_session *sess, const llama_tokenizer *tok, const options *o,
+                    text *texts, int resumed)
+{
+    int stream = sess->n_seqs == 1, any = 0;
+    for (int s = 0; s < sess->n_seqs; s++)
+        any |= sess->seqs[s].pending >= 0;
+    if (resumed && any && decode_step(sess, o) != 0)
+        return -1;
     for (int i = 0; i < o->n_gen; i++) {
         int live = 0;
         for (int s = 0; s < sess->n_seqs; s++) {
@@ -231,11 +247,8 @@ static int generate(llama_session *sess, const llama_tokenizer *tok, const optio
         }
         if (live == 0 || i == o->n_gen - 1)
             break;
-        if (llama_decode_step(sess, o->n_keep, shifted) != 0)
+        if (decode_step(sess, o) != 0)
             return -1;
-        for (int s = 0; s < sess->n_seqs; s++)
-            if (shifted[s] > 0)
-                print_shift(sess, s, shifted[s], o->n_keep);
     }
     return 0;
 }
@@ -277,27 +290,39 @@ static int run_generate(llama_session *sess, const llama_tokenizer *tok, const o
             note("load %s, seq %d: %d tokens restored by kvrt_state_read, next token %d", o->load,
                  s, sess->seqs[s].n, sess->seqs[s].pending);
         if (o->prompt) { /* appended after each sequence's pending token */
-            int n;
+            int n, rc = 0;
             int *tokens = encode(tok, o->prompt, 0, &n);
             int *input = malloc((size_t)(n + 1) * sizeof(int));
-            for (int s = 0; s < sess->n_seqs && input; s++) {
+            for (int s = 0; s < sess->n_seqs && input && rc == 0; s++) {
                 llama_seq *seq = &sess->seqs[s];
                 int m = 0;
                 if (seq->pending >= 0)
                     input[m++] = seq->pending;
                 memcpy(input + m, tokens, (size_t)n * sizeof(int));
-                if (llama_prefill(sess, s, input, m + n) != 0)
-                    return die(NULL);
-                note("prefill, seq %d: %d tokens appended", s, m + n);
+                /* make room by context shifts while what is kept can be shifted */
+                while (rc == 0 && seq->n + m + n > dec->opts.n_ctx && seq->n > o->n_keep + 1) {
+                    int dropped = llama_context_shift(sess, s, o->n_keep);
+                    rc = dropped < 0 ? die(NULL) : 0;
+                    if (rc == 0)
+                        print_shift(sess, s, dropped, o->n_keep);
+                }
+                if (rc == 0 && llama_prefill(sess, s, input, m + n) != 0)
+                    rc = die(NULL);
+                if (rc == 0)
+                    note("prefill, seq %d: %d tokens appended", s, m + n);
             }
             free(input);
             free(tokens);
+            if (rc != 0)
+                return rc;
         }
     } else {
         const char *prompt = o->prompt ? o->prompt : "Once upon a time";
         int n;
         int *tokens = encode(tok, prompt, 1, &n);
-        if (llama_prefill(sess, 0, tokens, n) != 0)
+        int rc = llama_prefill(sess, 0, tokens, n);
+        free(tokens);
+        if (rc != 0)
             return die(NULL);
         note("prefill, seq 0: %d prompt tokens (kvrt_batch_plan + kvrt_write + kvrt_attention "
              "per layer, %d per call)", n, dec->opts.max_batch);
@@ -311,12 +336,10 @@ static int run_generate(llama_session *sess, const llama_tokenizer *tok, const o
         }
         if (sess->n_seqs == 1)
             fputs(prompt, stdout);
-        free(tokens);
     }
     text *texts = calloc((size_t)sess->n_seqs, sizeof *texts);
-    if (generate(sess, tok, o, texts) != 0)
-        return die(NULL);
-    if (sess->n_seqs > 1) {
+    int rc = generate(sess, tok, o, texts, o->load && !o->prompt) != 0 ? die(NULL) : 0;
+    if (rc == 0 && sess->n_seqs > 1) {
         fflush(stdout);
         for (int s = 0; s < sess->n_seqs; s++) {
             printf("\n--- seq %d ---\n%s\n", s, texts[s].data ? texts[s].data : "");
@@ -325,7 +348,7 @@ static int run_generate(llama_session *sess, const llama_tokenizer *tok, const o
     for (int s = 0; s < sess->n_seqs; s++)
         free(texts[s].data);
     free(texts);
-    return 0;
+    return rc;
 }
 
 /* Chat turns from stdin: the transcript is tokenized whole each turn (as
@@ -343,7 +366,8 @@ static int run_chat(llama_session *sess, const llama_tokenizer *tok, const optio
     }
     text transcript = {0};
     char line[4096];
-    for (int turn = 1; fgets(line, sizeof line, stdin); turn++) {
+    int rc = 0;
+    for (int turn = 1; rc == 0 && fgets(line, sizeof line, stdin); turn++) {
         line[strcspn(line, "\n")] = '\0';
         size_t mark = transcript.len;
         text_add(&transcript, "[INST] ");
@@ -361,7 +385,9 @@ static int run_chat(llama_session *sess, const llama_tokenizer *tok, const optio
             if (n >= dec->opts.n_ctx) {
                 fprintf(stderr, "kvrt-llama: turn %d: %d tokens do not fit the context of %d\n",
                         turn, n, dec->opts.n_ctx);
-                return 1;
+                free(tokens);
+                rc = 1;
+                break;
             }
         }
         llama_seq *seq = &sess->seqs[0];
@@ -372,15 +398,17 @@ static int run_chat(llama_session *sess, const llama_tokenizer *tok, const optio
             common--;
         int removed = seq->n - common;
         if (llama_truncate(sess, 0, common) != 0 ||
-            llama_prefill(sess, 0, tokens + common, n - common) != 0)
-            return die(NULL);
+            llama_prefill(sess, 0, tokens + common, n - common) != 0) {
+            free(tokens);
+            rc = die(NULL);
+            break;
+        }
         note("turn %d: %d tokens; %d cached tokens kept, kvrt_seq_rm of %d divergent, %d "
              "prefilled", turn, n, common, removed, n - common);
         printf("> %s\n", line);
         text reply = {0};
         text_add(&reply, "");
-        if (generate(sess, tok, o, &reply) != 0)
-            return die(NULL);
+        rc = generate(sess, tok, o, &reply, 0) != 0 ? die(NULL) : 0;
         printf("\n");
         /* The reply joins the transcript as the text that was printed. */
         text_add(&transcript, " ");
@@ -389,7 +417,7 @@ static int run_chat(llama_session *sess, const llama_tokenizer *tok, const optio
         free(tokens);
     }
     free(transcript.data);
-    return 0;
+    return rc;
 }
 
 int main(int argc, char **argv)
@@ -399,9 +427,11 @@ int main(int argc, char **argv)
     if (o.make_tiny)
         return make_tiny(&o);
 
-    llama_model model;
-    if (llama_model_load(o.model, &model) != 0)
-        return die(NULL);
+    llama_model model = {0};
+    llama_tokenizer tok = {0};
+    llama_decoder dec = {0};
+    llama_session sess = {0};
+    int rc = 1;
     char tok_path[4096];
     if (!o.tokenizer) {
         const char *slash = strrchr(o.model, '/');
@@ -409,13 +439,13 @@ int main(int argc, char **argv)
                  slash ? (int)(slash - o.model + 1) : 0, o.model);
         o.tokenizer = tok_path;
     }
-    llama_tokenizer tok;
-    if (llama_tokenizer_load(o.tokenizer, model.config.vocab_size, &tok) != 0)
-        return die(NULL);
-
     int n_seqs = o.parallel;
-    if (o.load && llama_session_peek(o.load, &n_seqs) != 0)
-        return die(NULL);
+    if (llama_model_load(o.model, &model) != 0 ||
+        llama_tokenizer_load(o.tokenizer, model.config.vocab_size, &tok) != 0 ||
+        (o.load && llama_session_peek(o.load, &n_seqs) != 0)) {
+        rc = die(NULL);
+        goto out;
+    }
     llama_decoder_options dopts;
     llama_decoder_options_init(&dopts);
     dopts.device = o.device;
@@ -425,9 +455,13 @@ int main(int argc, char **argv)
     dopts.max_batch = o.max_batch;
     dopts.rope_style = o.rope_style;
     dopts.rope_theta = o.rope_theta;
-    llama_decoder dec;
-    if (llama_decoder_create(&model, &dopts, &dec) != 0)
-        return die(NULL);
+    llama_sampler sampler;
+    llama_sampler_init(&sampler, o.temperature, o.top_p, o.seed);
+    if (llama_decoder_create(&model, &dopts, &dec) != 0 ||
+        llama_session_create(&dec, n_seqs, &sampler, &sess) != 0) {
+        rc = die(NULL);
+        goto out;
+    }
     const llama_config *c = &model.config;
     fprintf(stderr, "[model %s: dim %d, %d layers, %d query heads over %d kv heads, vocab %d%s; "
                     "kvrt cache on %s, %s, context %d, %d sequence%s]\n",
@@ -435,15 +469,10 @@ int main(int argc, char **argv)
             c->shared_classifier ? "" : ", separate classifier", kvrt_backend_name(o.device.backend),
             kvrt_dtype_name(o.cache_dtype), dec.opts.n_ctx, n_seqs, n_seqs > 1 ? "s" : "");
 
-    llama_sampler sampler;
-    llama_sampler_init(&sampler, o.temperature, o.top_p, o.seed);
-    llama_session sess;
-    if (llama_session_create(&dec, n_seqs, &sampler, &sess) != 0)
-        return die(NULL);
-    int rc = o.chat ? run_chat(&sess, &tok, &o) : run_generate(&sess, &tok, &o);
-    if (rc == 0 && o.save) {
-        if (llama_session_save(&sess, o.save) != 0)
-            return die(NULL);
+    rc = o.chat ? run_chat(&sess, &tok, &o) : run_generate(&sess, &tok, &o);
+    if (rc == 0 && o.save && llama_session_save(&sess, o.save) != 0) {
+        rc = die(NULL);
+    } else if (rc == 0 && o.save) {
         int total = 0;
         for (int s = 0; s < sess.n_seqs; s++)
             total += sess.seqs[s].n;
@@ -452,6 +481,7 @@ int main(int argc, char **argv)
     }
     if (rc == 0)
         print_speed(&sess);
+out:
     llama_session_destroy(&sess);
     llama_decoder_destroy(&dec);
     llama_tokenizer_free(&tok);
