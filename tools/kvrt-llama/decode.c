@@ -323,12 +323,9 @@ void llama_sampler_init(llama_sampler *s, float temperature, float top_p, uint64
     *s = (llama_sampler){temperature, top_p, seed ? seed : 0x5EED};
 }
 
-static float random_unit(uint64_t *state) /* xorshift64*, [0, 1) */
+static float random_unit(uint64_t *state) /* [0, 1) */
 {
-    *state ^= *state >> 12;
-    *state ^= *state << 25;
-    *state ^= *state >> 27;
-    return (float)((*state * 0x2545F4914F6CDD1Dull) >> 40) / 16777216.0f;
+    return (float)(llama_random(state) >> 40) / 16777216.0f;
 }
 
 static int compare_prob(const void *a, const void *b)

@@ -279,16 +279,11 @@ static int *encode(const llama_tokenizer *tok, const char *s, int bos, int *n)
     return tokens;
 }
 
-/* Prompt (or resumed session), forks, generation. */
+/* Prompt (or resumed session, loaded by main), forks, generation. */
 static int run_generate(llama_session *sess, const llama_tokenizer *tok, const options *o)
 {
     llama_decoder *dec = sess->dec;
     if (o->load) {
-        if (llama_session_load(sess, o->load) != 0)
-            return die(NULL);
-        for (int s = 0; s < sess->n_seqs; s++)
-            note("load %s, seq %d: %d tokens restored by kvrt_state_read, next token %d", o->load,
-                 s, sess->seqs[s].n, sess->seqs[s].pending);
         if (o->prompt) { /* appended after each sequence's pending token */
             int n, rc = 0;
             int *tokens = encode(tok, o->prompt, 0, &n);
@@ -359,11 +354,6 @@ static int run_generate(llama_session *sess, const llama_tokenizer *tok, const o
 static int run_chat(llama_session *sess, const llama_tokenizer *tok, const options *o)
 {
     llama_decoder *dec = sess->dec;
-    if (o->load) {
-        if (llama_session_load(sess, o->load) != 0)
-            return die(NULL);
-        note("load %s: %d tokens restored by kvrt_state_read", o->load, sess->seqs[0].n);
-    }
     text transcript = {0};
     char line[4096];
     int rc = 0;
@@ -469,6 +459,13 @@ int main(int argc, char **argv)
             c->shared_classifier ? "" : ", separate classifier", kvrt_backend_name(o.device.backend),
             kvrt_dtype_name(o.cache_dtype), dec.opts.n_ctx, n_seqs, n_seqs > 1 ? "s" : "");
 
+    if (o.load && llama_session_load(&sess, o.load) != 0) {
+        rc = die(NULL);
+        goto out;
+    }
+    for (int s = 0; o.load && s < sess.n_seqs; s++)
+        note("load %s, seq %d: %d tokens restored by kvrt_state_read, next token %d", o.load, s,
+             sess.seqs[s].n, sess.seqs[s].pending);
     rc = o.chat ? run_chat(&sess, &tok, &o) : run_generate(&sess, &tok, &o);
     if (rc == 0 && o.save && llama_session_save(&sess, o.save) != 0) {
         rc = die(NULL);

@@ -26,6 +26,10 @@
 /* The message of the last failure on this thread. */
 const char *llama_error(void);
 
+/* The next value of a xorshift64* generator (state never 0): the tiny
+ * model's weights and the samplers. */
+uint64_t llama_random(uint64_t *state);
+
 /* ------------------------------------------------------------------------ */
 /* Checkpoint (llama2.c format)                                              */
 /* ------------------------------------------------------------------------ */

@@ -441,7 +441,7 @@ llama_config llama_tiny_config(void)
                           .shared_classifier = 1};
 }
 
-static uint64_t next_random(uint64_t *state) /* xorshift64* */
+uint64_t llama_random(uint64_t *state) /* xorshift64* */
 {
     *state ^= *state >> 12;
     *state ^= *state << 25;
@@ -456,7 +456,7 @@ static int write_random(FILE *f, uint64_t n, float scale, float offset, uint64_t
     while (n > 0) {
         size_t m = n < 1024 ? (size_t)n : 1024;
         for (size_t i = 0; i < m; i++)
-            buf[i] = offset + scale * ((float)(next_random(rng) >> 40) / 8388608.0f - 1.0f);
+            buf[i] = offset + scale * ((float)(llama_random(rng) >> 40) / 8388608.0f - 1.0f);
         if (fwrite(buf, sizeof(float), m, f) != m)
             return -1;
         n -= m;

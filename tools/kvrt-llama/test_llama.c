@@ -565,6 +565,15 @@ static void test_resume(void **state)
 /* Bad input                                                                 */
 /* ------------------------------------------------------------------------ */
 
+/* A load that must fail (rc -1) with a message containing needle. */
+static void expect_error(int rc, const char *what, const char *needle)
+{
+    if (rc == 0)
+        fail_msg("a bad %s loaded (expected \"%s\")", what, needle);
+    if (!strstr(llama_error(), needle))
+        fail_msg("%s: message \"%s\" does not name \"%s\"", what, llama_error(), needle);
+}
+
 static unsigned char *slurp(const char *path, size_t *n)
 {
     FILE *f = fopen(path, "rb");
@@ -599,10 +608,7 @@ static void bad_checkpoint(int field, int32_t value, size_t bytes, const char *n
     snprintf(path, sizeof path, "%s/bad.bin", dir);
     spill(path, data, bytes ? bytes : n);
     llama_model m;
-    if (llama_model_load(path, &m) == 0)
-        fail_msg("checkpoint with field %d = %d, %zu bytes loaded", field, value, bytes);
-    if (!strstr(llama_error(), needle))
-        fail_msg("message \"%s\" does not name \"%s\"", llama_error(), needle);
+    expect_error(llama_model_load(path, &m), "checkpoint", needle);
     assert_null(m.map);
     free(data);
 }
@@ -646,10 +652,7 @@ static void bad_tokenizer(size_t at, int32_t value, size_t bytes, size_t extra, 
     snprintf(path, sizeof path, "%s/bad_tokenizer.bin", dir);
     spill(path, data, bytes ? bytes : n + extra);
     llama_tokenizer tok;
-    if (llama_tokenizer_load(path, model3.config.vocab_size, &tok) == 0)
-        fail_msg("tokenizer (%zu = %d, %zu bytes) loaded", at, value, bytes);
-    if (!strstr(llama_error(), needle))
-        fail_msg("message \"%s\" does not name \"%s\"", llama_error(), needle);
+    expect_error(llama_tokenizer_load(path, model3.config.vocab_size, &tok), "tokenizer", needle);
     assert_null(tok.pieces);
     free(data);
 }
@@ -722,11 +725,7 @@ static void test_bad_session(void **state)
         spill(bad, copy, bytes);
         free(copy);
         open_session(&model3, KVRT_F32, 64, 1, 0.0f, 1, &dec, &sess);
-        if (llama_session_load(&sess, bad) == 0)
-            fail_msg("bad session %zu loaded", c);
-        if (!strstr(llama_error(), cases[c].needle))
-            fail_msg("case %zu: message \"%s\" does not name \"%s\"", c, llama_error(),
-                     cases[c].needle);
+        expect_error(llama_session_load(&sess, bad), "session", cases[c].needle);
         int64_t cached;
         assert_int_equal(kvrt_seq_n_tokens(dec.cache, 0, &cached), KVRT_OK);
         assert_int_equal(cached, 0);
