@@ -3,7 +3,11 @@
  * KV cache is kvrt's. Every cache operation is printed (to stderr, in
  * brackets) as it happens; the generated text goes to stdout.
  *
- *   kvrt-llama --make-tiny DIR [-s SEED]       write DIR/model.bin + DIR/tokenizer.bin
+ *   kvrt-llama --make-tiny DIR [-s SEED] [--shape D,H,L,NH,NKV,V,CTX]
+ *                                              write DIR/model.bin + DIR/tokenizer.bin
+ *                                              (random weights; --shape as the seven
+ *                                              header ints, e.g. stories15M's
+ *                                              288,768,6,6,6,32000,256)
  *   kvrt-llama MODEL.bin [options]
  *
  *   -z PATH            tokenizer (default: tokenizer.bin beside the model)
@@ -42,7 +46,7 @@
 #include "llama.h"
 
 typedef struct options {
-    const char *model, *tokenizer, *prompt, *save, *load, *make_tiny;
+    const char *model, *tokenizer, *prompt, *save, *load, *make_tiny, *shape;
     int         n_gen, n_ctx, n_keep, parallel, chat, max_batch;
     float       temperature, top_p;
     uint64_t    seed;
@@ -55,7 +59,7 @@ typedef struct options {
 static void usage(void)
 {
     fprintf(stderr,
-            "usage: kvrt-llama --make-tiny DIR [-s SEED]\n"
+            "usage: kvrt-llama --make-tiny DIR [-s SEED] [--shape D,H,L,NH,NKV,V,CTX]\n"
             "       kvrt-llama MODEL.bin [-z TOKENIZER] [-i PROMPT] [-n N] [-t TEMP] [-p TOP_P]\n"
             "                  [-s SEED] [--ctx N] [--keep K] [--parallel N] [--chat]\n"
             "                  [--save PATH] [--load PATH] [--backend cpu|cuda|hip]\n"
@@ -81,6 +85,7 @@ static int parse(int argc, char **argv, options *o)
         const char *v = i + 1 < argc ? argv[i + 1] : NULL;
 #define VALUE() (v ? (i++, v) : (usage(), ""))
         if (!strcmp(a, "--make-tiny")) o->make_tiny = VALUE();
+        else if (!strcmp(a, "--shape")) o->shape = VALUE();
         else if (!strcmp(a, "-z")) o->tokenizer = VALUE();
         else if (!strcmp(a, "-i")) o->prompt = VALUE();
         else if (!strcmp(a, "-n")) o->n_gen = atoi(VALUE());
@@ -134,6 +139,14 @@ static int make_tiny(const options *o)
         return 1;
     }
     llama_config c = llama_tiny_config();
+    if (o->shape) { /* the seven header ints; a negative vocab: separate classifier */
+        int v[7];
+        if (sscanf(o->shape, "%d,%d,%d,%d,%d,%d,%d", &v[0], &v[1], &v[2], &v[3], &v[4], &v[5],
+                   &v[6]) != 7)
+            usage();
+        c = (llama_config){v[0], v[1], v[2], v[3], v[4], v[5] < 0 ? -v[5] : v[5], v[6],
+                           v[5] > 0};
+    }
     if (llama_write_tiny(o->make_tiny, &c, o->seed) != 0)
         return die(NULL);
     printf("wrote %s/model.bin (random weights, seed %llu: dim %d, hidden_dim %d, %d layers, "

@@ -127,8 +127,9 @@ void llama_print_piece(FILE *out, const char *piece);
  * heads, vocab 512, context 256. */
 llama_config llama_tiny_config(void);
 /* Writes dir/model.bin (random weights from seed) and dir/tokenizer.bin
- * (specials, the 256 byte tokens, printable ASCII and prefixes of common
- * words, up to config->vocab_size >= 354). dir must exist. */
+ * (specials, the 256 byte tokens, printable ASCII, prefixes of common words,
+ * then filler pieces up to config->vocab_size >= 354). dir must exist. The
+ * config is checked as a checkpoint's header would be. */
 int llama_write_tiny(const char *dir, const llama_config *config, uint64_t seed);
 
 /* ------------------------------------------------------------------------ */

@@ -508,7 +508,11 @@ static int write_tokenizer(FILE *f, int vocab_size)
         " it", " he", " on", " for", " is", " you", " that", " at", " his", " but", " not",
         "ing", "ed", "er", "es", "ly", "th", "he", "in", "an", "on", "re", "at", "nd",
     };
-    char pieces[1024][16];
+    if (vocab_size < 354 || vocab_size > (1 << 20))
+        return llama_fail("tiny model: vocab_size %d is out of range [354, 1048576]", vocab_size);
+    char (*pieces)[16] = malloc((size_t)vocab_size * sizeof *pieces);
+    if (!pieces)
+        return llama_fail("tiny model: out of memory for %d tokens", vocab_size);
     int n = 0;
     strcpy(pieces[n++], "<unk>");
     strcpy(pieces[n++], "\n<s>\n");
@@ -517,8 +521,6 @@ static int write_tokenizer(FILE *f, int vocab_size)
         snprintf(pieces[n++], 16, "<0x%02X>", b);
     for (int ch = 32; ch < 127; ch++)
         snprintf(pieces[n++], 16, "%c", ch);
-    if (vocab_size < n || vocab_size > 1024)
-        return llama_fail("tiny model: vocab_size %d is out of range [%d, 1024]", vocab_size, n);
     for (size_t w = 0; w < sizeof words / sizeof *words && n < vocab_size; w++) {
         for (size_t len = 2; len <= strlen(words[w]) && n < vocab_size; len++) {
             char prefix[16];
@@ -530,26 +532,32 @@ static int write_tokenizer(FILE *f, int vocab_size)
                 strcpy(pieces[n++], prefix);
         }
     }
-    for (int a = 0; n < vocab_size; a++) /* filler pairs, never merged into */
-        snprintf(pieces[n++], 16, "~%c%c", 'a' + a / 26 % 26, 'a' + a % 26);
+    for (int a = 0; n < vocab_size; a++) { /* filler, never merged into */
+        if (a < 26 * 26)
+            snprintf(pieces[n++], 16, "~%c%c", 'a' + a / 26, 'a' + a % 26);
+        else
+            snprintf(pieces[n++], 16, "~%d", a);
+    }
     int32_t max_len = 15;
-    if (fwrite(&max_len, 4, 1, f) != 1)
-        return -1;
-    for (int i = 0; i < n; i++) {
+    int rc = fwrite(&max_len, 4, 1, f) == 1 ? 0 : -1;
+    for (int i = 0; i < n && rc == 0; i++) {
         /* Longer pieces merge first; bytes and characters are never merges. */
         float score = i < 354 ? -1e6f : (float)strlen(pieces[i]) - (float)i * 1e-3f;
         int32_t len = (int32_t)strlen(pieces[i]);
         if (fwrite(&score, 4, 1, f) != 1 || fwrite(&len, 4, 1, f) != 1 ||
             fwrite(pieces[i], 1, (size_t)len, f) != (size_t)len)
-            return -1;
+            rc = -1;
     }
-    return 0;
+    free(pieces);
+    return rc;
 }
 
 int llama_write_tiny(const char *dir, const llama_config *config, uint64_t seed)
 {
     char path[4096];
     const char *names[2] = {"model.bin", "tokenizer.bin"};
+    if (check_config(dir, config) != 0)
+        return -1;
     for (int i = 0; i < 2; i++) {
         snprintf(path, sizeof path, "%s/%s", dir, names[i]);
         FILE *f = fopen(path, "wb");
