@@ -140,6 +140,18 @@ int llama_decoder_create(const llama_model *model, const llama_decoder_options *
             return -1;
         }
     }
+    /* A warm-up (as llama.cpp does): one token run and removed, so that
+     * thread pools and first touches of memory are not in the first step
+     * that is timed. */
+    int bos = LLAMA_BOS;
+    int32_t seq0 = 0, pos0 = 0;
+    if (llama_forward(dec, 1, &bos, &seq0, &pos0, NULL, NULL) != 0 ||
+        kvrt_seq_rm(dec->cache, 0, 0, -1) != KVRT_OK) {
+        char why[512];
+        snprintf(why, sizeof why, "%s", llama_error());
+        llama_decoder_destroy(dec);
+        return llama_fail("decoder: warm-up: %s", why);
+    }
     return 0;
 }
 

@@ -41,6 +41,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include "devmem.h"
 #include "llama.h"
@@ -425,6 +426,15 @@ static int run_chat(llama_session *sess, const llama_tokenizer *tok, const optio
 
 int main(int argc, char **argv)
 {
+    /* kvrt's CPU attention runs OpenMP threads, which by default spin for a
+     * while after each call and so take the cores OpenBLAS's threads need
+     * for the next product (a 9-token prefill measured 25 times slower).
+     * libgomp reads its wait policy only from the environment at start, so
+     * set it and start again, unless the caller chose one. */
+    if (!getenv("OMP_WAIT_POLICY")) {
+        setenv("OMP_WAIT_POLICY", "passive", 1);
+        execv("/proc/self/exe", argv); /* on failure, go on spinning */
+    }
     options o;
     parse(argc, argv, &o);
     if (o.make_tiny)

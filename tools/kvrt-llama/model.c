@@ -186,7 +186,8 @@ int llama_model_load(const char *path, llama_model *model)
     model->kv_dim = c->n_kv_heads * model->head_size;
     if (check_size(path, c, model->head_size, (uint64_t)st.st_size) != 0)
         goto out;
-    model->map = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
+    /* populated now, so that the first forward pass does not pay the page faults */
+    model->map = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE | MAP_POPULATE, fd, 0);
     if (model->map == MAP_FAILED) {
         model->map = NULL;
         llama_fail("checkpoint %s: mmap: %s", path, strerror(errno));
