@@ -324,12 +324,15 @@ static int teardown(void **state)
 }
 
 /* A decoder on the test's backend and a session of n_seqs sequences. */
+static kvrt_rope_style rope_style = KVRT_ROPE_NORMAL; /* of the next open_session */
+
 static void open_session(const llama_model *m, kvrt_dtype dtype, int n_ctx, int n_seqs,
                          float temperature, uint64_t seed, llama_decoder *dec,
                          llama_session *sess)
 {
     llama_decoder_options o;
     llama_decoder_options_init(&o);
+    o.rope_style = rope_style;
     o.device = (kvrt_device){backend, 0};
     o.cache_dtype = dtype;
     o.n_ctx = n_ctx;
@@ -361,8 +364,9 @@ static void check_decode(const llama_model *m, kvrt_dtype dtype, kvrt_rope_style
 {
     llama_decoder dec;
     llama_session sess;
+    rope_style = style;
     open_session(m, dtype, 64, 1, 1.0f, 1, &dec, &sess);
-    dec.opts.rope_style = style; /* the forward pass reads it; the cache's RoPE is for shifts */
+    rope_style = KVRT_ROPE_NORMAL;
     int vocab = m->config.vocab_size;
     double *ref = malloc((size_t)vocab * sizeof(double)), worst = 0.0;
     TRY(llama_prefill(&sess, 0, prompt, PROMPT_LEN));
@@ -409,15 +413,17 @@ static void test_decode(void **state)
  * before RoPE and rotating it at its current position from scratch, so it
  * checks the removal, the new positions and the re-rotation.
  */
-static void check_shift(const llama_model *m, kvrt_dtype dtype)
+static void check_shift(const llama_model *m, kvrt_dtype dtype, kvrt_rope_style style)
 {
     enum { CTX = 32, KEEP = 4 };
     llama_decoder dec;
     llama_session sess;
+    rope_style = style;
     open_session(m, dtype, CTX, 1, 1.0f, 3, &dec, &sess);
+    rope_style = KVRT_ROPE_NORMAL;
     int vocab = m->config.vocab_size, shifts = 0, one_layer = m->config.n_layers == 1;
     double *ref = malloc((size_t)vocab * sizeof(double)), worst = 0.0;
-    ref_seq r = ref_create(m, KVRT_ROPE_NORMAL, dtype, CTX);
+    ref_seq r = ref_create(m, style, dtype, CTX);
     TRY(llama_prefill(&sess, 0, prompt, PROMPT_LEN));
     for (int i = 0; i < PROMPT_LEN; i++)
         ref_step(&r, prompt[i], i, NULL);
@@ -433,7 +439,7 @@ static void check_shift(const llama_model *m, kvrt_dtype dtype)
         double err = logit_error(dec.logits, ref, vocab);
         if (one_layer) {
             double *full = malloc((size_t)vocab * sizeof(double));
-            ref_full(m, KVRT_ROPE_NORMAL, dtype, sess.seqs[0].tokens, sess.seqs[0].n, full);
+            ref_full(m, style, dtype, sess.seqs[0].tokens, sess.seqs[0].n, full);
             err = fmax(err, logit_error(dec.logits, full, vocab));
             free(full);
         }
@@ -447,8 +453,10 @@ static void check_shift(const llama_model *m, kvrt_dtype dtype)
         assert_int_equal(pos_max, sess.seqs[0].n - 1);
     }
     assert_true(shifts >= 3);
-    print_message("shift, %d layers, %s cache: %d shifts, worst logit error %.3g (bound %.3g)\n",
-                  m->config.n_layers, kvrt_dtype_name(dtype), shifts, worst, bound(m, dtype, 1));
+    print_message("shift, %d layers, %s cache, %s rope: %d shifts, worst logit error %.3g "
+                  "(bound %.3g)\n", m->config.n_layers, kvrt_dtype_name(dtype),
+                  style == KVRT_ROPE_NORMAL ? "normal" : "neox", shifts, worst,
+                  bound(m, dtype, 1));
     ref_free(&r);
     free(ref);
     close_session(&dec, &sess);
@@ -458,24 +466,24 @@ static void test_shift(void **state)
 {
     (void)state;
     for (int d = 0; d < 3; d++)
-        check_shift(&model3, dtypes[d]);
-    check_shift(&model1, KVRT_F32);
+        check_shift(&model3, dtypes[d], KVRT_ROPE_NORMAL);
+    check_shift(&model3, KVRT_F32, KVRT_ROPE_NEOX);
+    check_shift(&model1, KVRT_F32, KVRT_ROPE_NORMAL);
 }
 
 /* ------------------------------------------------------------------------ */
 /* (c) forks decode as the prompt alone                                      */
 /* ------------------------------------------------------------------------ */
 
-static void test_fork(void **state)
+static void check_fork(kvrt_dtype dtype)
 {
-    (void)state;
     enum { N = 4, STEPS = 30 };
     int vocab = model3.config.vocab_size;
     int together[N][STEPS];
     float *logits = malloc((size_t)N * STEPS * vocab * sizeof(float));
     llama_decoder dec;
     llama_session sess;
-    open_session(&model3, KVRT_F32, 64, N, 1.0f, 100, &dec, &sess);
+    open_session(&model3, dtype, 64, N, 1.0f, 100, &dec, &sess);
     TRY(llama_prefill(&sess, 0, prompt, PROMPT_LEN));
     for (int s = 1; s < N; s++)
         TRY(llama_fork(&sess, 0, s, 100 + s, dec.logits));
@@ -492,7 +500,7 @@ static void test_fork(void **state)
 
     double worst = 0.0;
     for (int s = 0; s < N; s++) {
-        open_session(&model3, KVRT_F32, 64, 1, 1.0f, 100 + s, &dec, &sess);
+        open_session(&model3, dtype, 64, 1, 1.0f, 100 + s, &dec, &sess);
         TRY(llama_prefill(&sess, 0, prompt, PROMPT_LEN));
         for (int step = 0; step < STEPS; step++) {
             if (sess.seqs[0].pending != together[s][step])
@@ -509,9 +517,16 @@ static void test_fork(void **state)
      * differently (GEMM blocking, attention work split): within the f32
      * bound, and in practice equal or nearly. */
     assert_true(worst <= bound(&model3, KVRT_F32, 0));
-    print_message("fork: %d sequences x %d tokens as alone; largest logit difference %.3g\n", N,
-                  STEPS, worst);
+    print_message("fork, %s cache: %d sequences x %d tokens as alone; largest logit difference "
+                  "%.3g\n", kvrt_dtype_name(dtype), N, STEPS, worst);
     free(logits);
+}
+
+static void test_fork(void **state)
+{
+    (void)state;
+    for (int d = 0; d < 3; d++)
+        check_fork(dtypes[d]);
 }
 
 /* ------------------------------------------------------------------------ */
