@@ -105,7 +105,7 @@ __global__ void __launch_bounds__(kAttnThreads, 2)
     attention_kernel(const kvrt_attention_op op, const int tt, const int hpc,
                      const int n_chunks, const int split_slots, float *partial)
 {
-    extern __shared__ __align__(16) float shared[];
+    KVRT_DYNAMIC_SHARED(float, shared);
     __shared__ int64_t s_slot[kKeyTile];
     __shared__ int32_t s_pos[kKeyTile];
     __shared__ int s_any[kKeyTile];     /* some token of the tile sees the slot */
@@ -466,10 +466,10 @@ cudaError_t launch_dt(const kvrt_attention_op *op, const attn_plan &p, bool pack
                     (unsigned)p.n_splits);
     float *partial = p.n_splits > 1 ? ws : NULL;
     if (pack)
-        attention_kernel<DT, true><<<grid, kAttnThreads, p.shared, stream>>>(
+        KVRT_LAUNCH(grid, kAttnThreads, p.shared, stream, attention_kernel<DT, true>)(
             *op, p.tt, p.hpc, p.n_chunks, p.split_slots, partial);
     else
-        attention_kernel<DT, false><<<grid, kAttnThreads, p.shared, stream>>>(
+        KVRT_LAUNCH(grid, kAttnThreads, p.shared, stream, attention_kernel<DT, false>)(
             *op, p.tt, p.hpc, p.n_chunks, p.split_slots, partial);
     return cudaGetLastError();
 }
@@ -511,7 +511,7 @@ extern "C" cudaError_t KVRT_GPU_FN(launch_attention_ws)(const kvrt_attention_op 
         err = launch_dt<KVRT_LAYOUT_BF16>(op, p, pack, ws, s);
     if (err != cudaSuccess || p.n_splits == 1)
         return err;
-    attention_combine_kernel<<<(unsigned)rows, 128, 0, s>>>(*op, p.n_splits, ws);
+    KVRT_LAUNCH((unsigned)rows, 128, 0, s, attention_combine_kernel)(*op, p.n_splits, ws);
     return launch_status();
 }
 

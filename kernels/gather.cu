@@ -56,7 +56,7 @@ cudaError_t launch_unit(const kvrt_gather_op *op, void *k_dst, void *v_dst, cuda
     if (units == 0)
         return cudaSuccess;
     clear_stale_error();
-    gather_kernel<UNIT><<<grid_blocks((int64_t)op->n * units), kThreads, 0, stream>>>(
+    KVRT_LAUNCH(grid_blocks((int64_t)op->n * units), kThreads, 0, stream, gather_kernel<UNIT>)(
         op->layer, op->slots, op->n, k_dst, v_dst);
     return launch_status();
 }

@@ -13,12 +13,32 @@
  * Also here: which API a translation unit is built for (KVRT_GPU_FN gives
  * launchers and backend entry points a per-API prefix so that CUDA and HIP
  * can be linked into one library), the warp width, warp shuffles, and
- * floating-point operations that must not be fused (bit-exact twins).
+ * floating-point operations that must not be fused (bit-exact twins), and
+ * the two macros every kernel goes through: KVRT_LAUNCH for launches and
+ * KVRT_DYNAMIC_SHARED for dynamic shared memory.
+ *
+ * With KVRT_GPU_SIM (and KVRT_GPU_CUDA or KVRT_GPU_HIP) the same sources
+ * build against kvrt-sim, the CPU simulator in tests/sim: the glue as C,
+ * the kernels as C++17, with no toolkit header.
  */
 #ifndef KVRT_GPU_COMPAT_H
 #define KVRT_GPU_COMPAT_H
 
-#if defined(__HIPCC__) || defined(__HIP__) || defined(KVRT_GPU_HIP)
+#if defined(KVRT_GPU_SIM)
+/* kvrt-sim (tests/sim): the runtime in C, the device side in C++; both
+ * spellings of every name used here, so no mapping below. */
+#  if defined(KVRT_GPU_HIP)
+#    define KVRT_GPU_IS_HIP 1
+#  elif defined(KVRT_GPU_CUDA)
+#    define KVRT_GPU_IS_CUDA 1
+#  else
+#    error "gpu_compat.h: kvrt-sim needs KVRT_GPU_CUDA or KVRT_GPU_HIP"
+#  endif
+#  include "kvrt_sim.h"
+#  if defined(__cplusplus)
+#    include "kvrt_sim_device.h"
+#  endif
+#elif defined(__HIPCC__) || defined(__HIP__) || defined(KVRT_GPU_HIP)
 #  define KVRT_GPU_IS_HIP 1
 #  if !defined(__HIP_PLATFORM_AMD__) && !defined(__HIP_PLATFORM_NVIDIA__)
 #    define __HIP_PLATFORM_AMD__ 1 /* the C glue is compiled by a host compiler */
@@ -49,7 +69,7 @@
 #endif
 
 /* ---- runtime API names (CUDA spelling -> HIP) ---- */
-#if defined(KVRT_GPU_IS_HIP)
+#if defined(KVRT_GPU_IS_HIP) && !defined(KVRT_GPU_SIM)
 #  define cudaError_t                       hipError_t
 #  define cudaSuccess                       hipSuccess
 #  define cudaErrorNotReady                 hipErrorNotReady
@@ -117,7 +137,27 @@
 #endif
 
 /* ---- device code ---- */
-#if defined(__CUDACC__) || defined(__HIP__)
+#if defined(__CUDACC__) || defined(__HIP__) || (defined(KVRT_GPU_SIM) && defined(__cplusplus))
+
+/* Every kernel launch: KVRT_LAUNCH(grid, block, smem, stream, kernel)(args...).
+ * The kernel comes last so that a template's commas need no parentheses.
+ * nvcc and hipcc get <<<>>>; kvrt-sim queues a call of the kernel with its
+ * arguments copied. */
+#  if defined(KVRT_GPU_SIM)
+#    define KVRT_LAUNCH(grid, block, smem, stream, ...)                                       \
+         ::kvrt_sim::make_launcher(__VA_ARGS__, #__VA_ARGS__, __FILE__, __LINE__, (grid),       \
+                                   (block), (smem), (stream))
+#  else
+#    define KVRT_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<(grid), (block), (smem), (stream)>>>
+#  endif
+
+/* The dynamic shared memory of a kernel as `type *name` (16-byte aligned):
+ * `extern __shared__` on a GPU, the block's buffer in kvrt-sim. */
+#  if defined(KVRT_GPU_SIM)
+#    define KVRT_DYNAMIC_SHARED(type, name) type *name = (type *)::kvrt_sim::dynamic_shared()
+#  else
+#    define KVRT_DYNAMIC_SHARED(type, name) extern __shared__ __align__(16) type name[]
+#  endif
 
 /* The warp (wavefront) width: 32 on NVIDIA and RDNA, 64 on CDNA. Never
  * assume 32; launchers that need it on the host query the device. */
@@ -133,7 +173,7 @@
 /* a*b - c*d and a*b + c*d rounded after each operation, never fused into an
  * FMA: the C twins compute them unfused (ISO C, fp-contract off), and a
  * fused result would differ in the last bit. */
-#  if defined(KVRT_GPU_IS_HIP)
+#  if defined(KVRT_GPU_IS_HIP) && !defined(KVRT_GPU_SIM)
 __device__ static inline float kvrt_mul_sub_rn(float a, float b, float c, float d)
 {
 #    pragma clang fp contract(off)

@@ -81,7 +81,7 @@ extern "C" cudaError_t KVRT_GPU_FN(launch_move)(const kvrt_move_op *op, void *st
     const unsigned spans = (unsigned)(op->n_spans < (1 << 30) ? op->n_spans : (1 << 30));
     const unsigned layers = (unsigned)(op->n_layers < 65535 ? op->n_layers : 65535);
     clear_stale_error();
-    move_kernel<<<dim3(spans, layers), kThreads, 0, (cudaStream_t)stream>>>(
+    KVRT_LAUNCH(dim3(spans, layers), kThreads, 0, (cudaStream_t)stream, move_kernel)(
         op->layers, op->n_layers, op->spans, op->n_spans);
     return launch_status();
 }

@@ -85,7 +85,8 @@ extern "C" cudaError_t KVRT_GPU_FN(launch_rotate)(const kvrt_rotate_op *op, void
     const int32_t per_chunk = (int32_t)((op->n_layers + chunks - 1) / chunks);
     chunks = (op->n_layers + per_chunk - 1) / per_chunk;
     clear_stale_error();
-    rotate_kernel<<<dim3(grid_blocks(work), (unsigned)chunks), kThreads, 0, (cudaStream_t)stream>>>(
+    KVRT_LAUNCH(dim3(grid_blocks(work), (unsigned)chunks), kThreads, 0, (cudaStream_t)stream,
+                rotate_kernel)(
         op->layers, op->n_layers, per_chunk, op->rope, op->slots, op->deltas, op->n, n_pairs);
     return launch_status();
 }

@@ -31,7 +31,7 @@ extern "C" cudaError_t KVRT_GPU_FN(launch_set_pos)(const kvrt_pos_op *op, void *
     if (op->n <= 0 || op->block_size <= 0)
         return cudaSuccess;
     clear_stale_error();
-    set_pos_kernel<<<grid_blocks((int64_t)op->n * op->block_size), kThreads, 0,
-                     (cudaStream_t)stream>>>(op->pos, op->block_size, op->blocks, op->data, op->n);
+    KVRT_LAUNCH(grid_blocks((int64_t)op->n * op->block_size), kThreads, 0, (cudaStream_t)stream,
+                set_pos_kernel)(op->pos, op->block_size, op->blocks, op->data, op->n);
     return launch_status();
 }

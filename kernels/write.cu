@@ -53,11 +53,11 @@ cudaError_t launch_typed(const kvrt_write_op *op, const void *v_src, bool vec, c
     const unsigned blocks = grid_blocks((int64_t)op->n_rows * per_row);
     clear_stale_error();
     if (vec)
-        write_kernel<SRC, DST, 8><<<blocks, kThreads, 0, stream>>>(op->layer, op->k_src, v_src,
-                                                                   op->slots, op->n_rows);
+        KVRT_LAUNCH(blocks, kThreads, 0, stream, write_kernel<SRC, DST, 8>)(
+            op->layer, op->k_src, v_src, op->slots, op->n_rows);
     else
-        write_kernel<SRC, DST, 1><<<blocks, kThreads, 0, stream>>>(op->layer, op->k_src, v_src,
-                                                                   op->slots, op->n_rows);
+        KVRT_LAUNCH(blocks, kThreads, 0, stream, write_kernel<SRC, DST, 1>)(
+            op->layer, op->k_src, v_src, op->slots, op->n_rows);
     return launch_status();
 }
 

@@ -35,7 +35,7 @@
 
 #include "gpu_compat.h"
 
-#if defined(KVRT_GPU_IS_CUDA)
+#if defined(KVRT_GPU_IS_CUDA) && !defined(KVRT_GPU_SIM) /* kvrt-sim declares them itself */
 #  include <cuda.h> /* driver types of the VMM API; functions come from cudaGetDriverEntryPoint */
 #endif
 

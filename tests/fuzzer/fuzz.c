@@ -245,6 +245,9 @@ static void dev_open(kvrt_backend backend)
     static const char *const cuda_libs[] = {"libcudart.so", "libcudart.so.12", "libcudart.so.11.0", NULL};
     static const char *const hip_libs[] = {"libamdhip64.so", "libamdhip64.so.6", "libamdhip64.so.5", NULL};
     const char *const *libs = backend == KVRT_BACKEND_CUDA ? cuda_libs : hip_libs;
+#if defined(KVRT_FUZZ_SIM)
+    dev.lib = dlopen(NULL, RTLD_NOW); /* kvrt-sim: the runtime is linked into this program */
+#endif
     for (int i = 0; libs[i] != NULL && dev.lib == NULL; i++)
         dev.lib = dlopen(libs[i], RTLD_NOW | RTLD_LOCAL);
     if (dev.lib == NULL) {
