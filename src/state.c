@@ -193,6 +193,7 @@ static uint64_t seq_state_bytes(const kvrt_cache *cache, int32_t seq)
 kvrt_status kvrt_state_size(const kvrt_cache *cache, int32_t seq, uint64_t *bytes)
 {
     KVRT_TRY(kvrt_check_cache(cache, "kvrt_state_size"));
+    cache = KVRT_CORE(cache); /* a shared handle's state is its base's */
     KVRT_CHECK(bytes != NULL, KVRT_ERR_INVALID_ARG, "kvrt_state_size: bytes is NULL");
     if (seq >= 0)
         KVRT_TRY(kvrt_check_seq(cache, seq, "kvrt_state_size"));
@@ -515,6 +516,7 @@ static kvrt_status write_state(out_stream *o, kvrt_cache *cache, int32_t seq, ui
 kvrt_status kvrt_state_write(kvrt_cache *cache, int32_t seq, kvrt_state_writer writer, void *user)
 {
     KVRT_TRY(kvrt_check_cache(cache, "kvrt_state_write"));
+    cache = KVRT_CORE(cache);
     KVRT_CHECK(writer != NULL, KVRT_ERR_INVALID_ARG, "kvrt_state_write: writer is NULL");
     if (seq >= 0)
         KVRT_TRY(kvrt_check_seq(cache, seq, "kvrt_state_write"));
@@ -1058,6 +1060,7 @@ kvrt_status kvrt_state_parse(const void *image, size_t size, const kvrt_cache *c
     view_init(v);
     KVRT_CHECK(image != NULL || size == 0, KVRT_ERR_INVALID_ARG, "kvrt_state_parse: image is NULL");
     KVRT_TRY(state_available("kvrt_state_parse"));
+    cache = KVRT_CORE(cache);
     const uint8_t *p = image;
     KVRT_TRY(check_magic(p, size));
     uint64_t at = KVRT_STATE_MAGIC_BYTES;
@@ -1156,10 +1159,36 @@ static kvrt_status load_rows(kvrt_cache *cache, const kvrt_layer_ref *ref, const
     return st;
 }
 
+/* A state holds the base's layers only: the rows of shared handles' own
+ * layers (kvrt_cache_create_shared) in a loaded sequence's blocks are
+ * zeroed, so that no row of an earlier user of those blocks shows. */
+static kvrt_status zero_own_rows(kvrt_cache *cache, int32_t seq)
+{
+    kvrt_backend_t *be = &cache->be;
+    for (int j = 0; j < cache->n_groups; j++) {
+        const kvrt_group *g = &cache->groups[j];
+        const kvrt_seq_pages *sp = &g->seqs[seq];
+        for (int k = 0; k < g->n_layers; k++) {
+            if (g->layers[k] < cache->desc.n_layers)
+                continue;
+            const kvrt_layer_mem *m = &cache->mem[g->layers[k]];
+            for (int32_t b = 0; b < sp->n_blocks; b++) {
+                size_t at = (size_t)sp->blocks[b];
+                KVRT_TRY(be->ops->zero(be, (char *)m->k + at * m->k_block, m->k_block, cache->stream));
+                if (m->v != NULL)
+                    KVRT_TRY(be->ops->zero(be, (char *)m->v + at * m->v_block, m->v_block,
+                                           cache->stream));
+            }
+        }
+    }
+    return KVRT_OK;
+}
+
 kvrt_status kvrt_state_apply(kvrt_cache *cache, int32_t dst_seq, const kvrt_state_view *v,
                              const uint8_t *image)
 {
     KVRT_TRY(kvrt_check_cache(cache, "kvrt_state_read"));
+    cache = KVRT_CORE(cache);
     KVRT_CHECK(v != NULL && v->complete && image != NULL, KVRT_ERR_INTERNAL,
                "kvrt_state_read: loading an unverified state");
     const kvrt_state_header *h = &v->header;
@@ -1299,6 +1328,8 @@ kvrt_status kvrt_state_apply(kvrt_cache *cache, int32_t dst_seq, const kvrt_stat
             st = load_rows(cache, ref, slots, n, rows, rows + (size_t)n * k_row);
         }
     }
+    for (int64_t i = 0; i < S && st == KVRT_OK; i++)
+        st = zero_own_rows(cache, targets[i]);
     if (st == KVRT_OK)
         st = kvrt_cache_sync_pos(cache);
     if (st != KVRT_OK) {
@@ -1392,6 +1423,7 @@ static kvrt_status read_stream(const kvrt_cache *cache, kvrt_state_reader reader
 static kvrt_status state_load(kvrt_cache *cache, int32_t dst_seq, kvrt_state_reader reader,
                               void *user, size_t size_hint, int (*at_end)(void *user))
 {
+    cache = KVRT_CORE(cache);
     in_image im = {NULL, 0, 0};
     if (size_hint > 0 && size_hint < ((size_t)1 << 40)) {
         im.data = malloc(size_hint);
@@ -1412,6 +1444,7 @@ static kvrt_status state_load(kvrt_cache *cache, int32_t dst_seq, kvrt_state_rea
 kvrt_status kvrt_state_read(kvrt_cache *cache, int32_t dst_seq, kvrt_state_reader reader, void *user)
 {
     KVRT_TRY(kvrt_check_cache(cache, "kvrt_state_read"));
+    cache = KVRT_CORE(cache);
     KVRT_CHECK(reader != NULL, KVRT_ERR_INVALID_ARG, "kvrt_state_read: reader is NULL");
     if (dst_seq >= 0)
         KVRT_TRY(kvrt_check_seq(cache, dst_seq, "kvrt_state_read: dst_seq"));
