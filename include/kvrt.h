@@ -456,7 +456,8 @@ KVRT_API kvrt_status kvrt_gather(const kvrt_cache *cache, int layer, int32_t seq
  * KVRT_OK or an error that aborts the write (returned to the caller). */
 typedef kvrt_status (*kvrt_state_writer)(void *user, const void *data, size_t size);
 /* Called by kvrt_state_read for the next `size` bytes; stores how many it
- * delivered in *got (fewer than size only at the end of the input). */
+ * delivered in *got (at most size). Fewer than size is fine (kvrt asks
+ * again for the rest); 0 means the input has ended. */
 typedef kvrt_status (*kvrt_state_reader)(void *user, void *data, size_t size, size_t *got);
 
 /* Writes the state of sequence seq (seq < 0: every sequence) through `writer`:
@@ -478,12 +479,21 @@ KVRT_API kvrt_status kvrt_state_size(const kvrt_cache *cache, int32_t seq, uint6
  * RoPE, on any backend and block size. Errors, with the cache untouched:
  * KVRT_ERR_INCOMPATIBLE naming the first differing field ("layer 5:
  * latent_dim 512 in file, 448 in cache"), KVRT_ERR_CORRUPT (truncated, bad
- * checksum, absurd counts), KVRT_ERR_CAPACITY, KVRT_ERR_INVALID_ARG. */
+ * checksum, absurd counts), KVRT_ERR_CAPACITY, KVRT_ERR_INVALID_ARG.
+ * Reading stops after the state's END section: what follows it in the input
+ * is left unread, so a state may be embedded in a longer stream.
+ * kvrt_state_load_file and kvrt_seq_restore, which see the whole input,
+ * refuse bytes after END with KVRT_ERR_CORRUPT. */
 KVRT_API kvrt_status kvrt_state_read(kvrt_cache *cache, int32_t dst_seq, kvrt_state_reader reader,
                                      void *user);
 
 /* kvrt_state_write / kvrt_state_read to and from a file (KVRT_ERR_IO with the
- * system's message when it cannot be opened, written or read). */
+ * system's message when it cannot be opened, written or read).
+ * kvrt_state_save_file writes a temporary file in path's directory, syncs it
+ * and renames it over path only when the whole state is written: a failed
+ * save leaves the file system as it was. A path that exists and is not a
+ * regular file (a symbolic link, a device, a directory) is refused with
+ * KVRT_ERR_IO; an existing file's permissions are kept. */
 KVRT_API kvrt_status kvrt_state_save_file(kvrt_cache *cache, int32_t seq, const char *path);
 KVRT_API kvrt_status kvrt_state_load_file(kvrt_cache *cache, int32_t dst_seq, const char *path);
 

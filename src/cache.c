@@ -405,7 +405,7 @@ static kvrt_status create_groups(kvrt_cache *cache)
     return KVRT_OK;
 }
 
-kvrt_status kvrt_cache_create(const kvrt_cache_desc *desc, kvrt_cache **out)
+static kvrt_status do_cache_create(const kvrt_cache_desc *desc, kvrt_cache **out)
 {
     KVRT_CHECK(out != NULL, KVRT_ERR_INVALID_ARG, "kvrt_cache_create: out is NULL");
     *out = NULL;
@@ -515,7 +515,7 @@ kvrt_status kvrt_cache_set_stream(kvrt_cache *cache, void *stream)
     return KVRT_OK;
 }
 
-kvrt_status kvrt_cache_sync(kvrt_cache *cache)
+static kvrt_status do_cache_sync(kvrt_cache *cache)
 {
     KVRT_TRY(kvrt_check_cache(cache, "kvrt_cache_sync"));
     cache = KVRT_CORE(cache);
@@ -689,11 +689,28 @@ done:
     return st;
 }
 
-kvrt_status kvrt_cache_check(const kvrt_cache *cache)
+static kvrt_status do_cache_check(const kvrt_cache *cache)
 {
     KVRT_TRY(kvrt_check_cache(cache, "kvrt_cache_check"));
     cache = KVRT_CORE(cache);
     for (int j = 0; j < cache->n_groups; j++)
         KVRT_TRY(check_group(cache, j));
     return KVRT_OK;
+}
+
+/* ---- public entries: the message of a failure starts with the function ---- */
+
+kvrt_status kvrt_cache_create(const kvrt_cache_desc *desc, kvrt_cache **out)
+{
+    return kvrt_error_in(do_cache_create(desc, out), "kvrt_cache_create");
+}
+
+kvrt_status kvrt_cache_sync(kvrt_cache *cache)
+{
+    return kvrt_error_in(do_cache_sync(cache), "kvrt_cache_sync");
+}
+
+kvrt_status kvrt_cache_check(const kvrt_cache *cache)
+{
+    return kvrt_error_in(do_cache_check(cache), "kvrt_cache_check");
 }

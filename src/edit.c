@@ -338,7 +338,7 @@ static void drop_cross(kvrt_cache *cache, int32_t seq)
     }
 }
 
-kvrt_status kvrt_seq_rm(kvrt_cache *cache, int32_t seq, int32_t p0, int32_t p1)
+static kvrt_status do_seq_rm(kvrt_cache *cache, int32_t seq, int32_t p0, int32_t p1)
 {
     KVRT_TRY(kvrt_check_cache(cache, "kvrt_seq_rm"));
     cache = KVRT_CORE(cache);
@@ -359,7 +359,7 @@ kvrt_status kvrt_seq_rm(kvrt_cache *cache, int32_t seq, int32_t p0, int32_t p1)
     return KVRT_OK;
 }
 
-kvrt_status kvrt_seq_shift(kvrt_cache *cache, int32_t seq, int32_t p0, int32_t p1, int32_t delta)
+static kvrt_status do_seq_shift(kvrt_cache *cache, int32_t seq, int32_t p0, int32_t p1, int32_t delta)
 {
     KVRT_TRY(kvrt_check_cache(cache, "kvrt_seq_shift"));
     cache = KVRT_CORE(cache);
@@ -374,7 +374,7 @@ kvrt_status kvrt_seq_shift(kvrt_cache *cache, int32_t seq, int32_t p0, int32_t p
     return run_rewrite(cache, seq, &rw);
 }
 
-kvrt_status kvrt_seq_div(kvrt_cache *cache, int32_t seq, int32_t p0, int32_t p1, int d)
+static kvrt_status do_seq_div(kvrt_cache *cache, int32_t seq, int32_t p0, int32_t p1, int d)
 {
     KVRT_TRY(kvrt_check_cache(cache, "kvrt_seq_div"));
     cache = KVRT_CORE(cache);
@@ -392,7 +392,7 @@ kvrt_status kvrt_seq_div(kvrt_cache *cache, int32_t seq, int32_t p0, int32_t p1,
 
 /* ---- cp, keep, clear ---- */
 
-kvrt_status kvrt_seq_cp(kvrt_cache *cache, int32_t src, int32_t dst, int32_t p0, int32_t p1)
+static kvrt_status do_seq_cp(kvrt_cache *cache, int32_t src, int32_t dst, int32_t p0, int32_t p1)
 {
     KVRT_TRY(kvrt_check_cache(cache, "kvrt_seq_cp"));
     cache = KVRT_CORE(cache);
@@ -513,7 +513,7 @@ static void seq_reset(kvrt_cache *cache, int32_t seq)
     }
 }
 
-kvrt_status kvrt_seq_keep(kvrt_cache *cache, int32_t seq)
+static kvrt_status do_seq_keep(kvrt_cache *cache, int32_t seq)
 {
     KVRT_TRY(kvrt_check_cache(cache, "kvrt_seq_keep"));
     cache = KVRT_CORE(cache);
@@ -527,7 +527,7 @@ kvrt_status kvrt_seq_keep(kvrt_cache *cache, int32_t seq)
     return KVRT_OK;
 }
 
-kvrt_status kvrt_cache_clear(kvrt_cache *cache)
+static kvrt_status do_cache_clear(kvrt_cache *cache)
 {
     KVRT_TRY(kvrt_check_cache(cache, "kvrt_cache_clear"));
     cache = KVRT_CORE(cache);
@@ -555,7 +555,7 @@ kvrt_status kvrt_cache_clear(kvrt_cache *cache)
 
 /* ---- compaction ---- */
 
-kvrt_status kvrt_cache_compact(kvrt_cache *cache)
+static kvrt_status do_cache_compact(kvrt_cache *cache)
 {
     KVRT_TRY(kvrt_check_cache(cache, "kvrt_cache_compact"));
     cache = KVRT_CORE(cache);
@@ -739,9 +739,9 @@ static int cmp_pos_slot(const void *a, const void *b)
     return (x > y) - (x < y);
 }
 
-kvrt_status kvrt_gather(const kvrt_cache *ccache, int layer, int32_t seq, int32_t p0, int32_t p1,
-                        void *k, void *v, int32_t *pos, int64_t capacity, int64_t *n_out,
-                        void *stream)
+static kvrt_status do_gather(const kvrt_cache *ccache, int layer, int32_t seq, int32_t p0, int32_t p1,
+                             void *k, void *v, int32_t *pos, int64_t capacity, int64_t *n_out,
+                             void *stream)
 {
     KVRT_TRY(kvrt_check_cache(ccache, "kvrt_gather"));
     KVRT_TRY(kvrt_map_layer(ccache, &layer, "kvrt_gather"));
@@ -837,8 +837,8 @@ kvrt_status kvrt_gather(const kvrt_cache *ccache, int layer, int32_t seq, int32_
 
 /* ---- cross-attention K/V ---- */
 
-kvrt_status kvrt_cross_set(kvrt_cache *cache, int layer, int32_t seq, int n, const void *k,
-                           const void *v, kvrt_dtype src_dtype, void *stream)
+static kvrt_status do_cross_set(kvrt_cache *cache, int layer, int32_t seq, int n, const void *k,
+                                const void *v, kvrt_dtype src_dtype, void *stream)
 {
     KVRT_TRY(kvrt_check_cache(cache, "kvrt_cross_set"));
     KVRT_TRY(kvrt_map_layer(cache, &layer, "kvrt_cross_set"));
@@ -889,4 +889,54 @@ kvrt_status kvrt_cross_set(kvrt_cache *cache, int layer, int32_t seq, int n, con
     KVRT_TRY(cache->be.ops->stage(&cache->be, slots, (size_t)n * sizeof(int32_t), stream, &d_slots));
     op.slots = d_slots;
     return cache->be.ops->write(&cache->be, &op, stream);
+}
+
+/* ---- public entries: the message of a failure starts with the function ---- */
+
+kvrt_status kvrt_seq_rm(kvrt_cache *cache, int32_t seq, int32_t p0, int32_t p1)
+{
+    return kvrt_error_in(do_seq_rm(cache, seq, p0, p1), "kvrt_seq_rm");
+}
+
+kvrt_status kvrt_seq_shift(kvrt_cache *cache, int32_t seq, int32_t p0, int32_t p1, int32_t delta)
+{
+    return kvrt_error_in(do_seq_shift(cache, seq, p0, p1, delta), "kvrt_seq_shift");
+}
+
+kvrt_status kvrt_seq_div(kvrt_cache *cache, int32_t seq, int32_t p0, int32_t p1, int d)
+{
+    return kvrt_error_in(do_seq_div(cache, seq, p0, p1, d), "kvrt_seq_div");
+}
+
+kvrt_status kvrt_seq_cp(kvrt_cache *cache, int32_t src, int32_t dst, int32_t p0, int32_t p1)
+{
+    return kvrt_error_in(do_seq_cp(cache, src, dst, p0, p1), "kvrt_seq_cp");
+}
+
+kvrt_status kvrt_seq_keep(kvrt_cache *cache, int32_t seq)
+{
+    return kvrt_error_in(do_seq_keep(cache, seq), "kvrt_seq_keep");
+}
+
+kvrt_status kvrt_cache_clear(kvrt_cache *cache)
+{
+    return kvrt_error_in(do_cache_clear(cache), "kvrt_cache_clear");
+}
+
+kvrt_status kvrt_cache_compact(kvrt_cache *cache)
+{
+    return kvrt_error_in(do_cache_compact(cache), "kvrt_cache_compact");
+}
+
+kvrt_status kvrt_gather(const kvrt_cache *ccache, int layer, int32_t seq, int32_t p0, int32_t p1,
+                        void *k, void *v, int32_t *pos, int64_t capacity, int64_t *n_out,
+                        void *stream)
+{
+    return kvrt_error_in(do_gather(ccache, layer, seq, p0, p1, k, v, pos, capacity, n_out, stream), "kvrt_gather");
+}
+
+kvrt_status kvrt_cross_set(kvrt_cache *cache, int layer, int32_t seq, int n, const void *k,
+                           const void *v, kvrt_dtype src_dtype, void *stream)
+{
+    return kvrt_error_in(do_cross_set(cache, layer, seq, n, k, v, src_dtype, stream), "kvrt_cross_set");
 }

@@ -21,6 +21,11 @@ kvrt_status kvrt_set_error(kvrt_status status, const char *fmt, ...)
 #endif
     ;
 void kvrt_clear_error(void);
+/* Makes the message of a failed public call start with "fn: " (every
+ * message names the function that failed): a prefix of another entry called
+ * on the way ("kvrt_state_read: ") or of the state parser ("state: ") is
+ * replaced, a message without one gets fn in front. Returns status. */
+kvrt_status kvrt_error_in(kvrt_status status, const char *fn);
 
 /* Returns `status` with a message when cond is false. */
 #define KVRT_CHECK(cond, status, ...)                                                        \

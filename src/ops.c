@@ -30,8 +30,8 @@ static const kvrt_layer_ref *layer_ref(const kvrt_cache *cache, int layer)
     return &g->refs[0];
 }
 
-kvrt_status kvrt_write(kvrt_cache *cache, const kvrt_batch *batch, int layer, const void *k,
-                       const void *v, kvrt_dtype src_dtype, void *stream)
+static kvrt_status do_write(kvrt_cache *cache, const kvrt_batch *batch, int layer, const void *k,
+                            const void *v, kvrt_dtype src_dtype, void *stream)
 {
     KVRT_TRY(kvrt_check_cache(cache, "kvrt_write"));
     KVRT_TRY(kvrt_map_layer(cache, &layer, "kvrt_write"));
@@ -59,8 +59,8 @@ kvrt_status kvrt_write(kvrt_cache *cache, const kvrt_batch *batch, int layer, co
     return cache->be.ops->write(&cache->be, &op, stream);
 }
 
-kvrt_status kvrt_attention(kvrt_cache *cache, const kvrt_batch *batch, int layer, const void *q,
-                           void *out, const kvrt_attention_params *params, void *stream)
+static kvrt_status do_attention(kvrt_cache *cache, const kvrt_batch *batch, int layer, const void *q,
+                                void *out, const kvrt_attention_params *params, void *stream)
 {
     KVRT_TRY(kvrt_check_cache(cache, "kvrt_attention"));
     KVRT_TRY(kvrt_map_layer(cache, &layer, "kvrt_attention"));
@@ -112,4 +112,18 @@ kvrt_status kvrt_attention(kvrt_cache *cache, const kvrt_batch *batch, int layer
     op.n_seqs = batch->n_seqs;
     op.max_seq_slots = bg->max_seq_slots;
     return cache->be.ops->attention(&cache->be, &op, stream);
+}
+
+/* ---- public entries: the message of a failure starts with the function ---- */
+
+kvrt_status kvrt_write(kvrt_cache *cache, const kvrt_batch *batch, int layer, const void *k,
+                       const void *v, kvrt_dtype src_dtype, void *stream)
+{
+    return kvrt_error_in(do_write(cache, batch, layer, k, v, src_dtype, stream), "kvrt_write");
+}
+
+kvrt_status kvrt_attention(kvrt_cache *cache, const kvrt_batch *batch, int layer, const void *q,
+                           void *out, const kvrt_attention_params *params, void *stream)
+{
+    return kvrt_error_in(do_attention(cache, batch, layer, q, out, params, stream), "kvrt_attention");
 }

@@ -46,8 +46,8 @@ static int find_group(const kvrt_cache *core, const kvrt_layer_desc *l)
     return -1;
 }
 
-kvrt_status kvrt_cache_create_shared(kvrt_cache *base, const kvrt_cache_desc *desc,
-                                     const int *base_layers, kvrt_cache **out)
+static kvrt_status do_cache_create_shared(kvrt_cache *base, const kvrt_cache_desc *desc,
+                                          const int *base_layers, kvrt_cache **out)
 {
     KVRT_CHECK(out != NULL, KVRT_ERR_INVALID_ARG, "kvrt_cache_create_shared: out is NULL");
     *out = NULL;
@@ -238,4 +238,12 @@ kvrt_status kvrt_cache_create_shared(kvrt_cache *base, const kvrt_cache_desc *de
     core->epoch++;
     *out = h;
     return KVRT_OK;
+}
+
+/* ---- public entries: the message of a failure starts with the function ---- */
+
+kvrt_status kvrt_cache_create_shared(kvrt_cache *base, const kvrt_cache_desc *desc,
+                                     const int *base_layers, kvrt_cache **out)
+{
+    return kvrt_error_in(do_cache_create_shared(base, desc, base_layers, out), "kvrt_cache_create_shared");
 }

@@ -189,10 +189,173 @@ static void test_shared_state_offload(void **state)
             shared_round(own, first);
 }
 
+/* ---- 2. a failed kvrt_state_save_file changes nothing on disk ---- */
+
+static blob read_file(const char *path)
+{
+    blob b = {0};
+    FILE *f = fopen(path, "rb");
+    assert_non_null(f);
+    char buf[4096];
+    size_t n;
+    while ((n = fread(buf, 1, sizeof buf, f)) > 0)
+        blob_put(&b, buf, n);
+    fclose(f);
+    return b;
+}
+
+static int dir_entries(const char *dir)
+{
+    char cmd[512];
+    snprintf(cmd, sizeof cmd, "ls -A '%s' | wc -l", dir);
+    FILE *p = popen(cmd, "r");
+    assert_non_null(p);
+    int n = -1;
+    assert_int_equal(fscanf(p, "%d", &n), 1);
+    pclose(p);
+    return n;
+}
+
+static void test_save_file_failure_keeps_files(void **state)
+{
+    (void)state;
+    REQUIRE_STATE();
+    char dir[256];
+    temp_path(dir, sizeof dir, "dirXXXXXX");
+    assert_non_null(mkdtemp(dir));
+    char path[320], target[320], link[320];
+    snprintf(path, sizeof path, "%s/good.kvrt", dir);
+    snprintf(target, sizeof target, "%s/target", dir);
+    snprintf(link, sizeof link, "%s/link.kvrt", dir);
+
+    kvrt_cache *c = make_cache(LAYOUT_ATTN, opts(KVRT_F32, 16, 64, 2));
+    fill_seq(c, 0, 0, 20, 1, 1);
+    OK(kvrt_state_save_file(c, -1, path));
+    assert_int_equal(chmod(path, 0640), 0);
+    blob good = read_file(path);
+    /* a bigger state whose save fails part way: the file size limit makes
+     * write(2) fail with EFBIG once the temporary file passes half of the
+     * earlier file's size */
+    fill_seq(c, 1, 0, 200, 1, 2);
+    struct rlimit old, lim;
+    assert_int_equal(getrlimit(RLIMIT_FSIZE, &old), 0);
+    lim = old;
+    lim.rlim_cur = good.size / 2;
+    void (*prev)(int) = signal(SIGXFSZ, SIG_IGN);
+    assert_int_equal(setrlimit(RLIMIT_FSIZE, &lim), 0);
+    kvrt_status st = kvrt_state_save_file(c, -1, path);
+    assert_int_equal(setrlimit(RLIMIT_FSIZE, &old), 0);
+    signal(SIGXFSZ, prev);
+    EXPECT_IN("kvrt_state_save_file", KVRT_ERR_IO, st);
+    blob after = read_file(path);
+    assert_same_blob(&after, &good, "the earlier state file after a failed save");
+    struct stat sb;
+    assert_int_equal(stat(path, &sb), 0);
+    assert_int_equal(sb.st_mode & 07777, 0640);
+    assert_int_equal(dir_entries(dir), 1); /* no temporary file left */
+    /* a successful save replaces it, keeping its mode */
+    OK(kvrt_state_save_file(c, -1, path));
+    assert_int_equal(stat(path, &sb), 0);
+    assert_int_equal(sb.st_mode & 07777, 0640);
+    blob now = save_state(c, -1), file = read_file(path);
+    assert_same_blob(&file, &now, "the replaced state file");
+    kvrt_cache *d = make_cache(LAYOUT_ATTN, opts(KVRT_F32, 16, 64, 2));
+    OK(kvrt_state_load_file(d, -1, path));
+    assert_same_seq(c, 1, d, 1);
+
+    /* a symbolic link is refused; neither it nor its target changes */
+    FILE *f = fopen(target, "wb");
+    assert_non_null(f);
+    fputs("keep me", f);
+    fclose(f);
+    assert_int_equal(symlink(target, link), 0);
+    EXPECT_IN("kvrt_state_save_file", KVRT_ERR_IO, kvrt_state_save_file(c, 0, link));
+    assert_non_null(strstr(kvrt_last_error(), "symbolic link"));
+    assert_int_equal(lstat(link, &sb), 0);
+    assert_true(S_ISLNK(sb.st_mode));
+    blob t = read_file(target);
+    assert_int_equal(t.size, 7);
+    assert_memory_equal(t.data, "keep me", 7);
+    /* a directory, and a path whose directory does not exist */
+    EXPECT_IN("kvrt_state_save_file", KVRT_ERR_IO, kvrt_state_save_file(c, 0, dir));
+    char missing[400];
+    snprintf(missing, sizeof missing, "%s/no/such.kvrt", dir);
+    EXPECT_IN("kvrt_state_save_file", KVRT_ERR_IO, kvrt_state_save_file(c, 0, missing));
+    assert_int_equal(dir_entries(dir), 3);
+    /* a device node stays (as root, the old code deleted /dev/full) */
+    if (lstat("/dev/full", &sb) == 0 && S_ISCHR(sb.st_mode)) {
+        EXPECT_IN("kvrt_state_save_file", KVRT_ERR_IO, kvrt_state_save_file(c, 0, "/dev/full"));
+        assert_non_null(strstr(kvrt_last_error(), "a device"));
+        assert_int_equal(lstat("/dev/full", &sb), 0);
+        assert_true(S_ISCHR(sb.st_mode));
+    }
+    blob *all[] = {&good, &after, &now, &file, &t};
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
+        blob_free(all[i]);
+    remove(link);
+    remove(target);
+    remove(path);
+    rmdir(dir);
+    kvrt_cache_destroy(c);
+    kvrt_cache_destroy(d);
+}
+
+/* ---- 4. readers that deliver a little at a time; input after END ---- */
+
+static kvrt_status one_byte_reader(void *user, void *data, size_t n, size_t *got)
+{
+    return blob_reader(user, data, n > 0 ? 1 : 0, got);
+}
+
+static void test_short_reads_and_trailing_bytes(void **state)
+{
+    (void)state;
+    REQUIRE_STATE();
+    kvrt_cache *c = make_cache(LAYOUT_MIXED, opts(KVRT_F16, 8, 64, 2));
+    fill_seq(c, 0, 0, 30, 1, 3);
+    fill_cross(c, 0, 5, 3);
+    blob image = save_state(c, 0);
+    kvrt_cache *d = make_cache(LAYOUT_MIXED, opts(KVRT_F16, 4, 128, 2));
+    /* a reader that delivers one byte per call is not at the end */
+    blob in = {image.data, image.size, image.size, 0, 0};
+    OK(kvrt_state_read(d, 1, one_byte_reader, &in));
+    assert_same_seq(c, 0, d, 1);
+    assert_int_equal(in.pos, image.size);
+    /* kvrt_state_read stops at END: what follows stays unread */
+    blob longer = {0};
+    blob_put(&longer, image.data, image.size);
+    blob_put(&longer, "garbage!", 8);
+    OK(kvrt_seq_rm(d, -1, 0, -1));
+    blob in2 = {longer.data, longer.size, longer.size, 0, 0};
+    OK(kvrt_state_read(d, 1, blob_reader, &in2));
+    assert_int_equal(in2.pos, image.size);
+    assert_same_seq(c, 0, d, 1);
+    /* a file with bytes after END is corrupt, and changes nothing */
+    char path[256];
+    temp_path(path, sizeof path, "trailing.kvrt");
+    FILE *f = fopen(path, "wb");
+    assert_non_null(f);
+    assert_int_equal(fwrite(longer.data, 1, longer.size, f), longer.size);
+    fclose(f);
+    blob before = {0}, after = {0};
+    snap_cache(d, &before);
+    EXPECT_IN("kvrt_state_load_file", KVRT_ERR_CORRUPT, kvrt_state_load_file(d, 0, path));
+    snap_cache(d, &after);
+    assert_same_blob(&before, &after, "the cache after a refused file");
+    remove(path);
+    blob *all[] = {&image, &longer, &before, &after};
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
+        blob_free(all[i]);
+    kvrt_cache_destroy(c);
+    kvrt_cache_destroy(d);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_shared_state_offload),
+        cmocka_unit_test(test_save_file_failure_keeps_files),
+        cmocka_unit_test(test_short_reads_and_trailing_bytes),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
