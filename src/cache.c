@@ -8,6 +8,7 @@
 #include "internal.h"
 
 kvrt_status kvrt_desc_validate(const kvrt_cache_desc *desc);
+kvrt_status kvrt_desc_validate_rope_use(const kvrt_cache_desc *desc);
 
 int kvrt_group_is_self(const kvrt_group *g) { return g->kind != KVRT_LAYER_CROSS; }
 
@@ -410,6 +411,7 @@ static kvrt_status do_cache_create(const kvrt_cache_desc *desc, kvrt_cache **out
     KVRT_CHECK(out != NULL, KVRT_ERR_INVALID_ARG, "kvrt_cache_create: out is NULL");
     *out = NULL;
     KVRT_TRY(kvrt_desc_validate(desc));
+    KVRT_TRY(kvrt_desc_validate_rope_use(desc));
     int count = kvrt_device_count(desc->device.backend);
     KVRT_CHECK(desc->device.ordinal >= 0 && desc->device.ordinal < count, KVRT_ERR_NO_DEVICE,
                "device %s:%d does not exist (%d %s device%s in this build)",

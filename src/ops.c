@@ -79,8 +79,9 @@ static kvrt_status do_attention(kvrt_cache *cache, const kvrt_batch *batch, int 
     KVRT_CHECK(kvrt_dtype_size(params->q_dtype) != 0, KVRT_ERR_INVALID_ARG,
                "kvrt_attention: q_dtype %d is not f32, f16 or bf16", (int)params->q_dtype);
     KVRT_CHECK(params->out_dtype == KVRT_F32 || params->out_dtype == cache->desc.dtype,
-               KVRT_ERR_INVALID_ARG, "kvrt_attention: out_dtype %s must be f32 or the cache's %s",
-               kvrt_dtype_name(params->out_dtype), kvrt_dtype_name(cache->desc.dtype));
+               KVRT_ERR_INVALID_ARG, "kvrt_attention: out_dtype %d (%s) must be f32 or the cache's %s",
+               (int)params->out_dtype, kvrt_dtype_name(params->out_dtype),
+               kvrt_dtype_name(cache->desc.dtype));
     KVRT_CHECK(params->scale >= 0.0f && isfinite(params->scale), KVRT_ERR_INVALID_ARG,
                "kvrt_attention: scale %g must be finite and >= 0", (double)params->scale);
     KVRT_CHECK(params->softcap >= 0.0f && isfinite(params->softcap), KVRT_ERR_INVALID_ARG,

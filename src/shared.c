@@ -54,6 +54,10 @@ static kvrt_status do_cache_create_shared(kvrt_cache *base, const kvrt_cache_des
     KVRT_TRY(kvrt_check_cache(base, "kvrt_cache_create_shared"));
     KVRT_CHECK(desc != NULL, KVRT_ERR_INVALID_ARG, "kvrt_cache_create_shared: desc is NULL");
     kvrt_cache *core = KVRT_CORE(base);
+    KVRT_CHECK(desc->device.backend == KVRT_BACKEND_CPU || desc->device.backend == KVRT_BACKEND_CUDA ||
+                   desc->device.backend == KVRT_BACKEND_HIP,
+               KVRT_ERR_INVALID_ARG, "kvrt_cache_create_shared: device.backend %d is not CPU, CUDA or HIP",
+               (int)desc->device.backend);
     /* another device: refused before anything else (the draft would read
      * and write the base's memory from the wrong device) */
     if (desc->device.backend != core->desc.device.backend ||
@@ -89,6 +93,9 @@ static kvrt_status do_cache_create_shared(kvrt_cache *base, const kvrt_cache_des
     for (int i = 0; i < d.n_layers; i++) {
         const kvrt_layer_desc *l = &d.layers[i];
         int bl = base_layers != NULL ? base_layers[i] : -1;
+        KVRT_CHECK(bl >= -1, KVRT_ERR_INVALID_ARG,
+                   "kvrt_cache_create_shared: base_layers[%d] is %d; it must be a layer of the base "
+                   "or -1 (a layer of the new handle's own)", i, bl);
         if (bl >= 0) {
             int mapped = bl;
             KVRT_TRY(kvrt_map_layer(base, &mapped, "kvrt_cache_create_shared: base_layers"));

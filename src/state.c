@@ -9,6 +9,7 @@
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <math.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <sys/stat.h>
@@ -803,6 +804,10 @@ static kvrt_status parse_head(kvrt_state_view *v, const uint8_t *p, uint64_t siz
     h->rope.theta = get_f32(p + 36);
     h->rope.freq_scale = get_f32(p + 40);
     h->rope.style = (kvrt_rope_style)get_u32(p + 44);
+    CORRUPT_IF(!(isfinite(h->rope.theta) && h->rope.theta > 0.0f &&
+                 isfinite(h->rope.freq_scale) && h->rope.freq_scale > 0.0f),
+               "state: HEAD: rope.theta %g / rope.freq_scale %g must be finite and > 0",
+               (double)h->rope.theta, (double)h->rope.freq_scale);
     CORRUPT_IF(get_u32(p + 52) != 0, "state: HEAD: flags 0x%08x (version 1 writes 0)",
                (unsigned)get_u32(p + 52));
     h->layers = calloc(n_layers, sizeof *h->layers);

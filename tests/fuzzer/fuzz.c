@@ -1207,6 +1207,10 @@ static void make_desc(fuzz *F)
     do
         d->rope.n_rot = rots[rng_below(r, 6)];
     while (d->rope.n_rot > min_dk);
+    if (min_dk == 1024) /* no ATTN layer: n_rot is 0 or the MLA layers' rope_dim */
+        for (int l = 0; l < F->n_layers; l++)
+            if (F->layers[l].kind == KVRT_LAYER_MLA && d->rope.n_rot != 0)
+                d->rope.n_rot = F->layers[l].rope_dim;
     static const float thetas[] = {10000.0f, 500000.0f, 1000000.0f, 50.0f};
     static const float scales[] = {1.0f, 1.0f, 0.5f, 0.25f, 2.0f};
     d->rope.theta = thetas[rng_below(r, 4)];

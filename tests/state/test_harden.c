@@ -350,12 +350,183 @@ static void test_short_reads_and_trailing_bytes(void **state)
     kvrt_cache_destroy(d);
 }
 
+/* ---- 3. float fields must be finite ---- */
+
+static void test_nonfinite_rope_refused(void **state)
+{
+    (void)state;
+    const float bad[] = {INFINITY, -INFINITY, NAN, 0.0f, -1.0f};
+    kvrt_layer_desc l = base_attn;
+    kvrt_cache *base = small_base();
+    for (int field = 0; field < 2; field++)
+        for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+            kvrt_cache_desc d = test_desc(&l, 1, KVRT_F32, 4, 8, 2);
+            d.rope.n_rot = 8;
+            if (field == 0)
+                d.rope.theta = bad[i];
+            else
+                d.rope.freq_scale = bad[i];
+            kvrt_cache *c = (kvrt_cache *)0x1;
+            EXPECT_IN("kvrt_cache_create", KVRT_ERR_INVALID_ARG, kvrt_cache_create(&d, &c));
+            assert_null(c);
+            assert_non_null(strstr(kvrt_last_error(), field == 0 ? "rope.theta" : "rope.freq_scale"));
+            assert_non_null(strstr(kvrt_last_error(), "finite"));
+            /* a shared handle's description is checked the same way */
+            EXPECT_IN("kvrt_cache_create_shared", KVRT_ERR_INVALID_ARG,
+                      kvrt_cache_create_shared(base, &d, (int[]){0}, &c));
+            assert_null(c);
+        }
+    kvrt_cache_destroy(base);
+}
+
+/* ---- 4. the smaller ones ---- */
+
+static void test_mla_only_n_rot(void **state)
+{
+    (void)state;
+    kvrt_layer_desc mla[2] = {{KVRT_LAYER_MLA, 0, 0, 0, 0, 32, 8}, {KVRT_LAYER_MLA, 0, 0, 0, 0, 32, 8}};
+    const int refused[] = {1000, 4, 16, 2};
+    for (size_t i = 0; i < sizeof refused / sizeof refused[0]; i++) {
+        kvrt_cache_desc d = test_desc(mla, 2, KVRT_F16, 4, 8, 1);
+        d.rope.n_rot = refused[i];
+        kvrt_cache *c = (kvrt_cache *)0x1;
+        EXPECT_IN("kvrt_cache_create", KVRT_ERR_INVALID_ARG, kvrt_cache_create(&d, &c));
+        assert_null(c);
+        assert_non_null(strstr(kvrt_last_error(), "rope_dim 8"));
+    }
+    const int taken[] = {0, 8};
+    for (size_t i = 0; i < 2; i++) {
+        kvrt_cache_desc d = test_desc(mla, 2, KVRT_F16, 4, 8, 1);
+        d.rope.n_rot = taken[i];
+        kvrt_cache *c = NULL;
+        OK(kvrt_cache_create(&d, &c));
+        kvrt_cache_destroy(c);
+    }
+    /* beside an ATTN layer, n_rot is the ATTN layers' (MLA rotates rope_dim) */
+    kvrt_layer_desc mixed[2] = {mla[0], {KVRT_LAYER_ATTN, 1, 16, 16, 0, 0, 0}};
+    kvrt_cache_desc d = test_desc(mixed, 2, KVRT_F16, 4, 8, 1);
+    d.rope.n_rot = 16;
+    kvrt_cache *c = NULL;
+    OK(kvrt_cache_create(&d, &c));
+    kvrt_cache_destroy(c);
+    /* CROSS layers only: nothing is rotated */
+    kvrt_layer_desc cross = {KVRT_LAYER_CROSS, 1, 8, 8, 0, 0, 0};
+    d = test_desc(&cross, 1, KVRT_F16, 4, 8, 1);
+    d.cross_max_len = 4;
+    d.rope.n_rot = 2;
+    EXPECT_IN("kvrt_cache_create", KVRT_ERR_INVALID_ARG, kvrt_cache_create(&d, &c));
+}
+
+static void test_base_layers_negative(void **state)
+{
+    (void)state;
+    kvrt_cache *base = small_base();
+    kvrt_layer_desc dl = base_attn;
+    kvrt_cache_desc dd = *kvrt_cache_get_desc(base);
+    dd.layers = &dl;
+    dd.n_layers = 1;
+    const int bad[] = {-2, -7, INT32_MIN};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        kvrt_cache *d = (kvrt_cache *)0x1;
+        EXPECT_IN("kvrt_cache_create_shared", KVRT_ERR_INVALID_ARG,
+                  kvrt_cache_create_shared(base, &dd, &bad[i], &d));
+        assert_null(d);
+        assert_non_null(strstr(kvrt_last_error(), "base_layers[0]"));
+    }
+    kvrt_cache_stats st;
+    OK(kvrt_cache_stats_get(base, -1, &st));
+    int64_t bytes = st.bytes_device;
+    kvrt_cache *d = NULL;
+    OK(kvrt_cache_create_shared(base, &dd, (int[]){-1}, &d));
+    OK(kvrt_cache_stats_get(base, -1, &st));
+    assert_true(st.bytes_device > bytes); /* -1: a layer of its own */
+    kvrt_cache_destroy(d);
+    kvrt_cache_destroy(base);
+}
+
+static void test_messages_name_the_function(void **state)
+{
+    (void)state;
+    REQUIRE_STATE();
+    char buf[64];
+    kvrt_device cpu = {KVRT_BACKEND_CPU, 0};
+    EXPECT_IN("kvrt_device_describe", KVRT_ERR_INVALID_ARG, kvrt_device_describe(cpu, buf, 0));
+    assert_non_null(strstr(kvrt_last_error(), "size is 0"));
+    EXPECT_IN("kvrt_device_describe", KVRT_ERR_INVALID_ARG, kvrt_device_describe(cpu, NULL, 8));
+    assert_non_null(strstr(kvrt_last_error(), "buf is NULL"));
+    EXPECT_IN("kvrt_device_describe", KVRT_ERR_NO_DEVICE,
+              kvrt_device_describe((kvrt_device){KVRT_BACKEND_CPU, 3}, buf, sizeof buf));
+
+    kvrt_cache *c = small_base();
+    /* attention with an unknown out_dtype names the value */
+    kvrt_batch *b = NULL;
+    OK(kvrt_batch_create(c, 4, &b));
+    OK(kvrt_batch_plan(c, 1, (int32_t[]){0}, (int32_t[]){0}, b));
+    float q[16] = {0}, out[16];
+    kvrt_attention_params ap = {2, 0.0f, 0.0f, KVRT_F32, (kvrt_dtype)7};
+    EXPECT_IN("kvrt_attention", KVRT_ERR_INVALID_ARG, kvrt_attention(c, b, 0, q, out, &ap, NULL));
+    assert_non_null(strstr(kvrt_last_error(), "out_dtype 7"));
+    /* a shared handle on an unknown backend is an invalid argument */
+    kvrt_cache_desc dd = *kvrt_cache_get_desc(c);
+    dd.device.backend = (kvrt_backend)7;
+    kvrt_cache *draft = (kvrt_cache *)0x1;
+    EXPECT_IN("kvrt_cache_create_shared", KVRT_ERR_INVALID_ARG,
+              kvrt_cache_create_shared(c, &dd, (int[]){0}, &draft));
+    assert_null(draft);
+    assert_non_null(strstr(kvrt_last_error(), "backend 7"));
+    /* a bad field of a description */
+    dd = *kvrt_cache_get_desc(c);
+    dd.block_size = 3;
+    EXPECT_IN("kvrt_cache_create", KVRT_ERR_INVALID_ARG, kvrt_cache_create(&dd, &draft));
+    assert_non_null(strstr(kvrt_last_error(), "block_size 3"));
+    kvrt_batch_destroy(b);
+    kvrt_cache_destroy(c);
+
+    /* edits: a collision, a copy-on-write without blocks */
+    c = make_cache_layers(&base_attn, 1, opts(KVRT_F32, 4, 2, 2));
+    fill_seq(c, 0, 0, 8, 1, 1);
+    EXPECT_IN("kvrt_seq_shift", KVRT_ERR_POS_EXISTS, kvrt_seq_shift(c, 0, 0, 4, 1));
+    assert_non_null(strstr(kvrt_last_error(), "two tokens"));
+    EXPECT_IN("kvrt_seq_div", KVRT_ERR_POS_EXISTS, kvrt_seq_div(c, 0, 0, -1, 2));
+    OK(kvrt_seq_cp(c, 0, 1, 0, -1));
+    EXPECT_IN("kvrt_seq_rm", KVRT_ERR_CAPACITY, kvrt_seq_rm(c, 1, 1, 2));
+    EXPECT_IN("kvrt_seq_cp", KVRT_ERR_INVALID_ARG, kvrt_seq_cp(c, 0, 1, 0, -1));
+    OK(kvrt_batch_create(c, 4, &b));
+    EXPECT_IN("kvrt_batch_plan", KVRT_ERR_CAPACITY,
+              kvrt_batch_plan(c, 1, (int32_t[]){0}, (int32_t[]){8}, b));
+    kvrt_batch_destroy(b);
+
+    /* state: another dtype; restore into a sequence that is not empty */
+    kvrt_cache *h = make_cache_layers(&base_attn, 1, opts(KVRT_F16, 4, 8, 2));
+    fill_seq(h, 0, 0, 3, 1, 2);
+    blob image = save_state(h, 0);
+    EXPECT_IN("kvrt_state_read", KVRT_ERR_INCOMPATIBLE, load_state(c, 0, image.data, image.size));
+    assert_non_null(strstr(kvrt_last_error(), "dtype f16 in file, f32 in cache"));
+    EXPECT_IN("kvrt_state_read", KVRT_ERR_CORRUPT, load_state(h, 1, image.data, image.size - 1));
+    kvrt_offload *off = NULL;
+    OK(kvrt_seq_offload(h, 0, &off));
+    EXPECT_IN("kvrt_seq_restore", KVRT_ERR_INCOMPATIBLE, kvrt_seq_restore(c, 0, off));
+    fill_seq(h, 1, 0, 2, 1, 3);
+    EXPECT_IN("kvrt_seq_restore", KVRT_ERR_INVALID_ARG, kvrt_seq_restore(h, 1, off));
+    assert_non_null(strstr(kvrt_last_error(), "not empty"));
+    EXPECT_IN("kvrt_seq_restore", KVRT_ERR_INVALID_ARG, kvrt_seq_restore(h, 9, off));
+    OK(kvrt_seq_restore(h, 0, off));
+    kvrt_offload_free(off);
+    blob_free(&image);
+    kvrt_cache_destroy(h);
+    kvrt_cache_destroy(c);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_shared_state_offload),
         cmocka_unit_test(test_save_file_failure_keeps_files),
         cmocka_unit_test(test_short_reads_and_trailing_bytes),
+        cmocka_unit_test(test_nonfinite_rope_refused),
+        cmocka_unit_test(test_mla_only_n_rot),
+        cmocka_unit_test(test_base_layers_negative),
+        cmocka_unit_test(test_messages_name_the_function),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
