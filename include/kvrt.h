@@ -166,11 +166,14 @@ typedef enum kvrt_rope_style {
 /* How cached K was rotated, so that kvrt_seq_shift can re-rotate it.
  * Angle of pair i at position p: p * freq_scale * theta^(-2i / n_rot).
  * ATTN layers rotate the first n_rot dims of each K head (n_rot 0: none);
- * MLA layers rotate their rope_dim part (the last rope_dim values of a row). */
+ * MLA layers rotate their rope_dim part (the last rope_dim values of a row), with
+ * rope_dim in place of n_rot in the angle. n_rot is the ATTN layers': a
+ * cache without ATTN layers takes n_rot 0 or its MLA layers' rope_dim
+ * (CROSS layers only: 0). */
 typedef struct kvrt_rope_desc {
     int             n_rot;       /* even, <= every ATTN layer's head_dim_k */
-    float           theta;       /* base, e.g. 10000 or 500000 */
-    float           freq_scale;  /* 1 = no scaling (linear scaling: 1/factor) */
+    float           theta;       /* base, e.g. 10000 or 500000; finite, > 0 */
+    float           freq_scale;  /* 1 = no scaling (linear scaling: 1/factor); finite, > 0 */
     kvrt_rope_style style;
 } kvrt_rope_desc;
 
@@ -226,9 +229,10 @@ KVRT_API void kvrt_cache_destroy(kvrt_cache *cache);
  * EAGLE) that reads the target's cache and has layers of its own. The new
  * handle shares base's block pool, sequences and positions: plans and edits
  * through either handle are seen by both. Layer i of desc is base's layer
- * base_layers[i] when base_layers[i] >= 0 (it must have the same shape), or a
- * layer of the new handle's own (base_layers NULL: all own), which joins the
- * base group of its kind and window so that every edit moves its rows too.
+ * base_layers[i] when base_layers[i] >= 0 (it must have the same shape), or,
+ * when it is -1, a layer of the new handle's own (base_layers NULL: all own),
+ * which joins the base group of its kind and window so that every edit moves
+ * its rows too. Other negative values are KVRT_ERR_INVALID_ARG.
  * desc's dtype, block_size, max_seqs, swa_full and rope must equal base's;
  * its n_blocks and max_blocks are ignored (the pool is base's).
  * Errors, nothing created: KVRT_ERR_DEVICE_MISMATCH when desc->device is not
@@ -236,9 +240,14 @@ KVRT_API void kvrt_cache_destroy(kvrt_cache *cache);
  * KVRT_ERR_INCOMPATIBLE naming the first differing field or a layer that
  * matches no group of base (own CROSS layers included).
  * Handles are reference-counted: destroying base while this handle lives
- * keeps the memory until the last handle is destroyed. The own layers stay
- * in the shared cache until then. State files and offloads taken through
- * either handle hold base's layers. */
+ * keeps the memory until the last handle is destroyed. An own layer's memory
+ * is freed when the last handle using it (its creator, or a handle naming
+ * it through base_layers) is destroyed, so a draft recreated per request
+ * does not grow the cache. State, offload, query and edit entries work
+ * through either handle and act on the shared cache; state files and
+ * offloads taken through either handle hold base's layers only, and a
+ * sequence loaded or restored through either handle has zeros in the own
+ * layers' rows. */
 KVRT_API kvrt_status kvrt_cache_create_shared(kvrt_cache *base, const kvrt_cache_desc *desc,
                                               const int *base_layers, kvrt_cache **out);
 
@@ -312,6 +321,7 @@ KVRT_API kvrt_status kvrt_batch_plan(kvrt_cache *cache, int n, const int32_t *se
  * from src_dtype to the cache dtype (round to nearest even).
  *   ATTN: k [n_tokens][n_kv_heads][head_dim_k], v [n_tokens][n_kv_heads][head_dim_v]
  *   MLA:  k [n_tokens][latent_dim + rope_dim] (K already rotated), v NULL
+ *         (a non-NULL v is KVRT_ERR_INVALID_ARG: an MLA row has no V of its own)
  * Row-major, contiguous, on the cache's device. CROSS layers are set with
  * kvrt_cross_set instead (KVRT_ERR_INVALID_ARG here).
  * Queued on `stream`, which must be ordered after the cache's stream. */
@@ -340,7 +350,10 @@ typedef struct kvrt_attention_params {
  *   MLA:         q [n_tokens][n_q_heads][latent_dim + rope_dim],
  *                out [n_tokens][n_q_heads][latent_dim]
  * A token with no visible key gets zeros. The batch's rows must have been
- * written (kvrt_write) for self-attention layers. */
+ * written (kvrt_write) for self-attention layers: kvrt does not track which
+ * planned rows were written, and a row planned but never written is read as
+ * its slot holds it (zeros in memory no row has used, else an earlier
+ * token's row), with status KVRT_OK. */
 KVRT_API kvrt_status kvrt_attention(kvrt_cache *cache, const kvrt_batch *batch, int layer,
                                     const void *q, void *out,
                                     const kvrt_attention_params *params, void *stream);

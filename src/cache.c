@@ -452,6 +452,8 @@ void kvrt_cache_destroy(kvrt_cache *cache)
         return;
     kvrt_cache *core = KVRT_CORE(cache);
     if (cache != core) {
+        if (!(core->destroy_pending && core->n_handles == 1)) /* the core lives on */
+            kvrt_shared_release(core, cache);
         free(cache->layer_map);
         free(cache->layers);
         free(cache);
@@ -501,6 +503,7 @@ static void core_destroy(kvrt_cache *cache)
     free(cache->groups);
     free(cache->mem);
     free(cache->layer_group);
+    free(cache->layer_users);
     free(cache->layers);
     free(cache->scratch_a);
     free(cache->scratch_b);

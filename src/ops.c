@@ -45,6 +45,9 @@ static kvrt_status do_write(kvrt_cache *cache, const kvrt_batch *batch, int laye
     KVRT_CHECK(k != NULL, KVRT_ERR_INVALID_ARG, "kvrt_write: layer %d: k is NULL", layer);
     KVRT_CHECK(l->kind == KVRT_LAYER_MLA || v != NULL, KVRT_ERR_INVALID_ARG,
                "kvrt_write: layer %d: v is NULL", layer);
+    KVRT_CHECK(l->kind != KVRT_LAYER_MLA || v == NULL, KVRT_ERR_INVALID_ARG,
+               "kvrt_write: layer %d (MLA): v must be NULL (V is the first latent_dim values of "
+               "each k row)", layer);
     KVRT_TRY(kvrt_check_device_ptr(cache, k, "kvrt_write: k"));
     if (l->kind != KVRT_LAYER_MLA)
         KVRT_TRY(kvrt_check_device_ptr(cache, v, "kvrt_write: v"));

@@ -517,6 +517,98 @@ static void test_messages_name_the_function(void **state)
     kvrt_cache_destroy(c);
 }
 
+static int64_t device_bytes(const kvrt_cache *c)
+{
+    kvrt_cache_stats st;
+    OK(kvrt_cache_stats_get(c, -1, &st));
+    return st.bytes_device;
+}
+
+/* A draft recreated per request: its own layer goes with it. */
+static void test_own_layers_freed_with_handle(void **state)
+{
+    (void)state;
+    kvrt_cache *base = small_base();
+    fill_seq(base, 0, 0, 6, 1, 1);
+    blob rows = layer_rows(base, 0, 0);
+    int64_t bytes = device_bytes(base);
+    for (int cycle = 0; cycle < 20; cycle++) {
+        kvrt_cache *draft = make_draft(base, 1);
+        assert_true(device_bytes(base) > bytes);
+        fill_seq(draft, 1, 0, 3, 1, (uint32_t)cycle);
+        OK(kvrt_seq_shift(draft, 1, 0, -1, 2));
+        OK(kvrt_cache_check(draft));
+        kvrt_cache_destroy(draft);
+        assert_int_equal(device_bytes(base), bytes);
+        OK(kvrt_seq_rm(base, 1, 0, -1));
+    }
+    /* a handle naming another handle's own layer keeps it alive */
+    kvrt_cache *a = make_draft(base, 1);
+    int64_t with_a = device_bytes(base);
+    kvrt_layer_desc bl_desc[1] = {own_attn};
+    kvrt_cache_desc dd = *kvrt_cache_get_desc(base);
+    dd.layers = bl_desc;
+    dd.n_layers = 1;
+    kvrt_cache *b = NULL;
+    OK(kvrt_cache_create_shared(a, &dd, (int[]){1}, &b)); /* a's layer 1 */
+    fill_seq(a, 1, 0, 5, 1, 9);
+    blob mine = layer_rows(a, 1, 1);
+    kvrt_cache_destroy(a);
+    assert_int_equal(device_bytes(base), with_a);
+    OK(kvrt_seq_shift(base, 1, 0, -1, 1));
+    OK(kvrt_seq_shift(base, 1, 0, -1, -1)); /* rotated there and back */
+    OK(kvrt_seq_rm(base, 1, 0, 1));
+    OK(kvrt_cache_check(b));
+    blob theirs = layer_rows(b, 0, 1);
+    assert_int_equal(theirs.size, mine.size - (sizeof(int32_t) + 16 * sizeof(float)));
+    kvrt_cache_destroy(b);
+    assert_int_equal(device_bytes(base), bytes);
+    /* the base's rows never moved */
+    blob now = layer_rows(base, 0, 0);
+    assert_same_blob(&now, &rows, "the base's rows after 22 handles came and went");
+    OK(kvrt_cache_check(base));
+    blob_free(&rows);
+    blob_free(&mine);
+    blob_free(&theirs);
+    blob_free(&now);
+    kvrt_cache_destroy(base);
+}
+
+/* MLA writes take no V; attention over a row planned but never written
+ * reads what its slot holds (here memory no row has used: zeros). */
+static void test_mla_write_v_and_unwritten_rows(void **state)
+{
+    (void)state;
+    kvrt_layer_desc mla = {KVRT_LAYER_MLA, 0, 0, 0, 0, 32, 8};
+    kvrt_cache *c = make_cache_layers(&mla, 1, opts(KVRT_F32, 4, 8, 1));
+    kvrt_batch *b = NULL;
+    OK(kvrt_batch_create(c, 4, &b));
+    OK(kvrt_batch_plan(c, 1, (int32_t[]){0}, (int32_t[]){0}, b));
+    float k[40], v[40], q[2 * 40], out[2 * 32];
+    for (int i = 0; i < 40; i++)
+        k[i] = v[i] = q[i] = q[40 + i] = 0.25f * (float)(i % 7) - 0.5f;
+    blob before = {0}, after = {0};
+    snap_cache(c, &before);
+    EXPECT_IN("kvrt_write", KVRT_ERR_INVALID_ARG, kvrt_write(c, b, 0, k, v, KVRT_F32, NULL));
+    assert_non_null(strstr(kvrt_last_error(), "v must be NULL"));
+    snap_cache(c, &after);
+    assert_same_blob(&before, &after, "the cache after a refused MLA write");
+    kvrt_attention_params ap = {2, 0.0f, 0.0f, KVRT_F32, KVRT_F32};
+    for (int i = 0; i < 64; i++)
+        out[i] = 1.0f;
+    OK(kvrt_attention(c, b, 0, q, out, &ap, NULL)); /* planned, not written */
+    for (int i = 0; i < 64; i++)
+        assert_true(out[i] == 0.0f);
+    OK(kvrt_write(c, b, 0, k, NULL, KVRT_F32, NULL));
+    OK(kvrt_attention(c, b, 0, q, out, &ap, NULL));
+    for (int i = 0; i < 32; i++) /* one visible key: its V, the latent part */
+        assert_true(out[i] == k[i] && out[32 + i] == k[i]);
+    blob_free(&before);
+    blob_free(&after);
+    kvrt_batch_destroy(b);
+    kvrt_cache_destroy(c);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -527,6 +619,8 @@ int main(void)
         cmocka_unit_test(test_mla_only_n_rot),
         cmocka_unit_test(test_base_layers_negative),
         cmocka_unit_test(test_messages_name_the_function),
+        cmocka_unit_test(test_own_layers_freed_with_handle),
+        cmocka_unit_test(test_mla_write_v_and_unwritten_rows),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
