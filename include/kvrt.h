@@ -379,7 +379,9 @@ KVRT_API kvrt_status kvrt_cross_set(kvrt_cache *cache, int layer, int32_t seq, i
  * in [p0, p1) from every group. The range [0, end) (p0 <= 0, p1 < 0) also
  * drops the sequence's cross-attention K/V. Blocks left empty return to the
  * pool. KVRT_ERR_CAPACITY if a block shared with another sequence must be
- * copied first and none is free. */
+ * copied first and none is free. With seq < 0 (here and in kvrt_seq_shift
+ * and kvrt_seq_div) every sharer of a shared block is edited alike, so the
+ * block is edited in place, stays shared and needs no copy. */
 KVRT_API kvrt_status kvrt_seq_rm(kvrt_cache *cache, int32_t seq, int32_t p0, int32_t p1);
 
 /* Copies the tokens of src in [p0, p1) into dst, which must hold nothing

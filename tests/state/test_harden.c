@@ -609,6 +609,54 @@ static void test_mla_write_v_and_unwritten_rows(void **state)
     kvrt_cache_destroy(c);
 }
 
+/* seq < 0 edits every sharer of a block alike: the block is edited in
+ * place, so no copy (and no free block) is needed, and it stays shared. */
+static void test_edit_all_shared_in_place(void **state)
+{
+    (void)state;
+    kvrt_cache *c = make_cache_layers(&base_attn, 1, opts(KVRT_F32, 4, 2, 3));
+    kvrt_cache *solo = make_cache_layers(&base_attn, 1, opts(KVRT_F32, 4, 8, 3));
+    fill_seq(c, 0, 0, 8, 1, 1);
+    fill_seq(solo, 0, 0, 8, 1, 1);
+    OK(kvrt_seq_cp(c, 0, 1, 0, -1)); /* both blocks shared; none free */
+    kvrt_cache_stats st;
+    OK(kvrt_cache_stats_get(c, -1, &st));
+    assert_int_equal(st.blocks_free, 0);
+    assert_int_equal(st.blocks_shared, 2);
+    OK(kvrt_seq_rm(c, -1, 1, 2));
+    OK(kvrt_seq_rm(solo, -1, 1, 2));
+    OK(kvrt_seq_shift(c, -1, 4, -1, 10));
+    OK(kvrt_seq_shift(solo, -1, 4, -1, 10));
+    OK(kvrt_seq_div(c, -1, 14, 15, 2));
+    OK(kvrt_seq_div(solo, -1, 14, 15, 2));
+    OK(kvrt_seq_shift(c, -1, 0, 1, -1)); /* position 0 leaves */
+    OK(kvrt_seq_shift(solo, -1, 0, 1, -1));
+    OK(kvrt_cache_check(c));
+    OK(kvrt_cache_stats_get(c, -1, &st));
+    assert_int_equal(st.blocks_shared, 2);
+    assert_int_equal(st.blocks_free, 0);
+    int64_t n = 0;
+    OK(kvrt_seq_n_tokens(c, 1, &n));
+    assert_int_equal(n, 6);
+    /* rotated once, like the unshared copy, in both sharers */
+    assert_same_seq(c, 0, solo, 0);
+    assert_same_seq(c, 1, solo, 0);
+    /* removing every token of a shared block frees it from both */
+    OK(kvrt_seq_rm(c, -1, 0, 4));
+    OK(kvrt_cache_stats_get(c, -1, &st));
+    assert_int_equal(st.blocks_free, 1);
+    OK(kvrt_seq_rm(solo, -1, 0, 4));
+    assert_same_seq(c, 1, solo, 0);
+    OK(kvrt_cache_check(c));
+    /* one sharer alone still copies first: no block for it, refused */
+    fill_seq(c, 2, 0, 4, 1, 3);
+    OK(kvrt_cache_stats_get(c, -1, &st));
+    assert_int_equal(st.blocks_free, 0);
+    EXPECT_IN("kvrt_seq_rm", KVRT_ERR_CAPACITY, kvrt_seq_rm(c, 0, 7, 8));
+    kvrt_cache_destroy(c);
+    kvrt_cache_destroy(solo);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -621,6 +669,7 @@ int main(void)
         cmocka_unit_test(test_messages_name_the_function),
         cmocka_unit_test(test_own_layers_freed_with_handle),
         cmocka_unit_test(test_mla_write_v_and_unwritten_rows),
+        cmocka_unit_test(test_edit_all_shared_in_place),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
