@@ -12,8 +12,8 @@
  *
  * Conventions
  *   - Every function that can fail returns kvrt_status: KVRT_OK (0) or a
- *     negative error. The calling thread's last error message, naming what was
- *     wrong, is kvrt_last_error().
+ *     negative error. The calling thread's last error message, starting with
+ *     the function that failed and naming what was wrong, is kvrt_last_error().
  *   - A call that fails changes nothing: the cache is exactly as it was.
  *   - The library never aborts, exits or prints.
  *   - Positions are int32 in [0, 2^31 - 2]. In a range [p0, p1), p1 < 0 means
@@ -88,9 +88,10 @@ typedef enum kvrt_status {
 KVRT_API const char *kvrt_status_name(kvrt_status status);
 /* A one-line description of the status ("cache capacity exhausted"). */
 KVRT_API const char *kvrt_status_str(kvrt_status status);
-/* The calling thread's last error message, naming what was wrong
- * ("layer 3: head_dim_k 0 must be positive"). "" if none. Valid until the
- * thread's next failing kvrt call. */
+/* The calling thread's last error message, naming the function that failed
+ * and what was wrong ("kvrt_cache_create: layer 3: head_dim_k 0 must be a
+ * multiple of 8 in [8, 1024]"). "" if none. Valid until the thread's next
+ * failing kvrt call. */
 KVRT_API const char *kvrt_last_error(void);
 
 /* ------------------------------------------------------------------------ */
