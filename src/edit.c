@@ -906,12 +906,13 @@ static kvrt_status do_cross_set(kvrt_cache *cache, int layer, int32_t seq, int n
                                 const void *v, kvrt_dtype src_dtype, void *stream)
 {
     KVRT_TRY(kvrt_check_cache(cache, "kvrt_cross_set"));
+    const int named = layer; /* the caller's index (a shared handle's), for messages */
     KVRT_TRY(kvrt_map_layer(cache, &layer, "kvrt_cross_set"));
     cache = KVRT_CORE(cache);
     KVRT_CHECK(layer >= 0 && layer < cache->n_layers_total, KVRT_ERR_INVALID_ARG,
                "kvrt_cross_set: layer %d is out of range [0, %d)", layer, cache->n_layers_total);
     KVRT_CHECK(cache->layers[layer].kind == KVRT_LAYER_CROSS, KVRT_ERR_INVALID_ARG,
-               "kvrt_cross_set: layer %d is not a CROSS layer", layer);
+               "kvrt_cross_set: layer %d is not a CROSS layer", named);
     KVRT_TRY(kvrt_check_seq(cache, seq, "kvrt_cross_set"));
     KVRT_CHECK(n >= 0 && n <= cache->desc.cross_max_len, KVRT_ERR_INVALID_ARG,
                "kvrt_cross_set: %d rows exceed cross_max_len %d", n, cache->desc.cross_max_len);

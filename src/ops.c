@@ -34,20 +34,21 @@ static kvrt_status do_write(kvrt_cache *cache, const kvrt_batch *batch, int laye
                             const void *v, kvrt_dtype src_dtype, void *stream)
 {
     KVRT_TRY(kvrt_check_cache(cache, "kvrt_write"));
+    const int named = layer; /* the caller's index (a shared handle's), for messages */
     KVRT_TRY(kvrt_map_layer(cache, &layer, "kvrt_write"));
     cache = KVRT_CORE(cache);
     KVRT_TRY(check_batch(cache, batch, layer, "kvrt_write"));
     const kvrt_layer_desc *l = &cache->layers[layer];
     KVRT_CHECK(l->kind != KVRT_LAYER_CROSS, KVRT_ERR_INVALID_ARG,
-               "kvrt_write: layer %d is a CROSS layer (use kvrt_cross_set)", layer);
+               "kvrt_write: layer %d is a CROSS layer (use kvrt_cross_set)", named);
     KVRT_CHECK(kvrt_dtype_size(src_dtype) != 0, KVRT_ERR_INVALID_ARG,
                "kvrt_write: src_dtype %d is not f32, f16 or bf16", (int)src_dtype);
-    KVRT_CHECK(k != NULL, KVRT_ERR_INVALID_ARG, "kvrt_write: layer %d: k is NULL", layer);
+    KVRT_CHECK(k != NULL, KVRT_ERR_INVALID_ARG, "kvrt_write: layer %d: k is NULL", named);
     KVRT_CHECK(l->kind == KVRT_LAYER_MLA || v != NULL, KVRT_ERR_INVALID_ARG,
-               "kvrt_write: layer %d: v is NULL", layer);
+               "kvrt_write: layer %d: v is NULL", named);
     KVRT_CHECK(l->kind != KVRT_LAYER_MLA || v == NULL, KVRT_ERR_INVALID_ARG,
                "kvrt_write: layer %d (MLA): v must be NULL (V is the first latent_dim values of "
-               "each k row)", layer);
+               "each k row)", named);
     KVRT_TRY(kvrt_check_device_ptr(cache, k, "kvrt_write: k"));
     if (l->kind != KVRT_LAYER_MLA)
         KVRT_TRY(kvrt_check_device_ptr(cache, v, "kvrt_write: v"));
@@ -66,6 +67,7 @@ static kvrt_status do_attention(kvrt_cache *cache, const kvrt_batch *batch, int 
                                 void *out, const kvrt_attention_params *params, void *stream)
 {
     KVRT_TRY(kvrt_check_cache(cache, "kvrt_attention"));
+    const int named = layer; /* the caller's index (a shared handle's), for messages */
     KVRT_TRY(kvrt_map_layer(cache, &layer, "kvrt_attention"));
     cache = KVRT_CORE(cache);
     KVRT_TRY(check_batch(cache, batch, layer, "kvrt_attention"));
@@ -77,7 +79,7 @@ static kvrt_status do_attention(kvrt_cache *cache, const kvrt_batch *batch, int 
     KVRT_CHECK(params->n_q_heads >= 1 && params->n_q_heads <= 4096, KVRT_ERR_INVALID_ARG,
                "kvrt_attention: n_q_heads %d must be in [1, 4096]", params->n_q_heads);
     KVRT_CHECK(params->n_q_heads % ref->layout.n_heads == 0, KVRT_ERR_INVALID_ARG,
-               "kvrt_attention: layer %d: n_q_heads %d is not a multiple of n_kv_heads %d", layer,
+               "kvrt_attention: layer %d: n_q_heads %d is not a multiple of n_kv_heads %d", named,
                params->n_q_heads, ref->layout.n_heads);
     KVRT_CHECK(kvrt_dtype_size(params->q_dtype) != 0, KVRT_ERR_INVALID_ARG,
                "kvrt_attention: q_dtype %d is not f32, f16 or bf16", (int)params->q_dtype);

@@ -479,6 +479,23 @@ static void test_messages_name_the_function(void **state)
     dd.block_size = 3;
     EXPECT_IN("kvrt_cache_create", KVRT_ERR_INVALID_ARG, kvrt_cache_create(&dd, &draft));
     assert_non_null(strstr(kvrt_last_error(), "block_size 3"));
+    /* a shared handle's layers are named by its own indices */
+    kvrt_layer_desc dl[2] = {own_attn, base_attn};
+    dd = *kvrt_cache_get_desc(c);
+    dd.layers = dl;
+    dd.n_layers = 2;
+    OK(kvrt_cache_create_shared(c, &dd, (int[]){-1, 0}, &draft));
+    OK(kvrt_batch_plan(draft, 1, (int32_t[]){0}, (int32_t[]){1}, b));
+    EXPECT_IN("kvrt_write", KVRT_ERR_INVALID_ARG, kvrt_write(draft, b, 0, q, NULL, KVRT_F32, NULL));
+    assert_non_null(strstr(kvrt_last_error(), "layer 0: v is NULL"));
+    ap.out_dtype = KVRT_F32;
+    ap.n_q_heads = 3;
+    EXPECT_IN("kvrt_attention", KVRT_ERR_INVALID_ARG, kvrt_attention(draft, b, 1, q, out, &ap, NULL));
+    assert_non_null(strstr(kvrt_last_error(), "layer 1: n_q_heads 3"));
+    EXPECT_IN("kvrt_cross_set", KVRT_ERR_INVALID_ARG,
+              kvrt_cross_set(draft, 0, 0, 1, q, q, KVRT_F32, NULL));
+    assert_non_null(strstr(kvrt_last_error(), "layer 0 is not a CROSS layer"));
+    kvrt_cache_destroy(draft);
     kvrt_batch_destroy(b);
     kvrt_cache_destroy(c);
 
