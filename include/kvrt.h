@@ -12,8 +12,8 @@
  *
  * Conventions
  *   - Every function that can fail returns kvrt_status: KVRT_OK (0) or a
- *     negative error. The calling thread's last error message, naming what was
- *     wrong, is kvrt_last_error().
+ *     negative error. The calling thread's last error message, starting with
+ *     the function that failed and naming what was wrong, is kvrt_last_error().
  *   - A call that fails changes nothing: the cache is exactly as it was.
  *   - The library never aborts, exits or prints.
  *   - Positions are int32 in [0, 2^31 - 2]. In a range [p0, p1), p1 < 0 means
@@ -88,9 +88,10 @@ typedef enum kvrt_status {
 KVRT_API const char *kvrt_status_name(kvrt_status status);
 /* A one-line description of the status ("cache capacity exhausted"). */
 KVRT_API const char *kvrt_status_str(kvrt_status status);
-/* The calling thread's last error message, naming what was wrong
- * ("layer 3: head_dim_k 0 must be positive"). "" if none. Valid until the
- * thread's next failing kvrt call. */
+/* The calling thread's last error message, naming the function that failed
+ * and what was wrong ("kvrt_cache_create: layer 3: head_dim_k 0 must be a
+ * multiple of 8 in [8, 1024]"). "" if none. Valid until the thread's next
+ * failing kvrt call. */
 KVRT_API const char *kvrt_last_error(void);
 
 /* ------------------------------------------------------------------------ */
@@ -166,11 +167,14 @@ typedef enum kvrt_rope_style {
 /* How cached K was rotated, so that kvrt_seq_shift can re-rotate it.
  * Angle of pair i at position p: p * freq_scale * theta^(-2i / n_rot).
  * ATTN layers rotate the first n_rot dims of each K head (n_rot 0: none);
- * MLA layers rotate their rope_dim part (the last rope_dim values of a row). */
+ * MLA layers rotate their rope_dim part (the last rope_dim values of a row), with
+ * rope_dim in place of n_rot in the angle. n_rot is the ATTN layers': a
+ * cache without ATTN layers takes n_rot 0 or its MLA layers' rope_dim
+ * (CROSS layers only: 0). */
 typedef struct kvrt_rope_desc {
     int             n_rot;       /* even, <= every ATTN layer's head_dim_k */
-    float           theta;       /* base, e.g. 10000 or 500000 */
-    float           freq_scale;  /* 1 = no scaling (linear scaling: 1/factor) */
+    float           theta;       /* base, e.g. 10000 or 500000; finite, > 0 */
+    float           freq_scale;  /* 1 = no scaling (linear scaling: 1/factor); finite, > 0 */
     kvrt_rope_style style;
 } kvrt_rope_desc;
 
@@ -226,9 +230,10 @@ KVRT_API void kvrt_cache_destroy(kvrt_cache *cache);
  * EAGLE) that reads the target's cache and has layers of its own. The new
  * handle shares base's block pool, sequences and positions: plans and edits
  * through either handle are seen by both. Layer i of desc is base's layer
- * base_layers[i] when base_layers[i] >= 0 (it must have the same shape), or a
- * layer of the new handle's own (base_layers NULL: all own), which joins the
- * base group of its kind and window so that every edit moves its rows too.
+ * base_layers[i] when base_layers[i] >= 0 (it must have the same shape), or,
+ * when it is -1, a layer of the new handle's own (base_layers NULL: all own),
+ * which joins the base group of its kind and window so that every edit moves
+ * its rows too. Other negative values are KVRT_ERR_INVALID_ARG.
  * desc's dtype, block_size, max_seqs, swa_full and rope must equal base's;
  * its n_blocks and max_blocks are ignored (the pool is base's).
  * Errors, nothing created: KVRT_ERR_DEVICE_MISMATCH when desc->device is not
@@ -236,9 +241,14 @@ KVRT_API void kvrt_cache_destroy(kvrt_cache *cache);
  * KVRT_ERR_INCOMPATIBLE naming the first differing field or a layer that
  * matches no group of base (own CROSS layers included).
  * Handles are reference-counted: destroying base while this handle lives
- * keeps the memory until the last handle is destroyed. The own layers stay
- * in the shared cache until then. State files and offloads taken through
- * either handle hold base's layers. */
+ * keeps the memory until the last handle is destroyed. An own layer's memory
+ * is freed when the last handle using it (its creator, or a handle naming
+ * it through base_layers) is destroyed, so a draft recreated per request
+ * does not grow the cache. State, offload, query and edit entries work
+ * through either handle and act on the shared cache; state files and
+ * offloads taken through either handle hold base's layers only, and a
+ * sequence loaded or restored through either handle has zeros in the own
+ * layers' rows. */
 KVRT_API kvrt_status kvrt_cache_create_shared(kvrt_cache *base, const kvrt_cache_desc *desc,
                                               const int *base_layers, kvrt_cache **out);
 
@@ -312,6 +322,7 @@ KVRT_API kvrt_status kvrt_batch_plan(kvrt_cache *cache, int n, const int32_t *se
  * from src_dtype to the cache dtype (round to nearest even).
  *   ATTN: k [n_tokens][n_kv_heads][head_dim_k], v [n_tokens][n_kv_heads][head_dim_v]
  *   MLA:  k [n_tokens][latent_dim + rope_dim] (K already rotated), v NULL
+ *         (a non-NULL v is KVRT_ERR_INVALID_ARG: an MLA row has no V of its own)
  * Row-major, contiguous, on the cache's device. CROSS layers are set with
  * kvrt_cross_set instead (KVRT_ERR_INVALID_ARG here).
  * Queued on `stream`, which must be ordered after the cache's stream. */
@@ -340,7 +351,10 @@ typedef struct kvrt_attention_params {
  *   MLA:         q [n_tokens][n_q_heads][latent_dim + rope_dim],
  *                out [n_tokens][n_q_heads][latent_dim]
  * A token with no visible key gets zeros. The batch's rows must have been
- * written (kvrt_write) for self-attention layers. */
+ * written (kvrt_write) for self-attention layers: kvrt does not track which
+ * planned rows were written, and a row planned but never written is read as
+ * its slot holds it (zeros in memory no row has used, else an earlier
+ * token's row), with status KVRT_OK. */
 KVRT_API kvrt_status kvrt_attention(kvrt_cache *cache, const kvrt_batch *batch, int layer,
                                     const void *q, void *out,
                                     const kvrt_attention_params *params, void *stream);
@@ -366,7 +380,9 @@ KVRT_API kvrt_status kvrt_cross_set(kvrt_cache *cache, int layer, int32_t seq, i
  * in [p0, p1) from every group. The range [0, end) (p0 <= 0, p1 < 0) also
  * drops the sequence's cross-attention K/V. Blocks left empty return to the
  * pool. KVRT_ERR_CAPACITY if a block shared with another sequence must be
- * copied first and none is free. */
+ * copied first and none is free. With seq < 0 (here and in kvrt_seq_shift
+ * and kvrt_seq_div) every sharer of a shared block is edited alike, so the
+ * block is edited in place, stays shared and needs no copy. */
 KVRT_API kvrt_status kvrt_seq_rm(kvrt_cache *cache, int32_t seq, int32_t p0, int32_t p1);
 
 /* Copies the tokens of src in [p0, p1) into dst, which must hold nothing
@@ -456,7 +472,8 @@ KVRT_API kvrt_status kvrt_gather(const kvrt_cache *cache, int layer, int32_t seq
  * KVRT_OK or an error that aborts the write (returned to the caller). */
 typedef kvrt_status (*kvrt_state_writer)(void *user, const void *data, size_t size);
 /* Called by kvrt_state_read for the next `size` bytes; stores how many it
- * delivered in *got (fewer than size only at the end of the input). */
+ * delivered in *got (at most size). Fewer than size is fine (kvrt asks
+ * again for the rest); 0 means the input has ended. */
 typedef kvrt_status (*kvrt_state_reader)(void *user, void *data, size_t size, size_t *got);
 
 /* Writes the state of sequence seq (seq < 0: every sequence) through `writer`:
@@ -478,12 +495,21 @@ KVRT_API kvrt_status kvrt_state_size(const kvrt_cache *cache, int32_t seq, uint6
  * RoPE, on any backend and block size. Errors, with the cache untouched:
  * KVRT_ERR_INCOMPATIBLE naming the first differing field ("layer 5:
  * latent_dim 512 in file, 448 in cache"), KVRT_ERR_CORRUPT (truncated, bad
- * checksum, absurd counts), KVRT_ERR_CAPACITY, KVRT_ERR_INVALID_ARG. */
+ * checksum, absurd counts), KVRT_ERR_CAPACITY, KVRT_ERR_INVALID_ARG.
+ * Reading stops after the state's END section: what follows it in the input
+ * is left unread, so a state may be embedded in a longer stream.
+ * kvrt_state_load_file and kvrt_seq_restore, which see the whole input,
+ * refuse bytes after END with KVRT_ERR_CORRUPT. */
 KVRT_API kvrt_status kvrt_state_read(kvrt_cache *cache, int32_t dst_seq, kvrt_state_reader reader,
                                      void *user);
 
 /* kvrt_state_write / kvrt_state_read to and from a file (KVRT_ERR_IO with the
- * system's message when it cannot be opened, written or read). */
+ * system's message when it cannot be opened, written or read).
+ * kvrt_state_save_file writes a temporary file in path's directory, syncs it
+ * and renames it over path only when the whole state is written: a failed
+ * save leaves the file system as it was. A path that exists and is not a
+ * regular file (a symbolic link, a device, a directory) is refused with
+ * KVRT_ERR_IO; an existing file's permissions are kept. */
 KVRT_API kvrt_status kvrt_state_save_file(kvrt_cache *cache, int32_t seq, const char *path);
 KVRT_API kvrt_status kvrt_state_load_file(kvrt_cache *cache, int32_t dst_seq, const char *path);
 

@@ -32,10 +32,12 @@ int kvrt_device_count(kvrt_backend backend)
 
 kvrt_status kvrt_device_describe(kvrt_device device, char *buf, size_t size)
 {
-    KVRT_CHECK(buf != NULL && size > 0, KVRT_ERR_INVALID_ARG, "kvrt_device_describe: buf is NULL");
+    KVRT_CHECK(buf != NULL, KVRT_ERR_INVALID_ARG, "kvrt_device_describe: buf is NULL");
+    KVRT_CHECK(size > 0, KVRT_ERR_INVALID_ARG,
+               "kvrt_device_describe: size is 0 (no room for the terminating NUL)");
     buf[0] = '\0';
     KVRT_CHECK(device.ordinal >= 0 && device.ordinal < kvrt_device_count(device.backend),
-               KVRT_ERR_NO_DEVICE, "no device %s:%d (%d available)",
+               KVRT_ERR_NO_DEVICE, "kvrt_device_describe: no device %s:%d (%d available)",
                kvrt_backend_name(device.backend), device.ordinal,
                kvrt_device_count(device.backend));
     switch (device.backend) {
@@ -50,7 +52,7 @@ kvrt_status kvrt_device_describe(kvrt_device device, char *buf, size_t size)
 #endif
     default: break;
     }
-    return kvrt_set_error(KVRT_ERR_NO_DEVICE, "backend %s is not built in",
+    return kvrt_set_error(KVRT_ERR_NO_DEVICE, "kvrt_device_describe: backend %s is not built in",
                           kvrt_backend_name(device.backend));
 }
 

@@ -8,6 +8,7 @@
 #include "internal.h"
 
 kvrt_status kvrt_desc_validate(const kvrt_cache_desc *desc);
+kvrt_status kvrt_desc_validate_rope_use(const kvrt_cache_desc *desc);
 
 int kvrt_group_is_self(const kvrt_group *g) { return g->kind != KVRT_LAYER_CROSS; }
 
@@ -405,11 +406,12 @@ static kvrt_status create_groups(kvrt_cache *cache)
     return KVRT_OK;
 }
 
-kvrt_status kvrt_cache_create(const kvrt_cache_desc *desc, kvrt_cache **out)
+static kvrt_status do_cache_create(const kvrt_cache_desc *desc, kvrt_cache **out)
 {
     KVRT_CHECK(out != NULL, KVRT_ERR_INVALID_ARG, "kvrt_cache_create: out is NULL");
     *out = NULL;
     KVRT_TRY(kvrt_desc_validate(desc));
+    KVRT_TRY(kvrt_desc_validate_rope_use(desc));
     int count = kvrt_device_count(desc->device.backend);
     KVRT_CHECK(desc->device.ordinal >= 0 && desc->device.ordinal < count, KVRT_ERR_NO_DEVICE,
                "device %s:%d does not exist (%d %s device%s in this build)",
@@ -450,6 +452,8 @@ void kvrt_cache_destroy(kvrt_cache *cache)
         return;
     kvrt_cache *core = KVRT_CORE(cache);
     if (cache != core) {
+        if (!(core->destroy_pending && core->n_handles == 1)) /* the core lives on */
+            kvrt_shared_release(core, cache);
         free(cache->layer_map);
         free(cache->layers);
         free(cache);
@@ -499,6 +503,7 @@ static void core_destroy(kvrt_cache *cache)
     free(cache->groups);
     free(cache->mem);
     free(cache->layer_group);
+    free(cache->layer_users);
     free(cache->layers);
     free(cache->scratch_a);
     free(cache->scratch_b);
@@ -515,7 +520,7 @@ kvrt_status kvrt_cache_set_stream(kvrt_cache *cache, void *stream)
     return KVRT_OK;
 }
 
-kvrt_status kvrt_cache_sync(kvrt_cache *cache)
+static kvrt_status do_cache_sync(kvrt_cache *cache)
 {
     KVRT_TRY(kvrt_check_cache(cache, "kvrt_cache_sync"));
     cache = KVRT_CORE(cache);
@@ -689,11 +694,28 @@ done:
     return st;
 }
 
-kvrt_status kvrt_cache_check(const kvrt_cache *cache)
+static kvrt_status do_cache_check(const kvrt_cache *cache)
 {
     KVRT_TRY(kvrt_check_cache(cache, "kvrt_cache_check"));
     cache = KVRT_CORE(cache);
     for (int j = 0; j < cache->n_groups; j++)
         KVRT_TRY(check_group(cache, j));
     return KVRT_OK;
+}
+
+/* ---- public entries: the message of a failure starts with the function ---- */
+
+kvrt_status kvrt_cache_create(const kvrt_cache_desc *desc, kvrt_cache **out)
+{
+    return kvrt_error_in(do_cache_create(desc, out), "kvrt_cache_create");
+}
+
+kvrt_status kvrt_cache_sync(kvrt_cache *cache)
+{
+    return kvrt_error_in(do_cache_sync(cache), "kvrt_cache_sync");
+}
+
+kvrt_status kvrt_cache_check(const kvrt_cache *cache)
+{
+    return kvrt_error_in(do_cache_check(cache), "kvrt_cache_check");
 }

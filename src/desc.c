@@ -2,6 +2,8 @@
  * desc.c: cache descriptions: defaults, validation (every bad field gets a
  * message naming it and its value), row sizes.
  */
+#include <math.h>
+
 #include "internal.h"
 
 void kvrt_cache_desc_init(kvrt_cache_desc *desc)
@@ -146,9 +148,11 @@ kvrt_status kvrt_desc_validate(const kvrt_cache_desc *desc)
     LAYER_CHECK(d->cross_max_len >= 0, "cross_max_len %d must be >= 0", d->cross_max_len);
     LAYER_CHECK(d->rope.n_rot >= 0 && d->rope.n_rot % 2 == 0, "rope.n_rot %d must be even and >= 0",
                 d->rope.n_rot);
-    LAYER_CHECK(d->rope.theta > 0.0f, "rope.theta %g must be > 0", (double)d->rope.theta);
-    LAYER_CHECK(d->rope.freq_scale > 0.0f, "rope.freq_scale %g must be > 0",
-                (double)d->rope.freq_scale);
+    /* finite: an infinite or NaN angle would turn every re-rotated K into NaN */
+    LAYER_CHECK(isfinite(d->rope.theta) && d->rope.theta > 0.0f,
+                "rope.theta %g must be finite and > 0", (double)d->rope.theta);
+    LAYER_CHECK(isfinite(d->rope.freq_scale) && d->rope.freq_scale > 0.0f,
+                "rope.freq_scale %g must be finite and > 0", (double)d->rope.freq_scale);
     LAYER_CHECK(d->rope.style == KVRT_ROPE_NORMAL || d->rope.style == KVRT_ROPE_NEOX,
                 "rope.style %d is not NORMAL or NEOX", (int)d->rope.style);
     LAYER_CHECK(d->swa_full == 0 || d->swa_full == 1, "swa_full %d must be 0 or 1", d->swa_full);
@@ -157,3 +161,29 @@ kvrt_status kvrt_desc_validate(const kvrt_cache_desc *desc)
         KVRT_TRY(check_layer(d, i));
     return KVRT_OK;
 }
+
+/* What rope.n_rot means where no ATTN layer uses it: MLA layers rotate their
+ * rope_dim part (with rope_dim in the angle), so a cache of MLA and CROSS
+ * layers only takes n_rot 0 or that rope_dim; anything else describes a
+ * rotation no layer has. Checked on a whole cache (kvrt_cache_create); a
+ * shared handle takes its base's RoPE. */
+kvrt_status kvrt_desc_validate_rope_use(const kvrt_cache_desc *d)
+{
+    int mla = -1;
+    for (int i = 0; i < d->n_layers; i++) {
+        if (d->layers[i].kind == KVRT_LAYER_ATTN)
+            return KVRT_OK;
+        if (d->layers[i].kind == KVRT_LAYER_MLA && (mla < 0 || d->rope.n_rot != d->layers[i].rope_dim))
+            mla = i;
+    }
+    if (d->rope.n_rot == 0)
+        return KVRT_OK;
+    LAYER_CHECK(mla >= 0, "rope.n_rot %d: no layer has positions to rotate (CROSS layers only); "
+                "it must be 0", d->rope.n_rot);
+    LAYER_CHECK(d->rope.n_rot == d->layers[mla].rope_dim,
+                "rope.n_rot %d: without ATTN layers only MLA rows are rotated, over their rope_dim; "
+                "layer %d (MLA) has rope_dim %d, so n_rot must be 0 or %d",
+                d->rope.n_rot, mla, d->layers[mla].rope_dim, d->layers[mla].rope_dim);
+    return KVRT_OK;
+}
+

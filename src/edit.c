@@ -27,6 +27,11 @@ typedef struct rewrite {
 
 #define REWRITE_REMOVE (-1)
 
+/* Shared blocks of a seq < 0 rewrite (alike_blocks) */
+enum { ALIKE_IN_PLACE = 1, ALIKE_DONE = 2 };
+
+static kvrt_status rewrite_all(kvrt_cache *cache, int32_t seq, const rewrite *rw, uint8_t **alike);
+
 /* New position of p (p is live): p itself when untouched, REMOVE, or >= 0.
  * Sets *overflow when the result leaves int32. */
 static int64_t rewrite_pos(const rewrite *rw, int32_t p)
@@ -46,7 +51,7 @@ static int64_t rewrite_pos(const rewrite *rw, int32_t p)
 /* Counts what a rewrite of sp needs: copy-on-write blocks; checks new
  * positions (range, collisions). */
 static kvrt_status rewrite_check(kvrt_cache *cache, const kvrt_group *g, int32_t seq,
-                                 const rewrite *rw, int64_t *cow)
+                                 const rewrite *rw, const uint8_t *alike, int64_t *cow)
 {
     const kvrt_seq_pages *sp = &g->seqs[seq];
     int64_t bs = g->block_size;
@@ -72,7 +77,8 @@ static kvrt_status rewrite_check(kvrt_cache *cache, const kvrt_group *g, int32_t
             if (np != p)
                 changed++;
         }
-        if (changed > 0 && removed < live && g->refcount[sp->blocks[page]] > 1)
+        if (changed > 0 && removed < live && g->refcount[sp->blocks[page]] > 1 &&
+            !(alike != NULL && alike[sp->blocks[page]]))
             (*cow)++;
     }
     if (rw->kind == REWRITE_RM)
@@ -97,7 +103,8 @@ static void seq_trim(kvrt_group *g, kvrt_seq_pages *sp)
 
 /* Applies a checked rewrite; appends (slot, delta) pairs to rotate. */
 static kvrt_status rewrite_apply(kvrt_cache *cache, kvrt_group *g, int32_t seq, const rewrite *rw,
-                                 int32_t *rot_slots, int32_t *rot_deltas, int64_t *n_rot)
+                                 uint8_t *alike, int32_t *rot_slots, int32_t *rot_deltas,
+                                 int64_t *n_rot)
 {
     kvrt_seq_pages *sp = &g->seqs[seq];
     int64_t bs = g->block_size;
@@ -107,6 +114,10 @@ static kvrt_status rewrite_apply(kvrt_cache *cache, kvrt_group *g, int32_t seq, 
     int last_dropped = 0;
     for (int32_t page = 0; page < n; page++) {
         int64_t first = (int64_t)page * bs, end = page == n - 1 ? sp->n_slots : first + bs;
+        if (alike != NULL && alike[sp->blocks[page]] == ALIKE_DONE) { /* an earlier sharer's */
+            sp->blocks[kept++] = sp->blocks[page];
+            continue;
+        }
         int64_t live = 0, changed = 0, removed = 0;
         for (int64_t i = first; i < end; i++) {
             int32_t p = g->pos[(int64_t)sp->blocks[page] * bs + (i - first)];
@@ -125,7 +136,10 @@ static kvrt_status rewrite_apply(kvrt_cache *cache, kvrt_group *g, int32_t seq, 
         }
         sp->blocks[kept] = sp->blocks[page];
         if (changed > 0) {
-            KVRT_TRY(kvrt_group_unshare(cache, g, sp, kept));
+            if (alike != NULL && alike[sp->blocks[kept]])
+                alike[sp->blocks[kept]] = ALIKE_DONE; /* edited in place, once for all sharers */
+            else
+                KVRT_TRY(kvrt_group_unshare(cache, g, sp, kept));
             int32_t b = sp->blocks[kept];
             for (int64_t i = 0; i < end - first; i++) {
                 int64_t slot = (int64_t)b * bs + i;
@@ -270,8 +284,58 @@ static kvrt_status rotate_group(kvrt_cache *cache, kvrt_group *g, const int32_t 
     return be->ops->rotate(be, &op, cache->stream);
 }
 
+/* With seq < 0 every sequence is rewritten alike: a shared block changes the
+ * same way for each of its sharers, so it is edited once, in place, rather
+ * than copied for each (which could fail for want of free blocks although
+ * nothing needs a copy). That holds only for a block whose every reference
+ * is a sequence's page table; a reference held elsewhere keeps
+ * copy-on-write. Returns [n_blocks]: ALIKE_IN_PLACE for such shared blocks,
+ * 0 for the others (NULL when out of host memory). */
+static uint8_t *alike_blocks(const kvrt_cache *cache, const kvrt_group *g)
+{
+    uint8_t *alike = calloc((size_t)g->n_blocks + 1, 1);
+    int32_t *refs = calloc((size_t)g->n_blocks + 1, sizeof(int32_t));
+    if (alike == NULL || refs == NULL) {
+        free(alike);
+        free(refs);
+        return NULL;
+    }
+    for (int32_t s = 0; s < cache->desc.max_seqs; s++)
+        for (int32_t page = 0; page < g->seqs[s].n_blocks; page++)
+            refs[g->seqs[s].blocks[page]]++;
+    for (int32_t b = 0; b < g->n_blocks; b++)
+        alike[b] = g->refcount[b] > 1 && refs[b] == g->refcount[b] ? ALIKE_IN_PLACE : 0;
+    free(refs);
+    return alike;
+}
+
+static void free_alike(uint8_t **alike, int n)
+{
+    for (int j = 0; alike != NULL && j < n; j++)
+        free(alike[j]);
+    free(alike);
+}
+
 /* Runs a rewrite over one sequence or all (seq < 0), all-or-nothing. */
 static kvrt_status run_rewrite(kvrt_cache *cache, int32_t seq, const rewrite *rw)
+{
+    uint8_t **alike = NULL;
+    if (seq < 0) {
+        alike = calloc((size_t)cache->n_groups, sizeof *alike);
+        KVRT_CHECK(alike != NULL, KVRT_ERR_OUT_OF_MEMORY, "host tables for %d groups", cache->n_groups);
+        for (int j = 0; j < cache->n_groups; j++)
+            if (kvrt_group_is_self(&cache->groups[j]) &&
+                (alike[j] = alike_blocks(cache, &cache->groups[j])) == NULL) {
+                free_alike(alike, cache->n_groups);
+                return kvrt_set_error(KVRT_ERR_OUT_OF_MEMORY, "host tables of group %d", j);
+            }
+    }
+    kvrt_status st = rewrite_all(cache, seq, rw, alike);
+    free_alike(alike, cache->n_groups);
+    return st;
+}
+
+static kvrt_status rewrite_all(kvrt_cache *cache, int32_t seq, const rewrite *rw, uint8_t **alike)
 {
     int32_t s0 = seq < 0 ? 0 : seq, s1 = seq < 0 ? cache->desc.max_seqs : seq + 1;
     int64_t most_live = 0;
@@ -285,7 +349,7 @@ static kvrt_status run_rewrite(kvrt_cache *cache, int32_t seq, const rewrite *rw
         int64_t cow = 0, live = 0;
         for (int32_t s = s0; s < s1; s++)
             if (g->seqs[s].n_live > 0) {
-                KVRT_TRY(rewrite_check(cache, g, s, rw, &cow));
+                KVRT_TRY(rewrite_check(cache, g, s, rw, alike != NULL ? alike[j] : NULL, &cow));
                 live += g->seqs[s].n_live;
             }
         KVRT_CHECK(cow <= kvrt_group_available(g), KVRT_ERR_CAPACITY,
@@ -311,7 +375,8 @@ static kvrt_status run_rewrite(kvrt_cache *cache, int32_t seq, const rewrite *rw
         int64_t n_rot = 0;
         for (int32_t s = s0; s < s1; s++) {
             if (g->seqs[s].n_live > 0)
-                KVRT_TRY(rewrite_apply(cache, g, s, rw, rot_slots, rot_deltas, &n_rot));
+                KVRT_TRY(rewrite_apply(cache, g, s, rw, alike != NULL ? alike[j] : NULL, rot_slots,
+                                       rot_deltas, &n_rot));
             rewrite_evicted(&g->seqs[s], rw);
         }
         KVRT_TRY(rotate_group(cache, g, rot_slots, rot_deltas, n_rot));
@@ -338,7 +403,7 @@ static void drop_cross(kvrt_cache *cache, int32_t seq)
     }
 }
 
-kvrt_status kvrt_seq_rm(kvrt_cache *cache, int32_t seq, int32_t p0, int32_t p1)
+static kvrt_status do_seq_rm(kvrt_cache *cache, int32_t seq, int32_t p0, int32_t p1)
 {
     KVRT_TRY(kvrt_check_cache(cache, "kvrt_seq_rm"));
     cache = KVRT_CORE(cache);
@@ -359,7 +424,7 @@ kvrt_status kvrt_seq_rm(kvrt_cache *cache, int32_t seq, int32_t p0, int32_t p1)
     return KVRT_OK;
 }
 
-kvrt_status kvrt_seq_shift(kvrt_cache *cache, int32_t seq, int32_t p0, int32_t p1, int32_t delta)
+static kvrt_status do_seq_shift(kvrt_cache *cache, int32_t seq, int32_t p0, int32_t p1, int32_t delta)
 {
     KVRT_TRY(kvrt_check_cache(cache, "kvrt_seq_shift"));
     cache = KVRT_CORE(cache);
@@ -374,7 +439,7 @@ kvrt_status kvrt_seq_shift(kvrt_cache *cache, int32_t seq, int32_t p0, int32_t p
     return run_rewrite(cache, seq, &rw);
 }
 
-kvrt_status kvrt_seq_div(kvrt_cache *cache, int32_t seq, int32_t p0, int32_t p1, int d)
+static kvrt_status do_seq_div(kvrt_cache *cache, int32_t seq, int32_t p0, int32_t p1, int d)
 {
     KVRT_TRY(kvrt_check_cache(cache, "kvrt_seq_div"));
     cache = KVRT_CORE(cache);
@@ -392,7 +457,7 @@ kvrt_status kvrt_seq_div(kvrt_cache *cache, int32_t seq, int32_t p0, int32_t p1,
 
 /* ---- cp, keep, clear ---- */
 
-kvrt_status kvrt_seq_cp(kvrt_cache *cache, int32_t src, int32_t dst, int32_t p0, int32_t p1)
+static kvrt_status do_seq_cp(kvrt_cache *cache, int32_t src, int32_t dst, int32_t p0, int32_t p1)
 {
     KVRT_TRY(kvrt_check_cache(cache, "kvrt_seq_cp"));
     cache = KVRT_CORE(cache);
@@ -513,7 +578,7 @@ static void seq_reset(kvrt_cache *cache, int32_t seq)
     }
 }
 
-kvrt_status kvrt_seq_keep(kvrt_cache *cache, int32_t seq)
+static kvrt_status do_seq_keep(kvrt_cache *cache, int32_t seq)
 {
     KVRT_TRY(kvrt_check_cache(cache, "kvrt_seq_keep"));
     cache = KVRT_CORE(cache);
@@ -527,7 +592,7 @@ kvrt_status kvrt_seq_keep(kvrt_cache *cache, int32_t seq)
     return KVRT_OK;
 }
 
-kvrt_status kvrt_cache_clear(kvrt_cache *cache)
+static kvrt_status do_cache_clear(kvrt_cache *cache)
 {
     KVRT_TRY(kvrt_check_cache(cache, "kvrt_cache_clear"));
     cache = KVRT_CORE(cache);
@@ -555,7 +620,7 @@ kvrt_status kvrt_cache_clear(kvrt_cache *cache)
 
 /* ---- compaction ---- */
 
-kvrt_status kvrt_cache_compact(kvrt_cache *cache)
+static kvrt_status do_cache_compact(kvrt_cache *cache)
 {
     KVRT_TRY(kvrt_check_cache(cache, "kvrt_cache_compact"));
     cache = KVRT_CORE(cache);
@@ -739,9 +804,9 @@ static int cmp_pos_slot(const void *a, const void *b)
     return (x > y) - (x < y);
 }
 
-kvrt_status kvrt_gather(const kvrt_cache *ccache, int layer, int32_t seq, int32_t p0, int32_t p1,
-                        void *k, void *v, int32_t *pos, int64_t capacity, int64_t *n_out,
-                        void *stream)
+static kvrt_status do_gather(const kvrt_cache *ccache, int layer, int32_t seq, int32_t p0, int32_t p1,
+                             void *k, void *v, int32_t *pos, int64_t capacity, int64_t *n_out,
+                             void *stream)
 {
     KVRT_TRY(kvrt_check_cache(ccache, "kvrt_gather"));
     KVRT_TRY(kvrt_map_layer(ccache, &layer, "kvrt_gather"));
@@ -837,16 +902,17 @@ kvrt_status kvrt_gather(const kvrt_cache *ccache, int layer, int32_t seq, int32_
 
 /* ---- cross-attention K/V ---- */
 
-kvrt_status kvrt_cross_set(kvrt_cache *cache, int layer, int32_t seq, int n, const void *k,
-                           const void *v, kvrt_dtype src_dtype, void *stream)
+static kvrt_status do_cross_set(kvrt_cache *cache, int layer, int32_t seq, int n, const void *k,
+                                const void *v, kvrt_dtype src_dtype, void *stream)
 {
     KVRT_TRY(kvrt_check_cache(cache, "kvrt_cross_set"));
+    const int named = layer; /* the caller's index (a shared handle's), for messages */
     KVRT_TRY(kvrt_map_layer(cache, &layer, "kvrt_cross_set"));
     cache = KVRT_CORE(cache);
     KVRT_CHECK(layer >= 0 && layer < cache->n_layers_total, KVRT_ERR_INVALID_ARG,
                "kvrt_cross_set: layer %d is out of range [0, %d)", layer, cache->n_layers_total);
     KVRT_CHECK(cache->layers[layer].kind == KVRT_LAYER_CROSS, KVRT_ERR_INVALID_ARG,
-               "kvrt_cross_set: layer %d is not a CROSS layer", layer);
+               "kvrt_cross_set: layer %d is not a CROSS layer", named);
     KVRT_TRY(kvrt_check_seq(cache, seq, "kvrt_cross_set"));
     KVRT_CHECK(n >= 0 && n <= cache->desc.cross_max_len, KVRT_ERR_INVALID_ARG,
                "kvrt_cross_set: %d rows exceed cross_max_len %d", n, cache->desc.cross_max_len);
@@ -889,4 +955,54 @@ kvrt_status kvrt_cross_set(kvrt_cache *cache, int layer, int32_t seq, int n, con
     KVRT_TRY(cache->be.ops->stage(&cache->be, slots, (size_t)n * sizeof(int32_t), stream, &d_slots));
     op.slots = d_slots;
     return cache->be.ops->write(&cache->be, &op, stream);
+}
+
+/* ---- public entries: the message of a failure starts with the function ---- */
+
+kvrt_status kvrt_seq_rm(kvrt_cache *cache, int32_t seq, int32_t p0, int32_t p1)
+{
+    return kvrt_error_in(do_seq_rm(cache, seq, p0, p1), "kvrt_seq_rm");
+}
+
+kvrt_status kvrt_seq_shift(kvrt_cache *cache, int32_t seq, int32_t p0, int32_t p1, int32_t delta)
+{
+    return kvrt_error_in(do_seq_shift(cache, seq, p0, p1, delta), "kvrt_seq_shift");
+}
+
+kvrt_status kvrt_seq_div(kvrt_cache *cache, int32_t seq, int32_t p0, int32_t p1, int d)
+{
+    return kvrt_error_in(do_seq_div(cache, seq, p0, p1, d), "kvrt_seq_div");
+}
+
+kvrt_status kvrt_seq_cp(kvrt_cache *cache, int32_t src, int32_t dst, int32_t p0, int32_t p1)
+{
+    return kvrt_error_in(do_seq_cp(cache, src, dst, p0, p1), "kvrt_seq_cp");
+}
+
+kvrt_status kvrt_seq_keep(kvrt_cache *cache, int32_t seq)
+{
+    return kvrt_error_in(do_seq_keep(cache, seq), "kvrt_seq_keep");
+}
+
+kvrt_status kvrt_cache_clear(kvrt_cache *cache)
+{
+    return kvrt_error_in(do_cache_clear(cache), "kvrt_cache_clear");
+}
+
+kvrt_status kvrt_cache_compact(kvrt_cache *cache)
+{
+    return kvrt_error_in(do_cache_compact(cache), "kvrt_cache_compact");
+}
+
+kvrt_status kvrt_gather(const kvrt_cache *ccache, int layer, int32_t seq, int32_t p0, int32_t p1,
+                        void *k, void *v, int32_t *pos, int64_t capacity, int64_t *n_out,
+                        void *stream)
+{
+    return kvrt_error_in(do_gather(ccache, layer, seq, p0, p1, k, v, pos, capacity, n_out, stream), "kvrt_gather");
+}
+
+kvrt_status kvrt_cross_set(kvrt_cache *cache, int layer, int32_t seq, int n, const void *k,
+                           const void *v, kvrt_dtype src_dtype, void *stream)
+{
+    return kvrt_error_in(do_cross_set(cache, layer, seq, n, k, v, src_dtype, stream), "kvrt_cross_set");
 }

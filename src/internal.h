@@ -21,6 +21,11 @@ kvrt_status kvrt_set_error(kvrt_status status, const char *fmt, ...)
 #endif
     ;
 void kvrt_clear_error(void);
+/* Makes the message of a failed public call start with "fn: " (every
+ * message names the function that failed): a prefix of another entry called
+ * on the way ("kvrt_state_read: ") or of the state parser ("state: ") is
+ * replaced, a message without one gets fn in front. Returns status. */
+kvrt_status kvrt_error_in(kvrt_status status, const char *fn);
 
 /* Returns `status` with a message when cond is false. */
 #define KVRT_CHECK(cond, status, ...)                                                        \
@@ -114,10 +119,15 @@ struct kvrt_cache {
     int         n_handles;         /* on the core: live handles, itself included */
     int         destroy_pending;   /* on the core: its own handle was destroyed */
     int         n_layers_total;    /* on the core: its layers plus shared handles' own */
+    int        *layer_users;       /* on the core [n_layers_total]: shared handles using each
+                                      own layer; a released one has layer_group -1 */
 };
 
 /* The cache that owns the memory behind a handle. */
 #define KVRT_CORE(c) ((c) != NULL && (c)->core != NULL ? (c)->core : (c))
+/* Called when shared handle h is destroyed while its core lives on: own
+ * layers no other handle uses leave their groups and their memory is freed. */
+void kvrt_shared_release(kvrt_cache *core, kvrt_cache *h);
 /* Checks a handle's layer index and maps it to the core's. */
 kvrt_status kvrt_map_layer(const kvrt_cache *handle, int *layer, const char *fn);
 

@@ -25,7 +25,7 @@ static kvrt_status image_write(void *user, const void *data, size_t size)
     return KVRT_OK;
 }
 
-kvrt_status kvrt_seq_offload(kvrt_cache *cache, int32_t seq, kvrt_offload **out)
+static kvrt_status do_seq_offload(kvrt_cache *cache, int32_t seq, kvrt_offload **out)
 {
     KVRT_CHECK(out != NULL, KVRT_ERR_INVALID_ARG, "kvrt_seq_offload: out is NULL");
     *out = NULL;
@@ -64,7 +64,7 @@ kvrt_status kvrt_seq_offload(kvrt_cache *cache, int32_t seq, kvrt_offload **out)
     return KVRT_OK;
 }
 
-kvrt_status kvrt_seq_restore(kvrt_cache *cache, int32_t dst_seq, const kvrt_offload *off)
+static kvrt_status do_seq_restore(kvrt_cache *cache, int32_t dst_seq, const kvrt_offload *off)
 {
     KVRT_TRY(kvrt_check_cache(cache, "kvrt_seq_restore"));
     KVRT_CHECK(off != NULL, KVRT_ERR_INVALID_ARG, "kvrt_seq_restore: off is NULL");
@@ -86,4 +86,16 @@ void kvrt_offload_free(kvrt_offload *off)
         return;
     free(off->image);
     free(off);
+}
+
+/* ---- public entries: the message of a failure starts with the function ---- */
+
+kvrt_status kvrt_seq_offload(kvrt_cache *cache, int32_t seq, kvrt_offload **out)
+{
+    return kvrt_error_in(do_seq_offload(cache, seq, out), "kvrt_seq_offload");
+}
+
+kvrt_status kvrt_seq_restore(kvrt_cache *cache, int32_t dst_seq, const kvrt_offload *off)
+{
+    return kvrt_error_in(do_seq_restore(cache, dst_seq, off), "kvrt_seq_restore");
 }

@@ -30,21 +30,25 @@ static const kvrt_layer_ref *layer_ref(const kvrt_cache *cache, int layer)
     return &g->refs[0];
 }
 
-kvrt_status kvrt_write(kvrt_cache *cache, const kvrt_batch *batch, int layer, const void *k,
-                       const void *v, kvrt_dtype src_dtype, void *stream)
+static kvrt_status do_write(kvrt_cache *cache, const kvrt_batch *batch, int layer, const void *k,
+                            const void *v, kvrt_dtype src_dtype, void *stream)
 {
     KVRT_TRY(kvrt_check_cache(cache, "kvrt_write"));
+    const int named = layer; /* the caller's index (a shared handle's), for messages */
     KVRT_TRY(kvrt_map_layer(cache, &layer, "kvrt_write"));
     cache = KVRT_CORE(cache);
     KVRT_TRY(check_batch(cache, batch, layer, "kvrt_write"));
     const kvrt_layer_desc *l = &cache->layers[layer];
     KVRT_CHECK(l->kind != KVRT_LAYER_CROSS, KVRT_ERR_INVALID_ARG,
-               "kvrt_write: layer %d is a CROSS layer (use kvrt_cross_set)", layer);
+               "kvrt_write: layer %d is a CROSS layer (use kvrt_cross_set)", named);
     KVRT_CHECK(kvrt_dtype_size(src_dtype) != 0, KVRT_ERR_INVALID_ARG,
                "kvrt_write: src_dtype %d is not f32, f16 or bf16", (int)src_dtype);
-    KVRT_CHECK(k != NULL, KVRT_ERR_INVALID_ARG, "kvrt_write: layer %d: k is NULL", layer);
+    KVRT_CHECK(k != NULL, KVRT_ERR_INVALID_ARG, "kvrt_write: layer %d: k is NULL", named);
     KVRT_CHECK(l->kind == KVRT_LAYER_MLA || v != NULL, KVRT_ERR_INVALID_ARG,
-               "kvrt_write: layer %d: v is NULL", layer);
+               "kvrt_write: layer %d: v is NULL", named);
+    KVRT_CHECK(l->kind != KVRT_LAYER_MLA || v == NULL, KVRT_ERR_INVALID_ARG,
+               "kvrt_write: layer %d (MLA): v must be NULL (V is the first latent_dim values of "
+               "each k row)", named);
     KVRT_TRY(kvrt_check_device_ptr(cache, k, "kvrt_write: k"));
     if (l->kind != KVRT_LAYER_MLA)
         KVRT_TRY(kvrt_check_device_ptr(cache, v, "kvrt_write: v"));
@@ -59,10 +63,11 @@ kvrt_status kvrt_write(kvrt_cache *cache, const kvrt_batch *batch, int layer, co
     return cache->be.ops->write(&cache->be, &op, stream);
 }
 
-kvrt_status kvrt_attention(kvrt_cache *cache, const kvrt_batch *batch, int layer, const void *q,
-                           void *out, const kvrt_attention_params *params, void *stream)
+static kvrt_status do_attention(kvrt_cache *cache, const kvrt_batch *batch, int layer, const void *q,
+                                void *out, const kvrt_attention_params *params, void *stream)
 {
     KVRT_TRY(kvrt_check_cache(cache, "kvrt_attention"));
+    const int named = layer; /* the caller's index (a shared handle's), for messages */
     KVRT_TRY(kvrt_map_layer(cache, &layer, "kvrt_attention"));
     cache = KVRT_CORE(cache);
     KVRT_TRY(check_batch(cache, batch, layer, "kvrt_attention"));
@@ -74,13 +79,14 @@ kvrt_status kvrt_attention(kvrt_cache *cache, const kvrt_batch *batch, int layer
     KVRT_CHECK(params->n_q_heads >= 1 && params->n_q_heads <= 4096, KVRT_ERR_INVALID_ARG,
                "kvrt_attention: n_q_heads %d must be in [1, 4096]", params->n_q_heads);
     KVRT_CHECK(params->n_q_heads % ref->layout.n_heads == 0, KVRT_ERR_INVALID_ARG,
-               "kvrt_attention: layer %d: n_q_heads %d is not a multiple of n_kv_heads %d", layer,
+               "kvrt_attention: layer %d: n_q_heads %d is not a multiple of n_kv_heads %d", named,
                params->n_q_heads, ref->layout.n_heads);
     KVRT_CHECK(kvrt_dtype_size(params->q_dtype) != 0, KVRT_ERR_INVALID_ARG,
                "kvrt_attention: q_dtype %d is not f32, f16 or bf16", (int)params->q_dtype);
     KVRT_CHECK(params->out_dtype == KVRT_F32 || params->out_dtype == cache->desc.dtype,
-               KVRT_ERR_INVALID_ARG, "kvrt_attention: out_dtype %s must be f32 or the cache's %s",
-               kvrt_dtype_name(params->out_dtype), kvrt_dtype_name(cache->desc.dtype));
+               KVRT_ERR_INVALID_ARG, "kvrt_attention: out_dtype %d (%s) must be f32 or the cache's %s",
+               (int)params->out_dtype, kvrt_dtype_name(params->out_dtype),
+               kvrt_dtype_name(cache->desc.dtype));
     KVRT_CHECK(params->scale >= 0.0f && isfinite(params->scale), KVRT_ERR_INVALID_ARG,
                "kvrt_attention: scale %g must be finite and >= 0", (double)params->scale);
     KVRT_CHECK(params->softcap >= 0.0f && isfinite(params->softcap), KVRT_ERR_INVALID_ARG,
@@ -112,4 +118,18 @@ kvrt_status kvrt_attention(kvrt_cache *cache, const kvrt_batch *batch, int layer
     op.n_seqs = batch->n_seqs;
     op.max_seq_slots = bg->max_seq_slots;
     return cache->be.ops->attention(&cache->be, &op, stream);
+}
+
+/* ---- public entries: the message of a failure starts with the function ---- */
+
+kvrt_status kvrt_write(kvrt_cache *cache, const kvrt_batch *batch, int layer, const void *k,
+                       const void *v, kvrt_dtype src_dtype, void *stream)
+{
+    return kvrt_error_in(do_write(cache, batch, layer, k, v, src_dtype, stream), "kvrt_write");
+}
+
+kvrt_status kvrt_attention(kvrt_cache *cache, const kvrt_batch *batch, int layer, const void *q,
+                           void *out, const kvrt_attention_params *params, void *stream)
+{
+    return kvrt_error_in(do_attention(cache, batch, layer, q, out, params, stream), "kvrt_attention");
 }

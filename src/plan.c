@@ -40,7 +40,7 @@ void kvrt_batch_destroy(kvrt_batch *batch)
     free(batch);
 }
 
-kvrt_status kvrt_batch_create(kvrt_cache *cache, int max_tokens, kvrt_batch **out)
+static kvrt_status do_batch_create(kvrt_cache *cache, int max_tokens, kvrt_batch **out)
 {
     KVRT_CHECK(out != NULL, KVRT_ERR_INVALID_ARG, "kvrt_batch_create: out is NULL");
     *out = NULL;
@@ -191,8 +191,8 @@ static void evict_blocks(kvrt_group *g, kvrt_seq_pages *sp, int32_t limit)
         sp->n_slots = (int64_t)(kept - 1) * g->block_size + last_used;
 }
 
-kvrt_status kvrt_batch_plan(kvrt_cache *cache, int n, const int32_t *seq_ids,
-                            const int32_t *positions, kvrt_batch *batch)
+static kvrt_status do_batch_plan(kvrt_cache *cache, int n, const int32_t *seq_ids,
+                                 const int32_t *positions, kvrt_batch *batch)
 {
     KVRT_TRY(kvrt_check_cache(cache, "kvrt_batch_plan"));
     cache = KVRT_CORE(cache);
@@ -473,4 +473,17 @@ kvrt_status kvrt_batch_plan(kvrt_cache *cache, int n, const int32_t *seq_ids,
     KVRT_TRY(kvrt_cache_sync_pos(cache));
     batch->epoch = ++cache->epoch;
     return KVRT_OK;
+}
+
+/* ---- public entries: the message of a failure starts with the function ---- */
+
+kvrt_status kvrt_batch_create(kvrt_cache *cache, int max_tokens, kvrt_batch **out)
+{
+    return kvrt_error_in(do_batch_create(cache, max_tokens, out), "kvrt_batch_create");
+}
+
+kvrt_status kvrt_batch_plan(kvrt_cache *cache, int n, const int32_t *seq_ids,
+                            const int32_t *positions, kvrt_batch *batch)
+{
+    return kvrt_error_in(do_batch_plan(cache, n, seq_ids, positions, batch), "kvrt_batch_plan");
 }

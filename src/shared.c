@@ -46,14 +46,82 @@ static int find_group(const kvrt_cache *core, const kvrt_layer_desc *l)
     return -1;
 }
 
-kvrt_status kvrt_cache_create_shared(kvrt_cache *base, const kvrt_cache_desc *desc,
-                                     const int *base_layers, kvrt_cache **out)
+/* A core layer index freed by kvrt_shared_release, reused before the core's
+ * tables grow; -1 if none. */
+static int released_slot(const kvrt_cache *core)
+{
+    for (int li = core->desc.n_layers; li < core->n_layers_total; li++)
+        if (core->layer_group[li] < 0)
+            return li;
+    return -1;
+}
+
+/* Own layers are freed with the last handle that uses them, so that a
+ * decoder recreating its draft per request does not grow the cache. An own
+ * layer leaves its group's table (uploaded again once the stream is idle);
+ * if that upload fails, the layer stays attached, unused, until the core is
+ * destroyed: a table naming freed memory would be worse than the bytes. */
+void kvrt_shared_release(kvrt_cache *core, kvrt_cache *h)
+{
+    kvrt_backend_t *be = &core->be;
+    int synced = 0;
+    for (int i = 0; i < h->desc.n_layers; i++) {
+        int li = h->layer_map != NULL ? h->layer_map[i] : -1;
+        if (li < core->desc.n_layers || --core->layer_users[li] > 0)
+            continue;
+        if (!synced) { /* queued work may still read the layer */
+            (void)be->ops->sync(be, core->stream);
+            synced = 1;
+        }
+        kvrt_group *g = &core->groups[core->layer_group[li]];
+        int at = 0;
+        while (at < g->n_layers && g->layers[at] != li)
+            at++;
+        if (at == g->n_layers)
+            continue;
+        kvrt_layer_ref ref = g->refs[at];
+        memmove(&g->layers[at], &g->layers[at + 1], sizeof(int) * (size_t)(g->n_layers - at - 1));
+        memmove(&g->refs[at], &g->refs[at + 1], sizeof(kvrt_layer_ref) * (size_t)(g->n_layers - at - 1));
+        g->n_layers--;
+        kvrt_status st = be->ops->upload(be, g->refs_device, g->refs,
+                                         sizeof(kvrt_layer_ref) * (size_t)g->n_layers, core->stream);
+        if (st == KVRT_OK)
+            st = be->ops->sync(be, core->stream);
+        if (st != KVRT_OK) { /* put it back */
+            memmove(&g->layers[at + 1], &g->layers[at], sizeof(int) * (size_t)(g->n_layers - at));
+            memmove(&g->refs[at + 1], &g->refs[at], sizeof(kvrt_layer_ref) * (size_t)(g->n_layers - at));
+            g->layers[at] = li;
+            g->refs[at] = ref;
+            g->n_layers++;
+            continue;
+        }
+        g->max_rot_dims = 0;
+        for (int k = 0; k < g->n_layers; k++)
+            if (g->refs[k].layout.rot_dims > g->max_rot_dims)
+                g->max_rot_dims = g->refs[k].layout.rot_dims;
+        kvrt_layer_mem *m = &core->mem[li];
+        core->bytes_device -= (int64_t)((m->k_block + m->v_block) * (size_t)g->n_blocks);
+        if (m->k != NULL)
+            be->ops->region_destroy(be, m->k, m->k_reserve);
+        if (m->v != NULL)
+            be->ops->region_destroy(be, m->v, m->v_reserve);
+        memset(m, 0, sizeof *m);
+        core->layer_group[li] = -1;
+    }
+}
+
+static kvrt_status do_cache_create_shared(kvrt_cache *base, const kvrt_cache_desc *desc,
+                                          const int *base_layers, kvrt_cache **out)
 {
     KVRT_CHECK(out != NULL, KVRT_ERR_INVALID_ARG, "kvrt_cache_create_shared: out is NULL");
     *out = NULL;
     KVRT_TRY(kvrt_check_cache(base, "kvrt_cache_create_shared"));
     KVRT_CHECK(desc != NULL, KVRT_ERR_INVALID_ARG, "kvrt_cache_create_shared: desc is NULL");
     kvrt_cache *core = KVRT_CORE(base);
+    KVRT_CHECK(desc->device.backend == KVRT_BACKEND_CPU || desc->device.backend == KVRT_BACKEND_CUDA ||
+                   desc->device.backend == KVRT_BACKEND_HIP,
+               KVRT_ERR_INVALID_ARG, "kvrt_cache_create_shared: device.backend %d is not CPU, CUDA or HIP",
+               (int)desc->device.backend);
     /* another device: refused before anything else (the draft would read
      * and write the base's memory from the wrong device) */
     if (desc->device.backend != core->desc.device.backend ||
@@ -89,6 +157,9 @@ kvrt_status kvrt_cache_create_shared(kvrt_cache *base, const kvrt_cache_desc *de
     for (int i = 0; i < d.n_layers; i++) {
         const kvrt_layer_desc *l = &d.layers[i];
         int bl = base_layers != NULL ? base_layers[i] : -1;
+        KVRT_CHECK(bl >= -1, KVRT_ERR_INVALID_ARG,
+                   "kvrt_cache_create_shared: base_layers[%d] is %d; it must be a layer of the base "
+                   "or -1 (a layer of the new handle's own)", i, bl);
         if (bl >= 0) {
             int mapped = bl;
             KVRT_TRY(kvrt_map_layer(base, &mapped, "kvrt_cache_create_shared: base_layers"));
@@ -129,7 +200,10 @@ kvrt_status kvrt_cache_create_shared(kvrt_cache *base, const kvrt_cache_desc *de
         kvrt_layer_mem *mem = realloc(core->mem, sizeof(kvrt_layer_mem) * (size_t)total);
         if (mem != NULL)
             core->mem = mem;
-        if (!layers || !lg || !mem)
+        int *users = realloc(core->layer_users, sizeof(int) * (size_t)total);
+        if (users != NULL)
+            core->layer_users = users;
+        if (!layers || !lg || !mem || !users)
             st = kvrt_set_error(KVRT_ERR_OUT_OF_MEMORY, "kvrt_cache_create_shared: host allocation");
     }
     for (int j = 0; st == KVRT_OK && j < core->n_groups; j++) {
@@ -186,9 +260,14 @@ kvrt_status kvrt_cache_create_shared(kvrt_cache *base, const kvrt_cache_desc *de
             int mapped = base_layers[i];
             (void)kvrt_map_layer(base, &mapped, "kvrt_cache_create_shared");
             map[i] = mapped;
+            if (mapped >= core->desc.n_layers) /* another handle's own layer */
+                core->layer_users[mapped]++;
             continue;
         }
-        int li = core->n_layers_total++;
+        int li = released_slot(core);
+        if (li < 0)
+            li = core->n_layers_total++;
+        core->layer_users[li] = 1;
         int gi = find_group(core, &d.layers[i]);
         kvrt_group *g = &core->groups[gi];
         core->layers[li] = d.layers[i];
@@ -238,4 +317,12 @@ kvrt_status kvrt_cache_create_shared(kvrt_cache *base, const kvrt_cache_desc *de
     core->epoch++;
     *out = h;
     return KVRT_OK;
+}
+
+/* ---- public entries: the message of a failure starts with the function ---- */
+
+kvrt_status kvrt_cache_create_shared(kvrt_cache *base, const kvrt_cache_desc *desc,
+                                     const int *base_layers, kvrt_cache **out)
+{
+    return kvrt_error_in(do_cache_create_shared(base, desc, base_layers, out), "kvrt_cache_create_shared");
 }

@@ -8,7 +8,12 @@
  * (offload.c) and kvrt-inspect (src/state.h).
  */
 #include <errno.h>
+#include <fcntl.h>
+#include <math.h>
+#include <stdatomic.h>
 #include <stdio.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include "internal.h"
 #include "state.h"
@@ -190,9 +195,10 @@ static uint64_t seq_state_bytes(const kvrt_cache *cache, int32_t seq)
     return n;
 }
 
-kvrt_status kvrt_state_size(const kvrt_cache *cache, int32_t seq, uint64_t *bytes)
+static kvrt_status do_state_size(const kvrt_cache *cache, int32_t seq, uint64_t *bytes)
 {
     KVRT_TRY(kvrt_check_cache(cache, "kvrt_state_size"));
+    cache = KVRT_CORE(cache); /* a shared handle's state is its base's */
     KVRT_CHECK(bytes != NULL, KVRT_ERR_INVALID_ARG, "kvrt_state_size: bytes is NULL");
     if (seq >= 0)
         KVRT_TRY(kvrt_check_seq(cache, seq, "kvrt_state_size"));
@@ -512,9 +518,10 @@ static kvrt_status write_state(out_stream *o, kvrt_cache *cache, int32_t seq, ui
 
 #endif /* KVRT_HAVE_XXHASH */
 
-kvrt_status kvrt_state_write(kvrt_cache *cache, int32_t seq, kvrt_state_writer writer, void *user)
+static kvrt_status do_state_write(kvrt_cache *cache, int32_t seq, kvrt_state_writer writer, void *user)
 {
     KVRT_TRY(kvrt_check_cache(cache, "kvrt_state_write"));
+    cache = KVRT_CORE(cache);
     KVRT_CHECK(writer != NULL, KVRT_ERR_INVALID_ARG, "kvrt_state_write: writer is NULL");
     if (seq >= 0)
         KVRT_TRY(kvrt_check_seq(cache, seq, "kvrt_state_write"));
@@ -797,6 +804,10 @@ static kvrt_status parse_head(kvrt_state_view *v, const uint8_t *p, uint64_t siz
     h->rope.theta = get_f32(p + 36);
     h->rope.freq_scale = get_f32(p + 40);
     h->rope.style = (kvrt_rope_style)get_u32(p + 44);
+    CORRUPT_IF(!(isfinite(h->rope.theta) && h->rope.theta > 0.0f &&
+                 isfinite(h->rope.freq_scale) && h->rope.freq_scale > 0.0f),
+               "state: HEAD: rope.theta %g / rope.freq_scale %g must be finite and > 0",
+               (double)h->rope.theta, (double)h->rope.freq_scale);
     CORRUPT_IF(get_u32(p + 52) != 0, "state: HEAD: flags 0x%08x (version 1 writes 0)",
                (unsigned)get_u32(p + 52));
     h->layers = calloc(n_layers, sizeof *h->layers);
@@ -1058,6 +1069,7 @@ kvrt_status kvrt_state_parse(const void *image, size_t size, const kvrt_cache *c
     view_init(v);
     KVRT_CHECK(image != NULL || size == 0, KVRT_ERR_INVALID_ARG, "kvrt_state_parse: image is NULL");
     KVRT_TRY(state_available("kvrt_state_parse"));
+    cache = KVRT_CORE(cache);
     const uint8_t *p = image;
     KVRT_TRY(check_magic(p, size));
     uint64_t at = KVRT_STATE_MAGIC_BYTES;
@@ -1156,10 +1168,36 @@ static kvrt_status load_rows(kvrt_cache *cache, const kvrt_layer_ref *ref, const
     return st;
 }
 
+/* A state holds the base's layers only: the rows of shared handles' own
+ * layers (kvrt_cache_create_shared) in a loaded sequence's blocks are
+ * zeroed, so that no row of an earlier user of those blocks shows. */
+static kvrt_status zero_own_rows(kvrt_cache *cache, int32_t seq)
+{
+    kvrt_backend_t *be = &cache->be;
+    for (int j = 0; j < cache->n_groups; j++) {
+        const kvrt_group *g = &cache->groups[j];
+        const kvrt_seq_pages *sp = &g->seqs[seq];
+        for (int k = 0; k < g->n_layers; k++) {
+            if (g->layers[k] < cache->desc.n_layers)
+                continue;
+            const kvrt_layer_mem *m = &cache->mem[g->layers[k]];
+            for (int32_t b = 0; b < sp->n_blocks; b++) {
+                size_t at = (size_t)sp->blocks[b];
+                KVRT_TRY(be->ops->zero(be, (char *)m->k + at * m->k_block, m->k_block, cache->stream));
+                if (m->v != NULL)
+                    KVRT_TRY(be->ops->zero(be, (char *)m->v + at * m->v_block, m->v_block,
+                                           cache->stream));
+            }
+        }
+    }
+    return KVRT_OK;
+}
+
 kvrt_status kvrt_state_apply(kvrt_cache *cache, int32_t dst_seq, const kvrt_state_view *v,
                              const uint8_t *image)
 {
     KVRT_TRY(kvrt_check_cache(cache, "kvrt_state_read"));
+    cache = KVRT_CORE(cache);
     KVRT_CHECK(v != NULL && v->complete && image != NULL, KVRT_ERR_INTERNAL,
                "kvrt_state_read: loading an unverified state");
     const kvrt_state_header *h = &v->header;
@@ -1299,6 +1337,8 @@ kvrt_status kvrt_state_apply(kvrt_cache *cache, int32_t dst_seq, const kvrt_stat
             st = load_rows(cache, ref, slots, n, rows, rows + (size_t)n * k_row);
         }
     }
+    for (int64_t i = 0; i < S && st == KVRT_OK; i++)
+        st = zero_own_rows(cache, targets[i]);
     if (st == KVRT_OK)
         st = kvrt_cache_sync_pos(cache);
     if (st != KVRT_OK) {
@@ -1355,7 +1395,7 @@ static kvrt_status read_exact(kvrt_state_reader reader, void *user, in_image *im
                    "kvrt_state_read: the reader delivered %zu bytes of %zu asked", got, step);
         im->size += got;
         n -= got;
-        if (got < step) {
+        if (got == 0) { /* only 0 bytes is the end; fewer is asked again */
             *short_read = 1;
             return KVRT_OK;
         }
@@ -1392,6 +1432,7 @@ static kvrt_status read_stream(const kvrt_cache *cache, kvrt_state_reader reader
 static kvrt_status state_load(kvrt_cache *cache, int32_t dst_seq, kvrt_state_reader reader,
                               void *user, size_t size_hint, int (*at_end)(void *user))
 {
+    cache = KVRT_CORE(cache);
     in_image im = {NULL, 0, 0};
     if (size_hint > 0 && size_hint < ((size_t)1 << 40)) {
         im.data = malloc(size_hint);
@@ -1409,9 +1450,10 @@ static kvrt_status state_load(kvrt_cache *cache, int32_t dst_seq, kvrt_state_rea
     return st;
 }
 
-kvrt_status kvrt_state_read(kvrt_cache *cache, int32_t dst_seq, kvrt_state_reader reader, void *user)
+static kvrt_status do_state_read(kvrt_cache *cache, int32_t dst_seq, kvrt_state_reader reader, void *user)
 {
     KVRT_TRY(kvrt_check_cache(cache, "kvrt_state_read"));
+    cache = KVRT_CORE(cache);
     KVRT_CHECK(reader != NULL, KVRT_ERR_INVALID_ARG, "kvrt_state_read: reader is NULL");
     if (dst_seq >= 0)
         KVRT_TRY(kvrt_check_seq(cache, dst_seq, "kvrt_state_read: dst_seq"));
@@ -1453,25 +1495,106 @@ static int file_at_end(void *user)
     return fgetc(io->f) == EOF;
 }
 
-kvrt_status kvrt_state_save_file(kvrt_cache *cache, int32_t seq, const char *path)
+/* A fresh file beside path (same directory, so that rename is atomic),
+ * created with the mode open(2) gives new files, or path's mode when it
+ * exists. Returns its descriptor, or -1 with errno set. */
+static int create_temp_beside(const char *path, const struct stat *existing, char *tmp, size_t size)
+{
+    static _Atomic unsigned counter;
+    int fd = -1;
+    for (int attempt = 0; attempt < 64 && fd < 0; attempt++) {
+        snprintf(tmp, size, "%s.tmp.%ld.%u", path, (long)getpid(), counter++);
+        fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
+        if (fd < 0 && errno != EEXIST)
+            return -1;
+    }
+    if (fd >= 0 && existing != NULL && fchmod(fd, existing->st_mode & 07777) != 0) {
+        int e = errno;
+        close(fd);
+        unlink(tmp);
+        errno = e;
+        return -1;
+    }
+    return fd;
+}
+
+/* Makes a rename in path's directory durable. Best effort: some file
+ * systems cannot sync a directory. */
+static void sync_parent_dir(const char *path)
+{
+    const char *slash = strrchr(path, '/');
+    char dir[4096];
+    if (slash == NULL)
+        snprintf(dir, sizeof dir, ".");
+    else if (slash == path)
+        snprintf(dir, sizeof dir, "/");
+    else if ((size_t)(slash - path) < sizeof dir)
+        snprintf(dir, sizeof dir, "%.*s", (int)(slash - path), path);
+    else
+        return;
+    int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd >= 0) {
+        (void)fsync(fd);
+        close(fd);
+    }
+}
+
+/* The state goes to a temporary file beside path, is synced, and replaces
+ * path by rename only when complete: a failed save leaves the file system
+ * as it was (the temporary file is removed). A path that exists and is not
+ * a regular file (a symlink, a device, a directory) is refused. */
+static kvrt_status do_state_save_file(kvrt_cache *cache, int32_t seq, const char *path)
 {
     KVRT_TRY(kvrt_check_cache(cache, "kvrt_state_save_file"));
     KVRT_CHECK(path != NULL, KVRT_ERR_INVALID_ARG, "kvrt_state_save_file: path is NULL");
     if (seq >= 0)
         KVRT_TRY(kvrt_check_seq(cache, seq, "kvrt_state_save_file"));
     KVRT_TRY(state_available("kvrt_state_save_file"));
-    file_io io = {fopen(path, "wb"), path};
-    KVRT_CHECK(io.f != NULL, KVRT_ERR_IO, "kvrt_state_save_file: cannot open %s: %s", path,
+    struct stat sb;
+    int exists = lstat(path, &sb) == 0;
+    KVRT_CHECK(exists || errno == ENOENT, KVRT_ERR_IO, "kvrt_state_save_file: %s: %s", path,
                strerror(errno));
-    kvrt_status st = kvrt_state_write(cache, seq, file_write, &io);
-    if (fclose(io.f) != 0 && st == KVRT_OK)
-        st = kvrt_set_error(KVRT_ERR_IO, "kvrt_state_save_file: closing %s: %s", path, strerror(errno));
-    if (st != KVRT_OK)
-        (void)remove(path); /* no partial state file is left behind */
+    KVRT_CHECK(!exists || S_ISREG(sb.st_mode), KVRT_ERR_IO,
+               "kvrt_state_save_file: %s is %s, not a regular file; it is left alone", path,
+               S_ISLNK(sb.st_mode) ? "a symbolic link" : S_ISDIR(sb.st_mode) ? "a directory"
+               : S_ISCHR(sb.st_mode) || S_ISBLK(sb.st_mode) ? "a device" : "a special file");
+    size_t tmp_size = strlen(path) + 48;
+    char *tmp = malloc(tmp_size);
+    KVRT_CHECK(tmp != NULL, KVRT_ERR_OUT_OF_MEMORY, "kvrt_state_save_file: host allocation");
+    int fd = create_temp_beside(path, exists ? &sb : NULL, tmp, tmp_size);
+    if (fd < 0) {
+        kvrt_status st = kvrt_set_error(KVRT_ERR_IO,
+                                        "kvrt_state_save_file: cannot create a temporary file "
+                                        "beside %s: %s", path, strerror(errno));
+        free(tmp);
+        return st;
+    }
+    file_io io = {fdopen(fd, "wb"), path};
+    kvrt_status st = KVRT_OK;
+    if (io.f == NULL) {
+        st = kvrt_set_error(KVRT_ERR_IO, "kvrt_state_save_file: %s: %s", path, strerror(errno));
+        close(fd);
+    } else {
+        st = kvrt_state_write(cache, seq, file_write, &io);
+        if (st == KVRT_OK && (fflush(io.f) != 0 || fsync(fd) != 0))
+            st = kvrt_set_error(KVRT_ERR_IO, "kvrt_state_save_file: writing %s: %s", path,
+                                strerror(errno));
+        if (fclose(io.f) != 0 && st == KVRT_OK)
+            st = kvrt_set_error(KVRT_ERR_IO, "kvrt_state_save_file: closing %s: %s", path,
+                                strerror(errno));
+    }
+    if (st == KVRT_OK && rename(tmp, path) != 0)
+        st = kvrt_set_error(KVRT_ERR_IO, "kvrt_state_save_file: renaming the temporary file to "
+                            "%s: %s", path, strerror(errno));
+    if (st == KVRT_OK)
+        sync_parent_dir(path);
+    else
+        (void)unlink(tmp);
+    free(tmp);
     return st;
 }
 
-kvrt_status kvrt_state_load_file(kvrt_cache *cache, int32_t dst_seq, const char *path)
+static kvrt_status do_state_load_file(kvrt_cache *cache, int32_t dst_seq, const char *path)
 {
     KVRT_TRY(kvrt_check_cache(cache, "kvrt_state_load_file"));
     KVRT_CHECK(path != NULL, KVRT_ERR_INVALID_ARG, "kvrt_state_load_file: path is NULL");
@@ -1492,4 +1615,31 @@ kvrt_status kvrt_state_load_file(kvrt_cache *cache, int32_t dst_seq, const char 
     kvrt_status st = state_load(cache, dst_seq, file_read, &io, hint, file_at_end);
     fclose(io.f);
     return st;
+}
+
+/* ---- public entries: the message of a failure starts with the function ---- */
+
+kvrt_status kvrt_state_size(const kvrt_cache *cache, int32_t seq, uint64_t *bytes)
+{
+    return kvrt_error_in(do_state_size(cache, seq, bytes), "kvrt_state_size");
+}
+
+kvrt_status kvrt_state_write(kvrt_cache *cache, int32_t seq, kvrt_state_writer writer, void *user)
+{
+    return kvrt_error_in(do_state_write(cache, seq, writer, user), "kvrt_state_write");
+}
+
+kvrt_status kvrt_state_read(kvrt_cache *cache, int32_t dst_seq, kvrt_state_reader reader, void *user)
+{
+    return kvrt_error_in(do_state_read(cache, dst_seq, reader, user), "kvrt_state_read");
+}
+
+kvrt_status kvrt_state_save_file(kvrt_cache *cache, int32_t seq, const char *path)
+{
+    return kvrt_error_in(do_state_save_file(cache, seq, path), "kvrt_state_save_file");
+}
+
+kvrt_status kvrt_state_load_file(kvrt_cache *cache, int32_t dst_seq, const char *path)
+{
+    return kvrt_error_in(do_state_load_file(cache, dst_seq, path), "kvrt_state_load_file");
 }

@@ -421,6 +421,12 @@ typedef struct fuzz {
     /* the operation log, a ring */
     char            log[LOG_KEEP][LOG_LINE];
     int64_t         log_n;
+    /* shared handles: a second handle (kvrt_cache_create_shared) naming every
+     * layer of the first; each operation goes through one drawn from hr (its
+     * own generator, so that the rest of a stream is what it would be
+     * without it); base is NULL once destroyed, leaving the draft alone */
+    kvrt_cache     *base, *draft;
+    rng             hr;
 } fuzz;
 
 static int64_t total_ops, total_checks, total_errors, total_attention;
@@ -1210,6 +1216,10 @@ static void make_desc(fuzz *F)
     do
         d->rope.n_rot = rots[rng_below(r, 6)];
     while (d->rope.n_rot > min_dk);
+    if (min_dk == 1024) /* no ATTN layer: n_rot is 0 or the MLA layers' rope_dim */
+        for (int l = 0; l < F->n_layers; l++)
+            if (F->layers[l].kind == KVRT_LAYER_MLA && d->rope.n_rot != 0)
+                d->rope.n_rot = F->layers[l].rope_dim;
     static const float thetas[] = {10000.0f, 500000.0f, 1000000.0f, 50.0f};
     static const float scales[] = {1.0f, 1.0f, 0.5f, 0.25f, 2.0f};
     d->rope.theta = thetas[rng_below(r, 4)];
@@ -1242,7 +1252,8 @@ static void make_desc(fuzz *F)
 /* Invalid descriptions: each must be refused with INVALID_ARG and *out NULL. */
 static void check_invalid_descs(fuzz *F)
 {
-    for (int k = 0; k < 16; k++) {
+    static const float non_finite[] = {INFINITY, -INFINITY, NAN};
+    for (int k = 0; k < 18; k++) {
         kvrt_cache_desc d = F->desc;
         kvrt_layer_desc layers[MAX_LAYERS];
         memcpy(layers, F->layers, sizeof layers);
@@ -1278,6 +1289,8 @@ static void check_invalid_descs(fuzz *F)
         case 12: layers[l].kind = (kvrt_layer_kind)5, what = "kind 5"; break;
         case 13: d.rope.theta = 0, what = "theta 0"; break;
         case 14: d.rope.style = (kvrt_rope_style)3, what = "rope style 3"; break;
+        case 15: d.rope.theta = non_finite[rng_below(&F->r, 3)], what = "theta inf or NaN"; break;
+        case 16: d.rope.freq_scale = non_finite[rng_below(&F->r, 3)], what = "freq_scale inf or NaN"; break;
         default:
             if (layers[l].kind == KVRT_LAYER_MLA)
                 layers[l].rope_dim = 7;
@@ -1305,6 +1318,57 @@ static void check_invalid_descs(fuzz *F)
 
 static void scenario_desc(fuzz *F);
 
+/* One stream in four (not scenarios) runs with a second handle naming every
+ * layer of the first, so that each operation, state and offload included,
+ * may go through either; in one of those three the first handle is
+ * destroyed at once and the draft alone holds the cache. */
+static void shared_setup(fuzz *F)
+{
+    rng_seed(&F->hr, F->opt->seed ^ 0x5ca1ab1e0ddba11ull, (uint64_t)F->stream);
+    F->base = F->cache;
+    if (F->sc != NULL || !rng_chance(&F->hr, 0.25))
+        return;
+    int base_layers[MAX_LAYERS];
+    for (int l = 0; l < F->n_layers; l++)
+        base_layers[l] = l;
+    oplog(F, "kvrt_cache_create_shared(every layer)");
+    kvrt_status st = kvrt_cache_create_shared(F->cache, &F->desc, base_layers, &F->draft);
+    oplog_status(F, st);
+    if (st != KVRT_OK)
+        fail(F, "kvrt_cache_create_shared returned %s: %s", sname(st), kvrt_last_error());
+    if (rng_chance(&F->hr, 1.0 / 3)) {
+        oplog(F, "kvrt_cache_destroy(the first handle)");
+        kvrt_cache_destroy(F->base);
+        F->base = NULL;
+    }
+    F->cache = F->base != NULL ? F->base : F->draft;
+    size_t at = strlen(F->config);
+    snprintf(F->config + at, sizeof F->config - at, "%s",
+             F->base != NULL ? "; a shared handle" : "; a shared handle alone");
+}
+
+/* The handle the next operation goes through. */
+static void shared_pick(fuzz *F)
+{
+    if (F->draft == NULL || F->base == NULL)
+        return;
+    kvrt_cache *c = rng_chance(&F->hr, 0.5) ? F->draft : F->base;
+    if (c != F->cache)
+        oplog(F, "(through the %s handle)", c == F->draft ? "draft" : "first");
+    F->cache = c;
+}
+
+static void shared_teardown(fuzz *F)
+{
+    if (F->draft != NULL && F->base != NULL && rng_chance(&F->hr, 0.5)) {
+        kvrt_cache_destroy(F->base); /* either may go first */
+        F->base = NULL;
+    }
+    kvrt_cache_destroy(F->base);
+    kvrt_cache_destroy(F->draft);
+    F->cache = NULL;
+}
+
 static void stream_setup(fuzz *F)
 {
     F->op_index = -1;
@@ -1320,6 +1384,7 @@ static void stream_setup(fuzz *F)
     oplog_status(F, st);
     if (st != KVRT_OK)
         fail(F, "kvrt_cache_create returned %s", sname(st));
+    shared_setup(F);
     F->ref = ref_create(&F->desc);
     ref_policy policy;
     memset(&policy, 0, sizeof policy); /* every open reading allows either answer */
@@ -1392,7 +1457,7 @@ static void stream_teardown(fuzz *F)
     kvrt_offload_free(F->off);
     ref_destroy(F->off_ref);
     kvrt_batch_destroy(F->batch);
-    kvrt_cache_destroy(F->cache);
+    shared_teardown(F);
     ref_destroy(F->ref);
     snapshot_free(F->snap[0]);
     snapshot_free(F->snap[1]);
@@ -2706,7 +2771,7 @@ static void op_invalid(fuzz *F)
     kvrt_status st;
     ref_status_set allowed = SET(ERR_INVALID_ARG);
     const char *what;
-    int which = (int)rng_below(r, 30);
+    int which = (int)rng_below(r, 31);
     int plan_call = 0;
     switch (which) {
     case 0: what = "kvrt_batch_plan(NULL cache)"; st = kvrt_batch_plan(NULL, 1, seqs, pos, F->batch); break;
@@ -2783,6 +2848,17 @@ static void op_invalid(fuzz *F)
                                 : kvrt_attention(c, F->batch, self < 0 ? 0 : self, buf, buf, NULL, NULL);
         allowed |= SET(ERR_UNSUPPORTED);
         break;
+    case 29: {
+        static const float non_finite[] = {INFINITY, -INFINITY, NAN};
+        what = "kvrt_attention(scale or softcap inf or NaN)";
+        if (rng_chance(r, 0.5))
+            ap.scale = non_finite[rng_below(r, 3)];
+        else
+            ap.softcap = non_finite[rng_below(r, 3)];
+        st = kvrt_attention(c, F->batch, self < 0 ? 0 : self, buf, buf, &ap, NULL);
+        allowed |= SET(ERR_UNSUPPORTED);
+        break;
+    }
     case 28: {
         what = "edits and queries of a NULL cache";
         kvrt_status all[] = {kvrt_seq_rm(NULL, 0, 0, -1), kvrt_seq_cp(NULL, 0, 0, 0, -1),
@@ -3030,6 +3106,7 @@ static void run_stream(const options *o, int64_t stream, const scenario *sc)
         F->n_ops++;
     }
     for (F->op_index = 1; sc == NULL && F->op_index <= o->ops; F->op_index++) {
+        shared_pick(F);
         run_op(F);
         F->n_ops++;
     }
