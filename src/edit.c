@@ -8,6 +8,7 @@
 #include <stdio.h>
 
 #include "internal.h"
+#include "prefix.h"
 
 
 static int in_range(int32_t p, int32_t p0, int32_t p1) { return p >= p0 && (p1 < 0 || p < p1); }
@@ -127,6 +128,7 @@ static kvrt_status rewrite_apply(kvrt_cache *cache, kvrt_group *g, int32_t seq, 
         if (changed > 0) {
             KVRT_TRY(kvrt_group_unshare(cache, g, sp, kept));
             int32_t b = sp->blocks[kept];
+            kvrt_prefix_forget(g, b); /* its rows or positions change */
             for (int64_t i = 0; i < end - first; i++) {
                 int64_t slot = (int64_t)b * bs + i;
                 int32_t p = g->pos[slot];
@@ -304,6 +306,7 @@ static kvrt_status run_rewrite(kvrt_cache *cache, int32_t seq, const rewrite *rw
     KVRT_TRY(kvrt_scratch(cache, 0, most_live + 1, &rot_slots));
     KVRT_TRY(kvrt_scratch(cache, 1, most_live + 1, &rot_deltas));
     cache->be.ops->stage_reset(&cache->be, cache->stream);
+    kvrt_prefix_seq_edited(cache, seq);
     for (int j = 0; j < cache->n_groups; j++) {
         kvrt_group *g = &cache->groups[j];
         if (!kvrt_group_is_self(g))
@@ -437,6 +440,7 @@ kvrt_status kvrt_seq_cp(kvrt_cache *cache, int32_t src, int32_t dst, int32_t p0,
         if (need[j] > 0)
             KVRT_TRY(kvrt_group_ensure_free(cache, &cache->groups[j], need[j]));
     cache->be.ops->stage_reset(&cache->be, cache->stream);
+    kvrt_prefix_seq_edited(cache, dst);
     for (int j = 0; j < cache->n_groups; j++) {
         kvrt_group *g = &cache->groups[j];
         kvrt_seq_pages *sp = &g->seqs[src], *dp = &g->seqs[dst];
@@ -519,8 +523,10 @@ kvrt_status kvrt_seq_keep(kvrt_cache *cache, int32_t seq)
     cache = KVRT_CORE(cache);
     KVRT_TRY(kvrt_check_seq(cache, seq, "kvrt_seq_keep"));
     for (int32_t s = 0; s < cache->desc.max_seqs; s++)
-        if (s != seq)
+        if (s != seq) {
+            kvrt_prefix_seq_edited(cache, s);
             seq_reset(cache, s);
+        }
     cache->be.ops->stage_reset(&cache->be, cache->stream);
     KVRT_TRY(kvrt_cache_sync_pos(cache));
     cache->epoch++;
@@ -532,6 +538,7 @@ kvrt_status kvrt_cache_clear(kvrt_cache *cache)
     KVRT_TRY(kvrt_check_cache(cache, "kvrt_cache_clear"));
     cache = KVRT_CORE(cache);
     kvrt_backend_t *be = &cache->be;
+    kvrt_prefix_clear(cache);
     for (int32_t s = 0; s < cache->desc.max_seqs; s++)
         seq_reset(cache, s);
     be->ops->stage_reset(be, cache->stream);
@@ -582,6 +589,7 @@ kvrt_status kvrt_cache_compact(kvrt_cache *cache)
             kvrt_seq_pages *sp = &g->seqs[s];
             if (sp->n_live == sp->n_slots)
                 continue;
+            kvrt_prefix_seq_edited(cache, s);
             /* Fill holes from the end: the front index finds a hole in an
              * unshared block, the back index a token in an unshared block.
              * Destinations are holes and sources tokens, so no move reads
@@ -616,6 +624,8 @@ kvrt_status kvrt_cache_compact(kvrt_cache *cache)
                 kvrt_span sp_j = cache->spans[j];
                 g->pos[sp_j.dst] = g->pos[sp_j.src];
                 g->pos[sp_j.src] = -1;
+                kvrt_prefix_forget(g, sp_j.dst / g->block_size);
+                kvrt_prefix_forget(g, sp_j.src / g->block_size);
                 kvrt_group_mark_dirty(g, sp_j.dst / g->block_size);
                 kvrt_group_mark_dirty(g, sp_j.src / g->block_size);
                 kvrt_span *last = out > first ? &cache->spans[out - 1] : NULL;

@@ -82,6 +82,7 @@ typedef struct kvrt_group {
     int             evict;         /* sliding window that frees old blocks */
     int32_t        *pending;       /* evict: [max_blocks] planning counts, kept zero */
     kvrt_seq_pages *seqs;          /* [max_seqs] */
+    struct kvrt_prefix_group *prefix; /* prefix caching (prefix.c); NULL when off */
 } kvrt_group;
 
 /* Device memory of one layer. */
@@ -114,6 +115,7 @@ struct kvrt_cache {
     int         n_handles;         /* on the core: live handles, itself included */
     int         destroy_pending;   /* on the core: its own handle was destroyed */
     int         n_layers_total;    /* on the core: its layers plus shared handles' own */
+    struct kvrt_prefix *prefix;    /* prefix caching (prefix.c); NULL when off */
 };
 
 /* The cache that owns the memory behind a handle. */

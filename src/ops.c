@@ -5,6 +5,7 @@
 #include <math.h>
 
 #include "internal.h"
+#include "prefix.h"
 
 static kvrt_status check_batch(const kvrt_cache *cache, const kvrt_batch *batch, int layer,
                                const char *fn)
@@ -56,7 +57,9 @@ kvrt_status kvrt_write(kvrt_cache *cache, const kvrt_batch *batch, int layer, co
     op.src_dtype = (int32_t)src_dtype;
     op.n_rows = batch->n_tokens;
     op.slots = batch->groups[cache->layer_group[layer]].d_slots;
-    return cache->be.ops->write(&cache->be, &op, stream);
+    KVRT_TRY(cache->be.ops->write(&cache->be, &op, stream));
+    kvrt_prefix_written(cache, batch, layer);
+    return KVRT_OK;
 }
 
 kvrt_status kvrt_attention(kvrt_cache *cache, const kvrt_batch *batch, int layer, const void *q,

@@ -1,7 +1,7 @@
 # deps.sh: sourced by quickstart.sh and test.sh. Installs, with apt-get, the
 # Debian 12 packages that building and testing kvrt need and that are not
 # installed yet (through sudo unless running as root).
-kvrt_packages=(build-essential meson ninja-build pkg-config libcmocka-dev libxxhash-dev)
+kvrt_packages=(build-essential meson ninja-build pkg-config libcmocka-dev libxxhash-dev libsodium-dev)
 
 kvrt_install_deps() {
     local missing=() p
