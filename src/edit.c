@@ -96,6 +96,23 @@ static void seq_trim(kvrt_group *g, kvrt_seq_pages *sp)
         kvrt_group_block_release(g, sp->blocks[--sp->n_blocks]);
 }
 
+/* Whether a rewrite removes every live token of a page (which is then
+ * dropped from the page table). */
+static int page_dropped(const kvrt_group *g, const kvrt_seq_pages *sp, const rewrite *rw, int32_t page)
+{
+    int64_t bs = g->block_size, first = (int64_t)page * bs;
+    int64_t end = page == sp->n_blocks - 1 ? sp->n_slots : first + bs;
+    int64_t live = 0, removed = 0;
+    for (int64_t i = first; i < end; i++) {
+        int32_t p = g->pos[(int64_t)sp->blocks[page] * bs + (i - first)];
+        if (p < 0)
+            continue;
+        live++;
+        removed += rewrite_pos(rw, p) == REWRITE_REMOVE;
+    }
+    return live > 0 && removed == live;
+}
+
 /* Applies a checked rewrite; appends (slot, delta) pairs to rotate. */
 static kvrt_status rewrite_apply(kvrt_cache *cache, kvrt_group *g, int32_t seq, const rewrite *rw,
                                  int32_t *rot_slots, int32_t *rot_deltas, int64_t *n_rot)
@@ -106,7 +123,18 @@ static kvrt_status rewrite_apply(kvrt_cache *cache, kvrt_group *g, int32_t seq, 
     int32_t n = sp->n_blocks;
     int64_t last_used = n > 0 ? sp->n_slots - (int64_t)(n - 1) * bs : 0;
     int last_dropped = 0;
+    /* prefix caching: dropped blocks go last first, so that a chain's
+     * leaves are cached (and evicted) before their parents; -1 marks them */
+    for (int32_t page = n - 1; g->prefix != NULL && page >= 0; page--)
+        if (page_dropped(g, sp, rw, page)) {
+            kvrt_group_block_release(g, sp->blocks[page]);
+            sp->blocks[page] = -1;
+        }
     for (int32_t page = 0; page < n; page++) {
+        if (sp->blocks[page] < 0) {
+            last_dropped |= page == n - 1;
+            continue;
+        }
         int64_t first = (int64_t)page * bs, end = page == n - 1 ? sp->n_slots : first + bs;
         int64_t live = 0, changed = 0, removed = 0;
         for (int64_t i = first; i < end; i++) {
