@@ -744,10 +744,10 @@ kvrt_status kvrt_seq_attach_prefix(kvrt_cache *cache, int32_t seq, const int32_t
         }
     }
     prefix_chain *c = &P->chains[seq];
+    salt_ref(P, salt_id); /* before the old chain lets go of its salt, which may be this one */
     chain_end(P, c);
     c->active = 1;
     c->salt = salt_id;
-    salt_ref(P, salt_id);
     c->pos = h * bs;
     c->key = h > 0 ? P->keys[h - 1] : root;
     c->unconfirmed = 0;

@@ -545,19 +545,28 @@ static ref_record *record_find(const ref_model *m, uint64_t digest)
     return NULL;
 }
 
+int ref_seq_token_digest(const ref_model *m, int32_t seq, int32_t pos, uint64_t *digest)
+{
+    const ref_seq *s = &m->seqs[seq];
+    if (pos < 0 || pos >= s->n)
+        return 0;
+    uint64_t h = digest_salt(s->salt, s->salt_len);
+    for (int64_t i = 0; i <= pos; i++) {
+        if (s->tokens[i].pos != i || s->tokens[i].token < 0)
+            return 0;
+        h = digest_mix(h, (uint32_t)s->tokens[i].token);
+    }
+    *digest = h;
+    return 1;
+}
+
 /* Records a freshly written row of t when its sequence holds declared
  * tokens at every position 0..t->pos. */
 static void prefix_record(ref_model *m, int32_t seq, const ref_token *t, int layer)
 {
-    const ref_seq *s = &m->seqs[seq];
-    if (t->token < 0 || t->pos >= s->n)
+    uint64_t h;
+    if (!ref_seq_token_digest(m, seq, t->pos, &h))
         return;
-    uint64_t h = digest_salt(s->salt, s->salt_len);
-    for (int64_t i = 0; i <= t->pos; i++) {
-        if (s->tokens[i].pos != i || s->tokens[i].token < 0)
-            return;
-        h = digest_mix(h, (uint32_t)s->tokens[i].token);
-    }
     ref_record *r = record_find(m, h);
     if (r == NULL) {
         if (m->n_records == m->cap_records) {
@@ -920,18 +929,23 @@ ref_status_set ref_seq_div(ref_model *m, int32_t seq, int32_t p0, int32_t p1, in
     return set;
 }
 
-void ref_clear(ref_model *m)
+void ref_prefix_forget(ref_model *m)
 {
-    for (int32_t s = 0; s < m->desc.max_seqs; s++) {
-        seq_clear(&m->seqs[s]);
-        seq_drop_cross(m, s);
-    }
     salt_reset(m, -1);
     for (int64_t i = 0; i < m->n_records; i++) {
         free(m->records[i].data);
         free(m->records[i].written);
     }
     m->n_records = 0;
+}
+
+void ref_clear(ref_model *m)
+{
+    for (int32_t s = 0; s < m->desc.max_seqs; s++) {
+        seq_clear(&m->seqs[s]);
+        seq_drop_cross(m, s);
+    }
+    ref_prefix_forget(m);
 }
 
 void ref_seq_import(ref_model *m, int32_t dst, const ref_model *from, int32_t src)

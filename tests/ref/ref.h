@@ -167,6 +167,12 @@ ref_status_set ref_plan_tokens(ref_model *m, int n, const int32_t *seq_ids,
                                int apply);
 /* The digest the records are kept under: of salt and tokens[0..n). */
 uint64_t ref_prefix_digest(const void *salt, int salt_len, const int32_t *tokens, int64_t n);
+/* When seq holds declared tokens at every position 0..pos: 1, and the digest
+ * its rows are recorded under in *digest. Else 0. */
+int ref_seq_token_digest(const ref_model *m, int32_t seq, int32_t pos, uint64_t *digest);
+/* What kvrt_cache_clear does to prefix caching when the tokens come back
+ * (a state load): every record and salt is forgotten. */
+void ref_prefix_forget(ref_model *m);
 /* The longest run of whole blocks from position 0 of tokens[0..n) whose rows
  * are recorded under salt in every self-attention layer, as far as each
  * layer needs them: all of them, or, in a sliding-window layer that drops
