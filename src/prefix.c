@@ -736,8 +736,10 @@ kvrt_status kvrt_seq_attach_prefix(kvrt_cache *cache, int32_t seq, const int32_t
             g->refcount[b]++;
             sp->blocks[sp->n_blocks++] = b;
         }
-        sp->n_slots = (int64_t)(h - first) * bs;
-        kvrt_seq_pages_refresh(g, sp);
+        /* keyed blocks hold whole blocks of positions: no need to read them */
+        sp->n_slots = sp->n_live = (int64_t)(h - first) * bs;
+        sp->pos_min = first * bs;
+        sp->pos_max = h * bs - 1;
         if (first > 0) { /* the window's earlier rows count as dropped */
             sp->evicted_min = 0;
             sp->evicted_max = first * bs - 1;
