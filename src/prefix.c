@@ -332,19 +332,25 @@ int kvrt_prefix_release(kvrt_group *g, int32_t block)
     return 1;
 }
 
-int32_t kvrt_prefix_evict(kvrt_group *g)
+/* Takes the cached block released longest ago: no key, no positions. */
+static int32_t take_oldest(kvrt_group *g)
 {
     kvrt_prefix_group *pg = g->prefix;
-    if (pg == NULL || pg->head < 0)
-        return -1;
     int32_t b = pg->head;
     unkey(pg, b);
     int32_t *p = g->pos + (int64_t)b * g->block_size;
     for (int i = 0; i < g->block_size; i++)
         p[i] = -1;
     kvrt_group_mark_dirty(g, b);
-    pg->evictions++;
     return b;
+}
+
+int32_t kvrt_prefix_evict(kvrt_group *g)
+{
+    if (g->prefix == NULL || g->prefix->head < 0)
+        return -1;
+    g->prefix->evictions++;
+    return take_oldest(g);
 }
 
 int32_t kvrt_prefix_n_cached(const kvrt_group *g) { return g->prefix != NULL ? g->prefix->n_cached : 0; }
@@ -383,15 +389,8 @@ void kvrt_prefix_clear(kvrt_cache *cache)
         kvrt_prefix_group *pg = g->prefix;
         if (pg == NULL)
             continue;
-        while (pg->head >= 0) { /* cached blocks go back to the free stack */
-            int32_t b = pg->head;
-            unkey(pg, b);
-            int32_t *p = g->pos + (int64_t)b * g->block_size;
-            for (int i = 0; i < g->block_size; i++)
-                p[i] = -1;
-            kvrt_group_mark_dirty(g, b);
-            g->free_stack[g->n_free++] = b;
-        }
+        while (pg->head >= 0) /* cached blocks go back to the free stack */
+            g->free_stack[g->n_free++] = take_oldest(g);
         for (int32_t b = 0; b < g->n_blocks; b++)
             unkey(pg, b);
         pending_drop(pg);

@@ -507,17 +507,23 @@ static kvrt_status membuf_read(void *user, void *data, size_t size, size_t *got)
     return KVRT_OK;
 }
 
+/* n ATTN layers of 8 kv heads of head_dim. */
+static void attn_layers(kvrt_layer_desc *layers, int n, int head_dim)
+{
+    for (int l = 0; l < n; l++) {
+        memset(&layers[l], 0, sizeof layers[l]);
+        layers[l].kind = KVRT_LAYER_ATTN;
+        layers[l].n_kv_heads = 8;
+        layers[l].head_dim_k = layers[l].head_dim_v = head_dim;
+    }
+}
+
 static void llama_session(kvrt_device device, int quick, totals *total)
 {
     const int n_layers = 8, n_ctx = quick ? 256 : 512, n_keep = 20;
     const int prompt = quick ? 90 : 150, answer = quick ? 16 : 40, turn2 = quick ? 40 : 100;
     kvrt_layer_desc layers[8];
-    for (int l = 0; l < n_layers; l++) {
-        memset(&layers[l], 0, sizeof layers[l]);
-        layers[l].kind = KVRT_LAYER_ATTN;
-        layers[l].n_kv_heads = 8;
-        layers[l].head_dim_k = layers[l].head_dim_v = 128;
-    }
+    attn_layers(layers, n_layers, 128);
     kvrt_rope_desc rope = {128, 500000.0f, 1.0f, KVRT_ROPE_NORMAL};
     model m;
     /* room for two sequences of n_ctx; the pool starts at a quarter and grows */
@@ -857,12 +863,7 @@ static void serving_session(kvrt_device device, int quick, totals *total)
     const int system = quick ? 128 : 512, requests = quick ? 32 : 96;
     const int max_ctx = system + TURNS * (USER_MAX + ANSWER) + 16;
     kvrt_layer_desc layers[LAYERS];
-    for (int l = 0; l < LAYERS; l++) {
-        memset(&layers[l], 0, sizeof layers[l]);
-        layers[l].kind = KVRT_LAYER_ATTN;
-        layers[l].n_kv_heads = 8;
-        layers[l].head_dim_k = layers[l].head_dim_v = 64;
-    }
+    attn_layers(layers, LAYERS, 64);
     kvrt_rope_desc rope = {64, 10000.0f, 1.0f, KVRT_ROPE_NORMAL};
     model m;
     /* room for the live requests and a little more: cached blocks get evicted */
