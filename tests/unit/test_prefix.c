@@ -329,6 +329,9 @@ static void test_bad_input(void **state)
     EXPECT(KVRT_ERR_INVALID_ARG, kvrt_batch_plan_tokens(c, 1, &seq, &pos, NULL, 1, b));
     EXPECT(KVRT_ERR_INVALID_ARG, kvrt_batch_plan_tokens(c, 1, &seq, &pos, &tok, 0, b));
     assert_non_null(strstr(kvrt_last_error(), "kvrt_batch_plan_tokens"));
+    int32_t bad_pos = -3; /* refused by the planning itself: the message still names this call */
+    EXPECT(KVRT_ERR_INVALID_ARG, kvrt_batch_plan_tokens(c, 1, &seq, &bad_pos, &tok, 1, b));
+    assert_true(strncmp(kvrt_last_error(), "kvrt_batch_plan_tokens: ", 24) == 0);
     assert_int_equal(covered, 7);
     kvrt_cache_stats after = cstats(c);
     kvrt_prefix_stats pafter = pstats(c);
