@@ -27,6 +27,9 @@
  * operations that mostly read (decode attention).
  * plan times the host side of a decode step (kvrt_batch_plan of 256
  * sequences); it moves no K/V, so its bytes are 0 and only median_ms counts.
+ * It also times, per prefix-caching hash (XXH3-128, BLAKE2b), the same step
+ * planned with token ids (plan_prefix_*) and the lookup of a 4096-token
+ * prompt whose blocks are all cached (lookup_*).
  */
 #include <math.h>
 #include <stdarg.h>
@@ -718,6 +721,132 @@ static void next_positions(bench *b, void *ctx)
         x->pos[i]++;
 }
 
+/* ---- with prefix caching ----
+ * plan_prefix: the same decode step planned with token ids on a cache that
+ * caches prefixes (a block's key is hashed for each sequence every
+ * OP_BLOCK-th step). lookup: kvrt_seq_attach_prefix of a LOOKUP_TOKENS
+ * prompt whose blocks are all cached (LOOKUP_TOKENS / OP_BLOCK keys hashed
+ * and found, the blocks attached); the untimed reset removes the sequence
+ * again. Both once per hash. */
+enum { LOOKUP_TOKENS = 4096 };
+
+typedef struct lookup_ctx {
+    kvrt_cache *cache;
+    int32_t    *tokens;
+    int32_t     covered;
+} lookup_ctx;
+
+static void run_plan_tokens(bench *b, void *ctx)
+{
+    (void)b;
+    plan_ctx *x = ctx;
+    KV(kvrt_batch_plan_tokens(x->cache, PLAN_SEQS, x->seqs, x->pos, x->pos, PLAN_SEQS, x->batch));
+}
+
+static void run_lookup(bench *b, void *ctx)
+{
+    (void)b;
+    lookup_ctx *x = ctx;
+    KV(kvrt_seq_attach_prefix(x->cache, 1, x->tokens, LOOKUP_TOKENS, "bench", 5, &x->covered));
+}
+
+static void lookup_reset(bench *b, void *ctx)
+{
+    (void)b;
+    lookup_ctx *x = ctx;
+    KV(kvrt_seq_rm(x->cache, 1, 0, -1));
+}
+
+static kvrt_cache *make_prefix_cache(bench *b, kvrt_layer_desc *layer, int n_blocks, int max_seqs,
+                                     int hash)
+{
+    kvrt_cache_desc d;
+    kvrt_cache_desc_init(&d);
+    d.device = b->device;
+    d.dtype = b->dtype;
+    d.layers = layer;
+    d.n_layers = 1;
+    d.block_size = OP_BLOCK;
+    d.n_blocks = n_blocks;
+    d.max_seqs = max_seqs;
+    d.rope.n_rot = PLAN_HEAD_DIM;
+    d.prefix_cache = hash;
+    kvrt_cache *c;
+    KV(kvrt_cache_create(&d, &c));
+    return c;
+}
+
+static void bench_plan_prefix(bench *b, int hash)
+{
+    const char *hname = hash == KVRT_PREFIX_XXH3 ? "xxh3" : "blake2b";
+    kvrt_layer_desc layer;
+    memset(&layer, 0, sizeof layer);
+    layer.kind = KVRT_LAYER_ATTN;
+    layer.n_kv_heads = 1;
+    layer.head_dim_k = layer.head_dim_v = PLAN_HEAD_DIM;
+    const int steps = b->runs + 2;
+
+    /* the decode step, token ids = positions */
+    plan_ctx x;
+    x.cache = make_prefix_cache(b, &layer, PLAN_SEQS * ((PLAN_CONTEXT + steps) / OP_BLOCK + 1),
+                                PLAN_SEQS, hash);
+    KV(kvrt_batch_create(x.cache, PLAN_SEQS, &x.batch));
+    for (int i = 0; i < PLAN_SEQS; i++)
+        x.seqs[i] = i;
+    for (int32_t p = 0; p < PLAN_CONTEXT; p++) { /* every sequence PLAN_CONTEXT tokens long */
+        for (int i = 0; i < PLAN_SEQS; i++)
+            x.pos[i] = p;
+        run_plan_tokens(b, &x);
+    }
+    for (int i = 0; i < PLAN_SEQS; i++)
+        x.pos[i] = PLAN_CONTEXT - 1;
+    double ms = time_op(b, run_plan_tokens, next_positions, &x);
+    KV(kvrt_cache_check(x.cache));
+    char shape[256], text[96], op[40];
+    snprintf(shape, sizeof shape,
+             "{\"seqs\":%d,\"context\":%d,\"new_tokens\":1,\"block_size\":%d,\"hash\":\"%s\"}",
+             PLAN_SEQS, PLAN_CONTEXT, OP_BLOCK, hname);
+    snprintf(text, sizeof text, "%d seqs x 1 token at ctx %d, p%d (%.1f us)", PLAN_SEQS,
+             PLAN_CONTEXT, OP_BLOCK, ms * 1e3);
+    snprintf(op, sizeof op, "plan_prefix_%s", hname);
+    report(b, op, b->dtype, shape, text, ms, 0, 0);
+    kvrt_batch_destroy(x.batch);
+    kvrt_cache_destroy(x.cache);
+
+    /* the lookup of a cached prompt */
+    lookup_ctx L;
+    L.cache = make_prefix_cache(b, &layer, 2 * LOOKUP_TOKENS / OP_BLOCK, 2, hash);
+    L.tokens = xmalloc(sizeof(int32_t) * LOOKUP_TOKENS);
+    int32_t *seqs = xmalloc(sizeof(int32_t) * LOOKUP_TOKENS), *pos = xmalloc(sizeof(int32_t) * LOOKUP_TOKENS);
+    for (int i = 0; i < LOOKUP_TOKENS; i++) {
+        L.tokens[i] = (int32_t)((i * 2654435761u) % 128000u);
+        seqs[i] = 0;
+        pos[i] = i;
+    }
+    kvrt_batch *batch;
+    KV(kvrt_batch_create(L.cache, LOOKUP_TOKENS, &batch));
+    KV(kvrt_seq_attach_prefix(L.cache, 0, L.tokens, 0, "bench", 5, &L.covered));
+    KV(kvrt_batch_plan_tokens(L.cache, LOOKUP_TOKENS, seqs, pos, L.tokens, LOOKUP_TOKENS, batch));
+    fill_source f = fill_source_make(b, L.cache, LOOKUP_TOKENS);
+    fill_write(L.cache, batch, &f); /* every layer written: the keys are published */
+    ms = time_op(b, run_lookup, lookup_reset, &L);
+    if (L.covered != LOOKUP_TOKENS)
+        die("validation: lookup (%s): %d of %d tokens found", hname, L.covered, LOOKUP_TOKENS);
+    KV(kvrt_cache_check(L.cache));
+    snprintf(shape, sizeof shape, "{\"tokens\":%d,\"block_size\":%d,\"hash\":\"%s\"}",
+             LOOKUP_TOKENS, OP_BLOCK, hname);
+    snprintf(text, sizeof text, "%d-token prompt, all cached, p%d (%.1f us)", LOOKUP_TOKENS,
+             OP_BLOCK, ms * 1e3);
+    snprintf(op, sizeof op, "lookup_%s", hname);
+    report(b, op, b->dtype, shape, text, ms, 0, 0);
+    fill_source_free(b, &f);
+    kvrt_batch_destroy(batch);
+    kvrt_cache_destroy(L.cache);
+    free(L.tokens);
+    free(seqs);
+    free(pos);
+}
+
 static void bench_plan(bench *b)
 {
     kvrt_layer_desc layer;
@@ -756,6 +885,8 @@ static void bench_plan(bench *b)
     report(b, "plan", b->dtype, shape, text, ms, 0, 0);
     kvrt_batch_destroy(x.batch);
     kvrt_cache_destroy(x.cache);
+    bench_plan_prefix(b, KVRT_PREFIX_XXH3);
+    bench_plan_prefix(b, KVRT_PREFIX_BLAKE2B);
 }
 
 /* ------------------------------------------------------------------------ */

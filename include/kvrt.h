@@ -194,6 +194,9 @@ typedef struct kvrt_cache_desc {
     kvrt_rope_desc         rope;
     int                    swa_full;     /* 1: keep every sliding-window row */
     int                    validate;     /* 1 (default): check device pointers */
+    /* Automatic prefix caching (a kvrt_prefix_hash; 0: off). See "Prefix
+     * caching" below. Ignored by kvrt_cache_create_shared (the pool is base's). */
+    int                    prefix_cache;
 } kvrt_cache_desc;
 
 /* Fills desc with defaults: CPU device, f16, block_size 16, max_seqs 1,
@@ -274,6 +277,8 @@ typedef struct kvrt_cache_stats {
     int64_t slots_live;     /* slots holding a token, counted once per block */
     int64_t holes;          /* used slots without a token (pos -1) inside sequences */
     int64_t bytes_device;   /* device memory committed for K/V and positions */
+    int64_t blocks_cached;  /* prefix caching: unreferenced blocks kept for reuse
+                               (free + used + cached == total) */
 } kvrt_cache_stats;
 
 /* Statistics of one group (group >= 0) or summed over all (group = -1). */
@@ -535,6 +540,75 @@ KVRT_API kvrt_status kvrt_seq_restore(kvrt_cache *cache, int32_t dst_seq, const 
 KVRT_API uint64_t kvrt_offload_bytes(const kvrt_offload *off);
 /* NULL is fine. */
 KVRT_API void kvrt_offload_free(kvrt_offload *off);
+
+/* ------------------------------------------------------------------------ */
+/* Prefix caching (docs/api.md, "Prefix caching")                            */
+/* ------------------------------------------------------------------------ */
+
+/* Hash of block keys (kvrt_cache_desc.prefix_cache). A key is
+ * H(previous block's key || this block's token ids), chained from a root
+ * H(salt, block_size); one key serves every layer group, each group has its
+ * own table of keyed blocks. KVRT_ERR_UNSUPPORTED at creation when the build
+ * lacks the hash's library. */
+typedef enum kvrt_prefix_hash {
+    KVRT_PREFIX_OFF    = 0,
+    KVRT_PREFIX_BLAKE2B = 1,  /* BLAKE2b-256 (libsodium): collisions infeasible */
+    KVRT_PREFIX_XXH3   = 2,   /* XXH3-128 (xxHash): fast, not collision-resistant;
+                                 for callers who trust every prompt */
+} kvrt_prefix_hash;
+
+/* Longest salt accepted, in bytes. */
+#define KVRT_PREFIX_SALT_MAX 256
+
+/* kvrt_batch_plan with the token id of every planned token (token_ids[i]
+ * for token i; n_token_ids must equal n). A sequence whose tokens were
+ * declared without a gap from position 0 (or from a kvrt_seq_attach_prefix)
+ * and not edited since gets a key for each block it fills, in every
+ * self-attention group. A block's key is published (found by later
+ * lookups) once every layer of its group has been written (kvrt_write) for
+ * this plan; a sequence whose plan is not written in every layer stops
+ * keying. Errors: those of kvrt_batch_plan, and KVRT_ERR_INVALID_ARG, with
+ * nothing changed, for a cache without prefix caching, token_ids NULL or
+ * n_token_ids != n. */
+KVRT_API kvrt_status kvrt_batch_plan_tokens(kvrt_cache *cache, int n, const int32_t *seq_ids,
+                                            const int32_t *positions, const int32_t *token_ids,
+                                            int n_token_ids, kvrt_batch *batch);
+
+/* Looks up the prompt tokens[0..n) under salt (salt_len bytes, 0 to
+ * KVRT_PREFIX_SALT_MAX; NULL when 0) and attaches to the empty sequence seq
+ * the longest run of cached full blocks from position 0 that every
+ * self-attention group can serve: full-attention groups need every block,
+ * a sliding-window group the blocks of the last `window` positions (the
+ * ones before are recorded as dropped, as kvrt_seq_can_resume reads them).
+ * Each attached block's refcount grows by one; *n_covered receives the
+ * tokens attached (a multiple of block_size, <= n), positions
+ * 0..*n_covered - 1. The decoder then plans tokens[*n_covered..n) with
+ * kvrt_batch_plan_tokens (pass n - 1 tokens to keep the last one for its
+ * logits). Blocks cached under another salt never match. The sequence's
+ * later blocks are keyed under this salt. Makes earlier plans stale.
+ * Errors, nothing changed: KVRT_ERR_INVALID_ARG for a cache without prefix
+ * caching, a sequence out of range or not empty, n < 0, tokens NULL with
+ * n > 0, salt NULL with salt_len > 0, salt_len out of range, n_covered
+ * NULL; KVRT_ERR_OUT_OF_MEMORY. */
+KVRT_API kvrt_status kvrt_seq_attach_prefix(kvrt_cache *cache, int32_t seq, const int32_t *tokens,
+                                            int n, const void *salt, int salt_len,
+                                            int32_t *n_covered);
+
+typedef struct kvrt_prefix_stats {
+    int64_t lookups;         /* kvrt_seq_attach_prefix calls that succeeded */
+    int64_t hits;            /* lookups that attached at least one block */
+    int64_t misses;          /* lookups that attached nothing */
+    int64_t tokens_queried;  /* sum of n over lookups */
+    int64_t tokens_served;   /* sum of *n_covered over lookups */
+    int64_t evictions;       /* cached blocks taken for new data, all groups */
+    int64_t blocks_cached;   /* cached blocks now, all groups */
+    int64_t blocks_keyed;    /* blocks with a key now (cached or in use), all groups */
+} kvrt_prefix_stats;
+
+/* Prefix-caching statistics since creation (counters survive
+ * kvrt_cache_clear, which drops every key and cached block).
+ * KVRT_ERR_INVALID_ARG for a cache without prefix caching. */
+KVRT_API kvrt_status kvrt_prefix_stats_get(const kvrt_cache *cache, kvrt_prefix_stats *out);
 
 #ifdef __cplusplus
 }

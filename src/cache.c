@@ -6,6 +6,7 @@
 #include <stdio.h>
 
 #include "internal.h"
+#include "prefix.h"
 
 kvrt_status kvrt_desc_validate(const kvrt_cache_desc *desc);
 kvrt_status kvrt_desc_validate_rope_use(const kvrt_cache_desc *desc);
@@ -73,8 +74,12 @@ kvrt_status kvrt_check_device_ptr(const kvrt_cache *cache, const void *p, const 
 
 int32_t kvrt_group_block_alloc(kvrt_group *g)
 {
-    if (g->n_free == 0)
-        return -1;
+    if (g->n_free == 0) { /* prefix caching: the oldest cached block */
+        int32_t b = kvrt_prefix_evict(g);
+        if (b >= 0)
+            g->refcount[b] = 1;
+        return b;
+    }
     int32_t b = g->free_stack[--g->n_free];
     g->refcount[b] = 1;
     return b;
@@ -92,6 +97,8 @@ void kvrt_group_block_release(kvrt_group *g, int32_t block)
 {
     if (--g->refcount[block] > 0)
         return;
+    if (kvrt_prefix_release(g, block)) /* keyed: cached with its rows and positions */
+        return;
     if (g->pos != NULL) {
         int32_t *p = g->pos + (int64_t)block * g->block_size;
         for (int i = 0; i < g->block_size; i++)
@@ -105,7 +112,7 @@ void kvrt_group_block_release(kvrt_group *g, int32_t block)
 
 int64_t kvrt_group_available(const kvrt_group *g)
 {
-    return (int64_t)g->n_free + (g->max_blocks - g->n_blocks);
+    return (int64_t)g->n_free + (g->max_blocks - g->n_blocks) + kvrt_prefix_n_cached(g);
 }
 
 static kvrt_status group_grow(kvrt_cache *cache, kvrt_group *g, int32_t new_n)
@@ -145,6 +152,8 @@ kvrt_status kvrt_group_ensure_free(kvrt_cache *cache, kvrt_group *g, int64_t nee
     KVRT_CHECK(need <= kvrt_group_available(g), KVRT_ERR_CAPACITY,
                "out of blocks: %lld needed, %d free of %d (max_blocks %d)", (long long)need,
                g->n_free, g->n_blocks, g->max_blocks);
+    if (g->n_blocks >= g->max_blocks)
+        return KVRT_OK; /* cached blocks make up the rest (kvrt_group_block_alloc) */
     int64_t target = g->n_blocks + (need - g->n_free);
     int64_t doubled = (int64_t)g->n_blocks * 2;
     if (target < doubled)
@@ -190,7 +199,9 @@ void kvrt_seq_pages_refresh(const kvrt_group *g, kvrt_seq_pages *sp)
 
 void kvrt_seq_pages_release_all(kvrt_group *g, kvrt_seq_pages *sp)
 {
-    for (int32_t i = 0; i < sp->n_blocks; i++)
+    /* last block first: with prefix caching, leaves are cached (and so
+     * evicted) before their parents */
+    for (int32_t i = sp->n_blocks - 1; i >= 0; i--)
         kvrt_group_block_release(g, sp->blocks[i]);
     sp->n_blocks = 0;
     sp->n_slots = 0;
@@ -412,6 +423,7 @@ static kvrt_status do_cache_create(const kvrt_cache_desc *desc, kvrt_cache **out
     *out = NULL;
     KVRT_TRY(kvrt_desc_validate(desc));
     KVRT_TRY(kvrt_desc_validate_rope_use(desc));
+    KVRT_TRY(kvrt_prefix_desc_validate(desc));
     int count = kvrt_device_count(desc->device.backend);
     KVRT_CHECK(desc->device.ordinal >= 0 && desc->device.ordinal < count, KVRT_ERR_NO_DEVICE,
                "device %s:%d does not exist (%d %s device%s in this build)",
@@ -432,6 +444,8 @@ static kvrt_status do_cache_create(const kvrt_cache_desc *desc, kvrt_cache **out
     kvrt_status st = kvrt_backend_open(desc->device, &cache->be);
     if (st == KVRT_OK)
         st = create_groups(cache);
+    if (st == KVRT_OK)
+        st = kvrt_prefix_create(cache);
     if (st == KVRT_OK)
         st = cache->be.ops->sync(&cache->be, cache->stream);
     if (st != KVRT_OK) {
@@ -469,6 +483,7 @@ static void core_destroy(kvrt_cache *cache)
     kvrt_backend_t *be = &cache->be;
     if (be->ops != NULL)
         (void)be->ops->sync(be, cache->stream);
+    kvrt_prefix_destroy(cache);
     for (int j = 0; j < cache->n_groups; j++) {
         kvrt_group *g = &cache->groups[j];
         if (be->ops != NULL) {
@@ -561,6 +576,7 @@ static void group_stats(const kvrt_cache *cache, const kvrt_group *g, kvrt_cache
 {
     s->blocks_total += g->n_blocks;
     s->blocks_free += g->n_free;
+    s->blocks_cached += kvrt_prefix_n_cached(g);
     for (int32_t b = 0; b < g->n_blocks; b++) {
         if (g->refcount[b] == 0)
             continue;
@@ -698,8 +714,10 @@ static kvrt_status do_cache_check(const kvrt_cache *cache)
 {
     KVRT_TRY(kvrt_check_cache(cache, "kvrt_cache_check"));
     cache = KVRT_CORE(cache);
-    for (int j = 0; j < cache->n_groups; j++)
+    for (int j = 0; j < cache->n_groups; j++) {
         KVRT_TRY(check_group(cache, j));
+        KVRT_TRY(kvrt_prefix_check(cache, j));
+    }
     return KVRT_OK;
 }
 

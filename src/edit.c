@@ -8,6 +8,7 @@
 #include <stdio.h>
 
 #include "internal.h"
+#include "prefix.h"
 
 
 static int in_range(int32_t p, int32_t p0, int32_t p1) { return p >= p0 && (p1 < 0 || p < p1); }
@@ -101,6 +102,23 @@ static void seq_trim(kvrt_group *g, kvrt_seq_pages *sp)
         kvrt_group_block_release(g, sp->blocks[--sp->n_blocks]);
 }
 
+/* Whether a rewrite removes every live token of a page (which is then
+ * dropped from the page table). */
+static int page_dropped(const kvrt_group *g, const kvrt_seq_pages *sp, const rewrite *rw, int32_t page)
+{
+    int64_t bs = g->block_size, first = (int64_t)page * bs;
+    int64_t end = page == sp->n_blocks - 1 ? sp->n_slots : first + bs;
+    int64_t live = 0, removed = 0;
+    for (int64_t i = first; i < end; i++) {
+        int32_t p = g->pos[(int64_t)sp->blocks[page] * bs + (i - first)];
+        if (p < 0)
+            continue;
+        live++;
+        removed += rewrite_pos(rw, p) == REWRITE_REMOVE;
+    }
+    return live > 0 && removed == live;
+}
+
 /* Applies a checked rewrite; appends (slot, delta) pairs to rotate. */
 static kvrt_status rewrite_apply(kvrt_cache *cache, kvrt_group *g, int32_t seq, const rewrite *rw,
                                  uint8_t *alike, int32_t *rot_slots, int32_t *rot_deltas,
@@ -112,7 +130,18 @@ static kvrt_status rewrite_apply(kvrt_cache *cache, kvrt_group *g, int32_t seq, 
     int32_t n = sp->n_blocks;
     int64_t last_used = n > 0 ? sp->n_slots - (int64_t)(n - 1) * bs : 0;
     int last_dropped = 0;
+    /* prefix caching: dropped blocks go last first, so that a chain's
+     * leaves are cached (and evicted) before their parents; -1 marks them */
+    for (int32_t page = n - 1; g->prefix != NULL && page >= 0; page--)
+        if (page_dropped(g, sp, rw, page)) {
+            kvrt_group_block_release(g, sp->blocks[page]);
+            sp->blocks[page] = -1;
+        }
     for (int32_t page = 0; page < n; page++) {
+        if (sp->blocks[page] < 0) {
+            last_dropped |= page == n - 1;
+            continue;
+        }
         int64_t first = (int64_t)page * bs, end = page == n - 1 ? sp->n_slots : first + bs;
         if (alike != NULL && alike[sp->blocks[page]] == ALIKE_DONE) { /* an earlier sharer's */
             sp->blocks[kept++] = sp->blocks[page];
@@ -141,6 +170,7 @@ static kvrt_status rewrite_apply(kvrt_cache *cache, kvrt_group *g, int32_t seq, 
             else
                 KVRT_TRY(kvrt_group_unshare(cache, g, sp, kept));
             int32_t b = sp->blocks[kept];
+            kvrt_prefix_forget(g, b); /* its rows or positions change */
             for (int64_t i = 0; i < end - first; i++) {
                 int64_t slot = (int64_t)b * bs + i;
                 int32_t p = g->pos[slot];
@@ -368,6 +398,7 @@ static kvrt_status rewrite_all(kvrt_cache *cache, int32_t seq, const rewrite *rw
     KVRT_TRY(kvrt_scratch(cache, 0, most_live + 1, &rot_slots));
     KVRT_TRY(kvrt_scratch(cache, 1, most_live + 1, &rot_deltas));
     cache->be.ops->stage_reset(&cache->be, cache->stream);
+    kvrt_prefix_seq_edited(cache, seq);
     for (int j = 0; j < cache->n_groups; j++) {
         kvrt_group *g = &cache->groups[j];
         if (!kvrt_group_is_self(g))
@@ -502,6 +533,7 @@ static kvrt_status do_seq_cp(kvrt_cache *cache, int32_t src, int32_t dst, int32_
         if (need[j] > 0)
             KVRT_TRY(kvrt_group_ensure_free(cache, &cache->groups[j], need[j]));
     cache->be.ops->stage_reset(&cache->be, cache->stream);
+    kvrt_prefix_seq_edited(cache, dst);
     for (int j = 0; j < cache->n_groups; j++) {
         kvrt_group *g = &cache->groups[j];
         kvrt_seq_pages *sp = &g->seqs[src], *dp = &g->seqs[dst];
@@ -584,8 +616,10 @@ static kvrt_status do_seq_keep(kvrt_cache *cache, int32_t seq)
     cache = KVRT_CORE(cache);
     KVRT_TRY(kvrt_check_seq(cache, seq, "kvrt_seq_keep"));
     for (int32_t s = 0; s < cache->desc.max_seqs; s++)
-        if (s != seq)
+        if (s != seq) {
+            kvrt_prefix_seq_edited(cache, s);
             seq_reset(cache, s);
+        }
     cache->be.ops->stage_reset(&cache->be, cache->stream);
     KVRT_TRY(kvrt_cache_sync_pos(cache));
     cache->epoch++;
@@ -597,6 +631,7 @@ static kvrt_status do_cache_clear(kvrt_cache *cache)
     KVRT_TRY(kvrt_check_cache(cache, "kvrt_cache_clear"));
     cache = KVRT_CORE(cache);
     kvrt_backend_t *be = &cache->be;
+    kvrt_prefix_clear(cache);
     for (int32_t s = 0; s < cache->desc.max_seqs; s++)
         seq_reset(cache, s);
     be->ops->stage_reset(be, cache->stream);
@@ -647,6 +682,7 @@ static kvrt_status do_cache_compact(kvrt_cache *cache)
             kvrt_seq_pages *sp = &g->seqs[s];
             if (sp->n_live == sp->n_slots)
                 continue;
+            kvrt_prefix_seq_edited(cache, s);
             /* Fill holes from the end: the front index finds a hole in an
              * unshared block, the back index a token in an unshared block.
              * Destinations are holes and sources tokens, so no move reads
@@ -681,6 +717,8 @@ static kvrt_status do_cache_compact(kvrt_cache *cache)
                 kvrt_span sp_j = cache->spans[j];
                 g->pos[sp_j.dst] = g->pos[sp_j.src];
                 g->pos[sp_j.src] = -1;
+                kvrt_prefix_forget(g, sp_j.dst / g->block_size);
+                kvrt_prefix_forget(g, sp_j.src / g->block_size);
                 kvrt_group_mark_dirty(g, sp_j.dst / g->block_size);
                 kvrt_group_mark_dirty(g, sp_j.src / g->block_size);
                 kvrt_span *last = out > first ? &cache->spans[out - 1] : NULL;

@@ -87,6 +87,7 @@ typedef struct kvrt_group {
     int             evict;         /* sliding window that frees old blocks */
     int32_t        *pending;       /* evict: [max_blocks] planning counts, kept zero */
     kvrt_seq_pages *seqs;          /* [max_seqs] */
+    struct kvrt_prefix_group *prefix; /* prefix caching (prefix.c); NULL when off */
 } kvrt_group;
 
 /* Device memory of one layer. */
@@ -121,6 +122,7 @@ struct kvrt_cache {
     int         n_layers_total;    /* on the core: its layers plus shared handles' own */
     int        *layer_users;       /* on the core [n_layers_total]: shared handles using each
                                       own layer; a released one has layer_group -1 */
+    struct kvrt_prefix *prefix;    /* prefix caching (prefix.c); NULL when off */
 };
 
 /* The cache that owns the memory behind a handle. */

@@ -5,6 +5,7 @@
 #include <math.h>
 
 #include "internal.h"
+#include "prefix.h"
 
 static kvrt_status check_batch(const kvrt_cache *cache, const kvrt_batch *batch, int layer,
                                const char *fn)
@@ -60,7 +61,9 @@ static kvrt_status do_write(kvrt_cache *cache, const kvrt_batch *batch, int laye
     op.src_dtype = (int32_t)src_dtype;
     op.n_rows = batch->n_tokens;
     op.slots = batch->groups[cache->layer_group[layer]].d_slots;
-    return cache->be.ops->write(&cache->be, &op, stream);
+    KVRT_TRY(cache->be.ops->write(&cache->be, &op, stream));
+    kvrt_prefix_written(cache, batch, layer);
+    return KVRT_OK;
 }
 
 static kvrt_status do_attention(kvrt_cache *cache, const kvrt_batch *batch, int layer, const void *q,

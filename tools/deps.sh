@@ -2,7 +2,7 @@
 # Debian 12 packages that building and testing kvrt need and that are not
 # installed yet (through sudo unless running as root).
 kvrt_packages=(build-essential meson ninja-build pkg-config libcmocka-dev libxxhash-dev
-               libopenblas-dev)
+               libopenblas-dev libsodium-dev)
 
 kvrt_install_deps() {
     local missing=() p

@@ -5,7 +5,7 @@
  *
  *   kvrt-demo [--backend cpu|cuda|hip] [--quick]
  *
- * Three caches, as three models would have:
+ * Four caches, as four deployments would have:
  *   llama     8 layers of 8 kv heads x 128 (32 query heads), f16: prompts,
  *             decoding, a second answer forked from the prompt (kvrt_seq_cp,
  *             copy-on-write), speculative drafts rolled back (kvrt_seq_rm),
@@ -16,6 +16,11 @@
  *             global; the window's blocks are recycled, and a rollback past
  *             what the window still holds is refused.
  *   deepseek  MLA: one latent row of 512 + 64 rotary per token.
+ *   serving   prefix caching: requests of two tenants share a system prompt
+ *             each, and multi-turn chats resend their history; each request
+ *             looks its prompt up (kvrt_seq_attach_prefix), prefills only
+ *             the rest, answers, and ends, leaving its blocks cached. Prints
+ *             the hit rate and the prefill tokens saved.
  *
  * Every step plans the tokens, writes K/V in every layer and runs attention
  * in every layer. The demo checks its work as it goes (rows gathered back
@@ -98,6 +103,7 @@ typedef struct model {
     devmem_buffer   k_src, v_src;/* [src_rows][row]: position p of a prompt takes row p */
     devmem_buffer   q, out;      /* [MAX_TOKENS][n_q_heads][dim] */
     int64_t         steps;
+    int32_t       **tokens;      /* prefix caching: tokens[seq][pos] planned with ids, or NULL */
     /* totals */
     int64_t         tokens_prefill, tokens_decode;
     double          seconds;
@@ -109,7 +115,7 @@ static double now(void) { return devmem_now(); }
 static void model_open(model *m, const char *name, kvrt_device device,
                        const kvrt_layer_desc *layers, int n_layers, kvrt_dtype dtype,
                        int block_size, int n_blocks, int max_blocks, int max_seqs,
-                       kvrt_rope_desc rope, int n_q_heads, int src_rows)
+                       kvrt_rope_desc rope, int n_q_heads, int src_rows, int prefix_cache)
 {
     memset(m, 0, sizeof *m);
     m->name = name;
@@ -128,6 +134,7 @@ static void model_open(model *m, const char *name, kvrt_device device,
     d.max_blocks = max_blocks;
     d.max_seqs = max_seqs;
     d.rope = rope;
+    d.prefix_cache = prefix_cache;
     KV(kvrt_cache_create(&d, &m->cache));
     KV(kvrt_batch_create(m->cache, MAX_TOKENS, &m->batch));
     size_t es = kvrt_dtype_size(dtype);
@@ -173,7 +180,14 @@ static void step_at(model *m, int n, const int32_t *seqs, const int32_t *pos, in
     const kvrt_cache_desc *d = kvrt_cache_get_desc(m->cache);
     kvrt_attention_params params = {m->n_q_heads, 0.0f, 0.0f, d->dtype, d->dtype};
     double t0 = now();
-    KV(kvrt_batch_plan(m->cache, n, seqs, pos, m->batch));
+    if (m->tokens != NULL) {
+        int32_t ids[MAX_TOKENS];
+        for (int i = 0; i < n; i++)
+            ids[i] = m->tokens[seqs[i]][pos[i]];
+        KV(kvrt_batch_plan_tokens(m->cache, n, seqs, pos, ids, n, m->batch));
+    } else {
+        KV(kvrt_batch_plan(m->cache, n, seqs, pos, m->batch));
+    }
     for (int l = 0; l < m->n_layers; l++) {
         const char *k = (const char *)m->k_src.dev + (size_t)src_row * m->k_row;
         const char *v = m->v_row > 0 ? (const char *)m->v_src.dev + (size_t)src_row * m->v_row : NULL;
@@ -493,23 +507,29 @@ static kvrt_status membuf_read(void *user, void *data, size_t size, size_t *got)
     return KVRT_OK;
 }
 
+/* n ATTN layers of 8 kv heads of head_dim. */
+static void attn_layers(kvrt_layer_desc *layers, int n, int head_dim)
+{
+    for (int l = 0; l < n; l++) {
+        memset(&layers[l], 0, sizeof layers[l]);
+        layers[l].kind = KVRT_LAYER_ATTN;
+        layers[l].n_kv_heads = 8;
+        layers[l].head_dim_k = layers[l].head_dim_v = head_dim;
+    }
+}
+
 static void llama_session(kvrt_device device, int quick, totals *total)
 {
     const int n_layers = 8, n_ctx = quick ? 256 : 512, n_keep = 20;
     const int prompt = quick ? 90 : 150, answer = quick ? 16 : 40, turn2 = quick ? 40 : 100;
     kvrt_layer_desc layers[8];
-    for (int l = 0; l < n_layers; l++) {
-        memset(&layers[l], 0, sizeof layers[l]);
-        layers[l].kind = KVRT_LAYER_ATTN;
-        layers[l].n_kv_heads = 8;
-        layers[l].head_dim_k = layers[l].head_dim_v = 128;
-    }
+    attn_layers(layers, n_layers, 128);
     kvrt_rope_desc rope = {128, 500000.0f, 1.0f, KVRT_ROPE_NORMAL};
     model m;
     /* room for two sequences of n_ctx; the pool starts at a quarter and grows */
     int max_blocks = 2 * (n_ctx / 16 + 2);
     model_open(&m, "llama", device, layers, n_layers, KVRT_F16, 16, max_blocks / 4, max_blocks, 4,
-               rope, 32, n_ctx + MAX_TOKENS);
+               rope, 32, n_ctx + MAX_TOKENS, 0);
     printf("\n[llama] %d layers x 8 kv heads x 128, f16, 32 query heads, block 16, context %d per "
            "sequence; %zu bytes per token and layer\n",
            n_layers, n_ctx, kvrt_layer_row_bytes(&layers[0], KVRT_F16));
@@ -686,7 +706,7 @@ static void gemma_session(kvrt_device device, int quick, totals *total)
     model m;
     int n_ctx = prompt + answer + 16;
     model_open(&m, "gemma", device, layers, LAYERS, KVRT_BF16, 16, n_ctx / 16 + 4, 0, 2, rope, 8,
-               n_ctx + MAX_TOKENS);
+               n_ctx + MAX_TOKENS, 0);
     int g_swa = kvrt_layer_group(m.cache, 0), g_full = kvrt_layer_group(m.cache, 5);
     printf("\n[gemma] %d layers: 5 of window %d, then 1 global; 4 kv heads x 128, bf16, 8 query "
            "heads; %d layer groups\n",
@@ -783,7 +803,7 @@ static void deepseek_session(kvrt_device device, int quick, totals *total)
     model m;
     int n_ctx = prompt + answer + 64;
     model_open(&m, "deepseek", device, layers, LAYERS, KVRT_BF16, 64, 2 * (n_ctx / 64 + 2), 0, 2,
-               rope, n_q_heads, n_ctx + MAX_TOKENS);
+               rope, n_q_heads, n_ctx + MAX_TOKENS, 0);
     printf("\n[deepseek] %d MLA layers: latent %d + rope %d, bf16, %d query heads, block 64; %zu "
            "bytes per token and layer\n",
            LAYERS, LATENT, ROPE, n_q_heads, kvrt_layer_row_bytes(&layers[0], KVRT_BF16));
@@ -822,6 +842,105 @@ static void deepseek_session(kvrt_device device, int quick, totals *total)
     print_throughput(&m);
     add_totals(total, &m);
     model_close(&m);
+}
+
+/* ------------------------------------------------------------------------ */
+/* The serving session: prefix caching                                      */
+/* ------------------------------------------------------------------------ */
+
+static uint32_t demo_rand(uint32_t *state)
+{
+    *state = *state * 1664525u + 1013904223u;
+    return *state >> 8;
+}
+
+/* Requests on SEQS sequence slots, one after another; a request's rows are
+ * position-indexed source rows (as if every prompt computed the same K/V at
+ * a position), so attached rows are checked against the source. */
+static void serving_session(kvrt_device device, int quick, totals *total)
+{
+    enum { LAYERS = 4, SEQS = 4, CHATS = 10, TURNS = 4, USER_MAX = 64, ANSWER = 16 };
+    const int system = quick ? 128 : 512, requests = quick ? 32 : 96;
+    const int max_ctx = system + TURNS * (USER_MAX + ANSWER) + 16;
+    kvrt_layer_desc layers[LAYERS];
+    attn_layers(layers, LAYERS, 64);
+    kvrt_rope_desc rope = {64, 10000.0f, 1.0f, KVRT_ROPE_NORMAL};
+    model m;
+    /* room for the live requests and a little more: cached blocks get evicted */
+    int n_blocks = SEQS * (max_ctx / 16 + 2) + 2 * system / 16;
+    model_open(&m, "serving", device, layers, LAYERS, KVRT_F16, 16, n_blocks, 0, SEQS, rope, 16,
+               max_ctx + MAX_TOKENS, KVRT_PREFIX_BLAKE2B);
+    int32_t *slot_tokens[SEQS], *history[CHATS], history_len[CHATS] = {0}, turns[CHATS] = {0};
+    int32_t *system_tokens[2];
+    uint32_t rng = 12345;
+    for (int s = 0; s < SEQS; s++)
+        slot_tokens[s] = xmalloc(sizeof(int32_t) * (size_t)(max_ctx + MAX_TOKENS));
+    for (int c = 0; c < CHATS; c++)
+        history[c] = xmalloc(sizeof(int32_t) * (size_t)max_ctx);
+    for (int t = 0; t < 2; t++) {
+        system_tokens[t] = xmalloc(sizeof(int32_t) * (size_t)system);
+        for (int i = 0; i < system; i++)
+            system_tokens[t][i] = (int32_t)(demo_rand(&rng) % 32000);
+    }
+    m.tokens = slot_tokens;
+    printf("\n[serving] %d layers x 8 kv heads x 64, f16, block 16, %d blocks, prefix caching "
+           "(BLAKE2b keys); %d requests of 2 tenants, %d chats, system prompts of %d tokens\n",
+           LAYERS, n_blocks, requests, CHATS, system);
+    int64_t prompt_tokens = 0, computed = 0;
+    for (int r = 0; r < requests; r++) {
+        int32_t seq = r % SEQS;
+        KV(kvrt_seq_rm(m.cache, seq, 0, -1)); /* the slot's last request ended */
+        int c = (int)(demo_rand(&rng) % CHATS), tenant = c % 2;
+        if (history_len[c] == 0 || turns[c] == TURNS) { /* a new chat: the tenant's system prompt */
+            memcpy(history[c], system_tokens[tenant], sizeof(int32_t) * (size_t)system);
+            history_len[c] = system;
+            turns[c] = 0;
+        }
+        int user = 16 + (int)(demo_rand(&rng) % (USER_MAX - 15));
+        for (int i = 0; i < user; i++)
+            history[c][history_len[c]++] = (int32_t)(demo_rand(&rng) % 32000);
+        int n = history_len[c];
+        memcpy(slot_tokens[seq], history[c], sizeof(int32_t) * (size_t)n);
+        const char *salt = tenant == 0 ? "tenant-a" : "tenant-b";
+        int32_t covered;
+        /* the last prompt token is always computed: its logits start the answer */
+        KV(kvrt_seq_attach_prefix(m.cache, seq, slot_tokens[seq], n - 1, salt, 8, &covered));
+        if (covered > 0) {
+            expect_prompt_rows(&m, 0, seq, 0, covered, 0);
+            expect_prompt_rows(&m, LAYERS - 1, seq, 0, covered, 0);
+        }
+        prefill(&m, seq, covered, n - covered, 64);
+        prompt_tokens += n;
+        computed += n - covered;
+        for (int i = 0; i < ANSWER; i++) { /* the answer joins the chat's history */
+            int32_t p = n + i;
+            slot_tokens[seq][p] = history[c][history_len[c]++] = (int32_t)(demo_rand(&rng) % 32000);
+            step_at(&m, 1, &seq, &p, p, 0);
+        }
+        turns[c]++;
+    }
+    kvrt_prefix_stats ps;
+    KV(kvrt_prefix_stats_get(m.cache, &ps));
+    CHECK(ps.hits > 0 && ps.tokens_served == prompt_tokens - computed,
+          "serving: %lld lookups hit, %lld tokens served, %lld prompt tokens not computed",
+          (long long)ps.hits, (long long)ps.tokens_served, (long long)(prompt_tokens - computed));
+    say("prefix", "%lld lookups, %lld hits (%.0f%%); hit rate %.1f%% of prompt tokens; prefill "
+                  "tokens saved %lld of %lld (%lld computed); %lld blocks evicted, %lld cached now",
+        (long long)ps.lookups, (long long)ps.hits, 100.0 * (double)ps.hits / (double)ps.lookups,
+        100.0 * (double)ps.tokens_served / (double)prompt_tokens, (long long)ps.tokens_served,
+        (long long)prompt_tokens, (long long)computed, (long long)ps.evictions,
+        (long long)ps.blocks_cached);
+    print_stats(&m, "end");
+    print_throughput(&m);
+    add_totals(total, &m);
+    m.tokens = NULL;
+    model_close(&m);
+    for (int s = 0; s < SEQS; s++)
+        free(slot_tokens[s]);
+    for (int c = 0; c < CHATS; c++)
+        free(history[c]);
+    free(system_tokens[0]);
+    free(system_tokens[1]);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -878,6 +997,7 @@ int main(int argc, char **argv)
     llama_session(device, quick, &total);
     gemma_session(device, quick, &total);
     deepseek_session(device, quick, &total);
+    serving_session(device, quick, &total);
     printf("\nall checks passed: %lld tokens in %.2f s of steps, %.0f tokens/s, cache traffic "
            "%.2f GB/s\n",
            (long long)total.tokens, total.seconds, total.tokens / total.seconds,

@@ -55,6 +55,7 @@ enum {
     MAX_TOKENS = 32,   /* largest batch max_tokens */
     LOG_KEEP = 50,     /* operations printed on failure */
     LOG_LINE = 256,
+    PROMPT_MAX = 160,  /* tokens of a prefix-caching prompt */
 };
 
 #define SET(st) REF_BIT(KVRT_##st)
@@ -108,8 +109,9 @@ static int rng_chance(rng *r, double p) { return rng_unit(r) < p; }
 /* Options                                                                   */
 /* ------------------------------------------------------------------------ */
 
-enum { MODEL_ATTN, MODEL_GEMMA, MODEL_DEEPSEEK, MODEL_WHISPER, MODEL_MIXED, N_MODELS };
-static const char *const model_names[N_MODELS] = {"attn", "gemma", "deepseek", "whisper", "mixed"};
+enum { MODEL_ATTN, MODEL_GEMMA, MODEL_DEEPSEEK, MODEL_WHISPER, MODEL_MIXED, MODEL_PREFIX, N_MODELS };
+static const char *const model_names[N_MODELS] = {"attn", "gemma", "deepseek", "whisper", "mixed",
+                                                  "prefix"};
 
 typedef struct options {
     kvrt_backend backend;
@@ -370,6 +372,7 @@ typedef struct snapshot {
     kvrt_cache_stats    stats[MAX_LAYERS + 1];  /* per group; [n_groups]: all */
     int32_t             pos_min[MAX_SEQS], pos_max[MAX_SEQS];
     int64_t             n_tokens[MAX_SEQS];
+    kvrt_prefix_stats   prefix;                 /* prefix caching (zeros when off) */
 } snapshot;
 
 enum { PLAN_NONE, PLAN_VALID, PLAN_MAYBE, PLAN_STALE };
@@ -427,9 +430,19 @@ typedef struct fuzz {
      * without it); base is NULL once destroyed, leaving the draft alone */
     kvrt_cache     *base, *draft;
     rng             hr;
+    /* prefix caching (the prefix shape) */
+    int             prefix;                    /* the cache caches prefixes */
+    int             prefix_exact;              /* no edit or eviction since the last clear:
+                                                  a lookup finds every recorded block */
+    const int32_t  *plan_tokens;               /* token ids of the plan being made, or NULL */
+    int32_t         prompts[3][PROMPT_MAX];    /* prompts sharing prefixes */
+    int             seq_prompt[MAX_SEQS];      /* the prompt a sequence's tokens come from */
 } fuzz;
 
 static int64_t total_ops, total_checks, total_errors, total_attention;
+/* prefix caching: lookups that attached blocks, tokens attached, lookups
+ * whose hit was checked for equality with the reference */
+static int64_t total_prefix_hits, total_prefix_tokens, total_prefix_exact;
 static int64_t rows_rotated, rows_exact, max_rotations;
 /* Largest error of a re-rotated element seen, per dtype, in units of
  * rotations * eps * max|rotated element| (the bound allows 4 + a little). */
@@ -639,6 +652,9 @@ static void take_snapshot_of(fuzz *F, kvrt_cache *cache, snapshot *S)
         if (st != KVRT_OK)
             fail(F, "kvrt_cache_stats_get(%d) returned %s", g == F->n_groups ? -1 : g, sname(st));
     }
+    memset(&S->prefix, 0, sizeof S->prefix);
+    if (F->prefix && kvrt_prefix_stats_get(cache, &S->prefix) != KVRT_OK)
+        fail(F, "kvrt_prefix_stats_get returned an error on a prefix-caching cache");
 }
 
 /* The snapshot of the state before the current operation. */
@@ -784,7 +800,8 @@ static int64_t max_blocks_of(const fuzz *F)
 /* Blocks group g could still hand out: free ones plus room to grow. */
 static int64_t blocks_available(const fuzz *F, const snapshot *S, int g)
 {
-    return S->stats[g].blocks_free + (max_blocks_of(F) - S->stats[g].blocks_total);
+    return S->stats[g].blocks_free + S->stats[g].blocks_cached +
+           (max_blocks_of(F) - S->stats[g].blocks_total);
 }
 
 static void compare_with_ref(fuzz *F, snapshot *S)
@@ -924,12 +941,13 @@ static void compare_with_ref(fuzz *F, snapshot *S)
     memset(&sum, 0, sizeof sum);
     for (int g = 0; g < F->n_groups; g++) {
         const kvrt_cache_stats *x = &S->stats[g];
-        if (x->blocks_free + x->blocks_used != x->blocks_total || x->blocks_shared > x->blocks_used ||
-            x->blocks_free < 0 || x->holes < 0 || x->slots_live < 0)
+        if (x->blocks_free + x->blocks_used + x->blocks_cached != x->blocks_total ||
+            x->blocks_shared > x->blocks_used || x->blocks_free < 0 || x->holes < 0 ||
+            x->slots_live < 0 || x->blocks_cached < 0 || (!F->prefix && x->blocks_cached != 0))
             fail(F, "group %d stats: total %" PRId64 " free %" PRId64 " used %" PRId64
-                    " shared %" PRId64 " live %" PRId64 " holes %" PRId64,
-                 g, x->blocks_total, x->blocks_free, x->blocks_used, x->blocks_shared,
-                 x->slots_live, x->holes);
+                    " cached %" PRId64 " shared %" PRId64 " live %" PRId64 " holes %" PRId64,
+                 g, x->blocks_total, x->blocks_free, x->blocks_used, x->blocks_cached,
+                 x->blocks_shared, x->slots_live, x->holes);
         if (F->g[g].self) {
             if (x->blocks_total < F->desc.n_blocks || x->blocks_total > max_blocks_of(F))
                 fail(F, "group %d has %" PRId64 " blocks; n_blocks %d, max_blocks %d", g,
@@ -957,7 +975,18 @@ static void compare_with_ref(fuzz *F, snapshot *S)
         sum.slots_live += x->slots_live;
         sum.holes += x->holes;
         sum.bytes_device += x->bytes_device;
+        sum.blocks_cached += x->blocks_cached;
     }
+    if (F->prefix && (S->prefix.blocks_cached != S->stats[F->n_groups].blocks_cached ||
+                      S->prefix.blocks_keyed < S->prefix.blocks_cached ||
+                      S->prefix.hits + S->prefix.misses != S->prefix.lookups ||
+                      S->prefix.tokens_served > S->prefix.tokens_queried))
+        fail(F, "prefix stats: %" PRId64 " cached (cache stats %" PRId64 "), %" PRId64
+                " keyed, %" PRId64 " lookups = %" PRId64 " hits + %" PRId64 " misses, %" PRId64
+                " tokens served of %" PRId64,
+             S->prefix.blocks_cached, S->stats[F->n_groups].blocks_cached, S->prefix.blocks_keyed,
+             S->prefix.lookups, S->prefix.hits, S->prefix.misses, S->prefix.tokens_served,
+             S->prefix.tokens_queried);
     const kvrt_cache_stats *all = &S->stats[F->n_groups];
     if (memcmp(&sum, all, sizeof sum) != 0)
         fail(F, "stats of all groups (total %" PRId64 " free %" PRId64 " used %" PRId64
@@ -992,6 +1021,11 @@ static void compare_unchanged(fuzz *F, const snapshot *A, const snapshot *B)
                      (int)y->evicted_max);
         }
     }
+    if (memcmp(&A->prefix, &B->prefix, sizeof A->prefix) != 0)
+        fail(F, "the call changed the prefix statistics (lookups %" PRId64 " -> %" PRId64
+                ", keyed %" PRId64 " -> %" PRId64 ", cached %" PRId64 " -> %" PRId64 ")",
+             A->prefix.lookups, B->prefix.lookups, A->prefix.blocks_keyed, B->prefix.blocks_keyed,
+             A->prefix.blocks_cached, B->prefix.blocks_cached);
     for (int g = 0; g <= F->n_groups; g++)
         if (memcmp(&A->stats[g], &B->stats[g], sizeof(kvrt_cache_stats)) != 0)
             fail(F, "the call changed the stats of %s %d: blocks total %" PRId64 " -> %" PRId64
@@ -1009,6 +1043,8 @@ static void check(fuzz *F, int unchanged)
         fail(F, "kvrt_cache_check returned %s", sname(st));
     snapshot *next = F->snap[1 - F->cur];
     take_snapshot(F, next);
+    if (next->prefix.evictions != F->snap[F->cur]->prefix.evictions)
+        F->prefix_exact = 0; /* an evicted block may have been the only one with its key */
     compare_with_ref(F, next);
     if (unchanged)
         compare_unchanged(F, F->snap[F->cur], next);
@@ -1157,6 +1193,16 @@ static void make_layers(fuzz *F)
         }
         break;
     }
+    case MODEL_PREFIX: { /* full attention, maybe a sliding window and MLA */
+        F->layers[n++] = attn_layer(F, 0);
+        if (rng_chance(r, 0.3))
+            F->layers[n++] = attn_layer(F, 0);
+        if (rng_chance(r, 0.5))
+            F->layers[n++] = attn_layer(F, 2 + (int)rng_below(r, 40));
+        if (rng_chance(r, 0.3))
+            F->layers[n++] = mla_layer(16, rng_chance(r, 0.8) ? 8 : 0);
+        break;
+    }
     default: { /* mixed: one of each, in random order */
         kvrt_layer_desc all[4] = {attn_layer(F, 0), attn_layer(F, 8 + (int)rng_below(r, 33)),
                                   mla_layer(rng_chance(r, 0.5) ? 16 : 32, rng_chance(r, 0.8) ? 8 : 0),
@@ -1229,14 +1275,27 @@ static void make_desc(fuzz *F)
     F->max_tokens = 1 + (int)rng_below(r, MAX_TOKENS);
     if (rng_chance(r, 0.5) && F->max_tokens < 8)
         F->max_tokens += 8;
+    if (o->model == MODEL_PREFIX) { /* small blocks, so that prompts share many */
+        d->prefix_cache = rng_chance(r, 0.5) ? KVRT_PREFIX_BLAKE2B : KVRT_PREFIX_XXH3;
+        if (!o->block_size)
+            d->block_size = 1 << rng_below(r, 5);
+        d->n_blocks = (int)(rng_between(r, 24, 200) / d->block_size);
+        if (d->n_blocks < 2)
+            d->n_blocks = 2;
+        if (d->max_blocks > 0 && d->max_blocks < d->n_blocks)
+            d->max_blocks = d->n_blocks + 1;
+        if (d->max_seqs < 3)
+            d->max_seqs = 3 + (int)rng_below(r, MAX_SEQS - 2);
+    }
 
     int at = snprintf(F->config, sizeof F->config,
                       "%s, %s, max_seqs %d, block_size %d, n_blocks %d, max_blocks %d, rope n_rot "
-                      "%d theta %g scale %g %s, swa_full %d, cross_max_len %d, max_tokens %d; layers:",
+                      "%d theta %g scale %g %s, swa_full %d, cross_max_len %d, max_tokens %d, "
+                      "prefix_cache %d; layers:",
                       kvrt_backend_name(d->device.backend), kvrt_dtype_name(d->dtype), d->max_seqs,
                       d->block_size, d->n_blocks, d->max_blocks, d->rope.n_rot, (double)d->rope.theta,
                       (double)d->rope.freq_scale, d->rope.style ? "neox" : "normal", d->swa_full,
-                      d->cross_max_len, F->max_tokens);
+                      d->cross_max_len, F->max_tokens, d->prefix_cache);
     for (int l = 0; l < F->n_layers && at < (int)sizeof F->config; l++) {
         const kvrt_layer_desc *L = &F->layers[l];
         if (L->kind == KVRT_LAYER_MLA)
@@ -1317,6 +1376,7 @@ static void check_invalid_descs(fuzz *F)
 }
 
 static void scenario_desc(fuzz *F);
+static void prefix_setup(fuzz *F);
 
 /* One stream in four (not scenarios) runs with a second handle naming every
  * layer of the first, so that each operation, state and offload included,
@@ -1430,6 +1490,7 @@ static void stream_setup(fuzz *F)
     }
     for (int g = 0; g < F->n_groups; g++)
         F->has_full |= F->g[g].self && !F->g[g].evicting;
+    prefix_setup(F);
     if (kvrt_layer_group(F->cache, -1) != -1 || kvrt_layer_group(F->cache, F->n_layers) != -1)
         fail(F, "kvrt_layer_group of a layer out of range is not -1");
 
@@ -1490,6 +1551,8 @@ static ref_status_set plan_needed(const fuzz *F, ref_status_set when_valid)
 }
 
 /* Writes random rows of the planned tokens into one self layer. */
+static void prefix_rows(fuzz *F, int layer, void *k, void *v, kvrt_dtype src);
+
 static void op_write(fuzz *F, int layer)
 {
     const layer_info *L = &F->li[layer];
@@ -1500,6 +1563,8 @@ static void op_write(fuzz *F, int layer)
     void *hk = host_buf(&F->hk, &F->hk_cap, kb), *hv = host_buf(&F->hv, &F->hv_cap, vb);
     fill_random(F, hk, src, n * L->k_elems);
     fill_random(F, hv, src, n * L->v_elems);
+    if (F->prefix)
+        prefix_rows(F, layer, hk, hv, src);
     void *dk = dbuf_get(&F->dk, kb), *dv = L->v_elems ? dbuf_get(&F->dv, vb) : NULL;
     dev_upload(dk, hk, kb);
     if (dv)
@@ -1824,7 +1889,10 @@ static void check_ring(fuzz *F, int32_t seq)
 static void do_plan(fuzz *F, int n, int32_t *seqs, int32_t *pos)
 {
     const snapshot *S = before(F);
-    ref_status_set allowed = ref_plan(F->ref, n, seqs, pos, F->max_tokens, 0);
+    const int32_t *tokens = F->plan_tokens;
+    F->plan_tokens = NULL;
+    ref_status_set allowed = tokens ? ref_plan_tokens(F->ref, n, seqs, pos, tokens, F->max_tokens, 0)
+                                    : ref_plan(F->ref, n, seqs, pos, F->max_tokens, 0);
     /* sliding windows and capacity, judged on kvrt's own state */
     int shown = 0, missing = 0, miss_group = -1;
     int32_t miss_pos = -1, miss_tok = -1;
@@ -1863,9 +1931,10 @@ static void do_plan(fuzz *F, int n, int32_t *seqs, int32_t *pos)
 
     int prev_n = kvrt_batch_n_tokens(F->batch);
     log_plan(F, n, seqs, pos);
-    kvrt_status st = kvrt_batch_plan(F->cache, n, seqs, pos, F->batch);
+    kvrt_status st = tokens ? kvrt_batch_plan_tokens(F->cache, n, seqs, pos, tokens, n, F->batch)
+                            : kvrt_batch_plan(F->cache, n, seqs, pos, F->batch);
     oplog_status(F, st);
-    tally_add("kvrt_batch_plan", st);
+    tally_add(tokens ? "kvrt_batch_plan_tokens" : "kvrt_batch_plan", st);
     if (!REF_HAS(allowed, st)) {
         char want[256], detail[2048] = "";
         set_string(allowed, want, sizeof want);
@@ -1918,7 +1987,10 @@ static void do_plan(fuzz *F, int n, int32_t *seqs, int32_t *pos)
         }
         decode[s] = count == 1;
     }
-    ref_plan(F->ref, n, seqs, pos, F->max_tokens, 1);
+    if (tokens)
+        ref_plan_tokens(F->ref, n, seqs, pos, tokens, F->max_tokens, 1);
+    else
+        ref_plan(F->ref, n, seqs, pos, F->max_tokens, 1);
     if (kvrt_batch_n_tokens(F->batch) != n)
         fail(F, "the batch holds %d tokens after planning %d", kvrt_batch_n_tokens(F->batch), n);
     F->plan_state = PLAN_VALID;
@@ -1930,9 +2002,10 @@ static void do_plan(fuzz *F, int n, int32_t *seqs, int32_t *pos)
         if (decode[s] && F->pristine[s])
             check_ring(F, s);
 
-    /* the writes of the step; now and then a layer stays unwritten */
+    /* the writes of the step; now and then a layer stays unwritten (never in
+     * a plan with token ids, whose keys need every layer) */
     for (int l = 0; l < F->n_layers; l++)
-        if (F->li[l].d.kind != KVRT_LAYER_CROSS && !rng_chance(&F->r, 0.03))
+        if (F->li[l].d.kind != KVRT_LAYER_CROSS && (tokens || !rng_chance(&F->r, 0.03)))
             op_write(F, l);
     if (rng_chance(&F->r, 0.05)) { /* write a layer again */
         int l = (int)rng_below(&F->r, F->n_layers);
@@ -2028,6 +2101,8 @@ static void finish_edit(fuzz *F, const char *call, kvrt_status st, ref_status_se
     expect(F, call, st, allowed);
     if (st == KVRT_OK)
         edit_done(F, digest, always_stale);
+    if (st == KVRT_OK && strcmp(call, "kvrt_seq_keep") != 0 && strcmp(call, "kvrt_seq_rm") != 0)
+        F->prefix_exact = 0; /* keys of edited blocks go; edited sequences key no more */
     check(F, st != KVRT_OK);
 }
 
@@ -2045,6 +2120,8 @@ static void op_rm(fuzz *F, int32_t seq, int32_t p0, int32_t p1)
         for (int s = 0; s < F->desc.max_seqs; s++)
             if (seq < 0 || s == seq)
                 F->pristine[s] = 0;
+        if (p0 > 0 || p1 >= 0) /* a partial removal edits blocks */
+            F->prefix_exact = 0;
     }
     finish_edit(F, "kvrt_seq_rm", st, allowed, digest, 0);
 }
@@ -2249,6 +2326,7 @@ static void op_clear(fuzz *F)
     if (st == KVRT_OK)
         ref_clear(F->ref);
     finish_edit(F, "kvrt_cache_clear", st, SET(OK), 0, 1);
+    F->prefix_exact = 1; /* kvrt and the reference forgot every key */
 }
 
 /* A gather of a random range with a random capacity: the rows of the full
@@ -2361,7 +2439,8 @@ static ref_status_set load_fits(const fuzz *F, const snapshot *S, int n_seqs,
         int64_t need = 0;
         for (int i = 0; i < n_seqs; i++)
             need += (rows[i][g] + bs - 1) / bs;
-        if (need > S->stats[g].blocks_free + (max_blocks - S->stats[g].blocks_total))
+        if (need > S->stats[g].blocks_free + S->stats[g].blocks_cached +
+                       (max_blocks - S->stats[g].blocks_total))
             return SET(ERR_CAPACITY);
     }
     return SET(OK);
@@ -2573,6 +2652,8 @@ static void op_save_load(fuzz *F)
         expect(F, "kvrt_cache_clear", st, SET(OK));
         if (F->plan_state != PLAN_NONE)
             F->plan_state = PLAN_STALE;
+        ref_prefix_forget(F->ref); /* the rows come back, their keys do not */
+        F->prefix_exact = 0;
         /* an empty cache: every block free, the pool as far as it grew */
         snapshot *E = calloc(1, sizeof(snapshot));
         if (E == NULL)
@@ -2580,6 +2661,7 @@ static void op_save_load(fuzz *F)
         for (int g = 0; g < F->n_groups; g++) {
             E->stats[g] = S->stats[g];
             E->stats[g].blocks_free = S->stats[g].blocks_total;
+            E->stats[g].blocks_cached = 0;
         }
         ref_status_set allowed =
             load_fits(F, E, F->desc.max_seqs, rows, F->desc.block_size, max_blocks_of(F));
@@ -2630,6 +2712,7 @@ static void op_save_load(fuzz *F)
         }
         if (st == KVRT_OK) {
             ref_seq_import(F->ref, dst, saved, seq);
+            F->prefix_exact = 0; /* loaded rows carry no keys */
             F->pristine[dst] = 0;
             edit_done(F, digest, 1);
         }
@@ -2701,6 +2784,7 @@ static void op_offload(fuzz *F)
     expect(F, "kvrt_seq_restore", st, allowed);
     if (st == KVRT_OK) {
         ref_seq_import(F->ref, dst, F->off_ref, F->off_seq);
+        F->prefix_exact = 0; /* loaded rows carry no keys */
         F->pristine[dst] = 0;
         edit_done(F, digest, 1);
     }
@@ -2898,6 +2982,254 @@ static void op_invalid(fuzz *F)
 
 
 /* ------------------------------------------------------------------------ */
+/* Prefix caching (the prefix shape): plans with token ids, lookups that     */
+/* attach cached blocks, requests that end, memory pressure, bad input.      */
+/* Rows written for declared tokens are a function of (salt, token prefix,   */
+/* layer), as a model's would be, so every block with a key holds the rows   */
+/* the reference recorded for it, whichever sequence computed them.          */
+/* ------------------------------------------------------------------------ */
+
+static const char *const prefix_salts[3] = {"", "tenant-a", "tenant-b"};
+
+static void prefix_setup(fuzz *F)
+{
+    F->prefix = F->desc.prefix_cache != KVRT_PREFIX_OFF;
+    F->prefix_exact = 1;
+    if (!F->prefix) { /* the calls are refused, naming the cause, changing nothing */
+        kvrt_cache_stats a, b;
+        kvrt_prefix_stats ps;
+        int32_t covered = -7, seq = 0, pos = 0, tok = 0;
+        if (kvrt_cache_stats_get(F->cache, -1, &a) != KVRT_OK)
+            fail(F, "kvrt_cache_stats_get failed");
+        kvrt_status st[3] = {kvrt_seq_attach_prefix(F->cache, 0, &tok, 1, NULL, 0, &covered),
+                             kvrt_batch_plan_tokens(F->cache, 1, &seq, &pos, &tok, 1, NULL),
+                             kvrt_prefix_stats_get(F->cache, &ps)};
+        for (int i = 0; i < 3; i++)
+            if (st[i] != KVRT_ERR_INVALID_ARG)
+                fail(F, "prefix call %d on a cache without prefix caching returned %s", i, sname(st[i]));
+        if (strstr(kvrt_last_error(), "without prefix caching") == NULL || covered != -7)
+            fail(F, "a refused prefix call on a cache without prefix caching: message '%s', "
+                    "n_covered %d", kvrt_last_error(), (int)covered);
+        if (kvrt_cache_stats_get(F->cache, -1, &b) != KVRT_OK || memcmp(&a, &b, sizeof a) != 0)
+            fail(F, "a refused prefix call changed the cache's statistics");
+        return;
+    }
+    rng *r = &F->r;
+    /* prompt 1 starts as prompt 0, prompt 2 as prompt 1 */
+    for (int p = 0; p < 3; p++) {
+        int shared = p == 0 ? 0 : (int)rng_below(r, PROMPT_MAX);
+        for (int i = 0; i < PROMPT_MAX; i++)
+            F->prompts[p][i] = i < shared ? F->prompts[p - 1][i] : (int32_t)rng_below(r, 500);
+    }
+    for (int s = 0; s < MAX_SEQS; s++)
+        F->seq_prompt[s] = (int)rng_below(r, 3);
+}
+
+/* Rows of the planned tokens whose sequence holds declared tokens up to
+ * them: values k/64, |k| <= 64, exact in every dtype, drawn from the
+ * reference's digest of (salt, token prefix) and the layer. */
+static void prefix_rows(fuzz *F, int layer, void *k, void *v, kvrt_dtype src)
+{
+    const layer_info *L = &F->li[layer];
+    for (int i = 0; i < F->plan_n; i++) {
+        uint64_t digest;
+        if (!ref_seq_token_digest(F->ref, F->plan_seq[i], F->plan_pos[i], &digest))
+            continue;
+        uint64_t x = digest ^ ((uint64_t)layer * 0x9e3779b97f4a7c15ull);
+        for (int64_t e = 0; e < L->k_elems + L->v_elems; e++) {
+            double value = (double)((int)(splitmix64(&x) % 129) - 64) / 64.0;
+            if (e < L->k_elems)
+                ref_store(k, src, i * L->k_elems + e, value);
+            else
+                ref_store(v, src, i * L->v_elems + (e - L->k_elems), value);
+        }
+    }
+}
+
+/* A lookup of a prompt's first tokens under a salt, into seq (< 0: mostly
+ * an empty sequence). Its hit must be whole blocks, no longer than the run
+ * the reference recorded, exactly that run while nothing was edited or
+ * evicted; the attached rows are compared with the records by check(). */
+static void op_attach(fuzz *F, int32_t seq)
+{
+    rng *r = &F->r;
+    if (seq < 0) {
+        seq = (int32_t)rng_below(r, F->desc.max_seqs);
+        for (int k = 0; k < 4 * F->desc.max_seqs && !ref_seq_is_empty(F->ref, seq) &&
+                        rng_chance(r, 0.97);
+             k++)
+            seq = (int32_t)rng_below(r, F->desc.max_seqs);
+    }
+    int prompt = (int)rng_below(r, 3);
+    const char *salt = prefix_salts[rng_below(r, 3)];
+    int salt_len = (int)strlen(salt), n = (int)rng_between(r, 0, PROMPT_MAX);
+    const int32_t *tokens = F->prompts[prompt];
+    ref_status_set allowed = ref_attach_prefix(F->ref, seq, tokens, n, salt, salt_len, 0, 0);
+    int32_t longest = REF_HAS(allowed, KVRT_OK)
+                          ? ref_prefix_longest(F->ref, tokens, n, salt, salt_len, F->desc.block_size)
+                          : 0;
+    const snapshot *S = before(F);
+    uint64_t digest = ref_digest(F);
+    int32_t covered = -7;
+    oplog(F, "kvrt_seq_attach_prefix(seq %d, prompt %d, %d tokens, salt \"%s\")", (int)seq, prompt,
+          n, salt);
+    kvrt_status st = kvrt_seq_attach_prefix(F->cache, seq, tokens, n, salt, salt_len, &covered);
+    oplog_status(F, st);
+    tally_add("kvrt_seq_attach_prefix", st);
+    expect(F, "kvrt_seq_attach_prefix", st, allowed);
+    if (st != KVRT_OK) {
+        F->n_errors_seen++;
+        if (covered != -7)
+            fail(F, "a failed kvrt_seq_attach_prefix wrote n_covered %d", (int)covered);
+        check(F, 1);
+        return;
+    }
+    oplog(F, "  covered %d; reference: %d recorded, exact %d", (int)covered, (int)longest,
+          F->prefix_exact);
+    if (covered < 0 || covered > n || covered % F->desc.block_size != 0 || covered > longest ||
+        (F->prefix_exact && covered != longest))
+        fail(F, "kvrt_seq_attach_prefix covered %d of %d tokens; the reference recorded the "
+                "first %d (%s)",
+             (int)covered, n, (int)longest,
+             F->prefix_exact ? "nothing was edited or evicted since: they must all be found"
+                             : "an upper bound after edits or evictions");
+    ref_attach_prefix(F->ref, seq, tokens, n, salt, salt_len, covered, 1);
+    F->seq_prompt[seq] = prompt;
+    total_prefix_hits += covered > 0;
+    total_prefix_tokens += covered;
+    total_prefix_exact += F->prefix_exact;
+    edit_done(F, digest, 1);
+    kvrt_prefix_stats was = S->prefix;
+    check(F, 0);
+    const kvrt_prefix_stats *now = &before(F)->prefix;
+    if (now->lookups != was.lookups + 1 || now->tokens_queried != was.tokens_queried + n ||
+        now->tokens_served != was.tokens_served + covered ||
+        now->hits != was.hits + (covered > 0) || now->misses != was.misses + (covered == 0))
+        fail(F, "prefix stats after a lookup covering %d of %d tokens: lookups %" PRId64
+                " -> %" PRId64 ", served %" PRId64 " -> %" PRId64,
+             (int)covered, n, was.lookups, now->lookups, was.tokens_served, now->tokens_served);
+}
+
+/* The next tokens of one or two sequences' prompts, planned with their ids
+ * (an empty sequence looks its prompt up first, now and then). */
+static void op_prefix_plan(fuzz *F)
+{
+    rng *r = &F->r;
+    int32_t seqs[MAX_BATCH], pos[MAX_BATCH], tokens[MAX_BATCH];
+    int n = 0, n_seqs = 1 + (int)rng_below(r, 2), used[MAX_SEQS] = {0};
+    for (int k = 0; k < n_seqs && n < F->max_tokens; k++) {
+        int32_t s = (int32_t)rng_below(r, F->desc.max_seqs);
+        if (used[s])
+            continue;
+        used[s] = 1;
+        if (k == 0 && ref_seq_is_empty(F->ref, s) && rng_chance(r, 0.6))
+            op_attach(F, s);
+        int64_t start = (int64_t)ref_seq_pos_max(F->ref, s) + 1;
+        int count = rng_chance(r, 0.5) ? 1 : 2 + (int)rng_below(r, 30);
+        for (int c = 0; c < count && n < F->max_tokens && start + c < INT32_MAX; c++) {
+            int64_t p = start + c;
+            seqs[n] = s;
+            pos[n] = (int32_t)p;
+            tokens[n] = p < PROMPT_MAX ? F->prompts[F->seq_prompt[s]][p] : (int32_t)(p * 7 + s);
+            n++;
+        }
+    }
+    for (int i = n - 1; i > 0 && rng_chance(r, 0.3); i--) { /* any order */
+        int j = (int)rng_below(r, i + 1);
+        int32_t ts = seqs[i], tp = pos[i], tt = tokens[i];
+        seqs[i] = seqs[j], pos[i] = pos[j], tokens[i] = tokens[j];
+        seqs[j] = ts, pos[j] = tp, tokens[j] = tt;
+    }
+    if (n == 0)
+        return;
+    F->plan_tokens = tokens;
+    do_plan(F, n, seqs, pos);
+}
+
+/* A request ends: its sequence goes, its keyed blocks stay cached. */
+static void op_prefix_release(fuzz *F)
+{
+    int32_t seq = (int32_t)rng_below(&F->r, F->desc.max_seqs);
+    for (int k = 0; k < F->desc.max_seqs && ref_seq_is_empty(F->ref, seq); k++)
+        seq = (seq + 1) % F->desc.max_seqs;
+    op_rm(F, seq, 0, -1);
+}
+
+/* A plan as large as the batch allows, without token ids: free blocks run
+ * out and cached ones must be evicted rather than the plan refused. */
+static void op_pressure(fuzz *F)
+{
+    int32_t seqs[MAX_BATCH], pos[MAX_BATCH];
+    int32_t s = (int32_t)rng_below(&F->r, F->desc.max_seqs);
+    int64_t start = (int64_t)ref_seq_pos_max(F->ref, s) + 1;
+    int n = 0;
+    for (; n < F->max_tokens && start + n < INT32_MAX; n++) {
+        seqs[n] = s;
+        pos[n] = (int32_t)(start + n);
+    }
+    if (n > 0)
+        do_plan(F, n, seqs, pos);
+}
+
+/* Bad input to the prefix calls: refused with a message naming the call,
+ * nothing changed. */
+static void op_prefix_invalid(fuzz *F)
+{
+    rng *r = &F->r;
+    kvrt_cache *c = F->cache;
+    static char salt[8] = "salt";
+    int32_t covered = -7, any = (int32_t)rng_below(r, F->desc.max_seqs), full = -1;
+    for (int32_t s = 0; s < F->desc.max_seqs; s++)
+        if (!ref_seq_is_empty(F->ref, s))
+            full = s;
+    int32_t seqs[2] = {any, any}, pos[2], tokens[2] = {1, 2};
+    pos[0] = ref_seq_pos_max(F->ref, any) + 1;
+    pos[1] = pos[0] + 1;
+    const int32_t *prompt = F->prompts[0];
+    const char *what, *fn = "kvrt_seq_attach_prefix";
+    kvrt_status st;
+    int plan_call = 0, k = (int)rng_below(r, 9);
+    if (k == 0 && full < 0)
+        k = 1;
+    switch (k) {
+    case 0: what = "kvrt_seq_attach_prefix(a sequence that is not empty)";
+        st = kvrt_seq_attach_prefix(c, full, prompt, PROMPT_MAX, NULL, 0, &covered); break;
+    case 1: what = "kvrt_seq_attach_prefix(NULL tokens)";
+        st = kvrt_seq_attach_prefix(c, any, NULL, 1 + (int)rng_below(r, 40), NULL, 0, &covered); break;
+    case 2: what = "kvrt_seq_attach_prefix(salt_len beyond KVRT_PREFIX_SALT_MAX)";
+        st = kvrt_seq_attach_prefix(c, any, prompt, 8, salt,
+                                    KVRT_PREFIX_SALT_MAX + 1 + (int)rng_below(r, 1 << 20), &covered);
+        break;
+    case 3: what = "kvrt_seq_attach_prefix(negative salt_len)";
+        st = kvrt_seq_attach_prefix(c, any, prompt, 8, salt, -1 - (int)rng_below(r, 9), &covered); break;
+    case 4: what = "kvrt_seq_attach_prefix(NULL salt with a length)";
+        st = kvrt_seq_attach_prefix(c, any, prompt, 8, NULL, 4, &covered); break;
+    case 5: what = "kvrt_seq_attach_prefix(NULL n_covered)";
+        st = kvrt_seq_attach_prefix(c, any, prompt, 8, NULL, 0, NULL); break;
+    case 6: what = "kvrt_seq_attach_prefix(negative n)";
+        st = kvrt_seq_attach_prefix(c, any, prompt, -1 - (int)rng_below(r, 9), NULL, 0, &covered); break;
+    case 7: what = "kvrt_batch_plan_tokens(NULL token_ids)";
+        fn = "kvrt_batch_plan_tokens", plan_call = 1;
+        st = kvrt_batch_plan_tokens(c, 2, seqs, pos, NULL, 2, F->batch); break;
+    default: what = "kvrt_batch_plan_tokens(token_ids shorter than the plan)";
+        fn = "kvrt_batch_plan_tokens", plan_call = 1;
+        st = kvrt_batch_plan_tokens(c, 2, seqs, pos, tokens, 1, F->batch); break;
+    }
+    oplog(F, "%s", what);
+    oplog_status(F, st);
+    tally_add(fn, st);
+    expect(F, what, st, SET(ERR_INVALID_ARG));
+    F->n_errors_seen++;
+    if (strncmp(kvrt_last_error(), fn, strlen(fn)) != 0)
+        fail(F, "%s: the message '%s' does not start with %s", what, kvrt_last_error(), fn);
+    if (covered != -7)
+        fail(F, "%s wrote n_covered %d", what, (int)covered);
+    if (plan_call && F->plan_state == PLAN_VALID)
+        F->plan_state = PLAN_MAYBE;
+    check(F, 1);
+}
+
+/* ------------------------------------------------------------------------ */
 /* Scenarios: fixed operation lists, each the shortest case of a defect the  */
 /* fuzzer found, replayed through the same checks (--scenario NAME|all).     */
 /* ------------------------------------------------------------------------ */
@@ -3040,8 +3372,12 @@ static void run_op(fuzz *F)
         has_cross |= F->li[l].d.kind == KVRT_LAYER_CROSS;
     /* weights */
     enum { W_PLAN, W_RM, W_CP, W_KEEP, W_SHIFT, W_CTX, W_DIV, W_COMPACT, W_CLEAR, W_CROSS,
-           W_GATHER, W_INVALID, W_STALE, W_BATCH, W_STATE, W_OFFLOAD, W_N };
-    int w[W_N] = {34, 9, 7, 1, 8, 3, 4, 4, 1, has_cross ? 7 : 0, 4, 8, 2, 1, 3, 2};
+           W_GATHER, W_INVALID, W_STALE, W_BATCH, W_STATE, W_OFFLOAD, W_PREFIX_PLAN,
+           W_ATTACH, W_RELEASE, W_PRESSURE, W_PREFIX_INVALID, W_N };
+    int p = F->prefix; /* prefix caching: its operations, and fewer edits */
+    int w[W_N] = {p ? 10 : 34, p ? 3 : 9, p ? 2 : 7, 1, p ? 2 : 8, p ? 1 : 3, p ? 1 : 4,
+                  p ? 1 : 4, 1, has_cross ? 7 : 0, 4, p ? 3 : 8, 2, 1, p ? 1 : 3, p ? 1 : 2,
+                  p ? 30 : 0, p ? 16 : 0, p ? 8 : 0, p ? 3 : 0, p ? 3 : 0};
     int total = 0;
     for (int i = 0; i < W_N; i++)
         total += w[i];
@@ -3085,6 +3421,11 @@ static void run_op(fuzz *F)
         break;
     case W_STATE: op_save_load(F); break;
     case W_OFFLOAD: op_offload(F); break;
+    case W_PREFIX_PLAN: op_prefix_plan(F); break;
+    case W_ATTACH: op_attach(F, -1); break;
+    case W_RELEASE: op_prefix_release(F); break;
+    case W_PRESSURE: op_pressure(F); break;
+    case W_PREFIX_INVALID: op_prefix_invalid(F); break;
     default: op_new_batch(F); break;
     }
 }
@@ -3157,6 +3498,10 @@ int main(int argc, char **argv)
            " refused as expected), %" PRId64 " checks, %" PRId64 " attention calls compared: ok\n",
            kvrt_backend_name(o.backend), model_names[o.model], o.streams, total_ops, total_errors,
            total_checks, total_attention);
+    if (o.model == MODEL_PREFIX)
+        printf("kvrt-fuzz: prefix caching: %" PRId64 " lookups attached %" PRId64
+               " tokens, %" PRId64 " lookups checked for the reference's exact hit\n",
+               total_prefix_hits, total_prefix_tokens, total_prefix_exact);
     if (o.verbose)
         tally_print();
     return 0;

@@ -14,7 +14,17 @@
 typedef struct ref_seq {
     ref_token *tokens;  /* sorted by pos */
     int64_t    n, cap;
+    uint8_t    salt[KVRT_PREFIX_SALT_MAX];  /* of the last ref_attach_prefix */
+    int        salt_len;
 } ref_seq;
+
+/* A row recorded for prefix caching: positions 0..pos of a sequence held
+ * declared tokens, digested with its salt. */
+typedef struct ref_record {
+    uint64_t digest;
+    double  *data;      /* [row_elems] */
+    uint8_t *written;   /* [n_layers] */
+} ref_record;
 
 typedef struct ref_cross {
     int     n;
@@ -31,6 +41,8 @@ struct ref_model {
     ref_seq         *seqs;       /* [max_seqs] */
     ref_cross       *cross;      /* [n_layers][max_seqs] */
     ref_policy       policy;
+    ref_record      *records;    /* prefix caching */
+    int64_t          n_records, cap_records;
 };
 
 /* ---- small helpers ---- */
@@ -120,6 +132,7 @@ static ref_token token_new(const ref_model *m, int32_t pos)
     t.data = xcalloc((size_t)m->row_elems, sizeof(double));
     t.rotations = xcalloc((size_t)m->n_layers, sizeof(int32_t));
     t.written = xcalloc((size_t)m->n_layers, sizeof(uint8_t));
+    t.token = -1;
     return t;
 }
 
@@ -129,6 +142,7 @@ static ref_token token_copy(const ref_model *m, const ref_token *src)
     memcpy(t.data, src->data, (size_t)m->row_elems * sizeof(double));
     memcpy(t.rotations, src->rotations, (size_t)m->n_layers * sizeof(int32_t));
     memcpy(t.written, src->written, (size_t)m->n_layers);
+    t.token = src->token;
     return t;
 }
 
@@ -286,6 +300,11 @@ void ref_destroy(ref_model *m)
     }
     for (int64_t i = 0; i < (int64_t)m->n_layers * m->desc.max_seqs; i++)
         cross_drop(&m->cross[i]);
+    for (int64_t i = 0; i < m->n_records; i++) {
+        free(m->records[i].data);
+        free(m->records[i].written);
+    }
+    free(m->records);
     free(m->seqs);
     free(m->cross);
     free(m->offset);
@@ -310,12 +329,23 @@ ref_model *ref_clone(const ref_model *m)
 {
     ref_model *c = ref_create(&m->desc);
     c->policy = m->policy;
+    c->records = xcalloc((size_t)m->n_records, sizeof(ref_record));
+    c->n_records = c->cap_records = m->n_records;
+    for (int64_t i = 0; i < m->n_records; i++) {
+        c->records[i].digest = m->records[i].digest;
+        c->records[i].data = xmalloc((size_t)m->row_elems * sizeof(double) + 1);
+        memcpy(c->records[i].data, m->records[i].data, (size_t)m->row_elems * sizeof(double));
+        c->records[i].written = xmalloc((size_t)m->n_layers);
+        memcpy(c->records[i].written, m->records[i].written, (size_t)m->n_layers);
+    }
     for (int s = 0; s < m->desc.max_seqs; s++) {
         const ref_seq *src = &m->seqs[s];
         seq_reserve(&c->seqs[s], src->n);
         for (int64_t i = 0; i < src->n; i++)
             c->seqs[s].tokens[i] = token_copy(m, &src->tokens[i]);
         c->seqs[s].n = src->n;
+        memcpy(c->seqs[s].salt, src->salt, sizeof src->salt);
+        c->seqs[s].salt_len = src->salt_len;
         for (int l = 0; l < m->n_layers; l++)
             if (m->layers[l].kind == KVRT_LAYER_CROSS)
                 cross_copy(cross_of(c, l, s), cross_of(m, l, s), &m->layers[l]);
@@ -482,6 +512,169 @@ ref_status_set ref_plan(ref_model *m, int n, const int32_t *seq_ids, const int32
     return set;
 }
 
+/* ---- prefix caching: digests and records ---- */
+
+static uint64_t digest_mix(uint64_t h, uint64_t x)
+{
+    h ^= x + 0x9e3779b97f4a7c15ull + (h << 6) + (h >> 2);
+    h *= 0xff51afd7ed558ccdull;
+    return h ^ (h >> 33);
+}
+
+static uint64_t digest_salt(const void *salt, int salt_len)
+{
+    uint64_t h = digest_mix(0x243f6a8885a308d3ull, (uint64_t)salt_len);
+    for (int i = 0; i < salt_len; i++)
+        h = digest_mix(h, ((const uint8_t *)salt)[i]);
+    return h;
+}
+
+uint64_t ref_prefix_digest(const void *salt, int salt_len, const int32_t *tokens, int64_t n)
+{
+    uint64_t h = digest_salt(salt, salt_len);
+    for (int64_t i = 0; i < n; i++)
+        h = digest_mix(h, (uint32_t)tokens[i]);
+    return h;
+}
+
+static ref_record *record_find(const ref_model *m, uint64_t digest)
+{
+    for (int64_t i = 0; i < m->n_records; i++)
+        if (m->records[i].digest == digest)
+            return &m->records[i];
+    return NULL;
+}
+
+int ref_seq_token_digest(const ref_model *m, int32_t seq, int32_t pos, uint64_t *digest)
+{
+    const ref_seq *s = &m->seqs[seq];
+    if (pos < 0 || pos >= s->n)
+        return 0;
+    uint64_t h = digest_salt(s->salt, s->salt_len);
+    for (int64_t i = 0; i <= pos; i++) {
+        if (s->tokens[i].pos != i || s->tokens[i].token < 0)
+            return 0;
+        h = digest_mix(h, (uint32_t)s->tokens[i].token);
+    }
+    *digest = h;
+    return 1;
+}
+
+/* Records a freshly written row of t when its sequence holds declared
+ * tokens at every position 0..t->pos. */
+static void prefix_record(ref_model *m, int32_t seq, const ref_token *t, int layer)
+{
+    uint64_t h;
+    if (!ref_seq_token_digest(m, seq, t->pos, &h))
+        return;
+    ref_record *r = record_find(m, h);
+    if (r == NULL) {
+        if (m->n_records == m->cap_records) {
+            m->cap_records = m->cap_records ? 2 * m->cap_records : 64;
+            m->records = realloc(m->records, (size_t)m->cap_records * sizeof(ref_record));
+            if (!m->records)
+                abort();
+        }
+        r = &m->records[m->n_records++];
+        r->digest = h;
+        r->data = xcalloc((size_t)m->row_elems + 1, sizeof(double));
+        r->written = xcalloc((size_t)m->n_layers, 1);
+    }
+    int64_t off = m->offset[layer], len = layer_k_elems(&m->layers[layer]) + layer_v_elems(&m->layers[layer]);
+    memcpy(r->data + off, t->data + off, (size_t)len * sizeof(double));
+    r->written[layer] = 1;
+}
+
+/* An edit that changed something: the sequence's salt is forgotten. */
+static void salt_reset(ref_model *m, int32_t seq)
+{
+    for (int32_t s = 0; s < m->desc.max_seqs; s++)
+        if (seq < 0 || s == seq)
+            m->seqs[s].salt_len = 0;
+}
+
+/* Whether kvrt treats a range as empty, so that the edit changes nothing. */
+static int range_empty(int32_t p0, int32_t p1) { return p1 >= 0 && (p0 < 0 ? 0 : p0) == p1; }
+
+ref_status_set ref_plan_tokens(ref_model *m, int n, const int32_t *seq_ids,
+                               const int32_t *positions, const int32_t *tokens, int max_tokens,
+                               int apply)
+{
+    if (!tokens)
+        return REF_BIT(KVRT_ERR_INVALID_ARG);
+    ref_status_set set = ref_plan(m, n, seq_ids, positions, max_tokens, apply);
+    if (apply && REF_HAS(set, KVRT_OK))
+        for (int i = 0; i < n; i++)
+            seq_find(&m->seqs[seq_ids[i]], positions[i])->token = tokens[i];
+    return set;
+}
+
+/* Whether layer l can serve a hit of h blocks: its recorded rows cover the
+ * positions a token at h * block_size sees. digests[p]: of tokens 0..p. */
+static int layer_serves(const ref_model *m, int l, const uint64_t *digests, int64_t h, int bs)
+{
+    const kvrt_layer_desc *L = &m->layers[l];
+    int64_t first = 0;
+    if (L->kind == KVRT_LAYER_ATTN && L->window > 0 && !m->desc.swa_full)
+        first = h * bs - L->window + 1 > 0 ? (h * bs - L->window + 1) / bs * bs : 0;
+    for (int64_t p = first; p < h * bs; p++) {
+        const ref_record *r = record_find(m, digests[p]);
+        if (r == NULL || !r->written[l])
+            return 0;
+    }
+    return 1;
+}
+
+int32_t ref_prefix_longest(const ref_model *m, const int32_t *tokens, int n, const void *salt,
+                           int salt_len, int block_size)
+{
+    int64_t blocks = n / block_size, len = blocks * block_size;
+    uint64_t *digests = xmalloc((size_t)(len + 1) * sizeof(uint64_t));
+    uint64_t h = digest_salt(salt, salt_len);
+    for (int64_t p = 0; p < len; p++)
+        digests[p] = h = digest_mix(h, (uint32_t)tokens[p]);
+    int64_t best = blocks;
+    for (; best > 0; best--) {
+        int ok = 1;
+        for (int l = 0; l < m->n_layers && ok; l++)
+            ok = !layer_is_self(m, l) || layer_serves(m, l, digests, best, block_size);
+        if (ok)
+            break;
+    }
+    free(digests);
+    return (int32_t)(best * block_size);
+}
+
+ref_status_set ref_attach_prefix(ref_model *m, int32_t seq, const int32_t *tokens, int n,
+                                 const void *salt, int salt_len, int32_t n_covered, int apply)
+{
+    if (!seq_valid(m, seq) || !ref_seq_is_empty(m, seq) || n < 0 || (!tokens && n > 0) ||
+        salt_len < 0 || salt_len > KVRT_PREFIX_SALT_MAX || (!salt && salt_len > 0))
+        return REF_BIT(KVRT_ERR_INVALID_ARG);
+    if (!apply)
+        return REF_BIT(KVRT_OK);
+    ref_seq *s = &m->seqs[seq];
+    if (salt_len > 0)
+        memcpy(s->salt, salt, (size_t)salt_len);
+    s->salt_len = salt_len;
+    uint64_t h = digest_salt(salt, salt_len);
+    for (int32_t p = 0; p < n_covered; p++) {
+        h = digest_mix(h, (uint32_t)tokens[p]);
+        ref_token t = token_new(m, p);
+        t.token = tokens[p];
+        const ref_record *r = record_find(m, h);
+        for (int l = 0; r != NULL && l < m->n_layers; l++) {
+            if (!layer_is_self(m, l) || !r->written[l])
+                continue;
+            int64_t off = m->offset[l], len = layer_k_elems(&m->layers[l]) + layer_v_elems(&m->layers[l]);
+            memcpy(t.data + off, r->data + off, (size_t)len * sizeof(double));
+            t.written[l] = 1;
+        }
+        seq_insert(s, t);
+    }
+    return REF_BIT(KVRT_OK);
+}
+
 ref_status_set ref_write(ref_model *m, int layer, int n, const int32_t *seq_ids,
                          const int32_t *positions, const void *k, const void *v,
                          kvrt_dtype src_dtype, int apply)
@@ -505,6 +698,7 @@ ref_status_set ref_write(ref_model *m, int layer, int n, const int32_t *seq_ids,
             row[nk + e] = ref_round(ref_load(v, src_dtype, i * nv + e), m->desc.dtype);
         t->written[layer] = 1;
         t->rotations[layer] = 0;
+        prefix_record(m, seq_ids[i], t, layer);
     }
     return REF_BIT(KVRT_OK);
 }
@@ -569,6 +763,8 @@ ref_status_set ref_seq_rm(ref_model *m, int32_t seq, int32_t p0, int32_t p1, int
     for (int32_t s = 0; s < m->desc.max_seqs; s++)
         if (seq < 0 || s == seq)
             seq_rm_one(m, s, p0, p1);
+    if (!range_empty(p0, p1))
+        salt_reset(m, seq);
     return set;
 }
 
@@ -591,6 +787,7 @@ ref_status_set ref_seq_cp(ref_model *m, int32_t src, int32_t dst, int32_t p0, in
     ref_seq *d = &m->seqs[dst];
     int64_t lo, hi;
     range_bounds(p0, p1, &lo, &hi);
+    salt_reset(m, dst);
     seq_reserve(d, s->n);
     for (int64_t i = 0; i < s->n; i++)
         if (in_range(s->tokens[i].pos, lo, hi))
@@ -610,6 +807,7 @@ ref_status_set ref_seq_keep(ref_model *m, int32_t seq, int apply)
             if (s != seq) {
                 seq_clear(&m->seqs[s]);
                 seq_drop_cross(m, s);
+                salt_reset(m, s);
             }
     return REF_BIT(KVRT_OK);
 }
@@ -699,6 +897,8 @@ ref_status_set ref_seq_shift(ref_model *m, int32_t seq, int32_t p0, int32_t p1, 
     for (int32_t s = 0; s < m->desc.max_seqs; s++)
         if (seq < 0 || s == seq)
             seq_move_apply(m, s, lo, hi, map_shift, delta);
+    if (delta != 0 && !range_empty(p0, p1))
+        salt_reset(m, seq);
     return set;
 }
 
@@ -724,7 +924,19 @@ ref_status_set ref_seq_div(ref_model *m, int32_t seq, int32_t p0, int32_t p1, in
     for (int32_t s = 0; s < m->desc.max_seqs; s++)
         if (seq < 0 || s == seq)
             seq_move_apply(m, s, lo, hi, map_div, d);
+    if (d != 1 && !range_empty(p0, p1))
+        salt_reset(m, seq);
     return set;
+}
+
+void ref_prefix_forget(ref_model *m)
+{
+    salt_reset(m, -1);
+    for (int64_t i = 0; i < m->n_records; i++) {
+        free(m->records[i].data);
+        free(m->records[i].written);
+    }
+    m->n_records = 0;
 }
 
 void ref_clear(ref_model *m)
@@ -733,6 +945,7 @@ void ref_clear(ref_model *m)
         seq_clear(&m->seqs[s]);
         seq_drop_cross(m, s);
     }
+    ref_prefix_forget(m);
 }
 
 void ref_seq_import(ref_model *m, int32_t dst, const ref_model *from, int32_t src)

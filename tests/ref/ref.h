@@ -77,6 +77,7 @@ typedef struct ref_token {
     double  *data;      /* all self-attention layers' rows, at ref_layer_offset */
     int32_t *rotations; /* [n_layers]: re-rotations since the layer's row was written */
     uint8_t *written;   /* [n_layers]: 1 once kvrt_write stored the row */
+    int32_t  token;     /* the token id declared for it (ref_plan_tokens, ref_attach_prefix); -1 none */
 } ref_token;
 
 /* Creates a model of an empty cache with desc's layers, dtype, max_seqs,
@@ -150,6 +151,41 @@ void ref_clear(ref_model *m);
  * m, which must be empty (a state load or an offload restored). The models
  * must have the same layers. */
 void ref_seq_import(ref_model *m, int32_t dst, const ref_model *from, int32_t src);
+
+/* ---- prefix caching ----
+ * The model keeps the token id of every token planned with ids and, per
+ * sequence, the salt of its last ref_attach_prefix (an edit of the sequence
+ * that changes anything resets it to the empty salt, as kvrt ends the
+ * sequence's chain). Every row written for a token whose sequence holds
+ * declared tokens at every position from 0 up to it is recorded under
+ * (salt, token ids of positions 0..pos, pos); ref_clear forgets the
+ * records. A hit is served from the records. */
+
+/* ref_plan with token ids (tokens[i] for token i). */
+ref_status_set ref_plan_tokens(ref_model *m, int n, const int32_t *seq_ids,
+                               const int32_t *positions, const int32_t *tokens, int max_tokens,
+                               int apply);
+/* The digest the records are kept under: of salt and tokens[0..n). */
+uint64_t ref_prefix_digest(const void *salt, int salt_len, const int32_t *tokens, int64_t n);
+/* When seq holds declared tokens at every position 0..pos: 1, and the digest
+ * its rows are recorded under in *digest. Else 0. */
+int ref_seq_token_digest(const ref_model *m, int32_t seq, int32_t pos, uint64_t *digest);
+/* What kvrt_cache_clear does to prefix caching when the tokens come back
+ * (a state load): every record and salt is forgotten. */
+void ref_prefix_forget(ref_model *m);
+/* The longest run of whole blocks from position 0 of tokens[0..n) whose rows
+ * are recorded under salt in every self-attention layer, as far as each
+ * layer needs them: all of them, or, in a sliding-window layer that drops
+ * rows, those of the last `window` positions. In tokens. */
+int32_t ref_prefix_longest(const ref_model *m, const int32_t *tokens, int n, const void *salt,
+                           int salt_len, int block_size);
+/* kvrt_seq_attach_prefix: INVALID_ARG for a bad or non-empty sequence, n < 0,
+ * NULL tokens with n > 0, NULL salt with salt_len > 0, salt_len outside
+ * [0, KVRT_PREFIX_SALT_MAX]. Applying records the salt and inserts tokens
+ * 0..n_covered - 1 with their recorded rows (a layer without a record for a
+ * position stays unwritten there). */
+ref_status_set ref_attach_prefix(ref_model *m, int32_t seq, const int32_t *tokens, int n,
+                                 const void *salt, int salt_len, int32_t n_covered, int apply);
 
 /* ---- RoPE, in double ---- */
 
