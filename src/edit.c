@@ -133,7 +133,8 @@ static kvrt_status rewrite_apply(kvrt_cache *cache, kvrt_group *g, int32_t seq, 
     /* prefix caching: dropped blocks go last first, so that a chain's
      * leaves are cached (and evicted) before their parents; -1 marks them */
     for (int32_t page = n - 1; g->prefix != NULL && page >= 0; page--)
-        if (page_dropped(g, sp, rw, page)) {
+        if (!(alike != NULL && alike[sp->blocks[page]] == ALIKE_DONE) && /* already rewritten */
+            page_dropped(g, sp, rw, page)) {
             kvrt_group_block_release(g, sp->blocks[page]);
             sp->blocks[page] = -1;
         }
