@@ -286,7 +286,8 @@ KVRT_API kvrt_status kvrt_cache_stats_get(const kvrt_cache *cache, int group,
                                           kvrt_cache_stats *out);
 
 /* Checks every internal invariant (refcounts equal page-table references,
- * free + used == total, free blocks hold no position, recorded position
+ * free + used (+ cached) == total, free blocks hold no position, cached
+ * blocks have refcount 0 and a key found by its table, recorded position
  * ranges equal the live slots', no duplicate positions, the device copy of
  * positions equals the host's). KVRT_ERR_INTERNAL with a message on the first
  * violation. For tests and debugging; costs O(cache size) on the host. */
@@ -319,7 +320,8 @@ KVRT_API int kvrt_batch_n_tokens(const kvrt_batch *batch);
  * 2^31 - 1), KVRT_ERR_POS_EXISTS (a position
  * already in the sequence or twice in the batch), KVRT_ERR_WINDOW_EVICTED (a
  * sliding-window group no longer holds rows the token must see),
- * KVRT_ERR_CAPACITY (not enough blocks even after growth). */
+ * KVRT_ERR_CAPACITY (not enough blocks even after growth and, with prefix
+ * caching, the eviction of every cached block). */
 KVRT_API kvrt_status kvrt_batch_plan(kvrt_cache *cache, int n, const int32_t *seq_ids,
                                      const int32_t *positions, kvrt_batch *batch);
 
@@ -384,10 +386,11 @@ KVRT_API kvrt_status kvrt_cross_set(kvrt_cache *cache, int layer, int32_t seq, i
 /* Removes the tokens of sequence seq (seq < 0: every sequence) with positions
  * in [p0, p1) from every group. The range [0, end) (p0 <= 0, p1 < 0) also
  * drops the sequence's cross-attention K/V. Blocks left empty return to the
- * pool. KVRT_ERR_CAPACITY if a block shared with another sequence must be
- * copied first and none is free. With seq < 0 (here and in kvrt_seq_shift
- * and kvrt_seq_div) every sharer of a shared block is edited alike, so the
- * block is edited in place, stays shared and needs no copy. */
+ * pool (with prefix caching, keyed ones stay cached). KVRT_ERR_CAPACITY if a
+ * block shared with another sequence must be copied first and none is free.
+ * With seq < 0 (here and in kvrt_seq_shift and kvrt_seq_div) every sharer of
+ * a shared block is edited alike, so the block is edited in place, stays
+ * shared and needs no copy. */
 KVRT_API kvrt_status kvrt_seq_rm(kvrt_cache *cache, int32_t seq, int32_t p0, int32_t p1);
 
 /* Copies the tokens of src in [p0, p1) into dst, which must hold nothing
@@ -416,8 +419,8 @@ KVRT_API kvrt_status kvrt_seq_shift(kvrt_cache *cache, int32_t seq, int32_t p0, 
 KVRT_API kvrt_status kvrt_seq_div(kvrt_cache *cache, int32_t seq, int32_t p0, int32_t p1,
                                   int d);
 
-/* Empties the cache: every sequence, every block, every cross row; memory is
- * zeroed on the device. */
+/* Empties the cache: every sequence, every block, every cross row, every
+ * prefix-caching key and cached block; memory is zeroed on the device. */
 KVRT_API kvrt_status kvrt_cache_clear(kvrt_cache *cache);
 
 /* Closes holes: in each sequence, live slots past the first holes move into
