@@ -3183,8 +3183,12 @@ static void op_prefix_invalid(fuzz *F)
         if (!ref_seq_is_empty(F->ref, s))
             full = s;
     int32_t seqs[2] = {any, any}, pos[2], tokens[2] = {1, 2};
-    pos[0] = ref_seq_pos_max(F->ref, any) + 1;
-    pos[1] = pos[0] + 1;
+    /* the next positions, kept within int32 (shifts may have taken the
+     * sequence near INT32_MAX; these plans are refused before positions
+     * are looked at) */
+    int64_t next = (int64_t)ref_seq_pos_max(F->ref, any) + 1;
+    pos[0] = (int32_t)(next < INT32_MAX ? next : INT32_MAX);
+    pos[1] = (int32_t)(next + 1 < INT32_MAX ? next + 1 : INT32_MAX);
     const int32_t *prompt = F->prompts[0];
     const char *what, *fn = "kvrt_seq_attach_prefix";
     kvrt_status st;
