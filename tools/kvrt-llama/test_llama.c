@@ -1,7 +1,9 @@
 /*
  * test_llama.c: kvrt-llama against a plain forward pass.
  *
- *   test_llama [--backend cpu|cuda|hip]     (exit 77 where the backend has no device)
+ *   test_llama [--backend cpu|cuda|hip] [--only TEST,TEST...]
+ *                                     (exit 77 where the backend has no device;
+ *                                      --only: just the tests named)
  *
  * The test writes tiny random checkpoints in the llama2.c format (3 layers,
  * dim 64, 4 query heads over 2 kv heads, vocab 384, separate classifier; and
@@ -16,6 +18,9 @@
  *   (c) each of N sequences forked from one prompt and decoded as one batch
  *       gives the tokens (top-p sampling) of that prompt decoded alone;
  *   (d) a saved and reloaded session continues with the same tokens (greedy);
+ *   (f) on a GPU backend (kvrt-sim in CI), one greedy session with a chunked
+ *       prefill, a fork, a truncation, shifts and a save gives the CPU
+ *       backend's tokens, and the CPU's session file resumes there;
  * and that bad checkpoints, tokenizers, sessions and prompts fail with a
  * message naming what is wrong.
  */
@@ -577,6 +582,132 @@ static void test_resume(void **state)
 }
 
 /* ------------------------------------------------------------------------ */
+/* (f) a GPU backend gives the CPU backend's tokens                          */
+/* ------------------------------------------------------------------------ */
+
+/*
+ * One greedy session, run on the CPU backend and on the test's backend: a
+ * prompt prefilled in chunks, forked (kvrt_seq_cp), the fork truncated
+ * (kvrt_seq_rm) and continued with other tokens, then both decoded as one
+ * batch past the context (kvrt_seq_rm + kvrt_seq_shift + kvrt_cache_compact),
+ * the session saved halfway. Every step's tokens must be equal; the logits
+ * differ by the order of the sums (both within bound() of the reference, so
+ * within twice it of each other). The CPU's session file, loaded into a
+ * fresh cache on the test's backend, continues with the CPU's tokens.
+ */
+enum { AGREE_SEQS = 2, AGREE_STEPS = 40, AGREE_SAVE = 20, AGREE_CTX = 32 };
+
+typedef struct agree_run {
+    int    tokens[AGREE_STEPS][AGREE_SEQS]; /* pending before each step */
+    float *logits;                          /* [AGREE_STEPS][AGREE_SEQS][vocab] */
+    int    shifts;
+} agree_run;
+
+static void agree_record(llama_session *sess, agree_run *run, int from, int steps)
+{
+    int vocab = sess->dec->model->config.vocab_size;
+    for (int step = from; step < from + steps; step++) {
+        int shifted[AGREE_SEQS];
+        for (int s = 0; s < AGREE_SEQS; s++)
+            run->tokens[step][s] = sess->seqs[s].pending;
+        TRY(llama_decode_step(sess, 1, shifted));
+        run->shifts += shifted[0] > 0;
+        memcpy(run->logits + (size_t)step * AGREE_SEQS * vocab, sess->dec->logits,
+               (size_t)AGREE_SEQS * vocab * sizeof(float));
+    }
+}
+
+static void agree_session(kvrt_backend on, kvrt_dtype dtype, const char *save, agree_run *run)
+{
+    kvrt_backend test_backend = backend;
+    llama_decoder dec;
+    llama_session sess;
+    backend = on;
+    open_session(&model3, dtype, AGREE_CTX, AGREE_SEQS, 0.0f, 1, &dec, &sess);
+    backend = test_backend;
+    TRY(llama_prefill(&sess, 0, prompt, PROMPT_LEN)); /* chunks of 16 and 4 */
+    TRY(llama_fork(&sess, 0, 1, 0, NULL));
+    TRY(llama_truncate(&sess, 1, 10));
+    TRY(llama_prefill(&sess, 1, prompt + 12, 6));
+    agree_record(&sess, run, 0, AGREE_SAVE);
+    if (save)
+        TRY(llama_session_save(&sess, save));
+    agree_record(&sess, run, AGREE_SAVE, AGREE_STEPS - AGREE_SAVE);
+    close_session(&dec, &sess);
+}
+
+/* Steps [from, AGREE_STEPS) of a and b give equal tokens and logits within
+ * limit; returns the largest logit difference. */
+static double agree_compare(const agree_run *a, const agree_run *b, int from, double limit,
+                            kvrt_dtype dtype, const char *what)
+{
+    int vocab = model3.config.vocab_size;
+    double worst = 0.0;
+    for (int step = from; step < AGREE_STEPS; step++) {
+        for (int s = 0; s < AGREE_SEQS; s++) {
+            if (a->tokens[step][s] != b->tokens[step][s])
+                fail_msg("%s, %s cache, seq %d, step %d: token %d on cpu, %d on %s", what,
+                         kvrt_dtype_name(dtype), s, step, a->tokens[step][s],
+                         b->tokens[step][s], kvrt_backend_name(backend));
+            size_t at = ((size_t)step * AGREE_SEQS + s) * vocab;
+            double scale = 0.0, err = 0.0;
+            for (int i = 0; i < vocab; i++) {
+                scale = fmax(scale, fabs((double)a->logits[at + i]));
+                err = fmax(err, fabs((double)a->logits[at + i] - b->logits[at + i]));
+            }
+            err /= 1.0 + scale;
+            worst = fmax(worst, err);
+            if (err > limit)
+                fail_msg("%s, %s cache, seq %d, step %d: logits differ by %.3g > %.3g", what,
+                         kvrt_dtype_name(dtype), s, step, err, limit);
+        }
+    }
+    return worst;
+}
+
+static void check_agree(kvrt_dtype dtype)
+{
+    size_t bytes = (size_t)AGREE_STEPS * AGREE_SEQS * model3.config.vocab_size * sizeof(float);
+    agree_run cpu = {.logits = malloc(bytes)}, gpu = {.logits = malloc(bytes)};
+    agree_run resumed = {.logits = malloc(bytes)};
+    assert_true(cpu.logits && gpu.logits && resumed.logits);
+    char path[320];
+    snprintf(path, sizeof path, "%s/agree.kvll", dir);
+    agree_session(KVRT_BACKEND_CPU, dtype, path, &cpu);
+    agree_session(backend, dtype, NULL, &gpu);
+    assert_true(cpu.shifts >= 2);
+    assert_int_equal(gpu.shifts, cpu.shifts);
+    double limit = 2.0 * bound(&model3, dtype, 1);
+    double worst = agree_compare(&cpu, &gpu, 0, limit, dtype, "same session");
+
+    /* the CPU's session file, resumed on the test's backend */
+    llama_decoder dec;
+    llama_session sess;
+    open_session(&model3, dtype, AGREE_CTX, AGREE_SEQS, 0.0f, 99, &dec, &sess);
+    TRY(llama_session_load(&sess, path));
+    agree_record(&sess, &resumed, AGREE_SAVE, AGREE_STEPS - AGREE_SAVE);
+    close_session(&dec, &sess);
+    worst = fmax(worst, agree_compare(&cpu, &resumed, AGREE_SAVE, limit, dtype,
+                                      "cpu session resumed"));
+    print_message("%s against cpu, %s cache: %d sequences x %d greedy tokens equal (%d shifts), "
+                  "a cpu session resumed; largest logit difference %.3g (limit %.3g)\n",
+                  kvrt_backend_name(backend), kvrt_dtype_name(dtype), AGREE_SEQS, AGREE_STEPS,
+                  cpu.shifts, worst, limit);
+    free(cpu.logits);
+    free(gpu.logits);
+    free(resumed.logits);
+}
+
+static void test_agree(void **state)
+{
+    (void)state;
+    if (backend == KVRT_BACKEND_CPU)
+        skip(); /* the CPU against itself */
+    for (int d = 0; d < 3; d++)
+        check_agree(dtypes[d]);
+}
+
+/* ------------------------------------------------------------------------ */
 /* Bad input                                                                 */
 /* ------------------------------------------------------------------------ */
 
@@ -772,28 +903,46 @@ static void test_tokenizer(void **state)
     llama_tokenizer_free(&tok);
 }
 
+/* 1 when name is one of the comma-separated names of list (NULL: all). */
+static int listed(const char *list, const char *name)
+{
+    size_t len = strlen(name);
+    for (const char *p = list; p; p = strchr(p, ',') ? strchr(p, ',') + 1 : NULL)
+        if (!strncmp(p, name, len) && (p[len] == ',' || p[len] == '\0'))
+            return 1;
+    return list == NULL;
+}
+
 int main(int argc, char **argv)
 {
+    const char *only = NULL;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--backend") && i + 1 < argc) {
             const char *b = argv[++i];
             backend = !strcmp(b, "cuda") ? KVRT_BACKEND_CUDA
                       : !strcmp(b, "hip") ? KVRT_BACKEND_HIP : KVRT_BACKEND_CPU;
+        } else if (!strcmp(argv[i], "--only") && i + 1 < argc) {
+            only = argv[++i];
         }
     }
     if (kvrt_device_count(backend) == 0) {
         printf("no %s device: skipped\n", kvrt_backend_name(backend));
         return 77;
     }
-    const struct CMUnitTest tests[] = {
+    struct CMUnitTest tests[] = {
         cmocka_unit_test(test_tokenizer),
         cmocka_unit_test(test_decode),
         cmocka_unit_test(test_shift),
         cmocka_unit_test(test_fork),
         cmocka_unit_test(test_resume),
+        cmocka_unit_test(test_agree),
         cmocka_unit_test(test_bad_checkpoint),
         cmocka_unit_test(test_bad_tokenizer),
         cmocka_unit_test(test_bad_session),
     };
-    return cmocka_run_group_tests(tests, setup, teardown);
+    size_t n = 0;
+    for (size_t t = 0; t < sizeof tests / sizeof *tests; t++)
+        if (listed(only, tests[t].name))
+            tests[n++] = tests[t];
+    return _cmocka_run_group_tests("test_llama", tests, n, setup, teardown);
 }
