@@ -197,10 +197,22 @@ typedef struct kvrt_cache_desc {
     /* Automatic prefix caching (a kvrt_prefix_hash; 0: off). See "Prefix
      * caching" below. Ignored by kvrt_cache_create_shared (the pool is base's). */
     int                    prefix_cache;
+    /* CPU backend: the most threads one call runs on (0, the default:
+     * OpenMP's, omp_get_max_threads(); 1: the calling thread only, so no
+     * OpenMP worker ever waits on a core). Ignored on GPUs. Calls too small
+     * to pay for waking a thread run on the calling thread whatever this
+     * says. After a call that ran on several threads, OpenMP's workers wait
+     * for the next one as its wait policy says, and libgomp's default is to
+     * spin for a while: a decoder that runs other threads between kvrt calls
+     * (a BLAS) sets OMP_WAIT_POLICY=passive in its environment before it
+     * starts, or gives kvrt fewer threads here (docs/api.md, "Threads").
+     * Ignored by kvrt_cache_create_shared (base's). */
+    int                    n_threads;
 } kvrt_cache_desc;
 
 /* Fills desc with defaults: CPU device, f16, block_size 16, max_seqs 1,
- * n_blocks 0 (must be set), rope {0, 10000, 1, NORMAL}, validate 1. */
+ * n_blocks 0 (must be set), rope {0, 10000, 1, NORMAL}, validate 1,
+ * n_threads 0. */
 KVRT_API void kvrt_cache_desc_init(kvrt_cache_desc *desc);
 
 /* Bytes of one token's row of a layer in the cache and in state files:

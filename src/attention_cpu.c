@@ -1526,7 +1526,7 @@ static int have_avx512(void)
 }
 #endif
 
-kvrt_status kvrt_cpu_attention(const kvrt_attention_op *op)
+kvrt_status kvrt_cpu_attention(const kvrt_attention_op *op, int max_threads)
 {
     const kvrt_layout *L = &op->layer.layout;
     if (op->n_tokens <= 0)
@@ -1575,10 +1575,7 @@ kvrt_status kvrt_cpu_attention(const kvrt_attention_op *op)
     pl.chunk = pl.chunk < LANES ? LANES : pl.chunk > CHUNK_MAX ? CHUNK_MAX : pl.chunk;
     pl.chunk = (int32_t)round_up((size_t)pl.chunk, LANES);
 
-    int n_threads = 1;
-#ifdef _OPENMP
-    n_threads = omp_get_max_threads();
-#endif
+    int n_threads = max_threads > 1 ? max_threads : 1;
 
     /* Tiles, counted first so that one allocation holds everything, with
      * the slots they cover. */

@@ -9,8 +9,8 @@
 #include "../kernels/kvrt_ops.h"
 
 /* Computes op (see kvrt_attention_op in kernels/kvrt_ops.h) with f32
- * accumulation, in parallel over the host's OpenMP threads, and returns when
- * op->out is written. Every element of op->out is written; a token with no
+ * accumulation, in parallel over at most max_threads OpenMP threads, and
+ * returns when op->out is written. Every element of op->out is written; a token with no
  * visible key gets zeros; a NaN in q or in a K row a token sees makes that
  * token's rows NaN (in a V row: the element it feeds). op->dim_v is the
  * output row length; V rows are read with layer.layout.dim_v (equal for
@@ -19,6 +19,6 @@
  * range). Returns KVRT_ERR_OUT_OF_MEMORY, without setting a message and
  * without writing op->out, when its host scratch (a few hundred KiB per
  * thread) cannot be allocated; otherwise KVRT_OK. */
-kvrt_status kvrt_cpu_attention(const kvrt_attention_op *op);
+kvrt_status kvrt_cpu_attention(const kvrt_attention_op *op, int max_threads);
 
 #endif /* KVRT_ATTENTION_CPU_H */

@@ -91,6 +91,8 @@ kvrt_status kvrt_backend_open(kvrt_device device, kvrt_backend_t *out);
 void kvrt_backend_close(kvrt_backend_t *be);
 
 kvrt_status kvrt_cpu_backend_open(kvrt_device device, kvrt_backend_t *out);
+/* The most threads the CPU backend's calls on be run on (0: OpenMP's default). */
+void kvrt_cpu_backend_set_threads(kvrt_backend_t *be, int n_threads);
 int kvrt_cpu_device_count(void);
 
 /* Present when built with CUDA or HIP (src/backend_gpu.c compiled per API). */

@@ -10,13 +10,41 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#ifdef _OPENMP
+#  include <omp.h>
+#endif
+
 #include "attention_cpu.h"
 #include "internal.h"
 
 typedef struct cpu_ctx {
     void  *stage;        /* staging copies (host memory is device memory here) */
     size_t stage_cap, stage_used;
+    int    n_threads;    /* the most threads a call runs on (kvrt_cache_desc.n_threads) */
 } cpu_ctx;
+
+/* Attention runs on one thread per this many multiply-adds, at least: tens
+ * of microseconds of one core's work, the order of what waking a sleeping
+ * OpenMP worker and joining it costs (docs/api.md, "Threads"). */
+#define ATTN_THREAD_WORK ((int64_t)1 << 18)
+
+/* The threads a parallel region of a call on be may use. */
+static int cpu_threads(const kvrt_backend_t *be)
+{
+    const cpu_ctx *ctx = be->ctx;
+    if (ctx->n_threads > 0)
+        return ctx->n_threads;
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+void kvrt_cpu_backend_set_threads(kvrt_backend_t *be, int n_threads)
+{
+    ((cpu_ctx *)be->ctx)->n_threads = n_threads;
+}
 
 int kvrt_cpu_device_count(void) { return 1; }
 
@@ -220,13 +248,12 @@ static size_t dtype_bytes(int32_t dtype) { return dtype == KVRT_LAYOUT_F32 ? 4 :
 /* write: row r of the source goes to slot slots[r], every head. */
 static kvrt_status cpu_write(kvrt_backend_t *be, const kvrt_write_op *op, void *stream)
 {
-    (void)be;
     (void)stream;
     const kvrt_layout L = op->layer.layout;
     const size_t src_es = dtype_bytes(op->src_dtype), es = (size_t)L.elem_size;
     const size_t bytes = (size_t)op->n_rows * L.n_heads * (L.dim_k + (op->v_src ? L.dim_v : 0)) * es;
     const int nt = bytes >= STREAM_MIN_BYTES && stream_ok();
-#pragma omp parallel if (op->n_rows >= 64)
+#pragma omp parallel if (op->n_rows >= 64) num_threads(cpu_threads(be))
     {
 #pragma omp for schedule(static) nowait
     for (int32_t r = 0; r < op->n_rows; r++) {
@@ -253,7 +280,6 @@ static kvrt_status cpu_write(kvrt_backend_t *be, const kvrt_write_op *op, void *
  * the run is one contiguous piece of the block. */
 static kvrt_status cpu_move(kvrt_backend_t *be, const kvrt_move_op *op, void *stream)
 {
-    (void)be;
     (void)stream;
     /* Threads by bytes, not by pieces: a copy-on-write or seq_cp boundary
      * copy is one span, n_layers x n_heads pieces of block_size rows, a few
@@ -269,7 +295,8 @@ static kvrt_status cpu_move(kvrt_backend_t *be, const kvrt_move_op *op, void *st
     }
     bytes *= (size_t)op->n_spans;
     int64_t total = (int64_t)op->n_spans * op->n_layers * heads;
-#pragma omp parallel for schedule(static) if (bytes >= (128 << 10) && total >= 2)
+#pragma omp parallel for schedule(static) if (bytes >= (128 << 10) && total >= 2) \
+    num_threads(cpu_threads(be))
     for (int64_t t = 0; t < total; t++) {
         const kvrt_span sp = op->spans[t / heads / op->n_layers];
         const kvrt_layer_ref *ref = &op->layers[t / heads % op->n_layers];
@@ -371,7 +398,6 @@ rotate_head_f16c(uint16_t *k, int64_t base, const rot_table *t, int32_t style, i
 
 static kvrt_status cpu_rotate(kvrt_backend_t *be, const kvrt_rotate_op *op, void *stream)
 {
-    (void)be;
     (void)stream;
     int f16c = 0;
 #if ROT_F16C
@@ -394,7 +420,7 @@ static kvrt_status cpu_rotate(kvrt_backend_t *be, const kvrt_rotate_op *op, void
             run[n_runs++] = i;
     run[n_runs] = op->n;
     int64_t tasks = (int64_t)n_runs * op->n_layers;
-#pragma omp parallel if (op->n >= 64)
+#pragma omp parallel if (op->n >= 64) num_threads(cpu_threads(be))
     {
         rot_table t;
         t.delta = 0; /* delta 0 is skipped, so never looked up */
@@ -442,14 +468,13 @@ static kvrt_status cpu_rotate(kvrt_backend_t *be, const kvrt_rotate_op *op, void
 
 static kvrt_status cpu_gather(kvrt_backend_t *be, const kvrt_gather_op *op, void *stream)
 {
-    (void)be;
     (void)stream;
     const kvrt_layout L = op->layer.layout;
     const size_t es = (size_t)L.elem_size;
     const size_t bytes = (size_t)op->n * L.n_heads *
                          ((op->k_dst ? L.dim_k : 0) + (op->v_dst ? L.dim_v : 0)) * es;
     const int nt = bytes >= STREAM_MIN_BYTES && stream_ok();
-#pragma omp parallel if (op->n >= 256)
+#pragma omp parallel if (op->n >= 256) num_threads(cpu_threads(be))
     {
 #pragma omp for schedule(static) nowait
     for (int32_t r = 0; r < op->n; r++) {
@@ -483,9 +508,18 @@ static kvrt_status cpu_set_pos(kvrt_backend_t *be, const kvrt_pos_op *op, void *
 
 static kvrt_status cpu_attention(kvrt_backend_t *be, const kvrt_attention_op *op, void *stream)
 {
-    (void)be;
     (void)stream;
-    kvrt_status st = kvrt_cpu_attention(op);
+    /* One thread per ATTN_THREAD_WORK multiply-adds (q.k and p.v of every
+     * query row over its sequence's slots), so that a call too small to pay
+     * for waking a thread runs on this one and leaves no worker waiting. */
+    int64_t work = 0;
+    for (int32_t t = 0; t < op->n_tokens; t++)
+        work += op->seq_n_slots[op->tok_seq[t]];
+    work *= (int64_t)op->n_q_heads * (op->layer.layout.dim_k + op->dim_v);
+    int n_threads = cpu_threads(be);
+    if (work / ATTN_THREAD_WORK < n_threads)
+        n_threads = work / ATTN_THREAD_WORK > 1 ? (int)(work / ATTN_THREAD_WORK) : 1;
+    kvrt_status st = kvrt_cpu_attention(op, n_threads);
     if (st == KVRT_ERR_OUT_OF_MEMORY)
         return kvrt_set_error(st, "cpu attention: host scratch for %d tokens could not be allocated",
                               op->n_tokens);

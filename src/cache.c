@@ -442,6 +442,8 @@ static kvrt_status do_cache_create(const kvrt_cache_desc *desc, kvrt_cache **out
     cache->n_handles = 1;
     cache->n_layers_total = desc->n_layers;
     kvrt_status st = kvrt_backend_open(desc->device, &cache->be);
+    if (st == KVRT_OK && desc->device.backend == KVRT_BACKEND_CPU)
+        kvrt_cpu_backend_set_threads(&cache->be, desc->n_threads);
     if (st == KVRT_OK)
         st = create_groups(cache);
     if (st == KVRT_OK)

@@ -157,6 +157,8 @@ kvrt_status kvrt_desc_validate(const kvrt_cache_desc *desc)
                 "rope.style %d is not NORMAL or NEOX", (int)d->rope.style);
     LAYER_CHECK(d->swa_full == 0 || d->swa_full == 1, "swa_full %d must be 0 or 1", d->swa_full);
     LAYER_CHECK(d->validate == 0 || d->validate == 1, "validate %d must be 0 or 1", d->validate);
+    LAYER_CHECK(d->n_threads >= 0 && d->n_threads <= 4096, "n_threads %d is out of range [0, 4096]",
+                d->n_threads);
     for (int i = 0; i < d->n_layers; i++)
         KVRT_TRY(check_layer(d, i));
     return KVRT_OK;

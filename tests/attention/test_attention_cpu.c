@@ -38,6 +38,16 @@
 #  include <omp.h>
 #endif
 
+/* The threads kvrt_cpu_attention may use: OpenMP's current count. */
+static int max_threads(void)
+{
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
 static int g_failures;
 static long g_checked, g_zero_rows, g_nan_elems;
 static double g_worst_ratio; /* largest |error| / bound seen */
@@ -391,7 +401,7 @@ static int check_case(world *w, const char *label)
     kvrt_attention_op op = world_op(w);
     int64_t out_elems = (int64_t)w->n_tokens * c->n_q * c->out_dim;
     fill_nan(w->out, c->out_dtype, out_elems);
-    kvrt_status st = kvrt_cpu_attention(&op);
+    kvrt_status st = kvrt_cpu_attention(&op, max_threads());
     char desc[512];
     describe(c, desc, sizeof desc);
     if (st != KVRT_OK) {
@@ -786,7 +796,7 @@ static void test_single_key_exact(void)
             op.n_seqs = n_seqs;
             op.max_seq_slots = 1;
             fill_nan(out, op.out_dtype, (int64_t)n_seqs * dim);
-            int bad = kvrt_cpu_attention(&op) != KVRT_OK;
+            int bad = kvrt_cpu_attention(&op, max_threads()) != KVRT_OK;
             for (int32_t s = 0; s < n_seqs && !bad; s++)
                 for (int32_t d = 0; d < dim; d++) {
                     int32_t slot = (n_seqs - 1 - s) * bs;

@@ -116,6 +116,8 @@ static void test_desc_validation(void **state)
     BAD("window", (l.kind = KVRT_LAYER_CROSS, d.cross_max_len = 8, l.window = 4));
     BAD("cross_max_len", (l.kind = KVRT_LAYER_CROSS, d.cross_max_len = 0));
     BAD("device", d.device.backend = (kvrt_backend)9);
+    BAD("n_threads", d.n_threads = -1);
+    BAD("n_threads", d.n_threads = 5000);
     d = test_desc(&l, 1, KVRT_F32, 16, 8, 2);
     l = good;
     d.device.ordinal = 3;

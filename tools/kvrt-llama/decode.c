@@ -95,6 +95,7 @@ int llama_decoder_create(const llama_model *model, const llama_decoder_options *
      * of a shared boundary block. */
     desc.n_blocks = o->max_seqs * ((o->n_ctx + 15) / 16 + 1);
     desc.rope = (kvrt_rope_desc){model->head_size, o->rope_theta, 1.0f, o->rope_style};
+    desc.n_threads = o->n_threads;
     kvrt_status st = kvrt_cache_create(&desc, &dec->cache);
     free(layers);
     if (st != KVRT_OK)

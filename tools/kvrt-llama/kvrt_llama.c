@@ -31,6 +31,8 @@
  *   --rope S           normal (default, llama2.c) or neox
  *   --rope-theta X     RoPE base (default 10000)
  *   --batch N          tokens per forward call when prefilling (default 64)
+ *   --kv-threads N     threads of kvrt's CPU backend (kvrt_cache_desc.n_threads;
+ *                      default 0, OpenMP's)
  *
  * A prompt longer than the context is an error (it says both lengths);
  * generation past the context shifts.
@@ -48,7 +50,7 @@
 
 typedef struct options {
     const char *model, *tokenizer, *prompt, *save, *load, *make_tiny, *shape;
-    int         n_gen, n_ctx, n_keep, parallel, chat, max_batch;
+    int         n_gen, n_ctx, n_keep, parallel, chat, max_batch, kv_threads;
     float       temperature, top_p;
     uint64_t    seed;
     kvrt_device device;
@@ -65,7 +67,7 @@ static void usage(void)
             "                  [-s SEED] [--ctx N] [--keep K] [--parallel N] [--chat]\n"
             "                  [--save PATH] [--load PATH] [--backend cpu|cuda|hip]\n"
             "                  [--cache-dtype f32|f16|bf16] [--rope normal|neox]\n"
-            "                  [--rope-theta X] [--batch N]\n");
+            "                  [--rope-theta X] [--batch N] [--kv-threads N]\n");
     exit(2);
 }
 
@@ -100,6 +102,7 @@ static int parse(int argc, char **argv, options *o)
         else if (!strcmp(a, "--save")) o->save = VALUE();
         else if (!strcmp(a, "--load")) o->load = VALUE();
         else if (!strcmp(a, "--batch")) o->max_batch = atoi(VALUE());
+        else if (!strcmp(a, "--kv-threads")) o->kv_threads = atoi(VALUE());
         else if (!strcmp(a, "--rope-theta")) o->rope_theta = strtof(VALUE(), NULL);
         else if (!strcmp(a, "--backend")) {
             const char *b = VALUE();
@@ -468,6 +471,7 @@ int main(int argc, char **argv)
     dopts.max_batch = o.max_batch;
     dopts.rope_style = o.rope_style;
     dopts.rope_theta = o.rope_theta;
+    dopts.n_threads = o.kv_threads;
     llama_sampler sampler;
     llama_sampler_init(&sampler, o.temperature, o.top_p, o.seed);
     if (llama_decoder_create(&model, &dopts, &dec) != 0 ||

@@ -144,6 +144,7 @@ typedef struct llama_decoder_options {
     int             max_batch;  /* tokens per forward call (prefill chunks) */
     kvrt_rope_style rope_style; /* llama2.c checkpoints: NORMAL */
     float           rope_theta;
+    int             n_threads;  /* kvrt_cache_desc.n_threads (CPU backend; 0: OpenMP's) */
 } llama_decoder_options;
 
 void llama_decoder_options_init(llama_decoder_options *opts);
