@@ -32,8 +32,6 @@
 #include "devmem.h"
 #include "llama.h"
 
-int llama_fail(const char *fmt, ...); /* model.c */
-
 #define KV_TRY(expr)                                                                           \
     do {                                                                                       \
         kvrt_status st_ = (expr);                                                              \

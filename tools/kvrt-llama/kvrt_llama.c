@@ -8,9 +8,10 @@
  *                                              (random weights; --shape as the seven
  *                                              header ints, e.g. stories15M's
  *                                              288,768,6,6,6,32000,256)
- *   kvrt-llama MODEL.bin [options]
+ *   kvrt-llama MODEL.bin|MODEL.gguf [options]
  *
- *   -z PATH            tokenizer (default: tokenizer.bin beside the model)
+ *   -z PATH            tokenizer.bin (default: a GGUF file's own tokenizer, else
+ *                      tokenizer.bin beside the model)
  *   -i TEXT            prompt (default "Once upon a time")
  *   -n N               tokens to generate per sequence (default 64); past the
  *                      context a context shift makes room, so any N works
@@ -29,7 +30,8 @@
  *   --backend B        cpu (default), cuda or hip
  *   --cache-dtype D    f32 (default), f16 or bf16
  *   --rope S           normal (default, llama2.c) or neox
- *   --rope-theta X     RoPE base (default 10000)
+ *   --rope-theta X     RoPE base (default: a GGUF file's llama.rope.freq_base,
+ *                      else 10000)
  *   --batch N          tokens per forward call when prefilling (default 64)
  *   --kv-threads N     threads of kvrt's CPU backend (kvrt_cache_desc.n_threads;
  *                      default 0, OpenMP's)
@@ -82,7 +84,7 @@ static int parse(int argc, char **argv, options *o)
     *o = (options){.prompt = NULL, .n_gen = 64, .n_keep = 1, .parallel = 1, .max_batch = 64,
                    .temperature = 1.0f, .top_p = 0.9f, .seed = 42,
                    .device = {KVRT_BACKEND_CPU, 0}, .cache_dtype = KVRT_F32,
-                   .rope_style = KVRT_ROPE_NORMAL, .rope_theta = 10000.0f};
+                   .rope_style = KVRT_ROPE_NORMAL, .rope_theta = 0.0f};
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         const char *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -449,15 +451,18 @@ int main(int argc, char **argv)
     llama_session sess = {0};
     int rc = 1;
     char tok_path[4096];
-    if (!o.tokenizer) {
+    int gguf = llama_is_gguf(o.model); /* its tokenizer is inside, unless -z says */
+    if (!o.tokenizer && !gguf) {
         const char *slash = strrchr(o.model, '/');
         snprintf(tok_path, sizeof tok_path, "%.*stokenizer.bin",
                  slash ? (int)(slash - o.model + 1) : 0, o.model);
         o.tokenizer = tok_path;
     }
     int n_seqs = o.parallel;
-    if (llama_model_load(o.model, &model) != 0 ||
-        llama_tokenizer_load(o.tokenizer, model.config.vocab_size, &tok) != 0 ||
+    if ((gguf && !o.tokenizer ? llama_gguf_load(o.model, &model, &tok)
+                              : llama_model_load(o.model, &model) != 0 ||
+                                    llama_tokenizer_load(o.tokenizer, model.config.vocab_size,
+                                                         &tok) != 0) != 0 ||
         (o.load && llama_session_peek(o.load, &n_seqs) != 0)) {
         rc = die(NULL);
         goto out;
@@ -470,7 +475,9 @@ int main(int argc, char **argv)
     dopts.max_seqs = n_seqs;
     dopts.max_batch = o.max_batch;
     dopts.rope_style = o.rope_style;
-    dopts.rope_theta = o.rope_theta;
+    /* --rope-theta, else the file's (GGUF), else llama2.c's 10000 */
+    dopts.rope_theta = o.rope_theta > 0 ? o.rope_theta
+                       : model.rope_theta > 0 ? model.rope_theta : 10000.0f;
     dopts.n_threads = o.kv_threads;
     llama_sampler sampler;
     llama_sampler_init(&sampler, o.temperature, o.top_p, o.seed);

@@ -4,6 +4,8 @@
  *
  *   model.c      the llama2.c checkpoint (read and checked; a tiny random one
  *                written), its tokenizer.bin (read, checked, encode, decode)
+ *   gguf.c       GGUF files of the llama architecture (f32, f16), read and
+ *                checked into the same model and tokenizer
  *   decode.c     the forward pass (RMSNorm, RoPE, GQA attention through
  *                kvrt_batch_plan + kvrt_write + kvrt_attention, SwiGLU, the
  *                classifier; every matrix product through BLAS), sequences
@@ -22,6 +24,8 @@
 #include <stdio.h>
 
 #include "kvrt.h"
+
+struct llama_tokenizer;
 
 /* The message of the last failure on this thread. */
 const char *llama_error(void);
@@ -69,15 +73,51 @@ typedef struct llama_model {
     llama_weights w;
     int           head_size;  /* dim / n_heads */
     int           kv_dim;     /* n_kv_heads * head_size */
+    float         rope_theta; /* the file's RoPE base; 0: not said (llama2.c) */
     void         *map;
     size_t        map_bytes;
+    float        *owned;      /* GGUF: the weights converted to f32, which w views */
 } llama_model;
 
 /* Maps and checks a checkpoint: every header field in range (the message
  * names the first that is not), and the file exactly as long as the header
- * says. Nothing is allocated from a header value before it is checked. */
+ * says. Nothing is allocated from a header value before it is checked. A
+ * file that starts with "GGUF" is read by llama_gguf_load. */
 int llama_model_load(const char *path, llama_model *model);
 void llama_model_free(llama_model *model);
+
+/* ------------------------------------------------------------------------ */
+/* GGUF (gguf.c)                                                             */
+/* ------------------------------------------------------------------------ */
+
+/* Reads a GGUF file (version 2 or 3) of the llama architecture with f32 or
+ * f16 tensors: the config from its llama.* keys, the weights converted to
+ * f32 in llama2.c's layout (so the decoder is the same), and, when tok is
+ * not NULL, the tokenizer from tokenizer.ggml.tokens and .scores
+ * (SentencePiece's U+2581 read as a space). Every count, length, offset and
+ * dimension is checked against the file and the config before anything is
+ * sized from it; a failure names the key or tensor, and changes nothing. */
+int llama_gguf_load(const char *path, llama_model *model, struct llama_tokenizer *tok);
+
+/* 1 when path starts with the GGUF magic. */
+int llama_is_gguf(const char *path);
+
+/* ------------------------------------------------------------------------ */
+/* Shared by model.c and gguf.c                                              */
+/* ------------------------------------------------------------------------ */
+
+/* Sets llama_error() and returns -1. */
+int llama_fail(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+/* The llama2.c header's field names, in its order. */
+extern const char *const llama_header_names[7];
+/* Checks a config's fields against each other and against what kvrt can
+ * cache; a failure says "<what> <path>: <names[i]> ...". */
+int llama_check_config(const char *what, const char *path, const char *const names[7],
+                       const llama_config *c);
+/* f32 weights in llama2.c's layout (freq_cis: with its unused RoPE tables). */
+uint64_t llama_weight_floats(const llama_config *c, int freq_cis);
+/* Points model->w into weights p laid out so; config, head_size, kv_dim set. */
+void llama_layout_weights(llama_model *model, const float *p, int freq_cis);
 
 /* ------------------------------------------------------------------------ */
 /* Tokenizer (llama2.c tokenizer.bin)                                        */
@@ -104,6 +144,8 @@ enum { LLAMA_BOS = 1, LLAMA_EOS = 2 };
 
 /* Reads and checks a tokenizer for a model of vocab_size tokens. */
 int llama_tokenizer_load(const char *path, int vocab_size, llama_tokenizer *tok);
+/* Sorts the lookup index and fills byte_pieces, once pieces are set. */
+void llama_tokenizer_index(llama_tokenizer *tok);
 void llama_tokenizer_free(llama_tokenizer *tok);
 /* Byte-pair encodes text (llama2.c / SentencePiece: a leading space, UTF-8
  * code points or byte fallback, then the best-scoring merges), with BOS

@@ -68,35 +68,43 @@ static uint64_t layer_floats(const llama_config *c, int head_size)
            + 3 * hidden * dim;     /* w1, w2, w3 */
 }
 
-#define RANGE(field, lo, hi)                                                                  \
+/* The llama2.c header's names of the config's fields, in its order. */
+const char *const llama_header_names[7] = {"dim", "hidden_dim", "n_layers", "n_heads",
+                                           "n_kv_heads", "vocab_size", "seq_len"};
+
+#define RANGE(i, field, lo, hi)                                                               \
     do {                                                                                      \
         if (c->field < (lo) || c->field > (hi))                                               \
-            return llama_fail("checkpoint %s: " #field " %d is out of range [%d, %d]", path,  \
+            return llama_fail("%s %s: %s %d is out of range [%d, %d]", what, path, names[i],  \
                               c->field, (lo), (hi));                                          \
     } while (0)
 
-/* Checks the header's fields against each other and against what kvrt
- * can cache (head_size a multiple of 8, at most 1024). */
-static int check_config(const char *path, const llama_config *c)
+int llama_check_config(const char *what, const char *path, const char *const names[7],
+                       const llama_config *c)
 {
-    RANGE(dim, 8, 65536);
-    RANGE(hidden_dim, 1, 1 << 20);
-    RANGE(n_layers, 1, 4096);
-    RANGE(n_heads, 1, c->dim);
-    RANGE(n_kv_heads, 1, c->n_heads);
-    RANGE(vocab_size, 3, 1 << 22);
-    RANGE(seq_len, 1, 1 << 24);
+    RANGE(0, dim, 8, 65536);
+    RANGE(1, hidden_dim, 1, 1 << 20);
+    RANGE(2, n_layers, 1, 4096);
+    RANGE(3, n_heads, 1, c->dim);
+    RANGE(4, n_kv_heads, 1, c->n_heads);
+    RANGE(5, vocab_size, 3, 1 << 22);
+    RANGE(6, seq_len, 1, 1 << 24);
     if (c->dim % c->n_heads != 0)
-        return llama_fail("checkpoint %s: n_heads %d does not divide dim %d", path, c->n_heads,
-                          c->dim);
+        return llama_fail("%s %s: %s %d does not divide %s %d", what, path, names[3], c->n_heads,
+                          names[0], c->dim);
     if (c->n_heads % c->n_kv_heads != 0)
-        return llama_fail("checkpoint %s: n_kv_heads %d does not divide n_heads %d", path,
-                          c->n_kv_heads, c->n_heads);
+        return llama_fail("%s %s: %s %d does not divide %s %d", what, path, names[4],
+                          c->n_kv_heads, names[3], c->n_heads);
     int head_size = c->dim / c->n_heads;
     if (head_size % 8 != 0 || head_size > 1024)
-        return llama_fail("checkpoint %s: head size dim / n_heads = %d must be a multiple of 8 "
-                          "and at most 1024", path, head_size);
+        return llama_fail("%s %s: head size %s / %s = %d must be a multiple of 8 and at most "
+                          "1024", what, path, names[0], names[3], head_size);
     return 0;
+}
+
+static int check_config(const char *path, const llama_config *c)
+{
+    return llama_check_config("checkpoint", path, llama_header_names, c);
 }
 
 /* The file is exactly header + weights long; otherwise say which field
@@ -126,13 +134,18 @@ static int check_size(const char *path, const llama_config *c, int head_size, ui
                       (unsigned long long)need);
 }
 
-/* Points the weight views into the mapped file, in llama2.c's order. */
-static void map_weights(llama_model *m)
+uint64_t llama_weight_floats(const llama_config *c, int freq_cis)
+{
+    int head_size = c->dim / c->n_heads;
+    uint64_t floats = fixed_floats(c, head_size) + (uint64_t)c->n_layers * layer_floats(c, head_size);
+    return freq_cis ? floats : floats - (uint64_t)c->seq_len * (uint64_t)head_size;
+}
+
+void llama_layout_weights(llama_model *m, const float *p, int freq_cis)
 {
     const llama_config *c = &m->config;
     uint64_t dim = (uint64_t)c->dim, hidden = (uint64_t)c->hidden_dim;
     uint64_t L = (uint64_t)c->n_layers, kv_dim = (uint64_t)m->kv_dim;
-    const float *p = (const float *)((const char *)m->map + HEADER_BYTES);
     llama_weights *w = &m->w;
     w->token_embedding = p; p += (uint64_t)c->vocab_size * dim;
     w->rms_att = p;         p += L * dim;
@@ -145,7 +158,8 @@ static void map_weights(llama_model *m)
     w->w2 = p;              p += L * dim * hidden;
     w->w3 = p;              p += L * hidden * dim;
     w->rms_final = p;       p += dim;
-    p += (uint64_t)c->seq_len * (uint64_t)m->head_size; /* freq_cis_real, freq_cis_imag */
+    if (freq_cis)
+        p += (uint64_t)c->seq_len * (uint64_t)m->head_size; /* freq_cis_real, freq_cis_imag */
     w->wcls = c->shared_classifier ? w->token_embedding : p;
 }
 
@@ -167,6 +181,10 @@ int llama_model_load(const char *path, llama_model *model)
         llama_fail("checkpoint %s: %lld bytes, shorter than the 28-byte header", path,
                    (long long)st.st_size);
         goto out;
+    }
+    if (memcmp(header, "GGUF", 4) == 0) {
+        close(fd);
+        return llama_gguf_load(path, model, NULL);
     }
     if (memcmp(header, "ak42", 4) == 0) {
         llama_fail("checkpoint %s: a llama2.c export of version 1 or 2 (magic \"ak42\"); "
@@ -194,7 +212,7 @@ int llama_model_load(const char *path, llama_model *model)
         goto out;
     }
     model->map_bytes = (size_t)st.st_size;
-    map_weights(model);
+    llama_layout_weights(model, (const float *)((const char *)model->map + HEADER_BYTES), 1);
     rc = 0;
 out:
     close(fd);
@@ -205,6 +223,7 @@ void llama_model_free(llama_model *model)
 {
     if (model->map)
         munmap(model->map, model->map_bytes);
+    free(model->owned);
     memset(model, 0, sizeof *model);
 }
 
@@ -239,6 +258,15 @@ static unsigned char *read_file(const char *what, const char *path, size_t *byte
     *bytes = data ? (size_t)st.st_size : 0;
     fclose(f);
     return data;
+}
+
+void llama_tokenizer_index(llama_tokenizer *tok)
+{
+    qsort(tok->sorted, (size_t)tok->vocab_size, sizeof *tok->sorted, compare_pieces);
+    for (int b = 0; b < 256; b++) {
+        tok->byte_pieces[2 * b] = (char)b;
+        tok->byte_pieces[2 * b + 1] = '\0';
+    }
 }
 
 int llama_tokenizer_load(const char *path, int vocab_size, llama_tokenizer *tok)
@@ -315,11 +343,7 @@ int llama_tokenizer_load(const char *path, int vocab_size, llama_tokenizer *tok)
                    "for another vocabulary?)", path, size - at, vocab_size);
         goto fail;
     }
-    qsort(tok->sorted, (size_t)vocab_size, sizeof *tok->sorted, compare_pieces);
-    for (int b = 0; b < 256; b++) {
-        tok->byte_pieces[2 * b] = (char)b;
-        tok->byte_pieces[2 * b + 1] = '\0';
-    }
+    llama_tokenizer_index(tok);
     free(data);
     return 0;
 fail:

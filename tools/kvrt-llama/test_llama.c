@@ -923,6 +923,327 @@ static void test_bad_session(void **state)
 }
 
 /* ------------------------------------------------------------------------ */
+/* GGUF                                                                      */
+/* ------------------------------------------------------------------------ */
+
+/* A GGUF file (version 3) built in memory. */
+typedef struct gbuf {
+    unsigned char *p;
+    size_t         n, cap;
+} gbuf;
+
+static void put(gbuf *b, const void *data, size_t n)
+{
+    if (b->n + n > b->cap) {
+        b->cap = (b->n + n) * 2;
+        b->p = realloc(b->p, b->cap);
+        assert_non_null(b->p);
+    }
+    memcpy(b->p + b->n, data, n);
+    b->n += n;
+}
+
+static void put_u32(gbuf *b, uint32_t v) { put(b, &v, 4); }
+static void put_u64(gbuf *b, uint64_t v) { put(b, &v, 8); }
+static void put_str(gbuf *b, const char *s)
+{
+    put_u64(b, strlen(s));
+    put(b, s, strlen(s));
+}
+static void kv_u32(gbuf *b, const char *key, uint32_t v)
+{
+    put_str(b, key);
+    put_u32(b, 4); /* GGUF_UINT32 */
+    put_u32(b, v);
+}
+static void kv_f32(gbuf *b, const char *key, float v)
+{
+    put_str(b, key);
+    put_u32(b, 6); /* GGUF_FLOAT32 */
+    put(b, &v, 4);
+}
+static void kv_str(gbuf *b, const char *key, const char *v)
+{
+    put_str(b, key);
+    put_u32(b, 8); /* GGUF_STRING */
+    put_str(b, v);
+}
+
+/* How the test's GGUF writer may lie. */
+typedef struct gguf_lies {
+    int         f16;          /* tensors as f16 */
+    int         block_count;  /* != 0: llama.block_count */
+    const char *drop;         /* a tensor left out */
+    const char *arch;         /* general.architecture (NULL: "llama") */
+    int         wrong_dims;   /* blk.0.attn_k.weight of dims [dim, dim] */
+    int         f64_type;     /* blk.0.attn_q.weight of ggml type 2 (q4_0) */
+} gguf_lies;
+
+/* A tensor to write: its name, dims [d0, d1] (d1 0: one dim) and floats. */
+typedef struct gtensor {
+    char         name[64];
+    uint64_t     d0, d1;
+    const float *data;
+} gtensor;
+
+static size_t gtensor_bytes(const gtensor *t, int f16)
+{
+    return (size_t)(t->d0 * (t->d1 ? t->d1 : 1)) * (f16 ? 2 : 4);
+}
+
+/* Writes m (and the pieces and scores of tok, spaces as U+2581) as GGUF. */
+static void write_gguf(const char *path, const llama_model *m, const llama_tokenizer *tok,
+                       const gguf_lies *lies)
+{
+    const llama_config *c = &m->config;
+    const llama_weights *w = &m->w;
+    uint64_t dim = (uint64_t)c->dim, hidden = (uint64_t)c->hidden_dim;
+    uint64_t kv = (uint64_t)m->kv_dim, vocab = (uint64_t)c->vocab_size;
+    gtensor *ts = calloc((size_t)c->n_layers * 9 + 3, sizeof *ts);
+    int n = 0;
+    ts[n++] = (gtensor){"token_embd.weight", dim, vocab, w->token_embedding};
+    ts[n++] = (gtensor){"output_norm.weight", dim, 0, w->rms_final};
+    if (!c->shared_classifier)
+        ts[n++] = (gtensor){"output.weight", dim, vocab, w->wcls};
+    for (int l = 0; l < c->n_layers; l++) {
+        const struct { const char *name; uint64_t d0, d1; const float *data; } per[9] = {
+            {"attn_norm", dim, 0, w->rms_att + l * dim},
+            {"attn_q", dim, dim, w->wq + l * dim * dim},
+            {"attn_k", dim, kv, w->wk + l * kv * dim},
+            {"attn_v", dim, kv, w->wv + l * kv * dim},
+            {"attn_output", dim, dim, w->wo + l * dim * dim},
+            {"ffn_norm", dim, 0, w->rms_ffn + l * dim},
+            {"ffn_gate", dim, hidden, w->w1 + l * hidden * dim},
+            {"ffn_down", hidden, dim, w->w2 + l * dim * hidden},
+            {"ffn_up", dim, hidden, w->w3 + l * hidden * dim}};
+        for (int i = 0; i < 9; i++) {
+            gtensor *t = &ts[n];
+            snprintf(t->name, sizeof t->name, "blk.%d.%s.weight", l, per[i].name);
+            *t = (gtensor){"", per[i].d0, per[i].d1, per[i].data};
+            snprintf(t->name, sizeof t->name, "blk.%d.%s.weight", l, per[i].name);
+            if (lies->wrong_dims && l == 0 && i == 2)
+                t->d1 = dim;
+            if (!lies->drop || strcmp(lies->drop, t->name) != 0)
+                n++;
+        }
+    }
+    gbuf b = {0};
+    put(&b, "GGUF", 4);
+    put_u32(&b, 3);
+    put_u64(&b, (uint64_t)n);
+    put_u64(&b, 12);
+    kv_str(&b, "general.architecture", lies->arch ? lies->arch : "llama");
+    kv_u32(&b, "general.alignment", 32);
+    kv_u32(&b, "llama.context_length", (uint32_t)c->seq_len);
+    kv_u32(&b, "llama.embedding_length", (uint32_t)c->dim);
+    kv_u32(&b, "llama.block_count", (uint32_t)(lies->block_count ? lies->block_count : c->n_layers));
+    kv_u32(&b, "llama.feed_forward_length", (uint32_t)c->hidden_dim);
+    kv_u32(&b, "llama.attention.head_count", (uint32_t)c->n_heads);
+    kv_u32(&b, "llama.attention.head_count_kv", (uint32_t)c->n_kv_heads);
+    kv_f32(&b, "llama.attention.layer_norm_rms_epsilon", 1e-5f);
+    kv_str(&b, "tokenizer.ggml.model", "llama");
+    put_str(&b, "tokenizer.ggml.tokens");
+    put_u32(&b, 9); /* GGUF_ARRAY */
+    put_u32(&b, 8); /* of GGUF_STRING */
+    put_u64(&b, (uint64_t)tok->vocab_size);
+    for (int i = 0; i < tok->vocab_size; i++) {
+        char piece[256] = "";
+        for (const char *q = tok->pieces[i]; *q; q++)
+            strcat(piece, *q == ' ' ? "\xe2\x96\x81" : (char[2]){*q, 0});
+        put_str(&b, piece);
+    }
+    put_str(&b, "tokenizer.ggml.scores");
+    put_u32(&b, 9);
+    put_u32(&b, 6); /* of GGUF_FLOAT32 */
+    put_u64(&b, (uint64_t)tok->vocab_size);
+    put(&b, tok->scores, (size_t)tok->vocab_size * sizeof(float));
+    uint64_t offset = 0;
+    for (int i = 0; i < n; i++) {
+        put_str(&b, ts[i].name);
+        put_u32(&b, ts[i].d1 ? 2 : 1);
+        put_u64(&b, ts[i].d0);
+        if (ts[i].d1)
+            put_u64(&b, ts[i].d1);
+        int q40 = lies->f64_type && !strcmp(ts[i].name, "blk.0.attn_q.weight");
+        put_u32(&b, q40 ? 2 : lies->f16 ? 1 : 0);
+        put_u64(&b, offset);
+        offset += (gtensor_bytes(&ts[i], lies->f16) + 31) / 32 * 32;
+    }
+    static const unsigned char zeros[32];
+    put(&b, zeros, (32 - b.n % 32) % 32);
+    for (int i = 0; i < n; i++) {
+        size_t count = gtensor_bytes(&ts[i], lies->f16) / (lies->f16 ? 2 : 4);
+        for (size_t e = 0; e < count; e++) {
+            if (lies->f16) {
+                uint16_t h = kvrt_f32_to_f16(ts[i].data[e]);
+                put(&b, &h, 2);
+            } else {
+                put(&b, &ts[i].data[e], 4);
+            }
+        }
+        put(&b, zeros, (32 - b.n % 32) % 32);
+    }
+    spill(path, b.p, b.n);
+    free(b.p);
+    free(ts);
+}
+
+/* Prefill and greedy decode on the CPU backend; logits [1 + steps][vocab]. */
+static void gguf_run(const llama_model *m, int steps, float *logits)
+{
+    kvrt_backend saved = backend;
+    llama_decoder dec;
+    llama_session sess;
+    backend = KVRT_BACKEND_CPU;
+    open_session(m, KVRT_F32, 64, 1, 0.0f, 1, &dec, &sess);
+    backend = saved;
+    size_t vocab = (size_t)m->config.vocab_size;
+    TRY(llama_prefill(&sess, 0, prompt, PROMPT_LEN));
+    memcpy(logits, dec.logits, vocab * sizeof(float));
+    for (int i = 1; i <= steps; i++) {
+        TRY(llama_decode_step(&sess, 1, NULL));
+        memcpy(logits + i * vocab, dec.logits, vocab * sizeof(float));
+    }
+    close_session(&dec, &sess);
+}
+
+/* The llama2.c checkpoint at from with every weight rounded to f16, at to. */
+static void round_checkpoint_f16(const char *from, const char *to)
+{
+    size_t n;
+    unsigned char *data = slurp(from, &n);
+    for (size_t at = 28; at + 4 <= n; at += 4) {
+        float f;
+        memcpy(&f, data + at, 4);
+        f = kvrt_f16_to_f32(kvrt_f32_to_f16(f));
+        memcpy(data + at, &f, 4);
+    }
+    spill(to, data, n);
+    free(data);
+}
+
+/* A GGUF of the same weights as a llama2.c checkpoint gives its logits, bit
+ * for bit (f16: the checkpoint's weights rounded to f16): the reader put
+ * every tensor where the decoder expects it. Its tokenizer encodes as
+ * tokenizer.bin does. */
+static void check_gguf(const llama_model *m, const char *bin_path, int f16)
+{
+    enum { STEPS = 12 };
+    char gguf_path[320], rounded_path[320];
+    snprintf(gguf_path, sizeof gguf_path, "%s/model.gguf", dir);
+    snprintf(rounded_path, sizeof rounded_path, "%s/rounded.bin", dir);
+    llama_tokenizer tok, gtok;
+    TRY(llama_tokenizer_load(tok3_path, m->config.vocab_size, &tok));
+    write_gguf(gguf_path, m, &tok, &(gguf_lies){.f16 = f16});
+
+    llama_model g, want;
+    TRY(llama_gguf_load(gguf_path, &g, &gtok));
+    assert_true(llama_is_gguf(gguf_path));
+    assert_memory_equal(&g.config, &m->config, sizeof g.config);
+    if (f16) {
+        round_checkpoint_f16(bin_path, rounded_path);
+        TRY(llama_model_load(rounded_path, &want));
+    } else {
+        TRY(llama_model_load(bin_path, &want));
+    }
+    size_t vocab = (size_t)m->config.vocab_size;
+    float *a = malloc((STEPS + 1) * vocab * sizeof(float));
+    float *b = malloc((STEPS + 1) * vocab * sizeof(float));
+    gguf_run(&want, STEPS, a);
+    gguf_run(&g, STEPS, b);
+    assert_memory_equal(a, b, (STEPS + 1) * vocab * sizeof(float));
+    if (f16) { /* and f16 rounding shows: the unrounded checkpoint differs */
+        gguf_run(m, STEPS, a);
+        assert_memory_not_equal(a, b, vocab * sizeof(float));
+    }
+
+    const char *text = "the cat saw\n\xc3\xa9!";
+    int t1[64], t2[64], n1, n2;
+    TRY(llama_encode(&tok, text, 1, t1, &n1));
+    TRY(llama_encode(&gtok, text, 1, t2, &n2));
+    assert_int_equal(n1, n2);
+    assert_memory_equal(t1, t2, (size_t)n1 * sizeof(int));
+    /* the model loader reads GGUF too */
+    llama_model again;
+    TRY(llama_model_load(gguf_path, &again));
+    assert_int_equal(again.config.shared_classifier, m->config.shared_classifier);
+    print_message("gguf %s, %d layers, %s classifier: %d steps of logits equal to the llama2.c "
+                  "checkpoint's\n", f16 ? "f16" : "f32", m->config.n_layers,
+                  m->config.shared_classifier ? "shared" : "separate", STEPS + 1);
+    llama_model_free(&again);
+    llama_model_free(&g);
+    llama_model_free(&want);
+    llama_tokenizer_free(&gtok);
+    llama_tokenizer_free(&tok);
+    free(a);
+    free(b);
+}
+
+static void test_gguf(void **state)
+{
+    (void)state;
+    check_gguf(&model3, model3_path, 0);
+    check_gguf(&model3, model3_path, 1);
+    check_gguf(&model1, model1_path, 0);
+    check_gguf(&model1, model1_path, 1);
+}
+
+/* A GGUF written with lies (or cut to bytes, or with a u32/u64 patched at
+ * `at`) fails naming needle; nothing is left allocated. */
+static void bad_gguf(const gguf_lies *lies, size_t bytes, size_t at, int wide, uint64_t value,
+                     const char *needle)
+{
+    char path[320];
+    snprintf(path, sizeof path, "%s/bad.gguf", dir);
+    llama_tokenizer tok;
+    TRY(llama_tokenizer_load(tok3_path, model3.config.vocab_size, &tok));
+    write_gguf(path, &model3, &tok, lies);
+    llama_tokenizer_free(&tok);
+    size_t n;
+    unsigned char *data = slurp(path, &n);
+    if (at != (size_t)-1)
+        memcpy(data + at, &value, wide ? 8 : 4);
+    spill(path, data, bytes ? bytes : n);
+    free(data);
+    llama_model m;
+    llama_tokenizer t;
+    expect_error(llama_gguf_load(path, &m, &t), "gguf", needle);
+    assert_null(m.owned);
+}
+
+static void test_bad_gguf(void **state)
+{
+    (void)state;
+    const gguf_lies none = {0};
+    size_t n;
+    char path[320];
+    snprintf(path, sizeof path, "%s/bad.gguf", dir);
+    bad_gguf(&none, 10, (size_t)-1, 0, 0, "tensor count: 8 bytes at offset 8 run past the end");
+    bad_gguf(&none, 0, 0, 0, 0x46554746, "magic is not \"GGUF\"");
+    bad_gguf(&none, 0, 4, 0, 1, "version 1; kvrt-llama reads versions 2 and 3");
+    bad_gguf(&none, 0, 8, 1, 1ull << 40, "tensor count 1099511627776 is more than the file");
+    bad_gguf(&none, 0, 16, 1, 1ull << 40, "key count 1099511627776 is more than the file");
+    bad_gguf(&none, 0, 24, 1, 1ull << 40, "key 0: 1099511627776 bytes at offset 32 run past");
+    bad_gguf(&none, 300, (size_t)-1, 0, 0, "tensor count 30 is more than the file can hold");
+    bad_gguf(&none, 2000, (size_t)-1, 0, 0, "key tokenizer.ggml.tokens: 384 strings run past");
+    bad_gguf(&none, 4000, (size_t)-1, 0, 0, "run past the end of the file (4000 bytes)");
+    free(slurp(model3_path, &n));                                  /* the data section cut: */
+    bad_gguf(&none, n / 2, (size_t)-1, 0, 0, "do not lie inside the file");
+    bad_gguf(&(gguf_lies){.block_count = 4}, 0, (size_t)-1, 0, 0,
+             "tensor blk.3.attn_norm.weight is missing");
+    bad_gguf(&(gguf_lies){.block_count = 5000}, 0, (size_t)-1, 0, 0,
+             "llama.block_count 5000 is out of range");
+    bad_gguf(&(gguf_lies){.drop = "blk.1.ffn_up.weight"}, 0, (size_t)-1, 0, 0,
+             "tensor blk.1.ffn_up.weight is missing");
+    bad_gguf(&(gguf_lies){.arch = "gpt2"}, 0, (size_t)-1, 0, 0,
+             "general.architecture is \"gpt2\"; kvrt-llama reads \"llama\"");
+    bad_gguf(&(gguf_lies){.wrong_dims = 1}, 0, (size_t)-1, 0, 0,
+             "tensor blk.0.attn_k.weight: dims [64, 64, 1, 1], the config says [64, 32]");
+    bad_gguf(&(gguf_lies){.f64_type = 1}, 0, (size_t)-1, 0, 0,
+             "tensor blk.0.attn_q.weight: ggml type 2; kvrt-llama reads f32 (0) and f16 (1)");
+}
+
+/* ------------------------------------------------------------------------ */
 /* Tokenizer                                                                 */
 /* ------------------------------------------------------------------------ */
 
@@ -980,6 +1301,8 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_bad_checkpoint),
         cmocka_unit_test(test_bad_tokenizer),
         cmocka_unit_test(test_bad_session),
+        cmocka_unit_test(test_gguf),
+        cmocka_unit_test(test_bad_gguf),
     };
     size_t n = 0;
     for (size_t t = 0; t < sizeof tests / sizeof *tests; t++)
