@@ -1,6 +1,6 @@
 /*
- * kvrt_llama.c: kvrt-llama, text generation with a llama2.c checkpoint whose
- * KV cache is kvrt's. Every cache operation is printed (to stderr, in
+ * kvrt_llama.c: kvrt-llama, text generation with a llama2.c checkpoint or a
+ * GGUF file of the llama architecture, whose KV cache is kvrt's. Every cache operation is printed (to stderr, in
  * brackets) as it happens; the generated text goes to stdout.
  *
  *   kvrt-llama --make-tiny DIR [-s SEED] [--shape D,H,L,NH,NKV,V,CTX]
@@ -65,8 +65,8 @@ static void usage(void)
 {
     fprintf(stderr,
             "usage: kvrt-llama --make-tiny DIR [-s SEED] [--shape D,H,L,NH,NKV,V,CTX]\n"
-            "       kvrt-llama MODEL.bin [-z TOKENIZER] [-i PROMPT] [-n N] [-t TEMP] [-p TOP_P]\n"
-            "                  [-s SEED] [--ctx N] [--keep K] [--parallel N] [--chat]\n"
+            "       kvrt-llama MODEL.bin|MODEL.gguf [-z TOKENIZER] [-i PROMPT] [-n N] [-t TEMP]\n"
+            "                  [-p TOP_P] [-s SEED] [--ctx N] [--keep K] [--parallel N] [--chat]\n"
             "                  [--save PATH] [--load PATH] [--backend cpu|cuda|hip]\n"
             "                  [--cache-dtype f32|f16|bf16] [--rope normal|neox]\n"
             "                  [--rope-theta X] [--batch N] [--kv-threads N]\n");
