@@ -24,8 +24,9 @@ typedef struct cpu_ctx {
 } cpu_ctx;
 
 /* Attention runs on one thread per this many multiply-adds, at least: tens
- * of microseconds of one core's work, the order of what waking a sleeping
- * OpenMP worker and joining it costs (docs/api.md, "Threads"). */
+ * of microseconds of one core's work, so that waking a worker and joining
+ * it is not most of the call, and a small call leaves no worker spinning
+ * (docs/api.md, "Threads"; bench/RESULTS.md). */
 #define ATTN_THREAD_WORK ((int64_t)1 << 18)
 
 /* The threads a parallel region of a call on be may use. */
