@@ -23,10 +23,10 @@ typedef struct cpu_ctx {
     int    n_threads;    /* the most threads a call runs on (kvrt_cache_desc.n_threads) */
 } cpu_ctx;
 
-/* Attention runs on one thread per this many multiply-adds, at least: tens
- * of microseconds of one core's work, so that waking a worker and joining
- * it is not most of the call, and a small call leaves no worker spinning
- * (docs/api.md, "Threads"; bench/RESULTS.md). */
+/* Attention runs on one thread per this many multiply-adds, at least, so
+ * that a small call (a short prompt, a decode step of a small model) does
+ * not pay for waking a worker and leaves none spinning (docs/api.md,
+ * "Threads"; measured in bench/RESULTS.md). */
 #define ATTN_THREAD_WORK ((int64_t)1 << 18)
 
 /* The threads a parallel region of a call on be may use. */
