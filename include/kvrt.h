@@ -15,6 +15,7 @@
  *     negative error. The calling thread's last error message, starting with
  *     the function that failed and naming what was wrong, is kvrt_last_error().
  *   - A call that fails changes nothing: the cache is exactly as it was.
+ *     The one exception is KVRT_ERR_CACHE_LOST (see "Device failures").
  *   - The library never aborts, exits or prints.
  *   - Positions are int32 in [0, 2^31 - 2]. In a range [p0, p1), p1 < 0 means
  *     "to the end" and p0 < 0 is read as 0; p0 > p1 >= 0 is
@@ -76,13 +77,38 @@ KVRT_API const char *kvrt_version_string(void);
     X(ERR_CORRUPT,       -11, "corrupt or truncated state")                        \
     X(ERR_IO,            -12, "input/output error")                                \
     X(ERR_UNSUPPORTED,   -13, "not supported by this backend or build")            \
-    X(ERR_INTERNAL,      -14, "internal invariant violated")
+    X(ERR_INTERNAL,      -14, "internal invariant violated")                       \
+    X(ERR_CACHE_LOST,    -15, "a failed device call left the cache half-changed: clear it")
 
 typedef enum kvrt_status {
 #define KVRT_STATUS_ENUM_(name, value, text) KVRT_##name = value,
     KVRT_STATUS_MAP(KVRT_STATUS_ENUM_)
 #undef KVRT_STATUS_ENUM_
 } kvrt_status;
+
+/* Device failures. A device call that fails (an allocation, a copy, a
+ * kernel launch) makes the kvrt call return KVRT_ERR_OUT_OF_MEMORY (an
+ * allocation) or KVRT_ERR_DEVICE, with a message naming the runtime call
+ * ("kvrt_seq_rm: cuda: cudaMemcpyAsync: invalid argument
+ * (cudaErrorInvalidValue)"), and the cache exactly as it was, when the
+ * failure comes before the call began to change the cache: every failure
+ * of kvrt_write, kvrt_attention, kvrt_gather, kvrt_state_write,
+ * kvrt_state_read / kvrt_state_load_file and kvrt_seq_restore (which load
+ * into free blocks and roll back), and the failures of the other calls
+ * while they validate, grow the pool or stage their input (a pool grown
+ * for the call keeps its new free blocks). A failure after an edit, a plan
+ * or kvrt_cross_set began to change the cache (its page tables and
+ * positions are changed on the host as the device work is queued, and a
+ * kernel may already have rewritten rows in place: RoPE re-rotation,
+ * zeroing) cannot be undone: the call returns KVRT_ERR_CACHE_LOST, the
+ * message naming the runtime call and ending "the cache must be cleared
+ * (kvrt_cache_clear)", and from then on every call on the cache (and its
+ * shared handles) returns KVRT_ERR_CACHE_LOST except kvrt_cache_clear,
+ * kvrt_cache_sync, kvrt_cache_set_stream, kvrt_cache_destroy and the
+ * calls that return no status. A kvrt_cache_clear that succeeds empties
+ * the cache, rebuilding every host table, and makes it usable again; one
+ * that fails leaves it lost. kvrt_seq_offload returns KVRT_ERR_CACHE_LOST
+ * when the removal after the copy fails so (the offload is freed). */
 
 /* "KVRT_ERR_CAPACITY" for KVRT_ERR_CAPACITY; "KVRT_UNKNOWN" for other values. */
 KVRT_API const char *kvrt_status_name(kvrt_status status);

@@ -40,10 +40,37 @@ kvrt_layout kvrt_layer_layout(const kvrt_cache *cache, int layer)
 
 /* ---- checks shared by the API ---- */
 
-kvrt_status kvrt_check_cache(const kvrt_cache *cache, const char *fn)
+kvrt_status kvrt_check_handle(const kvrt_cache *cache, const char *fn)
 {
     KVRT_CHECK(cache != NULL, KVRT_ERR_INVALID_ARG, "%s: cache is NULL", fn);
     return KVRT_OK;
+}
+
+kvrt_status kvrt_check_cache(const kvrt_cache *cache, const char *fn)
+{
+    KVRT_TRY(kvrt_check_handle(cache, fn));
+    KVRT_CHECK(!KVRT_CORE(cache)->lost, KVRT_ERR_CACHE_LOST,
+               "%s: an earlier failed device call left the cache half-changed; the cache must be "
+               "cleared (kvrt_cache_clear)", fn);
+    return KVRT_OK;
+}
+
+void kvrt_change_begin(kvrt_cache *core) { core->changing = 1; }
+
+kvrt_status kvrt_change_end(kvrt_cache *cache, kvrt_status status, const char *fn)
+{
+    kvrt_cache *core = KVRT_CORE(cache);
+    int changing = core != NULL && core->changing;
+    if (core != NULL)
+        core->changing = 0;
+    status = kvrt_error_in(status, fn);
+    if (status == KVRT_OK || !changing || status == KVRT_ERR_CACHE_LOST)
+        return status;
+    core->lost = 1;
+    char msg[512];
+    snprintf(msg, sizeof msg, "%s", kvrt_last_error());
+    return kvrt_set_error(KVRT_ERR_CACHE_LOST, "%s (%s); the cache must be cleared (kvrt_cache_clear)",
+                          msg, kvrt_status_name(status));
 }
 
 kvrt_status kvrt_check_seq(const kvrt_cache *cache, int32_t seq, const char *what)
@@ -529,7 +556,7 @@ static void core_destroy(kvrt_cache *cache)
 
 kvrt_status kvrt_cache_set_stream(kvrt_cache *cache, void *stream)
 {
-    KVRT_TRY(kvrt_check_cache(cache, "kvrt_cache_set_stream"));
+    KVRT_TRY(kvrt_check_handle(cache, "kvrt_cache_set_stream"));
     cache = KVRT_CORE(cache);
     cache->stream = stream;
     return KVRT_OK;
@@ -537,7 +564,7 @@ kvrt_status kvrt_cache_set_stream(kvrt_cache *cache, void *stream)
 
 static kvrt_status do_cache_sync(kvrt_cache *cache)
 {
-    KVRT_TRY(kvrt_check_cache(cache, "kvrt_cache_sync"));
+    KVRT_TRY(kvrt_check_handle(cache, "kvrt_cache_sync"));
     cache = KVRT_CORE(cache);
     return cache->be.ops->sync(&cache->be, cache->stream);
 }

@@ -373,7 +373,9 @@ static kvrt_status do_batch_plan(kvrt_cache *cache, int n, const int32_t *seq_id
         batch->device_commit = commit;
     }
 
-    /* ---- commit: nothing below fails on a valid cache ---- */
+    /* ---- commit: nothing below fails on a valid cache but a device call
+     * (kvrt.h, "Device failures") ---- */
+    kvrt_change_begin(cache);
     cache->be.ops->stage_reset(&cache->be, cache->stream);
     batch->n_tokens = n;
     batch->n_seqs = n_seqs;
@@ -485,5 +487,5 @@ kvrt_status kvrt_batch_create(kvrt_cache *cache, int max_tokens, kvrt_batch **ou
 kvrt_status kvrt_batch_plan(kvrt_cache *cache, int n, const int32_t *seq_ids,
                             const int32_t *positions, kvrt_batch *batch)
 {
-    return kvrt_error_in(do_batch_plan(cache, n, seq_ids, positions, batch), "kvrt_batch_plan");
+    return kvrt_change_end(cache, do_batch_plan(cache, n, seq_ids, positions, batch), "kvrt_batch_plan");
 }
