@@ -94,10 +94,13 @@ typedef enum kvrt_status {
  * failure comes before the call began to change the cache: every failure
  * of kvrt_write, kvrt_attention, kvrt_gather, kvrt_state_write,
  * kvrt_state_read / kvrt_state_load_file and kvrt_seq_restore (which load
- * into free blocks and roll back), and the failures of the other calls
- * while they validate, grow the pool or stage their input (a pool grown
- * for the call keeps its new free blocks). A failure after an edit, a plan
- * or kvrt_cross_set began to change the cache (its page tables and
+ * into free blocks and roll back), of kvrt_cross_set while a cross block is
+ * free (the rows go into it before the old block is released), and the
+ * failures of the other calls while they validate, grow the pool or
+ * allocate (a pool grown for the call keeps its new free blocks). A
+ * copy or launch (or an allocation of staging memory beyond the 4 MiB
+ * staging ring) failing after a plan
+ * or an edit began to change the cache (its page tables and
  * positions are changed on the host as the device work is queued, and a
  * kernel may already have rewritten rows in place: RoPE re-rotation,
  * zeroing) cannot be undone: the call returns KVRT_ERR_CACHE_LOST, the
