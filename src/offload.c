@@ -97,5 +97,5 @@ kvrt_status kvrt_seq_offload(kvrt_cache *cache, int32_t seq, kvrt_offload **out)
 
 kvrt_status kvrt_seq_restore(kvrt_cache *cache, int32_t dst_seq, const kvrt_offload *off)
 {
-    return kvrt_change_end(cache, do_seq_restore(cache, dst_seq, off), "kvrt_seq_restore");
+    return kvrt_error_in(do_seq_restore(cache, dst_seq, off), "kvrt_seq_restore");
 }
