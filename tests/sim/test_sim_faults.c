@@ -487,6 +487,18 @@ static const char *fault_error_name(int kind)
     return cudaGetErrorName(err);
 }
 
+/* 1 when msg names a runtime call of `kind`: "cudaMemcpyAsync",
+ * "hipMemsetAsync", "cudaMalloc", "cuMemCreate", "write kernel", ... */
+static int names_call(const char *msg, int kind)
+{
+    static const char *const words[KVRT_SIM_N_CALLS][3] = {
+        {"Malloc", "MemCreate", "HostAlloc"}, {"Memcpy", "Memset", NULL}, {" kernel:", NULL, NULL}};
+    for (int i = 0; i < 3; i++)
+        if (words[kind][i] != NULL && strstr(msg, words[kind][i]) != NULL)
+            return 1;
+    return 0;
+}
+
 /* A lost cache: refused until cleared, then as good as new. */
 static void check_recovery(const op *o, fixture *f, const snapshot *before, const char *what)
 {
@@ -537,6 +549,8 @@ static int fault_once(const op *o, int kind, long nth)
         CHECK(strncmp(msg, o->name, strlen(o->name)) == 0, "%s: message '%s'", what, msg);
         CHECK(strstr(msg, fault_error_name(kind)) != NULL, "%s: message '%s' does not name %s",
               what, msg, fault_error_name(kind));
+        CHECK(names_call(msg, kind), "%s: message '%s' names no %s call", what, msg,
+              kind_names[kind]);
         CHECK(kind != KVRT_SIM_ALLOC || st != KVRT_ERR_DEVICE,
               "%s: an allocation failure is KVRT_ERR_OUT_OF_MEMORY: '%s'", what, msg);
     }
