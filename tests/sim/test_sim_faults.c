@@ -200,15 +200,9 @@ static void contents_build(fixture *f)
 
 static kvrt_status state_writer(void *user, const void *data, size_t size)
 {
-    fixture *f = user;
-    if (f->state_len + size > f->state_cap) {
-        size_t cap = 2 * (f->state_len + size);
-        uint8_t *p = realloc(f->state, cap);
-        if (p == NULL)
-            return KVRT_ERR_OUT_OF_MEMORY;
-        f->state = p;
-        f->state_cap = cap;
-    }
+    fixture *f = user; /* state sized by kvrt_state_size (state_save) */
+    if (size > f->state_cap - f->state_len)
+        return KVRT_ERR_INTERNAL;
     memcpy(f->state + f->state_len, data, size);
     f->state_len += size;
     return KVRT_OK;
@@ -421,17 +415,23 @@ static kvrt_status run_gather(fixture *f)
     return st;
 }
 
-static kvrt_status run_save(fixture *f)
+/* kvrt_state_write of seq into f->state */
+static kvrt_status state_save(fixture *f, int32_t seq)
 {
+    uint64_t bytes = 0;
+    MUST(kvrt_state_size(f->cache, seq, &bytes));
+    free(f->state);
+    f->state = malloc((size_t)bytes);
+    if (f->state == NULL)
+        exit(1);
+    f->state_cap = (size_t)bytes;
     f->state_len = 0;
-    return kvrt_state_write(f->cache, -1, state_writer, f);
+    return kvrt_state_write(f->cache, seq, state_writer, f);
 }
 
-static void prep_state(fixture *f)
-{
-    f->state_len = 0;
-    MUST(kvrt_state_write(f->cache, 0, state_writer, f));
-}
+static kvrt_status run_save(fixture *f) { return state_save(f, -1); }
+
+static void prep_state(fixture *f) { MUST(state_save(f, 0)); }
 
 static kvrt_status run_load(fixture *f)
 {
@@ -526,16 +526,22 @@ static void check_recovery(const op *o, fixture *f, const snapshot *before, cons
     snapshot_free(&again);
 }
 
+/* The cache an operation starts from, and its snapshot. */
+static void fixture_start(const op *o, fixture *f, snapshot *before)
+{
+    fixture_open(f);
+    if (o->prep != NULL)
+        o->prep(f);
+    snapshot_take(f->cache, before);
+    MUST(kvrt_cache_sync(f->cache));
+}
+
 /* Runs op with the nth call of kind failing; returns 1 if the cache was lost. */
 static int fault_once(const op *o, int kind, long nth)
 {
     fixture f;
-    fixture_open(&f);
-    if (o->prep != NULL)
-        o->prep(&f);
     snapshot before;
-    snapshot_take(f.cache, &before);
-    MUST(kvrt_cache_sync(f.cache));
+    fixture_start(o, &f, &before);
     long at = kvrt_sim_calls(kind) + nth;
     kvrt_sim_fail_at(kind, at);
     kvrt_status st = o->run(&f);
@@ -587,12 +593,8 @@ static void fault_op(const op *o)
     long count[KVRT_SIM_N_CALLS];
     {
         fixture f;
-        fixture_open(&f);
-        if (o->prep != NULL)
-            o->prep(&f);
         snapshot before;
-        snapshot_take(f.cache, &before);
-        MUST(kvrt_cache_sync(f.cache));
+        fixture_start(o, &f, &before);
         long c0[KVRT_SIM_N_CALLS];
         for (int k = 0; k < KVRT_SIM_N_CALLS; k++)
             c0[k] = kvrt_sim_calls(k);
