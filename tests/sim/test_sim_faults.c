@@ -37,20 +37,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "gpu_test.h" /* CHECK, gpu_test_result */
 #include "kvrt.h"
 #include "kvrt_sim.h"
-
-static int failures;
-
-#define CHECK(cond, ...)                                                                     \
-    do {                                                                                     \
-        if (!(cond)) {                                                                       \
-            failures++;                                                                      \
-            fprintf(stderr, "%s:%d: check failed: %s: ", __FILE__, __LINE__, #cond);         \
-            fprintf(stderr, __VA_ARGS__);                                                    \
-            fprintf(stderr, "\n");                                                           \
-        }                                                                                    \
-    } while (0)
 
 /* A setup call that must succeed: the test cannot go on otherwise. */
 #define MUST(expr)                                                                           \
@@ -622,7 +611,7 @@ int main(int argc, char **argv)
     backend = argc > 1 && strcmp(argv[1], "hip") == 0 ? KVRT_BACKEND_HIP : KVRT_BACKEND_CUDA;
     if (kvrt_device_count(backend) < 1) {
         printf("test_sim_faults: no %s device\n", kvrt_backend_name(backend));
-        return 77;
+        return GPU_TEST_SKIP;
     }
     /* one OS thread runs the blocks: this test is about the glue, not
      * about concurrent blocks, and hand-offs between threads dominate its
@@ -633,10 +622,5 @@ int main(int argc, char **argv)
     for (size_t i = 0; i < sizeof ops / sizeof ops[0]; i++)
         if (only == NULL || strcmp(only, ops[i].name) == 0)
             fault_op(&ops[i]);
-    if (failures > 0) {
-        fprintf(stderr, "test_sim_faults: %d check(s) failed\n", failures);
-        return 1;
-    }
-    printf("test_sim_faults: all checks passed\n");
-    return 0;
+    return gpu_test_result("test_sim_faults");
 }
