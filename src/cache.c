@@ -265,7 +265,11 @@ kvrt_status kvrt_group_unshare(kvrt_cache *cache, kvrt_group *g, kvrt_seq_pages 
     int32_t nb = kvrt_group_block_alloc(g);
     KVRT_CHECK(nb >= 0, KVRT_ERR_INTERNAL, "copy-on-write without a free block");
     kvrt_span span = {b * g->block_size, nb * g->block_size, g->block_size};
-    KVRT_TRY(kvrt_group_move(cache, g, &span, 1));
+    kvrt_status st = kvrt_group_move(cache, g, &span, 1);
+    if (st != KVRT_OK) { /* the block goes back: nothing changed */
+        kvrt_group_block_release(g, nb);
+        return st;
+    }
     if (g->pos != NULL) {
         memcpy(g->pos + (int64_t)nb * g->block_size, g->pos + (int64_t)b * g->block_size,
                (size_t)g->block_size * sizeof(int32_t));

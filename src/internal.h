@@ -239,6 +239,8 @@ struct kvrt_batch {
     int32_t          *seq_count;
     int64_t          *grow;        /* per group: blocks to add */
     int64_t           grow_cap;
+    int64_t          *undo;        /* the commit's journal (plan.c, plan_undo) */
+    int64_t           undo_cap;
 };
 
 #endif /* KVRT_INTERNAL_H */

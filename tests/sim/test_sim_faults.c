@@ -57,7 +57,7 @@ enum { L_ATTN = 0, L_SWA = 1, L_MLA = 2, L_CROSS = 3 };
 
 static const kvrt_layer_desc layers[N_LAYERS] = {
     {KVRT_LAYER_ATTN, 2, 32, 16, 0, 0, 0},
-    {KVRT_LAYER_ATTN, 1, 16, 16, 6, 0, 0},
+    {KVRT_LAYER_ATTN, 1, 16, 16, 16, 0, 0},
     {KVRT_LAYER_MLA, 0, 0, 0, 0, 32, 16},
     {KVRT_LAYER_CROSS, 2, 16, 16, 0, 0, 0},
 };
@@ -363,12 +363,27 @@ static kvrt_status run_attention(fixture *f)
     return kvrt_cache_sync(f->cache);
 }
 
+/* 0 and 1 continue their last blocks, 2 its block, 3 starts with two new
+ * blocks; no row leaves the sliding window */
 static kvrt_status run_plan(fixture *f)
 {
-    /* a new block for 0, copy-on-write of 1's shared... none: 1's last
-     * block is its own; 3 starts; 2 continues its block */
     int32_t seqs[] = {0, 0, 1, 2, 3, 3, 3, 3, 3}, pos[] = {11, 12, 9, 7, 0, 1, 2, 3, 4};
     return kvrt_batch_plan(f->cache, 9, seqs, pos, f->batch);
+}
+
+/* 3, a fork of all of 0, continues 0's shared last block: copy-on-write */
+static void prep_fork(fixture *f) { MUST(kvrt_seq_cp(f->cache, 0, 3, 0, -1)); }
+static kvrt_status run_plan_cow(fixture *f)
+{
+    int32_t seqs[] = {3, 2}, pos[] = {11, 7};
+    return kvrt_batch_plan(f->cache, 2, seqs, pos, f->batch);
+}
+
+/* 0 jumps to position 30: its first blocks leave layer 1's window */
+static kvrt_status run_plan_evict(fixture *f)
+{
+    int32_t seqs[] = {0, 1}, pos[] = {30, 9};
+    return kvrt_batch_plan(f->cache, 2, seqs, pos, f->batch);
 }
 
 static kvrt_status run_rm(fixture *f) { return kvrt_seq_rm(f->cache, 0, 2, 5); }
@@ -447,7 +462,9 @@ static kvrt_status run_restore(fixture *f) { return kvrt_seq_restore(f->cache, 3
 static const op ops[] = {
     {"kvrt_write", 0, NULL, run_write},
     {"kvrt_attention", 0, NULL, run_attention},
-    {"kvrt_batch_plan", 1, NULL, run_plan},
+    {"kvrt_batch_plan", 0, NULL, run_plan},
+    {"kvrt_batch_plan", 0, prep_fork, run_plan_cow},
+    {"kvrt_batch_plan", 1, NULL, run_plan_evict},
     {"kvrt_seq_rm", 1, NULL, run_rm},
     {"kvrt_seq_rm", 1, NULL, run_rm_all},
     {"kvrt_seq_cp", 1, NULL, run_cp},
