@@ -5,27 +5,32 @@
  * failures"), after which the cache refuses work until kvrt_cache_clear
  * makes it usable again.
  *
- * For each operation (write, attention, plan, rm, cp, keep, shift, div,
- * compact, clear, cross_set, gather, save, load, offload, restore) the test
- * builds a cache with the same contents (shared blocks, holes, cross K/V,
- * MLA and sliding-window layers), runs the operation once to count its
- * allocations, copies and launches with kvrt-sim's counters, then for each
- * kind and each i in 1..count rebuilds the cache, makes the i-th call of
- * that kind fail (kvrt_sim_fail_at) and runs the operation again. Then:
- *   - KVRT_ERR_DEVICE / KVRT_ERR_OUT_OF_MEMORY: the message starts with the
- *     operation's function and names the runtime's error, and every layer
- *     and sequence gathered again equals the snapshot taken before
- *     (positions and rows bit-exact), as do the statistics of every group
- *     and every sequence's group info, and kvrt_cache_check passes;
+ * For each operation (write, attention, plan (plain, with copy-on-write,
+ * with a sliding window dropping blocks), rm and shift (one sequence and
+ * every sequence), cp, keep, div, compact, clear, cross_set, gather, save,
+ * load, offload, restore) the test builds a cache with the same contents
+ * (shared blocks, holes, cross K/V, MLA and sliding-window layers), runs
+ * the operation once to count its allocations, copies and launches with
+ * kvrt-sim's counters, then for each kind and each i in 1..count rebuilds
+ * the cache, makes the i-th call of that kind fail (kvrt_sim_fail_at) and
+ * runs the operation again. Then:
+ *   - KVRT_ERR_DEVICE / KVRT_ERR_OUT_OF_MEMORY (an allocation's): the
+ *     message starts with the operation's function and names the runtime
+ *     call and its error, and every layer and sequence gathered again
+ *     equals the snapshot taken before (positions and rows bit-exact), as
+ *     do the statistics of every group and every sequence's group info,
+ *     and kvrt_cache_check passes;
  *   - KVRT_ERR_CACHE_LOST: allowed only for operations that change the
- *     cache while their device work is queued (not for write, attention,
- *     gather, save, load, restore); the message names the runtime's error
- *     and says the cache must be cleared; the next edit is refused with
- *     KVRT_ERR_CACHE_LOST; kvrt_cache_clear succeeds; building the same
- *     contents again on that cache gives the snapshot again;
- *   - KVRT_OK: only where the failed call has a fallback (attention's
- *     split workspace); the cache must still equal the snapshot, except
- *     for the operation's own effect, which kvrt_cache_check verifies.
+ *     cache while their device work is queued (kvrt.h, "Device failures":
+ *     not for write, attention, gather, save, load, restore, cross_set with
+ *     a free block, nor a plan that drops no block from a sliding window);
+ *     the message names the runtime call and its error and says the cache
+ *     must be cleared; the next edit and kvrt_cache_check are refused with
+ *     KVRT_ERR_CACHE_LOST; kvrt_cache_clear succeeds and leaves an empty
+ *     cache that passes kvrt_cache_check; building the same contents again
+ *     on that cache gives the snapshot again;
+ *   - KVRT_OK: only for attention with an allocation failing (its split
+ *     workspace falls back to fewer splits); kvrt_cache_check passes.
  * Every injected fault must have been reached (the counters pass it).
  *
  * Built once per sim flavour (warp 32 as CUDA, warp 64 as HIP); the
