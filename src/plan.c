@@ -278,6 +278,7 @@ static void undo_apply(kvrt_cache *cache, kvrt_batch *batch, const seq_plan *pla
     for (int64_t i = u->n_allocs - 1; i >= 0; i--)
         kvrt_group_block_release(&cache->groups[a[2 * i]], (int32_t)a[2 * i + 1]);
     batch->n_tokens = 0; /* its host arrays hold the failed plan */
+    cache->epoch++;      /* device positions may hold its until the next upload */
     cache->changing = 0;
 }
 

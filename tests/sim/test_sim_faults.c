@@ -20,10 +20,9 @@
  *     equals the snapshot taken before (positions and rows bit-exact), as
  *     do the statistics of every group and every sequence's group info,
  *     and kvrt_cache_check passes;
- *   - KVRT_ERR_CACHE_LOST: allowed only for operations that change the
- *     cache while their device work is queued (kvrt.h, "Device failures":
- *     not for write, attention, gather, save, load, restore, cross_set with
- *     a free block, nor a plan that drops no block from a sliding window);
+ *   - KVRT_ERR_CACHE_LOST: allowed only where kvrt.h ("Device failures")
+ *     allows it: a shift or div after its RoPE re-rotation ran, a clear, a
+ *     plan that drops blocks from a sliding window;
  *     the message names the runtime call and its error and says the cache
  *     must be cleared; the next edit and kvrt_cache_check are refused with
  *     KVRT_ERR_CACHE_LOST; kvrt_cache_clear succeeds and leaves an empty
@@ -470,20 +469,20 @@ static const op ops[] = {
     {"kvrt_batch_plan", 0, NULL, run_plan},
     {"kvrt_batch_plan", 0, prep_fork, run_plan_cow},
     {"kvrt_batch_plan", 1, NULL, run_plan_evict},
-    {"kvrt_seq_rm", 1, NULL, run_rm},
-    {"kvrt_seq_rm", 1, NULL, run_rm_all},
-    {"kvrt_seq_cp", 1, NULL, run_cp},
-    {"kvrt_seq_keep", 1, NULL, run_keep},
+    {"kvrt_seq_rm", 0, NULL, run_rm},
+    {"kvrt_seq_rm", 0, NULL, run_rm_all},
+    {"kvrt_seq_cp", 0, NULL, run_cp},
+    {"kvrt_seq_keep", 0, NULL, run_keep},
     {"kvrt_seq_shift", 1, NULL, run_shift},
     {"kvrt_seq_shift", 1, NULL, run_shift_all},
     {"kvrt_seq_div", 1, prep_div, run_div},
-    {"kvrt_cache_compact", 1, NULL, run_compact},
+    {"kvrt_cache_compact", 0, NULL, run_compact},
     {"kvrt_cache_clear", 1, NULL, run_clear},
     {"kvrt_cross_set", 0, NULL, run_cross_set},
     {"kvrt_gather", 0, NULL, run_gather},
     {"kvrt_state_write", 0, NULL, run_save},
     {"kvrt_state_read", 0, prep_state, run_load},
-    {"kvrt_seq_offload", 1, NULL, run_offload},
+    {"kvrt_seq_offload", 0, NULL, run_offload},
     {"kvrt_seq_restore", 0, prep_offload, run_restore},
 };
 
