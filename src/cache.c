@@ -173,10 +173,11 @@ static void journal_undo(kvrt_cache *core)
             kvrt_seq_pages *sp = &g->seqs[J->s0 + s];
             const kvrt_seq_pages *old = &jg->seqs[s];
             if (g->pos != NULL) {
-                /* blocks the edit took were free: no position */
+                /* blocks the edit took were free: no position (a block
+                 * shared from another sequence keeps its own) */
                 for (int32_t k = 0; k < sp->n_blocks; k++) {
                     int32_t b = sp->blocks[k];
-                    if (b < 0)
+                    if (b < 0 || b >= g->n_blocks || jg->refcount[b] != 0)
                         continue;
                     for (int64_t i = 0; i < bs; i++)
                         g->pos[(int64_t)b * bs + i] = -1;
