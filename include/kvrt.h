@@ -90,31 +90,35 @@ typedef enum kvrt_status {
  * a copy, a kernel launch) makes the kvrt call return
  * KVRT_ERR_OUT_OF_MEMORY (an allocation) or KVRT_ERR_DEVICE, with a message
  * naming the runtime call ("kvrt_gather: cuda: cudaMemcpyAsync: invalid
- * argument (cudaErrorInvalidValue)"), and the cache exactly as it was,
- *   - always for kvrt_write, kvrt_attention, kvrt_gather, kvrt_state_write,
+ * argument (cudaErrorInvalidValue)"), and the cache exactly as it was:
+ *   - kvrt_write, kvrt_attention, kvrt_gather, kvrt_state_write,
  *     kvrt_state_read / kvrt_state_load_file and kvrt_seq_restore (which
  *     load into free blocks and roll back);
- *   - for kvrt_cross_set while a cross block is free (the rows go into it
+ *   - kvrt_cross_set while a cross block is free (the rows go into it
  *     before the old block is released);
- *   - for kvrt_batch_plan unless a sliding window dropped a block in it or
- *     prefix caching is on (a journal puts its host tables back; the batch
- *     is then unplanned);
- *   - for the other calls while they validate, grow the pool or allocate
- *     (a pool grown for the call keeps its new free blocks).
- * A copy or launch (or an allocation of staging memory beyond the 4 MiB
- * staging ring) failing after any other plan or an edit began to change the
- * cache cannot be undone (page tables and positions are changed on the host
- * as the device work is queued, and a kernel may already have rewritten
- * rows in place: RoPE re-rotation, zeroing). The call returns
- * KVRT_ERR_CACHE_LOST, the message naming the runtime call and ending "the
- * cache must be cleared (kvrt_cache_clear)", and from then on every call on
- * the cache (and its shared handles) returns KVRT_ERR_CACHE_LOST except
- * kvrt_cache_clear, kvrt_cache_sync, kvrt_cache_set_stream,
- * kvrt_cache_destroy and the calls that return no status. A kvrt_cache_clear
- * that succeeds empties the cache, rebuilding every host table, and makes it
- * usable again; one that fails leaves it lost. kvrt_seq_offload returns
- * KVRT_ERR_CACHE_LOST when the removal after its copy fails so (the offload
- * is freed). */
+ *   - kvrt_batch_plan, kvrt_seq_rm, kvrt_seq_cp, kvrt_seq_keep,
+ *     kvrt_cache_compact and kvrt_seq_offload, and kvrt_seq_shift /
+ *     kvrt_seq_div until their RoPE re-rotation has been launched, when
+ *     prefix caching is off and (plans) no block leaves a sliding window:
+ *     a journal of what they change on the host (page tables, positions,
+ *     refcounts, free lists) puts it back; their device work so far wrote
+ *     rows only into blocks that return to the pool or into holes, and the
+ *     device copy of positions, uploaded again by the next plan or edit.
+ *     Earlier plans are stale afterwards (a failed plan's batch is
+ *     unplanned);
+ *   - every call while it validates, grows the pool or allocates before it
+ *     commits (a pool grown for the call keeps its new free blocks).
+ * Otherwise (kvrt_cache_clear, whose zeroing is under way; a shift or div
+ * whose re-rotation ran; prefix caching; a plan that dropped window blocks;
+ * no host memory for the journal) the cache is half-changed and cannot be
+ * restored: the call returns KVRT_ERR_CACHE_LOST, the message naming the
+ * runtime call and ending "the cache must be cleared (kvrt_cache_clear)",
+ * and from then on every call on the cache (and its shared handles) returns
+ * KVRT_ERR_CACHE_LOST except kvrt_cache_clear, kvrt_cache_sync,
+ * kvrt_cache_set_stream, kvrt_cache_destroy and the calls that return no
+ * status. A kvrt_cache_clear that succeeds empties the cache, rebuilding
+ * every host table, and makes it usable again; one that fails leaves it
+ * lost. */
 
 /* "KVRT_ERR_CAPACITY" for KVRT_ERR_CAPACITY; "KVRT_UNKNOWN" for other values. */
 KVRT_API const char *kvrt_status_name(kvrt_status status);
