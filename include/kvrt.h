@@ -15,6 +15,7 @@
  *     negative error. The calling thread's last error message, starting with
  *     the function that failed and naming what was wrong, is kvrt_last_error().
  *   - A call that fails changes nothing: the cache is exactly as it was.
+ *     The one exception is KVRT_ERR_CACHE_LOST (see "Device failures").
  *   - The library never aborts, exits or prints.
  *   - Positions are int32 in [0, 2^31 - 2]. In a range [p0, p1), p1 < 0 means
  *     "to the end" and p0 < 0 is read as 0; p0 > p1 >= 0 is
@@ -76,13 +77,48 @@ KVRT_API const char *kvrt_version_string(void);
     X(ERR_CORRUPT,       -11, "corrupt or truncated state")                        \
     X(ERR_IO,            -12, "input/output error")                                \
     X(ERR_UNSUPPORTED,   -13, "not supported by this backend or build")            \
-    X(ERR_INTERNAL,      -14, "internal invariant violated")
+    X(ERR_INTERNAL,      -14, "internal invariant violated")                       \
+    X(ERR_CACHE_LOST,    -15, "a failed device call left the cache half-changed: clear it")
 
 typedef enum kvrt_status {
 #define KVRT_STATUS_ENUM_(name, value, text) KVRT_##name = value,
     KVRT_STATUS_MAP(KVRT_STATUS_ENUM_)
 #undef KVRT_STATUS_ENUM_
 } kvrt_status;
+
+/* Device failures (docs/api.md). A device call that fails (an allocation,
+ * a copy, a kernel launch) makes the kvrt call return
+ * KVRT_ERR_OUT_OF_MEMORY (an allocation) or KVRT_ERR_DEVICE, with a message
+ * naming the runtime call ("kvrt_gather: cuda: cudaMemcpyAsync: invalid
+ * argument (cudaErrorInvalidValue)"), and the cache exactly as it was:
+ *   - kvrt_write, kvrt_attention, kvrt_gather, kvrt_state_write,
+ *     kvrt_state_read / kvrt_state_load_file and kvrt_seq_restore (which
+ *     load into free blocks and roll back);
+ *   - kvrt_cross_set while a cross block is free (the rows go into it
+ *     before the old block is released);
+ *   - kvrt_batch_plan, kvrt_seq_rm, kvrt_seq_cp, kvrt_seq_keep,
+ *     kvrt_cache_compact and kvrt_seq_offload, and kvrt_seq_shift /
+ *     kvrt_seq_div until their RoPE re-rotation has been launched, when
+ *     prefix caching is off and (plans) no block leaves a sliding window:
+ *     a journal of what they change on the host (page tables, positions,
+ *     refcounts, free lists) puts it back; their device work so far wrote
+ *     rows only into blocks that return to the pool or into holes, and the
+ *     device copy of positions, uploaded again by the next plan or edit.
+ *     Earlier plans are stale afterwards (a failed plan's batch is
+ *     unplanned);
+ *   - every call while it validates, grows the pool or allocates before it
+ *     commits (a pool grown for the call keeps its new free blocks).
+ * Otherwise (kvrt_cache_clear, whose zeroing is under way; a shift or div
+ * whose re-rotation ran; prefix caching; a plan that dropped window blocks;
+ * no host memory for the journal) the cache is half-changed and cannot be
+ * restored: the call returns KVRT_ERR_CACHE_LOST, the message naming the
+ * runtime call and ending "the cache must be cleared (kvrt_cache_clear)",
+ * and from then on every call on the cache (and its shared handles) returns
+ * KVRT_ERR_CACHE_LOST except kvrt_cache_clear, kvrt_cache_sync,
+ * kvrt_cache_set_stream, kvrt_cache_destroy and the calls that return no
+ * status. A kvrt_cache_clear that succeeds empties the cache, rebuilding
+ * every host table, and makes it usable again; one that fails leaves it
+ * lost. */
 
 /* "KVRT_ERR_CAPACITY" for KVRT_ERR_CAPACITY; "KVRT_UNKNOWN" for other values. */
 KVRT_API const char *kvrt_status_name(kvrt_status status);

@@ -40,10 +40,196 @@ kvrt_layout kvrt_layer_layout(const kvrt_cache *cache, int layer)
 
 /* ---- checks shared by the API ---- */
 
-kvrt_status kvrt_check_cache(const kvrt_cache *cache, const char *fn)
+kvrt_status kvrt_check_handle(const kvrt_cache *cache, const char *fn)
 {
     KVRT_CHECK(cache != NULL, KVRT_ERR_INVALID_ARG, "%s: cache is NULL", fn);
     return KVRT_OK;
+}
+
+kvrt_status kvrt_check_cache(const kvrt_cache *cache, const char *fn)
+{
+    KVRT_TRY(kvrt_check_handle(cache, fn));
+    KVRT_CHECK(!KVRT_CORE(cache)->lost, KVRT_ERR_CACHE_LOST,
+               "%s: an earlier failed device call left the cache half-changed; the cache must be "
+               "cleared (kvrt_cache_clear)", fn);
+    return KVRT_OK;
+}
+
+void kvrt_change_begin(kvrt_cache *core) { core->changing = 1; }
+
+/* What an edit may change, as it was (kvrt_change_journal). */
+typedef struct journal_group {
+    int32_t        *refcount, *free_stack, n_free;
+    int32_t        *cross_len; /* CROSS groups: rows of each block */
+    kvrt_seq_pages *seqs;      /* [s1 - s0] headers */
+    int32_t       **blocks;    /* [s1 - s0] page tables */
+    int32_t       **pos;       /* [s1 - s0] positions of their blocks */
+} journal_group;
+
+struct kvrt_journal {
+    int32_t        s0, s1;
+    journal_group *groups;
+};
+
+static void journal_free(kvrt_cache *core)
+{
+    struct kvrt_journal *J = core->journal;
+    core->journal = NULL;
+    if (J == NULL)
+        return;
+    for (int j = 0; J->groups != NULL && j < core->n_groups; j++) {
+        journal_group *jg = &J->groups[j];
+        for (int32_t s = 0; jg->blocks != NULL && s < J->s1 - J->s0; s++) {
+            free(jg->blocks[s]);
+            free(jg->pos[s]);
+        }
+        free(jg->refcount);
+        free(jg->cross_len);
+        free(jg->free_stack);
+        free(jg->seqs);
+        free(jg->blocks);
+        free(jg->pos);
+    }
+    free(J->groups);
+    free(J);
+}
+
+static int journal_take(kvrt_cache *core, struct kvrt_journal *J)
+{
+    J->groups = calloc((size_t)core->n_groups, sizeof *J->groups);
+    if (J->groups == NULL)
+        return 0;
+    int32_t n = J->s1 - J->s0;
+    for (int j = 0; j < core->n_groups; j++) {
+        const kvrt_group *g = &core->groups[j];
+        journal_group *jg = &J->groups[j];
+        jg->refcount = malloc(((size_t)g->n_blocks + 1) * sizeof(int32_t));
+        jg->free_stack = malloc(((size_t)g->n_free + 1) * sizeof(int32_t));
+        jg->seqs = malloc((size_t)n * sizeof *jg->seqs);
+        jg->blocks = calloc((size_t)n, sizeof *jg->blocks);
+        jg->pos = calloc((size_t)n, sizeof *jg->pos);
+        if (jg->refcount == NULL || jg->free_stack == NULL || jg->seqs == NULL ||
+            jg->blocks == NULL || jg->pos == NULL)
+            return 0;
+        memcpy(jg->refcount, g->refcount, (size_t)g->n_blocks * sizeof(int32_t));
+        if (g->cross_len != NULL) {
+            jg->cross_len = malloc(((size_t)g->n_blocks + 1) * sizeof(int32_t));
+            if (jg->cross_len == NULL)
+                return 0;
+            memcpy(jg->cross_len, g->cross_len, (size_t)g->n_blocks * sizeof(int32_t));
+        }
+        memcpy(jg->free_stack, g->free_stack, (size_t)g->n_free * sizeof(int32_t));
+        jg->n_free = g->n_free;
+        int64_t bs = g->block_size;
+        for (int32_t s = 0; s < n; s++) {
+            const kvrt_seq_pages *sp = &g->seqs[J->s0 + s];
+            jg->seqs[s] = *sp;
+            jg->blocks[s] = malloc(((size_t)sp->n_blocks + 1) * sizeof(int32_t));
+            if (jg->blocks[s] == NULL)
+                return 0;
+            if (sp->n_blocks > 0)
+                memcpy(jg->blocks[s], sp->blocks, (size_t)sp->n_blocks * sizeof(int32_t));
+            if (g->pos == NULL)
+                continue;
+            jg->pos[s] = malloc(((size_t)sp->n_blocks * (size_t)bs + 1) * sizeof(int32_t));
+            if (jg->pos[s] == NULL)
+                return 0;
+            for (int32_t k = 0; k < sp->n_blocks; k++)
+                memcpy(jg->pos[s] + k * bs, g->pos + (int64_t)sp->blocks[k] * bs,
+                       (size_t)bs * sizeof(int32_t));
+        }
+    }
+    return 1;
+}
+
+void kvrt_change_journal(kvrt_cache *core, int32_t s0, int32_t s1)
+{
+    kvrt_change_begin(core);
+    journal_free(core);
+    if (core->prefix != NULL)
+        return; /* keys and cached blocks change too: not undone */
+    struct kvrt_journal *J = calloc(1, sizeof *J);
+    if (J == NULL)
+        return;
+    J->s0 = s0;
+    J->s1 = s1;
+    core->journal = J;
+    if (!journal_take(core, J))
+        journal_free(core); /* no host memory for it: a failure loses the cache */
+}
+
+void kvrt_change_final(kvrt_cache *core) { journal_free(core); }
+
+/* Puts back what the journal recorded; every block involved is marked for
+ * the upload of its positions. */
+static void journal_undo(kvrt_cache *core)
+{
+    struct kvrt_journal *J = core->journal;
+    for (int j = 0; j < core->n_groups; j++) {
+        kvrt_group *g = &core->groups[j];
+        journal_group *jg = &J->groups[j];
+        int64_t bs = g->block_size;
+        for (int32_t s = 0; s < J->s1 - J->s0; s++) {
+            kvrt_seq_pages *sp = &g->seqs[J->s0 + s];
+            const kvrt_seq_pages *old = &jg->seqs[s];
+            if (g->pos != NULL) {
+                /* blocks the edit took were free: no position (a block
+                 * shared from another sequence keeps its own) */
+                for (int32_t k = 0; k < sp->n_blocks; k++) {
+                    int32_t b = sp->blocks[k];
+                    if (b < 0 || b >= g->n_blocks || jg->refcount[b] != 0)
+                        continue;
+                    for (int64_t i = 0; i < bs; i++)
+                        g->pos[(int64_t)b * bs + i] = -1;
+                    kvrt_group_mark_dirty(g, b);
+                }
+                for (int32_t k = 0; k < old->n_blocks; k++) {
+                    int32_t b = jg->blocks[s][k];
+                    memcpy(g->pos + (int64_t)b * bs, jg->pos[s] + k * bs, (size_t)bs * sizeof(int32_t));
+                    kvrt_group_mark_dirty(g, b);
+                }
+            }
+            if (old->n_blocks > 0)
+                memcpy(sp->blocks, jg->blocks[s], (size_t)old->n_blocks * sizeof(int32_t));
+            sp->n_blocks = old->n_blocks;
+            sp->n_slots = old->n_slots;
+            sp->n_live = old->n_live;
+            sp->pos_min = old->pos_min;
+            sp->pos_max = old->pos_max;
+            sp->evicted_min = old->evicted_min;
+            sp->evicted_max = old->evicted_max;
+        }
+        memcpy(g->refcount, jg->refcount, (size_t)g->n_blocks * sizeof(int32_t));
+        if (jg->cross_len != NULL)
+            memcpy(g->cross_len, jg->cross_len, (size_t)g->n_blocks * sizeof(int32_t));
+        memcpy(g->free_stack, jg->free_stack, (size_t)jg->n_free * sizeof(int32_t));
+        g->n_free = jg->n_free;
+    }
+    /* the device copy of positions may hold the edit's until the next
+     * upload: earlier plans are stale */
+    core->epoch++;
+}
+
+kvrt_status kvrt_change_end(kvrt_cache *cache, kvrt_status status, const char *fn)
+{
+    kvrt_cache *core = KVRT_CORE(cache);
+    int changing = core != NULL && core->changing;
+    if (core != NULL)
+        core->changing = 0;
+    if (changing && status != KVRT_OK && core->journal != NULL) {
+        journal_undo(core); /* as it was: the failure is reported as it is */
+        changing = 0;
+    }
+    if (core != NULL)
+        journal_free(core);
+    status = kvrt_error_in(status, fn);
+    if (status == KVRT_OK || !changing || status == KVRT_ERR_CACHE_LOST)
+        return status;
+    core->lost = 1;
+    char msg[512];
+    snprintf(msg, sizeof msg, "%s", kvrt_last_error());
+    return kvrt_set_error(KVRT_ERR_CACHE_LOST, "%s (%s); the cache must be cleared (kvrt_cache_clear)",
+                          msg, kvrt_status_name(status));
 }
 
 kvrt_status kvrt_check_seq(const kvrt_cache *cache, int32_t seq, const char *what)
@@ -238,7 +424,11 @@ kvrt_status kvrt_group_unshare(kvrt_cache *cache, kvrt_group *g, kvrt_seq_pages 
     int32_t nb = kvrt_group_block_alloc(g);
     KVRT_CHECK(nb >= 0, KVRT_ERR_INTERNAL, "copy-on-write without a free block");
     kvrt_span span = {b * g->block_size, nb * g->block_size, g->block_size};
-    KVRT_TRY(kvrt_group_move(cache, g, &span, 1));
+    kvrt_status st = kvrt_group_move(cache, g, &span, 1);
+    if (st != KVRT_OK) { /* the block goes back: nothing changed */
+        kvrt_group_block_release(g, nb);
+        return st;
+    }
     if (g->pos != NULL) {
         memcpy(g->pos + (int64_t)nb * g->block_size, g->pos + (int64_t)b * g->block_size,
                (size_t)g->block_size * sizeof(int32_t));
@@ -531,7 +721,7 @@ static void core_destroy(kvrt_cache *cache)
 
 kvrt_status kvrt_cache_set_stream(kvrt_cache *cache, void *stream)
 {
-    KVRT_TRY(kvrt_check_cache(cache, "kvrt_cache_set_stream"));
+    KVRT_TRY(kvrt_check_handle(cache, "kvrt_cache_set_stream"));
     cache = KVRT_CORE(cache);
     cache->stream = stream;
     return KVRT_OK;
@@ -539,7 +729,7 @@ kvrt_status kvrt_cache_set_stream(kvrt_cache *cache, void *stream)
 
 static kvrt_status do_cache_sync(kvrt_cache *cache)
 {
-    KVRT_TRY(kvrt_check_cache(cache, "kvrt_cache_sync"));
+    KVRT_TRY(kvrt_check_handle(cache, "kvrt_cache_sync"));
     cache = KVRT_CORE(cache);
     return cache->be.ops->sync(&cache->be, cache->stream);
 }

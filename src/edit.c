@@ -312,7 +312,9 @@ static kvrt_status rotate_group(kvrt_cache *cache, kvrt_group *g, const int32_t 
     KVRT_TRY(be->ops->stage(be, deltas, (size_t)n * sizeof(int32_t), cache->stream, &dd));
     op.slots = ds;
     op.deltas = dd;
-    return be->ops->rotate(be, &op, cache->stream);
+    KVRT_TRY(be->ops->rotate(be, &op, cache->stream));
+    kvrt_change_final(cache); /* K rotated in place: no way back */
+    return KVRT_OK;
 }
 
 /* With seq < 0 every sequence is rewritten alike: a shared block changes the
@@ -398,6 +400,7 @@ static kvrt_status rewrite_all(kvrt_cache *cache, int32_t seq, const rewrite *rw
     int32_t *rot_slots, *rot_deltas;
     KVRT_TRY(kvrt_scratch(cache, 0, most_live + 1, &rot_slots));
     KVRT_TRY(kvrt_scratch(cache, 1, most_live + 1, &rot_deltas));
+    kvrt_change_journal(cache, s0, s1);
     cache->be.ops->stage_reset(&cache->be, cache->stream);
     kvrt_prefix_seq_edited(cache, seq);
     for (int j = 0; j < cache->n_groups; j++) {
@@ -533,6 +536,7 @@ static kvrt_status do_seq_cp(kvrt_cache *cache, int32_t src, int32_t dst, int32_
     for (int j = 0; j < cache->n_groups; j++)
         if (need[j] > 0)
             KVRT_TRY(kvrt_group_ensure_free(cache, &cache->groups[j], need[j]));
+    kvrt_change_journal(cache, dst, dst + 1);
     cache->be.ops->stage_reset(&cache->be, cache->stream);
     kvrt_prefix_seq_edited(cache, dst);
     for (int j = 0; j < cache->n_groups; j++) {
@@ -616,6 +620,7 @@ static kvrt_status do_seq_keep(kvrt_cache *cache, int32_t seq)
     KVRT_TRY(kvrt_check_cache(cache, "kvrt_seq_keep"));
     cache = KVRT_CORE(cache);
     KVRT_TRY(kvrt_check_seq(cache, seq, "kvrt_seq_keep"));
+    kvrt_change_journal(cache, 0, cache->desc.max_seqs);
     for (int32_t s = 0; s < cache->desc.max_seqs; s++)
         if (s != seq) {
             kvrt_prefix_seq_edited(cache, s);
@@ -627,12 +632,44 @@ static kvrt_status do_seq_keep(kvrt_cache *cache, int32_t seq)
     return KVRT_OK;
 }
 
+/* A lost cache's host tables may be half-changed (refcounts not matching
+ * page tables, positions of blocks no sequence holds): every sequence is
+ * emptied without releasing its blocks, every block gets refcount 0 and no
+ * position, and every block is marked for the upload of its positions. */
+static void tables_reset(kvrt_cache *cache)
+{
+    for (int j = 0; j < cache->n_groups; j++) {
+        kvrt_group *g = &cache->groups[j];
+        for (int32_t s = 0; s < cache->desc.max_seqs; s++) {
+            kvrt_seq_pages *sp = &g->seqs[s];
+            sp->n_blocks = 0;
+            sp->n_slots = sp->n_live = 0;
+            sp->pos_min = sp->pos_max = -1;
+        }
+        for (int32_t b = 0; b < g->n_blocks; b++) {
+            g->refcount[b] = 0;
+            if (g->cross_len != NULL)
+                g->cross_len[b] = 0;
+            if (g->pending != NULL)
+                g->pending[b] = 0;
+            if (g->pos != NULL) {
+                for (int64_t i = 0; i < g->block_size; i++)
+                    g->pos[(int64_t)b * g->block_size + i] = -1;
+                kvrt_group_mark_dirty(g, b);
+            }
+        }
+    }
+}
+
 static kvrt_status do_cache_clear(kvrt_cache *cache)
 {
-    KVRT_TRY(kvrt_check_cache(cache, "kvrt_cache_clear"));
+    KVRT_TRY(kvrt_check_handle(cache, "kvrt_cache_clear")); /* a lost cache too */
     cache = KVRT_CORE(cache);
     kvrt_backend_t *be = &cache->be;
+    kvrt_change_begin(cache);
     kvrt_prefix_clear(cache);
+    if (cache->lost)
+        tables_reset(cache);
     for (int32_t s = 0; s < cache->desc.max_seqs; s++)
         seq_reset(cache, s);
     be->ops->stage_reset(be, cache->stream);
@@ -650,6 +687,7 @@ static kvrt_status do_cache_clear(kvrt_cache *cache)
         }
         KVRT_TRY(kvrt_group_sync_pos(cache, g));
     }
+    cache->lost = 0;
     cache->epoch++;
     return KVRT_OK;
 }
@@ -673,6 +711,7 @@ static kvrt_status do_cache_compact(kvrt_cache *cache)
             holes = h;
     }
     KVRT_TRY(kvrt_reserve((void **)&cache->spans, &cache->spans_cap, holes + 1, sizeof(kvrt_span)));
+    kvrt_change_journal(cache, 0, cache->desc.max_seqs);
     cache->be.ops->stage_reset(&cache->be, cache->stream);
     for (int j = 0; j < cache->n_groups; j++) {
         kvrt_group *g = &cache->groups[j];
@@ -970,17 +1009,20 @@ static kvrt_status do_cross_set(kvrt_cache *cache, int layer, int32_t seq, int n
     int32_t *slots = NULL;
     if (n > 0)
         KVRT_TRY(kvrt_scratch(cache, 0, n, &slots));
-    kvrt_seq_pages_release_all(g, sp);
-    cache->epoch++;
-    if (n == 0)
-        return KVRT_OK;
-    int32_t b = kvrt_group_block_alloc(g);
-    KVRT_CHECK(b >= 0, KVRT_ERR_INTERNAL, "kvrt_cross_set: no free cross block");
-    sp->blocks[0] = b;
-    sp->n_blocks = 1;
-    sp->n_slots = n;
-    g->cross_len[b] = n;
-    kvrt_seq_pages_refresh(g, sp);
+    /* The rows go into a free block, and the sequence's old block is
+     * released only once the write is queued, so a failed device call
+     * leaves the old rows in place. Only when every block is in use is the
+     * sequence's own block rewritten in place (a failure then loses it). */
+    int32_t b = n > 0 ? kvrt_group_block_alloc(g) : -1;
+    if (b < 0) {
+        kvrt_change_begin(cache);
+        kvrt_seq_pages_release_all(g, sp);
+        cache->epoch++;
+        if (n == 0)
+            return KVRT_OK;
+        b = kvrt_group_block_alloc(g);
+        KVRT_CHECK(b >= 0, KVRT_ERR_INTERNAL, "kvrt_cross_set: no free cross block");
+    }
     for (int i = 0; i < n; i++)
         slots[i] = b * g->block_size + i;
     kvrt_write_op op;
@@ -991,46 +1033,61 @@ static kvrt_status do_cross_set(kvrt_cache *cache, int layer, int32_t seq, int n
     op.src_dtype = (int32_t)src_dtype;
     op.n_rows = n;
     const void *d_slots;
-    KVRT_TRY(cache->be.ops->stage(&cache->be, slots, (size_t)n * sizeof(int32_t), stream, &d_slots));
-    op.slots = d_slots;
-    return cache->be.ops->write(&cache->be, &op, stream);
+    kvrt_status st = cache->be.ops->stage(&cache->be, slots, (size_t)n * sizeof(int32_t), stream, &d_slots);
+    if (st == KVRT_OK) {
+        op.slots = d_slots;
+        st = cache->be.ops->write(&cache->be, &op, stream);
+    }
+    if (st != KVRT_OK) {
+        if (!cache->changing)
+            kvrt_group_block_release(g, b); /* the old rows stay */
+        return st;
+    }
+    kvrt_seq_pages_release_all(g, sp);
+    sp->blocks[0] = b;
+    sp->n_blocks = 1;
+    sp->n_slots = n;
+    g->cross_len[b] = n;
+    kvrt_seq_pages_refresh(g, sp);
+    cache->epoch++;
+    return KVRT_OK;
 }
 
 /* ---- public entries: the message of a failure starts with the function ---- */
 
 kvrt_status kvrt_seq_rm(kvrt_cache *cache, int32_t seq, int32_t p0, int32_t p1)
 {
-    return kvrt_error_in(do_seq_rm(cache, seq, p0, p1), "kvrt_seq_rm");
+    return kvrt_change_end(cache, do_seq_rm(cache, seq, p0, p1), "kvrt_seq_rm");
 }
 
 kvrt_status kvrt_seq_shift(kvrt_cache *cache, int32_t seq, int32_t p0, int32_t p1, int32_t delta)
 {
-    return kvrt_error_in(do_seq_shift(cache, seq, p0, p1, delta), "kvrt_seq_shift");
+    return kvrt_change_end(cache, do_seq_shift(cache, seq, p0, p1, delta), "kvrt_seq_shift");
 }
 
 kvrt_status kvrt_seq_div(kvrt_cache *cache, int32_t seq, int32_t p0, int32_t p1, int d)
 {
-    return kvrt_error_in(do_seq_div(cache, seq, p0, p1, d), "kvrt_seq_div");
+    return kvrt_change_end(cache, do_seq_div(cache, seq, p0, p1, d), "kvrt_seq_div");
 }
 
 kvrt_status kvrt_seq_cp(kvrt_cache *cache, int32_t src, int32_t dst, int32_t p0, int32_t p1)
 {
-    return kvrt_error_in(do_seq_cp(cache, src, dst, p0, p1), "kvrt_seq_cp");
+    return kvrt_change_end(cache, do_seq_cp(cache, src, dst, p0, p1), "kvrt_seq_cp");
 }
 
 kvrt_status kvrt_seq_keep(kvrt_cache *cache, int32_t seq)
 {
-    return kvrt_error_in(do_seq_keep(cache, seq), "kvrt_seq_keep");
+    return kvrt_change_end(cache, do_seq_keep(cache, seq), "kvrt_seq_keep");
 }
 
 kvrt_status kvrt_cache_clear(kvrt_cache *cache)
 {
-    return kvrt_error_in(do_cache_clear(cache), "kvrt_cache_clear");
+    return kvrt_change_end(cache, do_cache_clear(cache), "kvrt_cache_clear");
 }
 
 kvrt_status kvrt_cache_compact(kvrt_cache *cache)
 {
-    return kvrt_error_in(do_cache_compact(cache), "kvrt_cache_compact");
+    return kvrt_change_end(cache, do_cache_compact(cache), "kvrt_cache_compact");
 }
 
 kvrt_status kvrt_gather(const kvrt_cache *ccache, int layer, int32_t seq, int32_t p0, int32_t p1,
@@ -1043,5 +1100,5 @@ kvrt_status kvrt_gather(const kvrt_cache *ccache, int layer, int32_t seq, int32_
 kvrt_status kvrt_cross_set(kvrt_cache *cache, int layer, int32_t seq, int n, const void *k,
                            const void *v, kvrt_dtype src_dtype, void *stream)
 {
-    return kvrt_error_in(do_cross_set(cache, layer, seq, n, k, v, src_dtype, stream), "kvrt_cross_set");
+    return kvrt_change_end(cache, do_cross_set(cache, layer, seq, n, k, v, src_dtype, stream), "kvrt_cross_set");
 }

@@ -123,7 +123,34 @@ struct kvrt_cache {
     int        *layer_users;       /* on the core [n_layers_total]: shared handles using each
                                       own layer; a released one has layer_group -1 */
     struct kvrt_prefix *prefix;    /* prefix caching (prefix.c); NULL when off */
+    /* on the core: a call has begun changing the cache (kvrt_change_begin),
+     * and a failure after that left it half-changed (KVRT_ERR_CACHE_LOST) */
+    int         changing;
+    int         lost;
+    struct kvrt_journal *journal;  /* on the core: the edit's undo record (kvrt_change_journal) */
 };
+
+/* ---- calls that change the cache (kvrt.h, "Device failures") ----
+ * A call that edits the cache calls kvrt_change_begin at its point of no
+ * return, the first change of a host table or of device rows, and its
+ * public entry returns through kvrt_change_end, which turns a failure after
+ * that point into KVRT_ERR_CACHE_LOST and marks the cache lost until
+ * kvrt_cache_clear rebuilds it. kvrt_check_cache refuses a lost cache. */
+void        kvrt_change_begin(kvrt_cache *core);
+/* kvrt_error_in(status, fn), after which a failure of a call that had begun
+ * changing the cache becomes KVRT_ERR_CACHE_LOST. */
+kvrt_status kvrt_change_end(kvrt_cache *cache, kvrt_status status, const char *fn);
+/* kvrt_change_begin for an edit that changes only the page tables of
+ * sequences [s0, s1), positions, refcounts and the free lists, whose device
+ * work writes rows only into blocks that end up free or into holes, and the
+ * device copy of positions: it records them first, so that kvrt_change_end
+ * puts them back on a failure and the cache is as it was. Without prefix
+ * caching only; kvrt_change_final marks the point (a RoPE re-rotation in
+ * place) after which the edit can no longer be undone. */
+void        kvrt_change_journal(kvrt_cache *core, int32_t s0, int32_t s1);
+void        kvrt_change_final(kvrt_cache *core);
+/* kvrt_check_cache without refusing a lost cache (clear, sync, set_stream). */
+kvrt_status kvrt_check_handle(const kvrt_cache *cache, const char *fn);
 
 /* The cache that owns the memory behind a handle. */
 #define KVRT_CORE(c) ((c) != NULL && (c)->core != NULL ? (c)->core : (c))
@@ -222,6 +249,8 @@ struct kvrt_batch {
     int32_t          *seq_count;
     int64_t          *grow;        /* per group: blocks to add */
     int64_t           grow_cap;
+    int64_t          *undo;        /* the commit's journal (plan.c, plan_undo) */
+    int64_t           undo_cap;
 };
 
 #endif /* KVRT_INTERNAL_H */

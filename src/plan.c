@@ -36,6 +36,7 @@ void kvrt_batch_destroy(kvrt_batch *batch)
     free(batch->seq_first_pos);
     free(batch->seq_count);
     free(batch->grow);
+    free(batch->undo);
     free(batch->image);
     free(batch);
 }
@@ -190,6 +191,100 @@ static void evict_blocks(kvrt_group *g, kvrt_seq_pages *sp, int32_t limit)
     else
         sp->n_slots = (int64_t)(kept - 1) * g->block_size + last_used;
 }
+
+/* ---- the commit's journal ----
+ * A plan changes its sequences' page tables and positions on the host as it
+ * queues its device work (copy-on-write copies, the metadata upload, the
+ * positions). When a device call fails, the journal puts the host tables
+ * back, so the cache is as it was (kvrt.h, "Device failures"): the device
+ * work already queued wrote only blocks that return to the pool and the
+ * device copy of positions, which is uploaded again. That holds when the
+ * commit released no block (no sliding window dropped one) and took no
+ * cached block (prefix caching is off); otherwise the cache is lost.
+ * Layout: per (group, batch sequence) UNDO_SEQ values (the page table's
+ * n_blocks, n_slots, n_live, pos_min, pos_max, and the page and old block
+ * of a copy-on-write, -1 none), then (group, block) pairs of the blocks
+ * allocated, in order. */
+enum { UNDO_SEQ = 7 };
+
+typedef struct plan_undo {
+    int64_t *at;
+    int      n_seqs;
+    int64_t  n_allocs;
+    int      possible;
+} plan_undo;
+
+static kvrt_status undo_reserve(kvrt_cache *cache, kvrt_batch *batch, int n, int n_seqs, plan_undo *u)
+{
+    int64_t per_group = (int64_t)n_seqs * UNDO_SEQ + 2 * ((int64_t)n + n_seqs);
+    KVRT_TRY(kvrt_reserve((void **)&batch->undo, &batch->undo_cap, per_group * cache->n_groups + 1,
+                          sizeof(int64_t)));
+    u->at = batch->undo;
+    u->n_seqs = n_seqs;
+    u->n_allocs = 0;
+    u->possible = cache->prefix == NULL;
+    return KVRT_OK;
+}
+
+static int64_t *undo_seq(plan_undo *u, int j, int s) { return u->at + ((int64_t)j * u->n_seqs + s) * UNDO_SEQ; }
+
+static void undo_save_seq(plan_undo *u, int j, int s, const kvrt_seq_pages *sp)
+{
+    int64_t *e = undo_seq(u, j, s);
+    e[0] = sp->n_blocks;
+    e[1] = sp->n_slots;
+    e[2] = sp->n_live;
+    e[3] = sp->pos_min;
+    e[4] = sp->pos_max;
+    e[5] = e[6] = -1;
+}
+
+static void undo_alloc(plan_undo *u, int n_groups, int j, int32_t block)
+{
+    int64_t *a = u->at + (int64_t)n_groups * u->n_seqs * UNDO_SEQ + 2 * u->n_allocs++;
+    a[0] = j;
+    a[1] = block;
+}
+
+/* Puts back what the commit changed (u->possible must hold). */
+static void undo_apply(kvrt_cache *cache, kvrt_batch *batch, const seq_plan *plans, plan_undo *u)
+{
+    for (int j = 0; j < cache->n_groups; j++) {
+        kvrt_group *g = &cache->groups[j];
+        if (!kvrt_group_is_self(g))
+            continue;
+        for (int s = 0; s < u->n_seqs; s++) {
+            kvrt_seq_pages *sp = &g->seqs[plans[s].seq];
+            const int64_t *e = undo_seq(u, j, s);
+            /* the slots the plan appended held no position */
+            for (int64_t i = e[1]; i < sp->n_slots; i++) {
+                int64_t slot = kvrt_seq_slot(g, sp, i);
+                g->pos[slot] = -1;
+                kvrt_group_mark_dirty(g, (int32_t)(slot / g->block_size));
+            }
+            if (e[5] >= 0) { /* the shared block the copy replaced */
+                sp->blocks[e[5]] = (int32_t)e[6];
+                g->refcount[e[6]]++;
+            }
+            sp->n_blocks = (int32_t)e[0];
+            sp->n_slots = e[1];
+            sp->n_live = e[2];
+            sp->pos_min = (int32_t)e[3];
+            sp->pos_max = (int32_t)e[4];
+        }
+    }
+    /* new blocks back to the pool, last first: the free stacks are as before */
+    const int64_t *a = u->at + (int64_t)cache->n_groups * u->n_seqs * UNDO_SEQ;
+    for (int64_t i = u->n_allocs - 1; i >= 0; i--)
+        kvrt_group_block_release(&cache->groups[a[2 * i]], (int32_t)a[2 * i + 1]);
+    batch->n_tokens = 0; /* its host arrays hold the failed plan */
+    cache->epoch++;      /* device positions may hold its until the next upload */
+    cache->changing = 0;
+}
+
+static kvrt_status plan_commit(kvrt_cache *cache, int n, const int32_t *seq_ids,
+                               const int32_t *positions, kvrt_batch *batch, const seq_plan *plans,
+                               int n_seqs, const int32_t *order, plan_undo *u);
 
 static kvrt_status do_batch_plan(kvrt_cache *cache, int n, const int32_t *seq_ids,
                                  const int32_t *positions, kvrt_batch *batch)
@@ -373,7 +468,27 @@ static kvrt_status do_batch_plan(kvrt_cache *cache, int n, const int32_t *seq_id
         batch->device_commit = commit;
     }
 
-    /* ---- commit: nothing below fails on a valid cache ---- */
+    plan_undo undo;
+    KVRT_TRY(undo_reserve(cache, batch, n, n_seqs, &undo));
+
+    /* ---- commit: nothing below fails on a valid cache but a device call
+     * (kvrt.h, "Device failures"), after which the journal puts the host
+     * tables back (undo_apply) ---- */
+    kvrt_change_begin(cache);
+    kvrt_status st = plan_commit(cache, n, seq_ids, positions, batch, plans, n_seqs, order, &undo);
+    if (st != KVRT_OK && undo.possible)
+        undo_apply(cache, batch, plans, &undo);
+    return st;
+}
+
+/* The commit of do_batch_plan, journaled in u. */
+static kvrt_status plan_commit(kvrt_cache *cache, int n, const int32_t *seq_ids,
+                               const int32_t *positions, kvrt_batch *batch, const seq_plan *plans,
+                               int n_seqs, const int32_t *order, plan_undo *u)
+{
+    for (int j = 0; j < cache->n_groups; j++)
+        for (int s = 0; s < n_seqs; s++)
+            undo_save_seq(u, j, s, &cache->groups[j].seqs[plans[s].seq]);
     cache->be.ops->stage_reset(&cache->be, cache->stream);
     batch->n_tokens = n;
     batch->n_seqs = n_seqs;
@@ -401,21 +516,33 @@ static kvrt_status do_batch_plan(kvrt_cache *cache, int n, const int32_t *seq_id
         for (int s = 0; g->evict && s < n_seqs; s++) {
             kvrt_seq_pages *sp = &g->seqs[plans[s].seq];
             int32_t limit = (int32_t)((int64_t)plans[s].pos_min - g->window);
+            int32_t had = sp->n_blocks;
             if (limit >= -1)
                 evict_blocks(g, sp, limit);
+            if (sp->n_blocks != had)
+                u->possible = 0; /* released blocks may be taken again below */
             kvrt_seq_pages_refresh(g, sp);
         }
         for (int s = 0; s < n_seqs; s++) {
             kvrt_seq_pages *sp = &g->seqs[plans[s].seq];
             if (kvrt_group_is_self(g)) {
                 int64_t bs = g->block_size;
-                if (sp->n_slots % bs != 0)
-                    KVRT_TRY(kvrt_group_unshare(cache, g, sp, sp->n_blocks - 1));
+                if (sp->n_slots % bs != 0) {
+                    int32_t page = sp->n_blocks - 1, old = sp->blocks[page];
+                    KVRT_TRY(kvrt_group_unshare(cache, g, sp, page));
+                    if (sp->blocks[page] != old) {
+                        int64_t *e = undo_seq(u, j, s);
+                        e[5] = page;
+                        e[6] = old;
+                        undo_alloc(u, cache->n_groups, j, sp->blocks[page]);
+                    }
+                }
                 for (int k = 0; k < plans[s].count; k++) {
                     int32_t t = order[plans[s].first + k];
                     if (sp->n_slots == (int64_t)sp->n_blocks * bs) {
                         int32_t b = kvrt_group_block_alloc(g);
                         KVRT_CHECK(b >= 0, KVRT_ERR_INTERNAL, "planned block missing");
+                        undo_alloc(u, cache->n_groups, j, b);
                         KVRT_TRY(kvrt_seq_pages_push(sp, b));
                     }
                     int64_t slot = kvrt_seq_slot(g, sp, sp->n_slots);
@@ -485,5 +612,5 @@ kvrt_status kvrt_batch_create(kvrt_cache *cache, int max_tokens, kvrt_batch **ou
 kvrt_status kvrt_batch_plan(kvrt_cache *cache, int n, const int32_t *seq_ids,
                             const int32_t *positions, kvrt_batch *batch)
 {
-    return kvrt_error_in(do_batch_plan(cache, n, seq_ids, positions, batch), "kvrt_batch_plan");
+    return kvrt_change_end(cache, do_batch_plan(cache, n, seq_ids, positions, batch), "kvrt_batch_plan");
 }

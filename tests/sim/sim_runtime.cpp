@@ -373,6 +373,11 @@ void run_item(item &it)
 /* Runs s's queued work up to sequence number upto, with what it waits for first. */
 void flush(kvrt_sim_stream *s, uint64_t upto)
 {
+    /* device memory opened once for the whole run of items, not per item
+     * (each opening changes the protection of every allocation) */
+    if (s->q.empty() || s->q.front().seq > upto)
+        return;
+    opener o;
     while (!s->q.empty() && s->q.front().seq <= upto) {
         item it = std::move(s->q.front());
         s->q.pop_front();
