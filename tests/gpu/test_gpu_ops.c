@@ -11,13 +11,18 @@
  * of 576 (and an odd-sized MLA row that takes the scalar paths), many
  * blocks, unaligned caller buffers, every source/cache dtype pair.
  *
- * Usage: test_gpu_ops [cuda|hip|cpu]. "cpu" runs the CPU backend against
- * itself, which checks the test where there is no device. Exits 77
+ * Usage: test_gpu_ops [cuda|hip|cpu] [ops|attention-decode]. "cpu" runs the
+ * CPU backend against itself, which checks the test where there is no
+ * device. The second argument runs a part: "ops" every test but the decode
+ * attention grid, "attention-decode" that grid (both by default). Exits 77
  * when the backend has no device.
  */
 #include "gpu_test.h"
 
 #include "backend.h"
+#if defined(KVRT_GPU_SIM)
+#  include "kvrt_sim.h" /* launch counts */
+#endif
 
 enum { CPU = 0, DEV = 1 };
 
@@ -531,6 +536,9 @@ typedef struct attn_case {
     int32_t     causal;      /* 0 with positions NULL: cross-attention */
     float       softcap;
     int         q_dtype, out_dtype;
+    int         nan_inputs;  /* NaN in one query row and in one K row a token sees */
+    int         launches;    /* kvrt-sim: device launches expected (0: any) */
+    int         full_seqs;   /* every sequence holds max_seq_blocks blocks */
 } attn_case;
 
 static void test_attention(rng *r, attn_case c)
@@ -553,7 +561,7 @@ static void test_attention(rng *r, attn_case c)
     int32_t *max_pos = malloc((size_t)c.n_seqs * sizeof *max_pos);
     int32_t used = 0, max_seq_slots = 0;
     for (int32_t s = 0; s < c.n_seqs; s++) {
-        int32_t nb = 1 + (int32_t)rng_below(r, c.max_seq_blocks);
+        int32_t nb = c.full_seqs ? c.max_seq_blocks : 1 + (int32_t)rng_below(r, c.max_seq_blocks);
         if (used + nb > c.n_blocks)
             nb = c.n_blocks - used;
         indptr[s + 1] = indptr[s] + nb;
@@ -602,6 +610,15 @@ static void test_attention(rng *r, attn_case c)
     twin pos_dev;
     twin_alloc(&pos_dev, n_pos * sizeof *pos);
     twin_set(&pos_dev, pos);
+    if (c.nan_inputs) { /* the last sequence's first used slot: K of head 0 */
+        int32_t s = c.n_seqs - 1, slot = indices[indptr[s]] * bs;
+        if (n_slots[s] > 0 && (!c.causal || pos[slot] >= 0)) {
+            char *k = twin_get(&f.k, CPU);
+            kvrt_store(k, L.dtype, kvrt_k_index(&L, slot, 0) + L.dim_k / 2, NAN);
+            twin_set(&f.k, k);
+            free(k);
+        }
+    }
     /* tokens */
     int32_t n_tokens = c.n_seqs * c.tokens_per_seq;
     int32_t *tok_seq = malloc((size_t)n_tokens * sizeof *tok_seq);
@@ -618,6 +635,8 @@ static void test_attention(rng *r, attn_case c)
     twin_alloc(&out, out_bytes);
     void *host = malloc(q_elems * dtype_size(c.q_dtype) > out_bytes ? q_elems * dtype_size(c.q_dtype) : out_bytes);
     fill_finite(r, host, c.q_dtype, (int64_t)q_elems);
+    if (c.nan_inputs) /* the last head of the last token */
+        kvrt_store(host, c.q_dtype, ((int64_t)n_tokens * c.n_q_heads - 1) * L.dim_k, NAN);
     twin_set(&q, host);
     memset(host, 0x7f, out_bytes);
     twin_set(&out, host);
@@ -652,7 +671,16 @@ static void test_attention(rng *r, attn_case c)
         op.seq_n_slots = d_n_slots[s];
         op.n_seqs = c.n_seqs;
         op.max_seq_slots = max_seq_slots;
+#if defined(KVRT_GPU_SIM)
+        long launched = kvrt_sim_calls(KVRT_SIM_LAUNCH);
+#endif
         st[s] = be[s].ops->attention(&be[s], &op, NULL);
+#if defined(KVRT_GPU_SIM)
+        launched = kvrt_sim_calls(KVRT_SIM_LAUNCH) - launched;
+        CHECK(s == CPU || c.launches == 0 || launched == c.launches,
+              "attention: %ld launches (%d tokens over up to %d slots), expected %d", launched,
+              n_tokens, max_seq_slots, c.launches);
+#endif
     }
     finish_both();
     char name[160];
@@ -678,7 +706,7 @@ static void test_attention(rng *r, attn_case c)
               first >= 0 ? (double)kvrt_load(a, c.out_dtype, first) : 0.0,
               first >= 0 ? (double)kvrt_load(b, c.out_dtype, first) : 0.0);
         /* NaN sits only in rows no token sees: none may show */
-        CHECK(nans == 0, "attention %s: the CPU twin read %lld NaN outputs from masked rows", name,
+        CHECK(nans == 0 || c.nan_inputs, "attention %s: the CPU twin read %lld NaN outputs from masked rows", name,
               (long long)nans);
         free(a);
         free(b);
@@ -696,6 +724,130 @@ static void test_attention(rng *r, attn_case c)
     twin_free(&out);
     twin_free(&pos_dev);
     layer_free(&f);
+}
+
+/* ---- the decode attention grid ---- */
+
+/* Decode-shaped calls (1 to 8 query tokens per sequence, f32/f16/bf16
+ * caches: attention_decode.cu) over the grid of shapes. The bound is
+ * attention_close's: the decode kernel also sums in f32 (dots over a row
+ * group's lanes, then slots in a lane's order, then the lanes' and the
+ * splits' partials, each rescaled by one expf of a difference of maxima
+ * within 2 ulp, a relative error under 2^-21 per merge level, three levels
+ * at most), far inside the 1e-4 the logit errors already allow; outputs are
+ * poisoned (0x7f bytes) before the call, so a row the kernel skips fails.
+ * NaN inputs (a query row, a K row a token sees) must give NaN exactly
+ * where the twin gives it. On kvrt-sim the launch count shows whether the
+ * call split (kernel + combine) or not. */
+static void attention_decode_grid(rng *r)
+{
+    static const int dims[][2] = {{64, 64}, {80, 80}, {96, 96}, {128, 128}, {192, 192},
+                                  {256, 256}, {48, 48}, {64, 128}};
+    attn_case c;
+    /* head dims (templated and generic) x dtypes, short contexts: no split */
+    for (int i = 0; i < (int)(sizeof dims / sizeof dims[0]); i++) {
+        memset(&c, 0, sizeof c);
+        int dt = i % 3;
+        c.L = layout_attn(2, dims[i][0], dims[i][1], 16, dt, dims[i][0]);
+        c.dim_v = dims[i][1];
+        c.n_blocks = 64;
+        c.n_seqs = 3;
+        c.max_seq_blocks = 15; /* under 256 slots: one split */
+        c.tokens_per_seq = 1 + i % 3;
+        c.n_q_heads = 2 * (1 + i % 5);
+        c.causal = 1;
+        c.q_dtype = (dt + 1) % 3;
+        c.out_dtype = i % 2 ? KVRT_LAYOUT_F32 : dt;
+        c.launches = 1;
+        test_attention(r, c);
+    }
+    /* group sizes 1..16 with 1..8 query tokens, long contexts: splits */
+    static const int groups[] = {1, 2, 3, 4, 6, 8, 12, 16};
+    for (int i = 0; i < 8; i++) {
+        memset(&c, 0, sizeof c);
+        c.L = layout_attn(2, 128, 128, 16, KVRT_LAYOUT_F16, 128);
+        c.dim_v = 128;
+        c.n_blocks = 256;
+        c.n_seqs = 2;
+        c.max_seq_blocks = 100;
+        c.tokens_per_seq = 1 + i;
+        c.n_q_heads = 2 * groups[i];
+        c.causal = 1;
+        c.q_dtype = KVRT_LAYOUT_F16;
+        c.out_dtype = i % 2 ? KVRT_LAYOUT_F16 : KVRT_LAYOUT_F32;
+        c.window = i == 5 ? 300 : 0;
+        c.softcap = i == 3 ? 30.0f : 0.0f;
+        test_attention(r, c);
+    }
+    /* block sizes 1, 16, 64, 256 over contexts of many blocks, split and not */
+    static const int block_sizes[] = {1, 16, 64, 256};
+    for (int i = 0; i < 4; i++) {
+        for (int split = 0; split < 2; split++) {
+            memset(&c, 0, sizeof c);
+            int bs = block_sizes[i];
+            c.L = layout_attn(1, 64, 64, bs, KVRT_LAYOUT_BF16, 64);
+            c.dim_v = 64;
+            c.max_seq_blocks = (split ? 1200 : 250) / bs > 0 ? (split ? 1200 : 250) / bs : 1;
+            c.n_seqs = split ? 1 : 4;
+            c.n_blocks = c.n_seqs * c.max_seq_blocks;
+            c.tokens_per_seq = split ? 4 : 1;
+            c.n_q_heads = 8;
+            c.causal = 1;
+            c.q_dtype = KVRT_LAYOUT_BF16;
+            c.out_dtype = KVRT_LAYOUT_BF16;
+            c.full_seqs = split;
+            c.launches = split ? 2 : 1; /* over 768 slots split, under 256 not */
+            test_attention(r, c);
+        }
+    }
+    /* windows, soft-cap, NaN inputs, one sequence split many ways */
+    memset(&c, 0, sizeof c);
+    c.L = layout_attn(2, 128, 128, 16, KVRT_LAYOUT_F32, 128);
+    c.dim_v = 128;
+    c.n_blocks = 200;
+    c.n_seqs = 1;
+    c.max_seq_blocks = 200;
+    c.tokens_per_seq = 2;
+    c.n_q_heads = 8;
+    c.causal = 1;
+    c.q_dtype = KVRT_LAYOUT_F32;
+    c.out_dtype = KVRT_LAYOUT_F32;
+    c.window = 700;
+    c.softcap = 20.0f;
+    c.launches = 2;
+    c.full_seqs = 1;
+    test_attention(r, c);
+    c.window = 0;
+    c.softcap = 0.0f;
+    c.nan_inputs = 1;
+    test_attention(r, c);
+    c.L = layout_attn(4, 96, 96, 16, KVRT_LAYOUT_F16, 96);
+    c.dim_v = 96;
+    c.n_seqs = 3;
+    c.max_seq_blocks = 10;
+    c.n_blocks = 30;
+    c.tokens_per_seq = 3;
+    c.n_q_heads = 16;
+    c.q_dtype = KVRT_LAYOUT_F16;
+    c.out_dtype = KVRT_LAYOUT_F16;
+    c.launches = 1;
+    c.full_seqs = 0;
+    test_attention(r, c);
+    /* cross-attention: no positions, no causal mask */
+    memset(&c, 0, sizeof c);
+    c.L = layout_attn(2, 64, 64, 128, KVRT_LAYOUT_F16, 0);
+    c.dim_v = 64;
+    c.n_blocks = 4;
+    c.max_seq_blocks = 1;
+    c.n_seqs = 4;
+    c.n_q_heads = 16;
+    c.q_dtype = KVRT_LAYOUT_F16;
+    c.out_dtype = KVRT_LAYOUT_F32;
+    c.launches = 1;
+    for (int tps = 1; tps <= 5; tps += 4) {
+        c.tokens_per_seq = tps;
+        test_attention(r, c);
+    }
 }
 
 /* ---- set_pos ---- */
@@ -878,6 +1030,15 @@ int main(int argc, char **argv)
     (void)kvrt_device_describe(dev, desc, sizeof desc);
     printf("test_gpu_ops on %s\n", desc);
     rng r = {0x9e3779b97f4a7c15ull};
+    /* argv[2]: "ops" every test but the decode attention grid,
+     * "attention-decode" that grid only; none: both */
+    const char *part = argc > 2 ? argv[2] : "all";
+    if (strcmp(part, "attention-decode") == 0) {
+        attention_decode_grid(&r);
+        kvrt_backend_close(&be[DEV]);
+        kvrt_backend_close(&be[CPU]);
+        return gpu_test_result("test_gpu_ops attention-decode");
+    }
 
     /* memory */
     test_mem_kind();
@@ -1108,6 +1269,9 @@ int main(int argc, char **argv)
         c.out_dtype = KVRT_LAYOUT_F32;
         test_attention(&r, c);
     }
+
+    if (strcmp(part, "all") == 0)
+        attention_decode_grid(&r);
 
     /* set_pos */
     test_set_pos(&r, 16, 256, 100);
