@@ -51,10 +51,21 @@
  * Results differ from the twin by summation order and expf: f32 rounding,
  * bounded in tests/gpu/test_gpu_ops.c (attention_close).
  *
- * Registers, spills and shared memory per instance, nvcc 13.0 -arch=sm_90a
- * -Xptxas -v (f16 cache; f32/bf16 alike within a few registers):
- *   DK/DV   L  RPT  registers  spills  static smem  dynamic smem (TS)
- *   (filled in by the compile check below)
+ * Registers, spills and shared memory per instance (nvcc 13.0, -O3
+ * -arch=sm_90a -Xptxas -v; registers of the f16 instance, f32 and bf16
+ * within the range given; no instance spills, 0-byte stack frames; 1 KiB
+ * of static shared memory; dynamic shared memory of an f16 cache at the
+ * plan's TS, the slot lanes' merge needing less):
+ *   DK = DV   L  RPT  registers (f32..bf16)  TS  dynamic smem
+ *   64        8   4   125 (124..125)         32  24 KiB
+ *   80        2   1   158 (156..167)         32  30 KiB
+ *   96        4   1   116 (114..116)         32  36 KiB
+ *   128      16   4   126 (124..126)         16  24 KiB
+ *   192       8   1   116 (114..116)         16  36 KiB
+ *   256      16   2   120 (119..121)          8  24 KiB
+ *   generic   8   1   150 (148..150)   by dims, <= 40 KiB
+ * At 126 registers a multiprocessor holds 4 CTAs of 128 threads (64K
+ * registers), 96 KiB of stages at d128: the bytes in flight above.
  */
 #include "gpu_common.cuh"
 
