@@ -2,7 +2,10 @@
  * attention.cu: kvrt_attention_op, masked paged attention of a batch's
  * tokens over their sequences' slots (decode, short query blocks and
  * prefill, ATTN, MLA and CROSS layers). C twin: kvrt_cpu_attention in
- * src/attention_cpu.c.
+ * src/attention_cpu.c. Decode-shaped calls over f32, f16 and bf16 caches
+ * go to attention_decode.cu instead (the glue asks attention_decode_takes);
+ * its splits are merged by attention_combine_kernel here
+ * (launch_attention_combine).
  *
  * One tiled kernel (attention_kernel) serves decode and prefill; the
  * launcher picks the tile shape from the op:

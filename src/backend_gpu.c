@@ -1108,9 +1108,6 @@ static kvrt_status attention_impl(gpu_ctx *ctx, const kvrt_attention_op *op, voi
     KVRT_CHECK(shared <= 40 * 1024, KVRT_ERR_UNSUPPORTED,
                "%s: attention over rows of %d + %d values is not supported by this kernel "
                "(at most 10240 together)", KVRT_GPU_API_NAME, L->dim_k, op->dim_v);
-    KVRT_CHECK((int64_t)op->n_tokens * op->n_q_heads <= 0x7fffffff, KVRT_ERR_UNSUPPORTED,
-               "%s: attention over %d tokens x %d query heads is too large for one launch",
-               KVRT_GPU_API_NAME, op->n_tokens, op->n_q_heads);
     void *ws = NULL;
     size_t ws_bytes = 0;
     attention_workspace(ctx, KVRT_GPU_FN(attention_workspace)(op), stream, &ws, &ws_bytes);
@@ -1122,9 +1119,6 @@ static kvrt_status attention_impl(gpu_ctx *ctx, const kvrt_attention_op *op, voi
  * to the generic one. */
 static kvrt_status attention_decode_impl(gpu_ctx *ctx, const kvrt_attention_op *op, void *stream)
 {
-    KVRT_CHECK((int64_t)op->n_tokens * op->n_q_heads <= 0x7fffffff, KVRT_ERR_UNSUPPORTED,
-               "%s: attention over %d tokens x %d query heads is too large for one launch",
-               KVRT_GPU_API_NAME, op->n_tokens, op->n_q_heads);
     void *ws = NULL;
     size_t ws_bytes = 0;
     attention_workspace(ctx, KVRT_GPU_FN(attention_decode_workspace)(op), stream, &ws, &ws_bytes);
@@ -1134,6 +1128,9 @@ static kvrt_status attention_decode_impl(gpu_ctx *ctx, const kvrt_attention_op *
 
 static kvrt_status attention_dispatch(gpu_ctx *ctx, const kvrt_attention_op *op, void *stream)
 {
+    KVRT_CHECK((int64_t)op->n_tokens * op->n_q_heads <= 0x7fffffff, KVRT_ERR_UNSUPPORTED,
+               "%s: attention over %d tokens x %d query heads is too large for one launch",
+               KVRT_GPU_API_NAME, op->n_tokens, op->n_q_heads);
     if (KVRT_GPU_FN(attention_decode_takes)(op))
         return attention_decode_impl(ctx, op, stream);
     return attention_impl(ctx, op, stream);

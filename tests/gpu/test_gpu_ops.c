@@ -739,113 +739,80 @@ static void test_attention(rng *r, attn_case c)
  * NaN inputs (a query row, a K row a token sees) must give NaN exactly
  * where the twin gives it. On kvrt-sim the launch count shows whether the
  * call split (kernel + combine) or not. */
+/* A causal case of the grid: n_seqs sequences of up to max_seq_blocks
+ * blocks (all of them with full), tokens query tokens each. */
+static attn_case decode_case(kvrt_layout L, int32_t dim_v, int32_t n_seqs, int32_t max_seq_blocks,
+                             int full, int32_t tokens, int32_t n_q_heads, int q_dtype, int out_dtype)
+{
+    attn_case c;
+    memset(&c, 0, sizeof c);
+    c.L = L;
+    c.dim_v = dim_v;
+    c.n_seqs = n_seqs;
+    c.max_seq_blocks = max_seq_blocks;
+    c.n_blocks = n_seqs * max_seq_blocks;
+    c.full_seqs = full;
+    c.tokens_per_seq = tokens;
+    c.n_q_heads = n_q_heads;
+    c.causal = 1;
+    c.q_dtype = q_dtype;
+    c.out_dtype = out_dtype;
+    return c;
+}
+
 static void attention_decode_grid(rng *r)
 {
     static const int dims[][2] = {{64, 64}, {80, 80}, {96, 96}, {128, 128}, {192, 192},
                                   {256, 256}, {48, 48}, {64, 128}};
+    const int f32 = KVRT_LAYOUT_F32, f16 = KVRT_LAYOUT_F16, bf16 = KVRT_LAYOUT_BF16;
     attn_case c;
-    /* head dims (templated and generic) x dtypes, short contexts: no split */
+    /* head dims (templated and generic) x dtypes, under 256 slots: no split */
     for (int i = 0; i < (int)(sizeof dims / sizeof dims[0]); i++) {
-        memset(&c, 0, sizeof c);
         int dt = i % 3;
-        c.L = layout_attn(2, dims[i][0], dims[i][1], 16, dt, dims[i][0]);
-        c.dim_v = dims[i][1];
-        c.n_blocks = 64;
-        c.n_seqs = 3;
-        c.max_seq_blocks = 15; /* under 256 slots: one split */
-        c.tokens_per_seq = 1 + i % 3;
-        c.n_q_heads = 2 * (1 + i % 5);
-        c.causal = 1;
-        c.q_dtype = (dt + 1) % 3;
-        c.out_dtype = i % 2 ? KVRT_LAYOUT_F32 : dt;
+        c = decode_case(layout_attn(2, dims[i][0], dims[i][1], 16, dt, dims[i][0]), dims[i][1], 3,
+                        15, 0, 1 + i % 3, 2 * (1 + i % 5), (dt + 1) % 3, i % 2 ? f32 : dt);
         c.launches = 1;
         test_attention(r, c);
     }
-    /* group sizes 1..16 with 1..8 query tokens, long contexts: splits */
+    /* group sizes 1..16 with 1..8 query tokens over up to 1600 slots */
     static const int groups[] = {1, 2, 3, 4, 6, 8, 12, 16};
     for (int i = 0; i < 8; i++) {
-        memset(&c, 0, sizeof c);
-        c.L = layout_attn(2, 128, 128, 16, KVRT_LAYOUT_F16, 128);
-        c.dim_v = 128;
-        c.n_blocks = 256;
-        c.n_seqs = 2;
-        c.max_seq_blocks = 100;
-        c.tokens_per_seq = 1 + i;
-        c.n_q_heads = 2 * groups[i];
-        c.causal = 1;
-        c.q_dtype = KVRT_LAYOUT_F16;
-        c.out_dtype = i % 2 ? KVRT_LAYOUT_F16 : KVRT_LAYOUT_F32;
+        c = decode_case(layout_attn(2, 128, 128, 16, f16, 128), 128, 2, 100, 0, 1 + i,
+                        2 * groups[i], f16, i % 2 ? f16 : f32);
         c.window = i == 5 ? 300 : 0;
         c.softcap = i == 3 ? 30.0f : 0.0f;
         test_attention(r, c);
     }
-    /* block sizes 1, 16, 64, 256 over contexts of many blocks, split and not */
+    /* block sizes 1, 16, 64, 256 over many blocks: over 768 slots split,
+     * under 256 not */
     static const int block_sizes[] = {1, 16, 64, 256};
-    for (int i = 0; i < 4; i++) {
+    for (int i = 0; i < 4; i++)
         for (int split = 0; split < 2; split++) {
-            memset(&c, 0, sizeof c);
-            int bs = block_sizes[i];
-            c.L = layout_attn(1, 64, 64, bs, KVRT_LAYOUT_BF16, 64);
-            c.dim_v = 64;
-            c.max_seq_blocks = (split ? 1200 : 250) / bs > 0 ? (split ? 1200 : 250) / bs : 1;
-            c.n_seqs = split ? 1 : 4;
-            c.n_blocks = c.n_seqs * c.max_seq_blocks;
-            c.tokens_per_seq = split ? 4 : 1;
-            c.n_q_heads = 8;
-            c.causal = 1;
-            c.q_dtype = KVRT_LAYOUT_BF16;
-            c.out_dtype = KVRT_LAYOUT_BF16;
-            c.full_seqs = split;
-            c.launches = split ? 2 : 1; /* over 768 slots split, under 256 not */
+            int bs = block_sizes[i], blocks = (split ? 1200 : 250) / bs;
+            c = decode_case(layout_attn(1, 64, 64, bs, bf16, 64), 64, split ? 1 : 4,
+                            blocks > 0 ? blocks : 1, split, split ? 4 : 1, 8, bf16, bf16);
+            c.launches = split ? 2 : 1;
             test_attention(r, c);
         }
-    }
-    /* windows, soft-cap, NaN inputs, one sequence split many ways */
-    memset(&c, 0, sizeof c);
-    c.L = layout_attn(2, 128, 128, 16, KVRT_LAYOUT_F32, 128);
-    c.dim_v = 128;
-    c.n_blocks = 200;
-    c.n_seqs = 1;
-    c.max_seq_blocks = 200;
-    c.tokens_per_seq = 2;
-    c.n_q_heads = 8;
-    c.causal = 1;
-    c.q_dtype = KVRT_LAYOUT_F32;
-    c.out_dtype = KVRT_LAYOUT_F32;
+    /* one long sequence split many ways: window and soft-cap, NaN inputs */
+    c = decode_case(layout_attn(2, 128, 128, 16, f32, 128), 128, 1, 200, 1, 2, 8, f32, f32);
     c.window = 700;
     c.softcap = 20.0f;
     c.launches = 2;
-    c.full_seqs = 1;
     test_attention(r, c);
     c.window = 0;
     c.softcap = 0.0f;
     c.nan_inputs = 1;
     test_attention(r, c);
-    c.L = layout_attn(4, 96, 96, 16, KVRT_LAYOUT_F16, 96);
-    c.dim_v = 96;
-    c.n_seqs = 3;
-    c.max_seq_blocks = 10;
-    c.n_blocks = 30;
-    c.tokens_per_seq = 3;
-    c.n_q_heads = 16;
-    c.q_dtype = KVRT_LAYOUT_F16;
-    c.out_dtype = KVRT_LAYOUT_F16;
+    c = decode_case(layout_attn(4, 96, 96, 16, f16, 96), 96, 3, 10, 0, 3, 16, f16, f16);
+    c.nan_inputs = 1;
     c.launches = 1;
-    c.full_seqs = 0;
     test_attention(r, c);
     /* cross-attention: no positions, no causal mask */
-    memset(&c, 0, sizeof c);
-    c.L = layout_attn(2, 64, 64, 128, KVRT_LAYOUT_F16, 0);
-    c.dim_v = 64;
-    c.n_blocks = 4;
-    c.max_seq_blocks = 1;
-    c.n_seqs = 4;
-    c.n_q_heads = 16;
-    c.q_dtype = KVRT_LAYOUT_F16;
-    c.out_dtype = KVRT_LAYOUT_F32;
-    c.launches = 1;
     for (int tps = 1; tps <= 5; tps += 4) {
-        c.tokens_per_seq = tps;
+        c = decode_case(layout_attn(2, 64, 64, 128, f16, 0), 64, 4, 1, 0, tps, 16, f16, f32);
+        c.causal = 0;
+        c.launches = 1;
         test_attention(r, c);
     }
 }
