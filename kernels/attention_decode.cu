@@ -538,6 +538,9 @@ cudaError_t launch_decode_dt(const kvrt_attention_op *op, const decode_plan &p, 
 
 } // namespace
 
+/* K rows are used as stored (rotated when written): a cache that keeps K
+ * unrotated or quantized must not be taken here until this kernel learns
+ * it; the dtype test below refuses every dtype but f32, f16 and bf16. */
 extern "C" int KVRT_GPU_FN(attention_decode_takes)(const kvrt_attention_op *op)
 {
     const kvrt_layout L = op->layer.layout;

@@ -706,6 +706,7 @@ static void test_attention(rng *r, attn_case c)
               first >= 0 ? (double)kvrt_load(a, c.out_dtype, first) : 0.0,
               first >= 0 ? (double)kvrt_load(b, c.out_dtype, first) : 0.0);
         /* NaN sits only in rows no token sees: none may show */
+        CHECK(!c.nan_inputs || nans > 0, "attention %s: NaN inputs gave no NaN output", name);
         CHECK(nans == 0 || c.nan_inputs, "attention %s: the CPU twin read %lld NaN outputs from masked rows", name,
               (long long)nans);
         free(a);
