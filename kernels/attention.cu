@@ -2,7 +2,10 @@
  * attention.cu: kvrt_attention_op, masked paged attention of a batch's
  * tokens over their sequences' slots (decode, short query blocks and
  * prefill, ATTN, MLA and CROSS layers). C twin: kvrt_cpu_attention in
- * src/attention_cpu.c.
+ * src/attention_cpu.c. Decode-shaped calls over f32, f16 and bf16 caches
+ * go to attention_decode.cu instead (the glue asks attention_decode_takes);
+ * its splits are merged by attention_combine_kernel here
+ * (launch_attention_combine).
  *
  * One tiled kernel (attention_kernel) serves decode and prefill; the
  * launcher picks the tile shape from the op:
@@ -365,34 +368,6 @@ __global__ void __launch_bounds__(128)
     }
 }
 
-/* Multiprocessors of the current device, cached per device. */
-int sm_count()
-{
-    static int cached[64];
-    int dev = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess || dev < 0) {
-        (void)cudaGetLastError();
-        return 100;
-    }
-    if (dev < 64 && cached[dev] > 0)
-        return cached[dev];
-    int n = 0;
-#if defined(KVRT_GPU_IS_HIP)
-    if (hipDeviceGetAttribute(&n, hipDeviceAttributeMultiprocessorCount, dev) != hipSuccess)
-#else
-    if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
-#endif
-    {
-        (void)cudaGetLastError();
-        n = 100;
-    }
-    if (n <= 0)
-        n = 100;
-    if (dev < 64)
-        cached[dev] = n;
-    return n;
-}
-
 struct attn_plan {
     int tt, hpc, n_chunks, n_splits, split_slots;
     size_t shared, workspace;
@@ -518,4 +493,17 @@ extern "C" cudaError_t KVRT_GPU_FN(launch_attention_ws)(const kvrt_attention_op 
 extern "C" cudaError_t KVRT_GPU_FN(launch_attention)(const kvrt_attention_op *op, void *stream)
 {
     return KVRT_GPU_FN(launch_attention_ws)(op, stream, NULL, 0);
+}
+
+extern "C" cudaError_t KVRT_GPU_FN(launch_attention_combine)(const kvrt_attention_op *op,
+                                                             int n_splits, const float *partial,
+                                                             void *stream)
+{
+    const int64_t rows = (int64_t)op->n_tokens * op->n_q_heads;
+    if (rows <= 0)
+        return cudaSuccess;
+    clear_stale_error();
+    KVRT_LAUNCH((unsigned)rows, 128, 0, (cudaStream_t)stream, attention_combine_kernel)(
+        *op, n_splits, partial);
+    return launch_status();
 }

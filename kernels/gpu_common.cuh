@@ -1,7 +1,8 @@
 /*
  * gpu_common.cuh: device helpers shared by the kernels: element types by
  * dtype (conversions are kvrt_layout.h's, so every backend rounds alike),
- * 16-byte packs of 8 elements, copy units, grid sizing and the launch check.
+ * 16-byte packs of 8 elements, asynchronous global-to-shared copies
+ * (cp.async), copy units, grid sizing and the launch check.
  *
  * Everything here has internal linkage (an unnamed namespace), so the CUDA
  * and the HIP objects of one library never share a symbol.
@@ -41,6 +42,34 @@ inline void clear_stale_error() { (void)cudaGetLastError(); }
 inline cudaError_t launch_status() { return cudaGetLastError(); }
 
 inline bool aligned_to(const void *p, uintptr_t n) { return ((uintptr_t)p % n) == 0; }
+
+/* Multiprocessors of the current device, cached per device. */
+inline int sm_count()
+{
+    static int cached[64];
+    int dev = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || dev < 0) {
+        (void)cudaGetLastError();
+        return 100;
+    }
+    if (dev < 64 && cached[dev] > 0)
+        return cached[dev];
+    int n = 0;
+#if defined(KVRT_GPU_IS_HIP)
+    if (hipDeviceGetAttribute(&n, hipDeviceAttributeMultiprocessorCount, dev) != hipSuccess)
+#else
+    if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
+#endif
+    {
+        (void)cudaGetLastError();
+        n = 100;
+    }
+    if (n <= 0)
+        n = 100;
+    if (dev < 64)
+        cached[dev] = n;
+    return n;
+}
 
 /* ---- element types ---- */
 
@@ -87,6 +116,77 @@ template <typename T> __device__ inline void store_pack8(T *p, const pack8<T> &v
 #pragma unroll
     for (int i = 0; i < (int)(sizeof(pack8<T>) / sizeof(uint4)); i++)
         d[i] = s[i];
+}
+
+/* ---- asynchronous copies (cp.async) ----
+ *
+ * 16-byte copies from global to shared memory that run while the thread
+ * goes on, grouped and waited for as on sm_80+:
+ *   async_copies ac;                    one per thread, before its first copy
+ *   async_copy16(ac, dst, src, valid);  dst shared, src global, both 16-byte
+ *                                       aligned; !valid: dst gets 16 zero bytes
+ *                                       and src is not read
+ *   async_commit(ac);                   closes the group of copies issued so far
+ *   async_wait<N>(ac);                  until at most N committed groups are
+ *                                       pending; async_wait<0> waits for all
+ * A wait covers this thread's copies only: other threads read them after a
+ * __syncthreads() that follows the wait.
+ *   nvcc, sm_80+: cp.async.cg (L2 only: K/V rows are read once),
+ *                 cp.async.commit_group, cp.async.wait_group (inline PTX).
+ *   nvcc < sm_80, HIP: a plain 16-byte copy; commit and wait do nothing.
+ *   kvrt-sim: each copy lands either at once or only at the wait that
+ *             covers it (kvrt_sim::async_copies), so a read before the wait
+ *             sees stale shared memory, as it may on a GPU.
+ * async_copies is empty on GPUs (it costs nothing there). */
+#if defined(KVRT_GPU_SIM)
+typedef ::kvrt_sim::async_copies async_copies;
+#else
+struct async_copies {};
+#endif
+
+#if !defined(KVRT_GPU_SIM) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#  define KVRT_CP_ASYNC_PTX 1
+#endif
+
+__device__ inline void async_copy16(async_copies &ac, void *dst, const void *src, bool valid)
+{
+#if defined(KVRT_GPU_SIM)
+    ac.copy16(dst, src, valid);
+#elif defined(KVRT_CP_ASYNC_PTX)
+    (void)ac;
+    const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+    const int src_bytes = valid ? 16 : 0; /* 0: the 16 bytes are zero-filled */
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src),
+                 "r"(src_bytes)
+                 : "memory");
+#else
+    (void)ac;
+    *static_cast<uint4 *>(dst) = valid ? *static_cast<const uint4 *>(src) : make_uint4(0, 0, 0, 0);
+#endif
+}
+
+__device__ inline void async_commit(async_copies &ac)
+{
+#if defined(KVRT_GPU_SIM)
+    ac.commit();
+#elif defined(KVRT_CP_ASYNC_PTX)
+    (void)ac;
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+#else
+    (void)ac;
+#endif
+}
+
+template <int N> __device__ inline void async_wait(async_copies &ac)
+{
+#if defined(KVRT_GPU_SIM)
+    ac.wait(N);
+#elif defined(KVRT_CP_ASYNC_PTX)
+    (void)ac;
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#else
+    (void)ac;
+#endif
 }
 
 /* Copies VEC (1 or 8) elements src[si..] -> dst[di..], converting from

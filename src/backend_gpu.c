@@ -1077,10 +1077,9 @@ static kvrt_status gpu_set_pos(kvrt_backend_t *be, const kvrt_pos_op *op, void *
  * because a captured graph may still use them. During capture a workspace
  * too small makes the launcher split less (or not at all). Attention calls
  * on one backend share it: they are expected on one stream at a time. */
-static void attention_workspace(gpu_ctx *ctx, const kvrt_attention_op *op, void *stream,
-                                void **ws, size_t *bytes)
+static void attention_workspace(gpu_ctx *ctx, size_t need, void *stream, void **ws,
+                                size_t *bytes)
 {
-    size_t need = KVRT_GPU_FN(attention_workspace)(op);
     gpu_chunk *cur = ctx->attn_ws;
     int capturing = 1;
     if (need > 0 && (cur == NULL || cur->cap < need) &&
@@ -1109,18 +1108,37 @@ static kvrt_status attention_impl(gpu_ctx *ctx, const kvrt_attention_op *op, voi
     KVRT_CHECK(shared <= 40 * 1024, KVRT_ERR_UNSUPPORTED,
                "%s: attention over rows of %d + %d values is not supported by this kernel "
                "(at most 10240 together)", KVRT_GPU_API_NAME, L->dim_k, op->dim_v);
+    void *ws = NULL;
+    size_t ws_bytes = 0;
+    attention_workspace(ctx, KVRT_GPU_FN(attention_workspace)(op), stream, &ws, &ws_bytes);
+    return launched(KVRT_GPU_FN(launch_attention_ws)(op, stream, ws, ws_bytes), "attention");
+}
+
+/* Decode-shaped calls (attention_decode_takes: 1 to 8 query tokens per
+ * sequence over an f32/f16/bf16 cache) go to the decode kernel; the rest
+ * to the generic one. */
+static kvrt_status attention_decode_impl(gpu_ctx *ctx, const kvrt_attention_op *op, void *stream)
+{
+    void *ws = NULL;
+    size_t ws_bytes = 0;
+    attention_workspace(ctx, KVRT_GPU_FN(attention_decode_workspace)(op), stream, &ws, &ws_bytes);
+    return launched(KVRT_GPU_FN(launch_attention_decode)(op, stream, ws, ws_bytes),
+                    "attention (decode)");
+}
+
+static kvrt_status attention_dispatch(gpu_ctx *ctx, const kvrt_attention_op *op, void *stream)
+{
     KVRT_CHECK((int64_t)op->n_tokens * op->n_q_heads <= 0x7fffffff, KVRT_ERR_UNSUPPORTED,
                "%s: attention over %d tokens x %d query heads is too large for one launch",
                KVRT_GPU_API_NAME, op->n_tokens, op->n_q_heads);
-    void *ws = NULL;
-    size_t ws_bytes = 0;
-    attention_workspace(ctx, op, stream, &ws, &ws_bytes);
-    return launched(KVRT_GPU_FN(launch_attention_ws)(op, stream, ws, ws_bytes), "attention");
+    if (KVRT_GPU_FN(attention_decode_takes)(op))
+        return attention_decode_impl(ctx, op, stream);
+    return attention_impl(ctx, op, stream);
 }
 
 static kvrt_status gpu_attention(kvrt_backend_t *be, const kvrt_attention_op *op, void *stream)
 {
-    GPU_SCOPED(be, attention_impl(GPU_CTX(be), op, stream));
+    GPU_SCOPED(be, attention_dispatch(GPU_CTX(be), op, stream));
 }
 
 /* ------------------------------------------------------------------------ */

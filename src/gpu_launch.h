@@ -42,6 +42,21 @@ size_t KVRT_GPU_FN(attention_workspace)(const kvrt_attention_op *op);
 cudaError_t KVRT_GPU_FN(launch_attention_ws)(const kvrt_attention_op *op, void *stream,
                                              void *workspace, size_t workspace_bytes);
 
+/* Merges the split partials of launch_attention_ws's layout
+ * ([n_tokens][n_q_heads][n_splits][2 + dim_v] floats: m, l, acc) into
+ * op->out (attention.cu; the decode kernel's splits use it too). */
+cudaError_t KVRT_GPU_FN(launch_attention_combine)(const kvrt_attention_op *op, int n_splits,
+                                                  const float *partial, void *stream);
+/* Decode-shaped attention (attention_decode.cu): attention_decode_takes
+ * says whether the decode kernel takes `op` (1 to 8 query tokens per
+ * sequence, ATTN or CROSS, f32/f16/bf16 cache, head dims multiples of 8 up
+ * to 256, 16-byte aligned regions); its workspace and launch work as
+ * attention_workspace and launch_attention_ws do. */
+int KVRT_GPU_FN(attention_decode_takes)(const kvrt_attention_op *op);
+size_t KVRT_GPU_FN(attention_decode_workspace)(const kvrt_attention_op *op);
+cudaError_t KVRT_GPU_FN(launch_attention_decode)(const kvrt_attention_op *op, void *stream,
+                                                 void *workspace, size_t workspace_bytes);
+
 #ifdef __cplusplus
 }
 #endif

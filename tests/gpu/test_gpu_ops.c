@@ -11,13 +11,18 @@
  * of 576 (and an odd-sized MLA row that takes the scalar paths), many
  * blocks, unaligned caller buffers, every source/cache dtype pair.
  *
- * Usage: test_gpu_ops [cuda|hip|cpu]. "cpu" runs the CPU backend against
- * itself, which checks the test where there is no device. Exits 77
+ * Usage: test_gpu_ops [cuda|hip|cpu] [ops|attention-decode]. "cpu" runs the
+ * CPU backend against itself, which checks the test where there is no
+ * device. The second argument runs a part: "ops" every test but the decode
+ * attention grid, "attention-decode" that grid (both by default). Exits 77
  * when the backend has no device.
  */
 #include "gpu_test.h"
 
 #include "backend.h"
+#if defined(KVRT_GPU_SIM)
+#  include "kvrt_sim.h" /* launch counts */
+#endif
 
 enum { CPU = 0, DEV = 1 };
 
@@ -531,6 +536,9 @@ typedef struct attn_case {
     int32_t     causal;      /* 0 with positions NULL: cross-attention */
     float       softcap;
     int         q_dtype, out_dtype;
+    int         nan_inputs;  /* NaN in one query row and in one K row a token sees */
+    int         launches;    /* kvrt-sim: device launches expected (0: any) */
+    int         full_seqs;   /* every sequence holds max_seq_blocks blocks */
 } attn_case;
 
 static void test_attention(rng *r, attn_case c)
@@ -553,7 +561,7 @@ static void test_attention(rng *r, attn_case c)
     int32_t *max_pos = malloc((size_t)c.n_seqs * sizeof *max_pos);
     int32_t used = 0, max_seq_slots = 0;
     for (int32_t s = 0; s < c.n_seqs; s++) {
-        int32_t nb = 1 + (int32_t)rng_below(r, c.max_seq_blocks);
+        int32_t nb = c.full_seqs ? c.max_seq_blocks : 1 + (int32_t)rng_below(r, c.max_seq_blocks);
         if (used + nb > c.n_blocks)
             nb = c.n_blocks - used;
         indptr[s + 1] = indptr[s] + nb;
@@ -602,6 +610,15 @@ static void test_attention(rng *r, attn_case c)
     twin pos_dev;
     twin_alloc(&pos_dev, n_pos * sizeof *pos);
     twin_set(&pos_dev, pos);
+    if (c.nan_inputs) { /* the last sequence's first used slot: K of head 0 */
+        int32_t s = c.n_seqs - 1, slot = indices[indptr[s]] * bs;
+        if (n_slots[s] > 0 && (!c.causal || pos[slot] >= 0)) {
+            char *k = twin_get(&f.k, CPU);
+            kvrt_store(k, L.dtype, kvrt_k_index(&L, slot, 0) + L.dim_k / 2, NAN);
+            twin_set(&f.k, k);
+            free(k);
+        }
+    }
     /* tokens */
     int32_t n_tokens = c.n_seqs * c.tokens_per_seq;
     int32_t *tok_seq = malloc((size_t)n_tokens * sizeof *tok_seq);
@@ -618,6 +635,8 @@ static void test_attention(rng *r, attn_case c)
     twin_alloc(&out, out_bytes);
     void *host = malloc(q_elems * dtype_size(c.q_dtype) > out_bytes ? q_elems * dtype_size(c.q_dtype) : out_bytes);
     fill_finite(r, host, c.q_dtype, (int64_t)q_elems);
+    if (c.nan_inputs) /* the last head of the last token */
+        kvrt_store(host, c.q_dtype, ((int64_t)n_tokens * c.n_q_heads - 1) * L.dim_k, NAN);
     twin_set(&q, host);
     memset(host, 0x7f, out_bytes);
     twin_set(&out, host);
@@ -652,7 +671,16 @@ static void test_attention(rng *r, attn_case c)
         op.seq_n_slots = d_n_slots[s];
         op.n_seqs = c.n_seqs;
         op.max_seq_slots = max_seq_slots;
+#if defined(KVRT_GPU_SIM)
+        long launched = kvrt_sim_calls(KVRT_SIM_LAUNCH);
+#endif
         st[s] = be[s].ops->attention(&be[s], &op, NULL);
+#if defined(KVRT_GPU_SIM)
+        launched = kvrt_sim_calls(KVRT_SIM_LAUNCH) - launched;
+        CHECK(s == CPU || c.launches == 0 || launched == c.launches,
+              "attention: %ld launches (%d tokens over up to %d slots), expected %d", launched,
+              n_tokens, max_seq_slots, c.launches);
+#endif
     }
     finish_both();
     char name[160];
@@ -678,7 +706,8 @@ static void test_attention(rng *r, attn_case c)
               first >= 0 ? (double)kvrt_load(a, c.out_dtype, first) : 0.0,
               first >= 0 ? (double)kvrt_load(b, c.out_dtype, first) : 0.0);
         /* NaN sits only in rows no token sees: none may show */
-        CHECK(nans == 0, "attention %s: the CPU twin read %lld NaN outputs from masked rows", name,
+        CHECK(!c.nan_inputs || nans > 0, "attention %s: NaN inputs gave no NaN output", name);
+        CHECK(nans == 0 || c.nan_inputs, "attention %s: the CPU twin read %lld NaN outputs from masked rows", name,
               (long long)nans);
         free(a);
         free(b);
@@ -696,6 +725,97 @@ static void test_attention(rng *r, attn_case c)
     twin_free(&out);
     twin_free(&pos_dev);
     layer_free(&f);
+}
+
+/* ---- the decode attention grid ---- */
+
+/* Decode-shaped calls (1 to 8 query tokens per sequence, f32/f16/bf16
+ * caches: attention_decode.cu) over the grid of shapes. The bound is
+ * attention_close's: the decode kernel also sums in f32 (dots over a row
+ * group's lanes, then slots in a lane's order, then the lanes' and the
+ * splits' partials, each rescaled by one expf of a difference of maxima
+ * within 2 ulp, a relative error under 2^-21 per merge level, three levels
+ * at most), far inside the 1e-4 the logit errors already allow; outputs are
+ * poisoned (0x7f bytes) before the call, so a row the kernel skips fails.
+ * NaN inputs (a query row, a K row a token sees) must give NaN exactly
+ * where the twin gives it. On kvrt-sim the launch count shows whether the
+ * call split (kernel + combine) or not. */
+/* A causal case of the grid: n_seqs sequences of up to max_seq_blocks
+ * blocks (all of them with full), tokens query tokens each. */
+static attn_case decode_case(kvrt_layout L, int32_t dim_v, int32_t n_seqs, int32_t max_seq_blocks,
+                             int full, int32_t tokens, int32_t n_q_heads, int q_dtype, int out_dtype)
+{
+    attn_case c;
+    memset(&c, 0, sizeof c);
+    c.L = L;
+    c.dim_v = dim_v;
+    c.n_seqs = n_seqs;
+    c.max_seq_blocks = max_seq_blocks;
+    c.n_blocks = n_seqs * max_seq_blocks;
+    c.full_seqs = full;
+    c.tokens_per_seq = tokens;
+    c.n_q_heads = n_q_heads;
+    c.causal = 1;
+    c.q_dtype = q_dtype;
+    c.out_dtype = out_dtype;
+    return c;
+}
+
+static void attention_decode_grid(rng *r)
+{
+    static const int dims[][2] = {{64, 64}, {80, 80}, {96, 96}, {128, 128}, {192, 192},
+                                  {256, 256}, {48, 48}, {64, 128}};
+    const int f32 = KVRT_LAYOUT_F32, f16 = KVRT_LAYOUT_F16, bf16 = KVRT_LAYOUT_BF16;
+    attn_case c;
+    /* head dims (templated and generic) x dtypes, under 256 slots: no split */
+    for (int i = 0; i < (int)(sizeof dims / sizeof dims[0]); i++) {
+        int dt = i % 3;
+        c = decode_case(layout_attn(2, dims[i][0], dims[i][1], 16, dt, dims[i][0]), dims[i][1], 3,
+                        15, 0, 1 + i % 3, 2 * (1 + i % 5), (dt + 1) % 3, i % 2 ? f32 : dt);
+        c.launches = 1;
+        test_attention(r, c);
+    }
+    /* group sizes 1..16 with 1..8 query tokens over up to 1600 slots */
+    static const int groups[] = {1, 2, 3, 4, 6, 8, 12, 16};
+    for (int i = 0; i < 8; i++) {
+        c = decode_case(layout_attn(2, 128, 128, 16, f16, 128), 128, 2, 100, 0, 1 + i,
+                        2 * groups[i], f16, i % 2 ? f16 : f32);
+        c.window = i == 5 ? 300 : 0;
+        c.softcap = i == 3 ? 30.0f : 0.0f;
+        test_attention(r, c);
+    }
+    /* block sizes 1, 16, 64, 256 over many blocks: over 768 slots split,
+     * under 256 not */
+    static const int block_sizes[] = {1, 16, 64, 256};
+    for (int i = 0; i < 4; i++)
+        for (int split = 0; split < 2; split++) {
+            int bs = block_sizes[i], blocks = (split ? 1200 : 250) / bs;
+            c = decode_case(layout_attn(1, 64, 64, bs, bf16, 64), 64, split ? 1 : 4,
+                            blocks > 0 ? blocks : 1, split, split ? 4 : 1, 8, bf16, bf16);
+            c.launches = split ? 2 : 1;
+            test_attention(r, c);
+        }
+    /* one long sequence split many ways: window and soft-cap, NaN inputs */
+    c = decode_case(layout_attn(2, 128, 128, 16, f32, 128), 128, 1, 200, 1, 2, 8, f32, f32);
+    c.window = 700;
+    c.softcap = 20.0f;
+    c.launches = 2;
+    test_attention(r, c);
+    c.window = 0;
+    c.softcap = 0.0f;
+    c.nan_inputs = 1;
+    test_attention(r, c);
+    c = decode_case(layout_attn(4, 96, 96, 16, f16, 96), 96, 3, 10, 0, 3, 16, f16, f16);
+    c.nan_inputs = 1;
+    c.launches = 1;
+    test_attention(r, c);
+    /* cross-attention: no positions, no causal mask */
+    for (int tps = 1; tps <= 5; tps += 4) {
+        c = decode_case(layout_attn(2, 64, 64, 128, f16, 0), 64, 4, 1, 0, tps, 16, f16, f32);
+        c.causal = 0;
+        c.launches = 1;
+        test_attention(r, c);
+    }
 }
 
 /* ---- set_pos ---- */
@@ -878,6 +998,15 @@ int main(int argc, char **argv)
     (void)kvrt_device_describe(dev, desc, sizeof desc);
     printf("test_gpu_ops on %s\n", desc);
     rng r = {0x9e3779b97f4a7c15ull};
+    /* argv[2]: "ops" every test but the decode attention grid,
+     * "attention-decode" that grid only; none: both */
+    const char *part = argc > 2 ? argv[2] : "all";
+    if (strcmp(part, "attention-decode") == 0) {
+        attention_decode_grid(&r);
+        kvrt_backend_close(&be[DEV]);
+        kvrt_backend_close(&be[CPU]);
+        return gpu_test_result("test_gpu_ops attention-decode");
+    }
 
     /* memory */
     test_mem_kind();
@@ -1108,6 +1237,9 @@ int main(int argc, char **argv)
         c.out_dtype = KVRT_LAYOUT_F32;
         test_attention(&r, c);
     }
+
+    if (strcmp(part, "all") == 0)
+        attention_decode_grid(&r);
 
     /* set_pos */
     test_set_pos(&r, 16, 256, 100);

@@ -12,7 +12,8 @@
  * a lane calling a collective with a mask that leaves it out, lanes of one
  * mask at different collectives, and a shuffle reading a lane that does not
  * take part. Collectives are rendezvous of the lanes in the mask, so
- * further ones (mma.sync, ldmatrix) fit the same mechanism.
+ * further ones (mma.sync, ldmatrix) fit the same mechanism. Asynchronous
+ * copies (cp.async) land at once or at their wait (async_copies).
  *
  * `__shared__` variables are thread_local (one block at a time per OS
  * thread); dynamic shared memory comes from KVRT_DYNAMIC_SHARED
@@ -34,6 +35,7 @@
 #include <tuple>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #ifndef KVRT_SIM_WARP
 #  error "kvrt_sim_device.h: define KVRT_SIM_WARP (32 or 64)"
@@ -180,6 +182,78 @@ static inline int __any(int pred, KVRT_SIM_SITE)
 static inline int __all(int pred, KVRT_SIM_SITE)
 { return (int)::kvrt_sim::collective(::kvrt_sim::ALL, ::kvrt_sim::kImplicitMask, pred != 0, 0, warpSize, kvrt_file_, kvrt_line_); }
 static inline unsigned long long __activemask() { return ::kvrt_sim::active_mask(); }
+
+/* ---- asynchronous copies (cp.async, through kernels/gpu_common.cuh) ----
+ * One GPU thread's copies in flight: a local object of the thread, so that
+ * nothing outlives it. Each 16-byte copy reads its source when issued and
+ * lands in shared memory either at once or only when a wait covers its
+ * group (chosen per copy by a hash of its destination and its number in
+ * the thread), both of which a GPU may do: a read of the destination
+ * before the wait sees stale bytes (NaN from the block's start) often
+ * enough to fail a test. commit() closes the open group; wait(n) lands
+ * every copy of the committed groups but the n most recent. Copies still
+ * pending when the thread ends land then, as they would on a GPU. */
+namespace kvrt_sim {
+class async_copies {
+public:
+    async_copies() = default;
+    async_copies(const async_copies &) = delete;
+    async_copies &operator=(const async_copies &) = delete;
+    ~async_copies()
+    {
+        commit();
+        land(INT64_MAX);
+    }
+
+    void copy16(void *dst, const void *src, bool valid)
+    {
+        pending p;
+        p.dst = static_cast<unsigned char *>(dst);
+        p.group = 0; /* open */
+        if (valid)
+            memcpy(p.bytes, src, 16);
+        else
+            memset(p.bytes, 0, 16);
+        uint64_t h = (uint64_t)(uintptr_t)dst * 0x9e3779b97f4a7c15ull + ++issued_;
+        h ^= h >> 29;
+        if ((h * 0xbf58476d1ce4e5b9ull) >> 63)
+            memcpy(p.dst, p.bytes, 16); /* landed early */
+        else
+            pending_.push_back(p);
+    }
+    void commit()
+    {
+        committed_++;
+        for (pending &p : pending_)
+            if (p.group == 0)
+                p.group = committed_;
+    }
+    void wait(int n) { land(committed_ - n); }
+
+private:
+    struct pending {
+        unsigned char *dst;
+        unsigned char bytes[16];
+        int64_t group; /* 0: not committed yet */
+    };
+    /* Lands the copies of committed groups up to `last`, in issue order. */
+    void land(int64_t last)
+    {
+        size_t kept = 0;
+        for (size_t i = 0; i < pending_.size(); i++) {
+            pending &p = pending_[i];
+            if (p.group != 0 && p.group <= last)
+                memcpy(p.dst, p.bytes, 16);
+            else
+                pending_[kept++] = p;
+        }
+        pending_.resize(kept);
+    }
+    std::vector<pending> pending_;
+    int64_t committed_ = 0;
+    uint64_t issued_ = 0;
+};
+} // namespace kvrt_sim
 
 /* ---- atomics (blocks run on several OS threads) ---- */
 template <typename T> T atomicAdd(T *p, T v)
