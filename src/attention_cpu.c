@@ -705,6 +705,60 @@ static void gather_generic(const attn_plan *pl, attn_scratch *sc, const chunk_ro
     gather_rows(pl, sc, cr, g);
 }
 
+/* Turns the rotary part of an f32 row by position pos (pre-RoPE mode): pair i
+ * by pos * freq_scale * theta^(-2i/dims), cos and sin from a double angle
+ * rounded to f32, the turn in f32, as kvrt_seq_shift turns stored K. */
+static void rope_row(float *x, const kvrt_attention_op *op, int64_t pos)
+{
+    const kvrt_layout *L = &op->layer.layout;
+    const int32_t dims = L->rot_dims;
+    if (dims <= 0 || pos == 0)
+        return;
+    kvrt_rope r = op->rope;
+    r.theta = L->rope_theta;
+    float *y = x + L->rot_offset;
+    for (int32_t i = 0; i < dims / 2; i++) {
+        int32_t a, b;
+        kvrt_rope_pair(r.style, dims, i, &a, &b);
+        double angle = kvrt_rope_angle(&r, dims, i, pos);
+        float c = (float)cos(angle), s = (float)sin(angle), ya = y[a], yb = y[b];
+        y[a] = ya * c - yb * s;
+        y[b] = ya * s + yb * c;
+    }
+}
+
+/* Rows of quantized layers (dequantized with their scales) and of pre-RoPE
+ * caches (K turned by its slot's position) to f32. Slow and plain: one
+ * element at a time; only these caches take it. */
+static void gather_dequant(const attn_plan *pl, attn_scratch *sc, const chunk_rows *cr, int32_t g)
+{
+    const kvrt_attention_op *op = pl->op;
+    const kvrt_layout *L = &op->layer.layout;
+    const int32_t dk = L->dim_k, dv = L->dim_v;
+    const int64_t head_rows = (int64_t)g * L->block_size, bs = L->block_size;
+    for (int32_t c = 0; c < cr->n; c++) {
+        int64_t row = cr->row[c] + head_rows; /* == kvrt_scale_index of (slot, g) */
+        float *k = sc->k + (int64_t)c * dk;
+        if (op->layer.k_scale != NULL)
+            for (int32_t i = 0; i < dk; i++)
+                k[i] = kvrt_dequant(op->layer.k, L->dtype, row * dk + i, op->layer.k_scale[row]);
+        else
+            row_to_f32(k, op->layer.k, L->dtype, row * dk, dk);
+        if (op->rope_in_attention) {
+            int64_t slot = cr->row[c] / ((int64_t)L->n_heads * bs) * bs + cr->row[c] % bs;
+            rope_row(k, op, op->pos[slot]);
+        }
+        if (op->mla)
+            continue;
+        float *v = sc->v + (int64_t)c * dv;
+        if (op->layer.v_scale != NULL)
+            for (int32_t i = 0; i < dv; i++)
+                v[i] = kvrt_dequant(op->layer.v, L->dtype, row * dv + i, op->layer.v_scale[row]);
+        else
+            row_to_f32(v, op->layer.v, L->dtype, row * dv, dv);
+    }
+}
+
 #if KVRT_ATTENTION_X86
 /* f16 to f32 with F16C, 8 halves per instruction. */
 __attribute__((target("avx2,fma,f16c"))) static inline void
@@ -1339,6 +1393,8 @@ KVRT_ALWAYS_INLINE void unit_body(const attn_plan *pl, attn_scratch *sc, int64_t
     for (int32_t r = 0; r < rows; r++) {
         int64_t at = ((int64_t)(ur.t0 + r / ur.nh) * op->n_q_heads + ur.h0 + r % ur.nh) * dk;
         row_to_f32(sc->q + (int64_t)r * dk, op->q, op->q_dtype, at, dk);
+        if (op->rotate_q)
+            rope_row(sc->q + (int64_t)r * dk, op, qpos[r / ur.nh]);
         sc->m[r] = -INFINITY;
         sc->l[r] = 0.0f;
     }
@@ -1539,6 +1595,8 @@ kvrt_status kvrt_cpu_attention(const kvrt_attention_op *op)
     pl.dim_v = op->dim_v;
     pl.group = op->n_q_heads / L->n_heads;
     int32_t dim_max = pl.dim_k > pl.dim_v ? pl.dim_k : pl.dim_v;
+    /* quantized rows and pre-RoPE keys: converted by gather_dequant */
+    const int special = kvrt_dtype_quantized(L->dtype) || op->rope_in_attention || op->rotate_q;
 
     /* Query heads per unit: those of as many kv heads as fit ROW_FLOATS (all
      * of a token's, usually: then a block's K and V regions are read as two
@@ -1569,7 +1627,7 @@ kvrt_status kvrt_cpu_attention(const kvrt_attention_op *op)
      * set by their bytes: larger chunks, fewer fixed costs per key. MLA's
      * rows are read again for each block of four of the 128 heads: their
      * chunk stays at L1's measure. */
-    if (have_avx512() && !op->mla)
+    if (have_avx512() && !op->mla && !special)
         pl.chunk = (int32_t)(CHUNK_BYTES / (((int64_t)L->dim_k + L->dim_v) * L->elem_size));
 #endif
     pl.chunk = pl.chunk < LANES ? LANES : pl.chunk > CHUNK_MAX ? CHUNK_MAX : pl.chunk;
@@ -1654,6 +1712,14 @@ kvrt_status kvrt_cpu_attention(const kvrt_attention_op *op)
         pl.gather = gather_avx512;
     }
 #endif
+    if (special) { /* rows through gather_dequant: never the AVX-512 copy, which reads the cache */
+        unit = unit_generic;
+#if KVRT_ATTENTION_X86
+        if (have_avx2_fma_f16c())
+            unit = unit_avx2;
+#endif
+        pl.gather = gather_dequant;
+    }
 
     _Atomic int64_t next_unit = 0;
     const int32_t merge_parts = (pl.rows_max + MERGE_ROWS - 1) / MERGE_ROWS;
