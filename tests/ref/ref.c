@@ -274,12 +274,24 @@ double ref_e4m3_value(uint8_t code)
 /* The e4m3fn code of x (finite): nearest, ties to even, saturating at 448. */
 static uint8_t e4m3_code(float x)
 {
+    static double value[127]; /* of the non-negative finite codes, increasing */
+    if (value[126] == 0)
+        for (int c = 0; c <= 126; c++)
+            value[c] = ref_e4m3_value((uint8_t)c);
     double a = fabs((double)x);
-    int best = 0;
-    for (int c = 1; c <= 126; c++) {
-        double d = fabs(ref_e4m3_value((uint8_t)c) - a), db = fabs(ref_e4m3_value((uint8_t)best) - a);
-        if (d < db || (d == db && (c & 1) == 0))
-            best = c;
+    int lo = 0, hi = 126; /* the last code whose value is <= a, then it or the next */
+    while (lo < hi) {
+        int mid = (lo + hi + 1) / 2;
+        if (value[mid] <= a)
+            lo = mid;
+        else
+            hi = mid - 1;
+    }
+    int best = lo;
+    if (lo < 126) {
+        double below = a - value[lo], above = value[lo + 1] - a;
+        if (above < below || (above == below && ((lo + 1) & 1) == 0))
+            best = lo + 1;
     }
     return (uint8_t)(best | (signbit(x) ? 0x80 : 0));
 }
