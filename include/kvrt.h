@@ -193,8 +193,10 @@ typedef enum kvrt_rope_mode {
     KVRT_ROPE_IN_ATTENTION   = 1,
 } kvrt_rope_mode;
 
-/* How cached K was rotated, so that kvrt_seq_shift can re-rotate it.
- * Angle of pair i at position p: p * freq_scale * theta^(-2i / n_rot).
+/* How K is rotated: stored rotated (kvrt_seq_shift re-rotates it) or, in
+ * KVRT_ROPE_IN_ATTENTION mode, rotated by kvrt_attention as it is read.
+ * Angle of pair i at position p: p * freq_scale * theta^(-2i / n_rot), with
+ * theta the layer's rope_theta where it has one.
  * ATTN layers rotate the first n_rot dims of each K head (n_rot 0: none);
  * MLA layers rotate their rope_dim part (the last rope_dim values of a row), with
  * rope_dim in place of n_rot in the angle. n_rot is the ATTN layers': a
@@ -449,14 +451,16 @@ KVRT_API kvrt_status kvrt_seq_keep(kvrt_cache *cache, int32_t seq);
 
 /* Adds delta to the positions in [p0, p1) of seq (seq < 0: every sequence)
  * and re-rotates the rotary part of their cached K by delta (all layers of a
- * group in one launch). Tokens whose new position is negative are removed.
+ * group in one launch; each layer by its RoPE base; a quantized head row is
+ * dequantized, turned and quantized again; in KVRT_ROPE_IN_ATTENTION mode
+ * no K changes, only positions). Tokens whose new position is negative are removed.
  * KVRT_ERR_POS_EXISTS if a moved token would land on a position the sequence
  * keeps; KVRT_ERR_POS_RANGE if a new position would overflow int32. */
 KVRT_API kvrt_status kvrt_seq_shift(kvrt_cache *cache, int32_t seq, int32_t p0, int32_t p1,
                                     int32_t delta);
 
 /* Divides the positions in [p0, p1) of seq (seq < 0: every sequence) by
- * d (>= 1, rounding down) and re-rotates K accordingly. Two tokens that would land on one position:
+ * d (>= 1, rounding down) and re-rotates K accordingly (as kvrt_seq_shift). Two tokens that would land on one position:
  * KVRT_ERR_POS_EXISTS, nothing changed. */
 KVRT_API kvrt_status kvrt_seq_div(kvrt_cache *cache, int32_t seq, int32_t p0, int32_t p1,
                                   int d);
@@ -501,7 +505,8 @@ KVRT_API kvrt_status kvrt_seq_can_resume(const kvrt_cache *cache, int32_t seq, i
                                          int *ok);
 
 /* Copies seq's rows of one layer with positions in [p0, p1), in position
- * order, in the cache dtype:
+ * order, in the cache dtype (q8 / fp8: the codes, one byte each; see
+ * kvrt_gather_scales and kvrt_gather_as):
  *   ATTN, CROSS: k [n][n_kv_heads][head_dim_k], v [n][n_kv_heads][head_dim_v]
  *   MLA:         k [n][latent_dim + rope_dim], v unused
  * and their positions into pos (host memory; CROSS rows are numbered 0..n-1).
@@ -559,7 +564,8 @@ KVRT_API kvrt_status kvrt_state_size(const kvrt_cache *cache, int32_t seq, uint6
  * sequence, loaded into dst_seq, which must be empty; dst_seq < 0: every
  * sequence of the file into the same ids, each of which must be empty.
  * The file loads into any cache with the same layer description, dtype and
- * RoPE, on any backend and block size. Errors, with the cache untouched:
+ * RoPE (mode and per-layer bases included), on any backend and block size;
+ * quantized rows load with their scales, bit-exactly. Errors, with the cache untouched:
  * KVRT_ERR_INCOMPATIBLE naming the first differing field ("layer 5:
  * latent_dim 512 in file, 448 in cache"), KVRT_ERR_CORRUPT (truncated, bad
  * checksum, absurd counts), KVRT_ERR_CAPACITY, KVRT_ERR_INVALID_ARG.

@@ -706,7 +706,8 @@ static void gather_generic(const attn_plan *pl, attn_scratch *sc, const chunk_ro
 }
 
 /* Turns the rotary part of an f32 row by position pos (pre-RoPE mode): pair i
- * by pos * freq_scale * theta^(-2i/dims), cos and sin from a double angle
+ * by pos * freq_scale * theta^(-2i/dims) (op->rope.theta is the layer's base),
+ * cos and sin from a double angle
  * rounded to f32, the turn in f32, as kvrt_seq_shift turns stored K. */
 static void rope_row(float *x, const kvrt_attention_op *op, int64_t pos)
 {
@@ -714,8 +715,7 @@ static void rope_row(float *x, const kvrt_attention_op *op, int64_t pos)
     const int32_t dims = L->rot_dims;
     if (dims <= 0 || pos == 0)
         return;
-    kvrt_rope r = op->rope;
-    r.theta = L->rope_theta;
+    const kvrt_rope r = op->rope; /* theta: the layer's */
     float *y = x + L->rot_offset;
     for (int32_t i = 0; i < dims / 2; i++) {
         int32_t a, b;
