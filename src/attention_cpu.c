@@ -406,6 +406,7 @@ struct attn_plan {
     int64_t        split_len;  /* slots per split */
     float         *partial;    /* n_splits > 1: [units][rows_max][2 + dim_v] (m, l, acc) */
     int32_t        kv_max;     /* kv heads of a unit, at most */
+    int            dequant_avx2; /* gather_dequant may use AVX2 */
 };
 
 /* Bytes [p, end) of K or V to prefetch, and a queue of them taken a line or
@@ -727,9 +728,87 @@ static void rope_row(float *x, const kvrt_attention_op *op, int64_t pos)
     }
 }
 
+/* e4m3fn code -> value (kvrt_e4m3_to_f32), filled once before the threads
+ * start (kvrt_cpu_attention) and read by them. */
+static float e4m3_value[256];
+static _Atomic int e4m3_value_ready;
+
+static void e4m3_table_init(void)
+{
+    if (atomic_load_explicit(&e4m3_value_ready, memory_order_acquire))
+        return;
+    for (int c = 0; c < 256; c++)
+        e4m3_value[c] = kvrt_e4m3_to_f32((uint8_t)c);
+    atomic_store_explicit(&e4m3_value_ready, 1, memory_order_release);
+}
+
+#if KVRT_ATTENTION_X86
+/* dequant_row with AVX2, 8 codes a step. e4m3fn: the code's low 7 bits
+ * shifted into an f32's exponent and mantissa (bits 20..26) read as a float
+ * and multiplied by 2^120 give the value, subnormals included (they become
+ * f32 subnormals, exact); the sign goes to bit 31; code 0x7f is NaN. */
+__attribute__((target("avx2,fma"))) static int64_t
+dequant_row_avx2(float *restrict dst, const void *src, int32_t dtype, int64_t n, float scale)
+{
+    const __m256 s = _mm256_set1_ps(scale), nan = _mm256_set1_ps((float)NAN);
+    int64_t i = 0;
+    if (dtype == KVRT_LAYOUT_Q8) {
+        const __m256i marker = _mm256_set1_epi32(-128);
+        for (; i + 8 <= n; i += 8) {
+            __m256i q = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)src + i)));
+            __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(q), s);
+            __m256 is_nan = _mm256_castsi256_ps(_mm256_cmpeq_epi32(q, marker));
+            _mm256_storeu_ps(dst + i, _mm256_blendv_ps(v, nan, is_nan));
+        }
+        return i;
+    }
+    const __m256i low7 = _mm256_set1_epi32(0x7f), code_nan = _mm256_set1_epi32(0x7f),
+                  sign = _mm256_set1_epi32(0x80);
+    const __m256 two120 = _mm256_set1_ps(0x1p120f);
+    for (; i + 8 <= n; i += 8) {
+        __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)((const uint8_t *)src + i)));
+        __m256i mag = _mm256_and_si256(c, low7);
+        __m256 v = _mm256_mul_ps(_mm256_castsi256_ps(_mm256_slli_epi32(mag, 20)), two120);
+        v = _mm256_or_ps(v, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_and_si256(c, sign), 24)));
+        v = _mm256_mul_ps(v, s);
+        __m256 is_nan = _mm256_castsi256_ps(_mm256_cmpeq_epi32(mag, code_nan));
+        _mm256_storeu_ps(dst + i, _mm256_blendv_ps(v, nan, is_nan));
+    }
+    return i;
+}
+#endif
+
+/* A quantized row of n codes to f32 values, as kvrt_dequant gives them:
+ * code * scale (a table lookup for e4m3), NaN for the NaN codes. */
+static void dequant_row(float *restrict dst, const void *src, int32_t dtype, int64_t n, float scale,
+                        int avx2)
+{
+    int64_t i0 = 0;
+#if KVRT_ATTENTION_X86
+    if (avx2)
+        i0 = dequant_row_avx2(dst, src, dtype, n, scale);
+#endif
+    (void)avx2;
+    src = (const uint8_t *)src + i0;
+    dst += i0;
+    n -= i0;
+    if (dtype == KVRT_LAYOUT_Q8) {
+        const int8_t *q = src;
+        const float nan = (float)NAN;
+        for (int64_t i = 0; i < n; i++) {
+            float v = (float)q[i] * scale;
+            dst[i] = q[i] == -128 ? nan : v;
+        }
+        return;
+    }
+    const uint8_t *c = src;
+    for (int64_t i = 0; i < n; i++)
+        dst[i] = e4m3_value[c[i]] * scale;
+}
+
 /* Rows of quantized layers (dequantized with their scales) and of pre-RoPE
- * caches (K turned by its slot's position) to f32. Slow and plain: one
- * element at a time; only these caches take it. */
+ * caches (K turned by its slot's position) to f32; only these caches take
+ * it. */
 static void gather_dequant(const attn_plan *pl, attn_scratch *sc, const chunk_rows *cr, int32_t g)
 {
     const kvrt_attention_op *op = pl->op;
@@ -740,8 +819,8 @@ static void gather_dequant(const attn_plan *pl, attn_scratch *sc, const chunk_ro
         int64_t row = cr->row[c] + head_rows; /* == kvrt_scale_index of (slot, g) */
         float *k = sc->k + (int64_t)c * dk;
         if (op->layer.k_scale != NULL)
-            for (int32_t i = 0; i < dk; i++)
-                k[i] = kvrt_dequant(op->layer.k, L->dtype, row * dk + i, op->layer.k_scale[row]);
+            dequant_row(k, (const int8_t *)op->layer.k + row * dk, L->dtype, dk, op->layer.k_scale[row],
+                        pl->dequant_avx2);
         else
             row_to_f32(k, op->layer.k, L->dtype, row * dk, dk);
         if (op->rope_in_attention) {
@@ -752,8 +831,8 @@ static void gather_dequant(const attn_plan *pl, attn_scratch *sc, const chunk_ro
             continue;
         float *v = sc->v + (int64_t)c * dv;
         if (op->layer.v_scale != NULL)
-            for (int32_t i = 0; i < dv; i++)
-                v[i] = kvrt_dequant(op->layer.v, L->dtype, row * dv + i, op->layer.v_scale[row]);
+            dequant_row(v, (const int8_t *)op->layer.v + row * dv, L->dtype, dv, op->layer.v_scale[row],
+                        pl->dequant_avx2);
         else
             row_to_f32(v, op->layer.v, L->dtype, row * dv, dv);
     }
@@ -1597,6 +1676,8 @@ kvrt_status kvrt_cpu_attention(const kvrt_attention_op *op)
     int32_t dim_max = pl.dim_k > pl.dim_v ? pl.dim_k : pl.dim_v;
     /* quantized rows and pre-RoPE keys: converted by gather_dequant */
     const int special = kvrt_dtype_quantized(L->dtype) || op->rope_in_attention || op->rotate_q;
+    if (L->dtype == KVRT_LAYOUT_FP8_E4M3)
+        e4m3_table_init();
 
     /* Query heads per unit: those of as many kv heads as fit ROW_FLOATS (all
      * of a token's, usually: then a block's K and V regions are read as two
@@ -1715,8 +1796,10 @@ kvrt_status kvrt_cpu_attention(const kvrt_attention_op *op)
     if (special) { /* rows through gather_dequant: never the AVX-512 copy, which reads the cache */
         unit = unit_generic;
 #if KVRT_ATTENTION_X86
-        if (have_avx2_fma_f16c())
+        if (have_avx2_fma_f16c()) {
             unit = unit_avx2;
+            pl.dequant_avx2 = 1;
+        }
 #endif
         pl.gather = gather_dequant;
     }
