@@ -227,7 +227,7 @@ static void quant_row_in(void *dst, float *scale, int32_t dtype, const void *src
 {
     if (src_dtype == dtype) {
         memcpy(dst, src, (size_t)n);
-        *scale = *src_scale;
+        memcpy(scale, src_scale, sizeof *scale); /* state images align nothing */
         return;
     }
     *scale = kvrt_quant_row(dst, dtype, src, src_dtype, n);
