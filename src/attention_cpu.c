@@ -806,6 +806,17 @@ static void dequant_row(float *restrict dst, const void *src, int32_t dtype, int
         dst[i] = e4m3_value[c[i]] * scale;
 }
 
+/* Row `row` (n elements) of a K or V region as f32: dequantized with its
+ * scale when the layer keeps scales, else converted. */
+static void part_to_f32(float *dst, const void *base, const float *scales, int32_t dtype,
+                        int64_t row, int32_t n, int avx2)
+{
+    if (scales != NULL)
+        dequant_row(dst, (const int8_t *)base + row * n, dtype, n, scales[row], avx2);
+    else
+        row_to_f32(dst, base, dtype, row * n, n);
+}
+
 /* Rows of quantized layers (dequantized with their scales) and of pre-RoPE
  * caches (K turned by its slot's position) to f32; only these caches take
  * it. */
@@ -818,23 +829,15 @@ static void gather_dequant(const attn_plan *pl, attn_scratch *sc, const chunk_ro
     for (int32_t c = 0; c < cr->n; c++) {
         int64_t row = cr->row[c] + head_rows; /* == kvrt_scale_index of (slot, g) */
         float *k = sc->k + (int64_t)c * dk;
-        if (op->layer.k_scale != NULL)
-            dequant_row(k, (const int8_t *)op->layer.k + row * dk, L->dtype, dk, op->layer.k_scale[row],
-                        pl->dequant_avx2);
-        else
-            row_to_f32(k, op->layer.k, L->dtype, row * dk, dk);
+        part_to_f32(k, op->layer.k, op->layer.k_scale, L->dtype, row, dk, pl->dequant_avx2);
         if (op->rope_in_attention) {
             int64_t slot = cr->row[c] / ((int64_t)L->n_heads * bs) * bs + cr->row[c] % bs;
             rope_row(k, op, op->pos[slot]);
         }
         if (op->mla)
             continue;
-        float *v = sc->v + (int64_t)c * dv;
-        if (op->layer.v_scale != NULL)
-            dequant_row(v, (const int8_t *)op->layer.v + row * dv, L->dtype, dv, op->layer.v_scale[row],
-                        pl->dequant_avx2);
-        else
-            row_to_f32(v, op->layer.v, L->dtype, row * dv, dv);
+        part_to_f32(sc->v + (int64_t)c * dv, op->layer.v, op->layer.v_scale, L->dtype, row, dv,
+                    pl->dequant_avx2);
     }
 }
 
