@@ -3,7 +3,7 @@
  * and compares each with the device's copy bandwidth measured in the same
  * run.
  *
- *   kvrt-bench [--backend cpu|cuda|hip] [--dtype f16|bf16|f32] [--runs N]
+ *   kvrt-bench [--backend cpu|cuda|hip] [--dtype f16|bf16|f32|q8|fp8] [--runs N]
  *              [--size-mib M] [--quick] [--json FILE] <op...>
  *   ops: write shift copy compact gather plan attention attention_decode
  *        attention_prefill attention_mla all
@@ -31,6 +31,9 @@
  * It also times, per prefix-caching hash (XXH3-128, BLAKE2b), the same step
  * planned with token ids (plan_prefix_*) and the lookup of a 4096-token
  * prompt whose blocks are all cached (lookup_*).
+ * With --dtype q8 or fp8 (quantized caches) attention_decode runs, written
+ * from f16 rows, with f16 queries and outputs; its bytes count the codes and
+ * the scales read. The other ops skip quantized caches.
  */
 #include <math.h>
 #include <stdarg.h>
@@ -162,6 +165,16 @@ static void skip(bench *b, const char *op, const char *why)
     fflush(stdout);
 }
 
+/* The cache ops validate by comparing gathered bytes with what they wrote,
+ * which quantized caches do not keep: skipped for them. */
+static int skip_quantized(bench *b, const char *op)
+{
+    if (!kvrt_dtype_is_quantized(b->dtype))
+        return 0;
+    skip(b, op, "quantized caches: attention_decode only");
+    return 1;
+}
+
 /* ------------------------------------------------------------------------ */
 /* Data: device buffers with a host image of what they hold                  */
 /* ------------------------------------------------------------------------ */
@@ -197,6 +210,17 @@ static void buffer_free(bench *b, buffer *buf)
 /* ------------------------------------------------------------------------ */
 /* Caches and filling them                                                   */
 /* ------------------------------------------------------------------------ */
+
+/* What a cache of `dtype` is written from, and what its gathered rows hold
+ * (kvrt_gather_as to f32 for quantized caches). */
+static kvrt_dtype src_dtype_of(kvrt_dtype dtype)
+{
+    return kvrt_dtype_is_quantized(dtype) ? KVRT_F16 : dtype;
+}
+static kvrt_dtype rows_dtype_of(kvrt_dtype dtype)
+{
+    return kvrt_dtype_is_quantized(dtype) ? KVRT_F32 : dtype;
+}
 
 /* Bytes of one token's K (and V) row in a layer. */
 static size_t k_row_bytes(const kvrt_layer_desc *l, kvrt_dtype dtype)
@@ -253,10 +277,13 @@ static fill_source fill_source_make(bench *b, kvrt_cache *c, int max_tokens)
         f.v_row = vr > f.v_row ? vr : f.v_row;
     }
     f.rows = max_tokens + FILL_SLACK;
-    size_t es = kvrt_dtype_size(d->dtype);
-    f.k = buffer_random(b, d->dtype, (size_t)f.rows * f.k_row / es, 101);
+    kvrt_dtype src = src_dtype_of(d->dtype);
+    size_t es = kvrt_dtype_size(src);
+    f.k_row = f.k_row / kvrt_dtype_size(d->dtype) * es;
+    f.v_row = f.v_row / kvrt_dtype_size(d->dtype) * es;
+    f.k = buffer_random(b, src, (size_t)f.rows * f.k_row / es, 101);
     if (f.v_row > 0)
-        f.v = buffer_random(b, d->dtype, (size_t)f.rows * f.v_row / es, 202);
+        f.v = buffer_random(b, src, (size_t)f.rows * f.v_row / es, 202);
     return f;
 }
 
@@ -275,8 +302,8 @@ static void fill_write(kvrt_cache *c, kvrt_batch *batch, fill_source *f)
         int64_t at = (f->calls * 131 + l * 977) % FILL_SLACK;
         const char *k = (const char *)f->k.dev + at * (int64_t)f->k_row;
         const char *v = f->v.dev != NULL ? (const char *)f->v.dev + at * (int64_t)f->v_row : NULL;
-        KV(kvrt_write(c, batch, l, k, d->layers[l].kind == KVRT_LAYER_MLA ? NULL : v, d->dtype,
-                      NULL));
+        KV(kvrt_write(c, batch, l, k, d->layers[l].kind == KVRT_LAYER_MLA ? NULL : v,
+                      src_dtype_of(d->dtype), NULL));
     }
     f->calls++;
 }
@@ -393,11 +420,12 @@ static rows gather_rows(kvrt_cache *c, int layer, int32_t seq, int32_t p0, int32
     kvrt_status st = kvrt_gather(c, layer, seq, p0, p1, NULL, NULL, NULL, 0, &n, NULL);
     if (st != KVRT_OK && st != KVRT_ERR_INVALID_ARG)
         KV(st);
-    r.k = xmalloc(k_row_bytes(l, d->dtype) * (size_t)(n + 1));
-    r.v = xmalloc(v_row_bytes(l, d->dtype) * (size_t)(n + 1) + 1);
+    kvrt_dtype rd = rows_dtype_of(d->dtype);
+    r.k = xmalloc(k_row_bytes(l, rd) * (size_t)(n + 1));
+    r.v = xmalloc(v_row_bytes(l, rd) * (size_t)(n + 1) + 1);
     r.pos = xmalloc(sizeof(int32_t) * (size_t)(n + 1));
-    KV(kvrt_gather(c, layer, seq, p0, p1, r.k, l->kind == KVRT_LAYER_MLA ? NULL : r.v, r.pos,
-                   n, &r.n, NULL));
+    KV(kvrt_gather_as(c, layer, seq, p0, p1, r.k, l->kind == KVRT_LAYER_MLA ? NULL : r.v, r.pos,
+                      rd, n, &r.n, NULL));
     return r;
 }
 
@@ -539,6 +567,8 @@ static void rw_validate(bench *b, rw_ctx *x)
 
 static void bench_write(bench *b)
 {
+    if (skip_quantized(b, "write"))
+        return;
     rw_ctx x;
     rw_setup(b, &x, 0);
     run_write(b, &x);
@@ -570,6 +600,8 @@ static void run_gather(bench *b, void *ctx)
 
 static void bench_gather(bench *b)
 {
+    if (skip_quantized(b, "gather"))
+        return;
     rw_ctx x;
     rw_setup(b, &x, 1);
     run_write(b, &x);
@@ -626,6 +658,8 @@ static void rope_reference(const float *in, double *out, int dim, int n_rot, int
 
 static void bench_shift(bench *b)
 {
+    if (skip_quantized(b, "shift"))
+        return;
     kvrt_layer_desc layers[OP_LAYERS];
     op_layers(layers, OP_LAYERS);
     int32_t per_seq = op_tokens_per_seq(b);
@@ -1009,6 +1043,8 @@ static void copy_validate(bench *b, copy_ctx *x, int32_t n)
 
 static void bench_copy(bench *b)
 {
+    if (skip_quantized(b, "copy"))
+        return;
     size_t block_bytes = (size_t)OP_BLOCK * op_token_bytes(b);
     size_t row_bytes = op_token_bytes(b);
     char extra[160], shape[320], text[96];
@@ -1100,6 +1136,8 @@ static void run_compact(bench *b, void *ctx)
 
 static void bench_compact(bench *b)
 {
+    if (skip_quantized(b, "compact"))
+        return;
     compact_ctx x;
     memset(&x, 0, sizeof x);
     kvrt_layer_desc layers[OP_LAYERS];
@@ -1202,7 +1240,8 @@ static void run_attention(bench *b, void *ctx)
 static double attention_check(attn_ctx *x, int layer, int32_t seq, int32_t qpos, int t)
 {
     const attn_shape *sh = x->shape;
-    kvrt_dtype dtype = kvrt_cache_get_desc(x->cache)->dtype;
+    kvrt_dtype cache_dtype = kvrt_cache_get_desc(x->cache)->dtype;
+    kvrt_dtype dtype = src_dtype_of(cache_dtype), rd = rows_dtype_of(cache_dtype);
     rows r = gather_rows(x->cache, layer, seq, 0, qpos + 1);
     int dk = sh->mla ? sh->latent_dim + sh->rope_dim : sh->head_dim;
     int dv = sh->mla ? sh->latent_dim : sh->head_dim;
@@ -1217,7 +1256,7 @@ static double attention_check(attn_ctx *x, int layer, int32_t seq, int32_t qpos,
             double s = 0;
             for (int d = 0; d < dk; d++)
                 s += (double)kvrt_load(x->q.host, dtype, qat + d) *
-                     kvrt_load(r.k, dtype, (j * kv_heads + kvh) * dk + d);
+                     kvrt_load(r.k, rd, (j * kv_heads + kvh) * dk + d);
             logit[j] = s * scale;
             most = logit[j] > most ? logit[j] : most;
         }
@@ -1227,8 +1266,8 @@ static double attention_check(attn_ctx *x, int layer, int32_t seq, int32_t qpos,
             double w = exp(logit[j] - most);
             sum += w;
             for (int d = 0; d < dv; d++)
-                ref[d] += w * (sh->mla ? kvrt_load(r.k, dtype, j * dk + d)
-                                       : kvrt_load(r.v, dtype, (j * kv_heads + kvh) * dv + d));
+                ref[d] += w * (sh->mla ? kvrt_load(r.k, rd, j * dk + d)
+                                       : kvrt_load(r.v, rd, (j * kv_heads + kvh) * dv + d));
         }
         /* f32 accumulation over up to 32k keys and one rounding of the
          * output to the cache dtype: 1 ulp of the dtype plus 1e-4 */
@@ -1249,9 +1288,20 @@ static double attention_check(attn_ctx *x, int layer, int32_t seq, int32_t qpos,
 static void bench_attention_shape(bench *b, const attn_shape *sh)
 {
     kvrt_dtype dtype = sh->mla ? b->mla_dtype : b->dtype;
-    size_t es = kvrt_dtype_size(dtype);
-    size_t token_bytes = sh->mla ? (size_t)(sh->latent_dim + sh->rope_dim) * es
-                                 : (size_t)sh->n_kv_heads * 2 * sh->head_dim * es;
+    if (kvrt_dtype_is_quantized(dtype) && (sh->mla || sh->new_tokens > 1)) {
+        skip(b, sh->op, "quantized caches: attention_decode only");
+        return;
+    }
+    kvrt_dtype io = src_dtype_of(dtype); /* q, out and the rows written */
+    size_t es = kvrt_dtype_size(io);
+    kvrt_layer_desc token_layer;
+    memset(&token_layer, 0, sizeof token_layer);
+    token_layer.kind = KVRT_LAYER_ATTN;
+    token_layer.n_kv_heads = sh->n_kv_heads;
+    token_layer.head_dim_k = token_layer.head_dim_v = sh->head_dim;
+    /* cache bytes of a token: elements (and scales, quantized) */
+    size_t token_bytes = sh->mla ? (size_t)(sh->latent_dim + sh->rope_dim) * kvrt_dtype_size(dtype)
+                                 : kvrt_layer_row_bytes(&token_layer, dtype);
     int32_t total = sh->context + sh->new_tokens;
     double layer_bytes = (double)sh->batch * total * (double)token_bytes;
     /* decode is memory-bound: enough layers that a step reads at least the
@@ -1293,11 +1343,11 @@ static void bench_attention_shape(bench *b, const attn_shape *sh)
     int n_tokens = sh->batch * sh->new_tokens;
     int dk = sh->mla ? sh->latent_dim + sh->rope_dim : sh->head_dim;
     int dv = sh->mla ? sh->latent_dim : sh->head_dim;
-    x.q = buffer_random(b, dtype, (size_t)n_tokens * sh->n_q_heads * dk, 77);
+    x.q = buffer_random(b, io, (size_t)n_tokens * sh->n_q_heads * dk, 77);
     x.out = buffer_empty(b, (size_t)n_tokens * sh->n_q_heads * dv * es);
     x.params.n_q_heads = sh->n_q_heads;
-    x.params.q_dtype = dtype;
-    x.params.out_dtype = dtype;
+    x.params.q_dtype = io;
+    x.params.out_dtype = io;
 
     /* validate: the first and last sequence's first and last new token, in
      * the first and last layer */
@@ -1440,7 +1490,7 @@ static void bench_attention_mla(bench *b)
 static void usage(FILE *to)
 {
     fprintf(to,
-            "usage: kvrt-bench [--backend cpu|cuda|hip] [--dtype f16|bf16|f32] [--runs N]\n"
+            "usage: kvrt-bench [--backend cpu|cuda|hip] [--dtype f16|bf16|f32|q8|fp8] [--runs N]\n"
             "                  [--size-mib M] [--quick] [--json FILE] <op...>\n"
             "ops: write shift copy compact gather plan attention attention_decode\n"
             "     attention_prefill attention_mla all\n"
@@ -1502,9 +1552,14 @@ int main(int argc, char **argv)
                 b.dtype = KVRT_BF16;
             else if (strcmp(val, "f32") == 0)
                 b.dtype = KVRT_F32;
+            else if (strcmp(val, "q8") == 0)
+                b.dtype = KVRT_Q8;
+            else if (strcmp(val, "fp8") == 0)
+                b.dtype = KVRT_FP8_E4M3;
             else
-                die("unknown dtype '%s' (f16, bf16, f32)", val);
-            b.mla_dtype = b.dtype;
+                die("unknown dtype '%s' (f16, bf16, f32, q8, fp8)", val);
+            if (!kvrt_dtype_is_quantized(b.dtype))
+                b.mla_dtype = b.dtype;
         } else if (strcmp(a, "--runs") == 0 && val) {
             i++;
             b.runs = atoi(val);

@@ -158,12 +158,24 @@ typedef enum kvrt_dtype {
     KVRT_F32  = 0,
     KVRT_F16  = 1,
     KVRT_BF16 = 2,
+    /* Cache dtypes only (not for write sources, queries or outputs): one byte
+     * per element and one f32 scale per (token, head) row of K and of V,
+     * kept in a region of their own (docs/layouts.md, "Quantized dtypes").
+     * Q8: int8, scale = amax / 127, values rounded to nearest even.
+     * FP8_E4M3: OCP e4m3fn, saturating, scale = amax / 448.
+     * NaN and +-Inf written into a quantized cache read back as NaN (the
+     * rest of their row keeps its values); ATTN and CROSS layers only (an
+     * MLA layer in a quantized cache is KVRT_ERR_UNSUPPORTED). */
+    KVRT_Q8       = 3,
+    KVRT_FP8_E4M3 = 4,
 } kvrt_dtype;
 
-/* Bytes per element (4, 2, 2); 0 for an unknown dtype. */
+/* Bytes per element (4, 2, 2, 1, 1; scales not counted); 0 for an unknown dtype. */
 KVRT_API size_t kvrt_dtype_size(kvrt_dtype dtype);
-/* "f32", "f16", "bf16"; "?" for an unknown dtype. */
+/* "f32", "f16", "bf16", "q8", "fp8_e4m3"; "?" for an unknown dtype. */
 KVRT_API const char *kvrt_dtype_name(kvrt_dtype dtype);
+/* 1 for KVRT_Q8 and KVRT_FP8_E4M3 (a scale per row), else 0. */
+KVRT_API int kvrt_dtype_is_quantized(kvrt_dtype dtype);
 
 /* ------------------------------------------------------------------------ */
 /* Cache description                                                         */
@@ -193,6 +205,9 @@ typedef struct kvrt_layer_desc {
     int window;       /* ATTN: 0 or > 0 (sliding window) */
     int latent_dim;   /* MLA: kv_lora_rank, e.g. 512; a multiple of 8 */
     int rope_dim;     /* MLA: rotary part, e.g. 64; even, may be 0 */
+    /* ATTN, MLA: this layer's RoPE base (Gemma 3's local layers use another
+     * theta than its global ones); 0: the cache's rope.theta. Finite, >= 0. */
+    float rope_theta;
 } kvrt_layer_desc;
 
 typedef enum kvrt_rope_style {
@@ -200,8 +215,24 @@ typedef enum kvrt_rope_style {
     KVRT_ROPE_NEOX   = 1,  /* rotate halves (x[i], x[i + n_rot/2]), as Hugging Face */
 } kvrt_rope_style;
 
-/* How cached K was rotated, so that kvrt_seq_shift can re-rotate it.
- * Angle of pair i at position p: p * freq_scale * theta^(-2i / n_rot).
+/* Where RoPE is applied to keys. */
+typedef enum kvrt_rope_mode {
+    /* The decoder writes rotated K; kvrt_seq_shift / kvrt_seq_div re-rotate
+     * it in place (re-rounded to the cache dtype each time). */
+    KVRT_ROPE_STORED_ROTATED = 0,
+    /* The decoder writes K unrotated; kvrt_attention rotates each key by its
+     * slot's position as it reads it (and each query by its token's
+     * position when rope.rotate_q is 1). kvrt_seq_shift / kvrt_seq_div then
+     * change positions only: no K is rewritten, any number of shifts is
+     * exact. kvrt cannot tell rotated K from unrotated: a decoder that
+     * writes rotated K into such a cache gets keys rotated twice. */
+    KVRT_ROPE_IN_ATTENTION   = 1,
+} kvrt_rope_mode;
+
+/* How K is rotated: stored rotated (kvrt_seq_shift re-rotates it) or, in
+ * KVRT_ROPE_IN_ATTENTION mode, rotated by kvrt_attention as it is read.
+ * Angle of pair i at position p: p * freq_scale * theta^(-2i / n_rot), with
+ * theta the layer's rope_theta where it has one.
  * ATTN layers rotate the first n_rot dims of each K head (n_rot 0: none);
  * MLA layers rotate their rope_dim part (the last rope_dim values of a row), with
  * rope_dim in place of n_rot in the angle. n_rot is the ATTN layers': a
@@ -212,11 +243,19 @@ typedef struct kvrt_rope_desc {
     float           theta;       /* base, e.g. 10000 or 500000; finite, > 0 */
     float           freq_scale;  /* 1 = no scaling (linear scaling: 1/factor); finite, > 0 */
     kvrt_rope_style style;
+    kvrt_rope_mode  mode;        /* KVRT_ROPE_STORED_ROTATED (default) or IN_ATTENTION */
+    /* KVRT_ROPE_IN_ATTENTION only: 1 = queries come unrotated too and
+     * kvrt_attention rotates them by their positions; 0 = queries come
+     * rotated. Must be 0 in the other mode. */
+    int             rotate_q;
 } kvrt_rope_desc;
 
 typedef struct kvrt_cache_desc {
     kvrt_device            device;
-    kvrt_dtype             dtype;        /* element type of every layer */
+    /* Element type of every layer. One dtype serves all layers: a per-layer
+     * dtype (say bf16 first and last layers) is not offered (docs/layouts.md,
+     * "Quantized dtypes"). */
+    kvrt_dtype             dtype;
     int                    n_layers;
     const kvrt_layer_desc *layers;       /* [n_layers], copied at creation */
     int                    max_seqs;     /* sequence ids are [0, max_seqs) */
@@ -253,9 +292,14 @@ KVRT_API void kvrt_cache_desc_init(kvrt_cache_desc *desc);
 
 /* Bytes of one token's row of a layer in the cache and in state files:
  * ATTN/CROSS n_kv_heads * (head_dim_k + head_dim_v) * size(dtype),
- * MLA (latent_dim + rope_dim) * size(dtype). 0 for an invalid description.
- * The one function every reader and writer of rows uses. */
+ * MLA (latent_dim + rope_dim) * size(dtype), plus the scales of quantized
+ * dtypes (kvrt_layer_scale_bytes). 0 for an invalid description (an MLA
+ * layer in a quantized dtype included). The one function every reader and
+ * writer of rows uses. */
 KVRT_API size_t kvrt_layer_row_bytes(const kvrt_layer_desc *layer, kvrt_dtype dtype);
+/* The scale bytes in kvrt_layer_row_bytes: ATTN/CROSS in Q8 or FP8_E4M3
+ * 2 * n_kv_heads * 4 (an f32 per head of K and of V); 0 otherwise. */
+KVRT_API size_t kvrt_layer_scale_bytes(const kvrt_layer_desc *layer, kvrt_dtype dtype);
 
 /* ------------------------------------------------------------------------ */
 /* Cache                                                                     */
@@ -394,8 +438,8 @@ typedef struct kvrt_attention_params {
     float      scale;      /* multiplies q.k; 0 means 1/sqrt(dk), dk = head_dim_k
                               (MLA: latent_dim + rope_dim) */
     float      softcap;    /* > 0: logits become softcap * tanh(s / softcap) */
-    kvrt_dtype q_dtype;    /* dtype of q */
-    kvrt_dtype out_dtype;  /* f32 or the cache dtype */
+    kvrt_dtype q_dtype;    /* dtype of q: f32, f16 or bf16 */
+    kvrt_dtype out_dtype;  /* f32 or the cache dtype (a quantized cache: f32, f16 or bf16) */
 } kvrt_attention_params;
 
 /* For every token of the batch, attention over the live slots of its
@@ -455,14 +499,16 @@ KVRT_API kvrt_status kvrt_seq_keep(kvrt_cache *cache, int32_t seq);
 
 /* Adds delta to the positions in [p0, p1) of seq (seq < 0: every sequence)
  * and re-rotates the rotary part of their cached K by delta (all layers of a
- * group in one launch). Tokens whose new position is negative are removed.
+ * group in one launch; each layer by its RoPE base; a quantized head row is
+ * dequantized, turned and quantized again; in KVRT_ROPE_IN_ATTENTION mode
+ * no K changes, only positions). Tokens whose new position is negative are removed.
  * KVRT_ERR_POS_EXISTS if a moved token would land on a position the sequence
  * keeps; KVRT_ERR_POS_RANGE if a new position would overflow int32. */
 KVRT_API kvrt_status kvrt_seq_shift(kvrt_cache *cache, int32_t seq, int32_t p0, int32_t p1,
                                     int32_t delta);
 
 /* Divides the positions in [p0, p1) of seq (seq < 0: every sequence) by
- * d (>= 1, rounding down) and re-rotates K accordingly. Two tokens that would land on one position:
+ * d (>= 1, rounding down) and re-rotates K accordingly (as kvrt_seq_shift). Two tokens that would land on one position:
  * KVRT_ERR_POS_EXISTS, nothing changed. */
 KVRT_API kvrt_status kvrt_seq_div(kvrt_cache *cache, int32_t seq, int32_t p0, int32_t p1,
                                   int d);
@@ -507,7 +553,8 @@ KVRT_API kvrt_status kvrt_seq_can_resume(const kvrt_cache *cache, int32_t seq, i
                                          int *ok);
 
 /* Copies seq's rows of one layer with positions in [p0, p1), in position
- * order, in the cache dtype:
+ * order, in the cache dtype (q8 / fp8: the codes, one byte each; see
+ * kvrt_gather_scales and kvrt_gather_as):
  *   ATTN, CROSS: k [n][n_kv_heads][head_dim_k], v [n][n_kv_heads][head_dim_v]
  *   MLA:         k [n][latent_dim + rope_dim], v unused
  * and their positions into pos (host memory; CROSS rows are numbered 0..n-1).
@@ -518,6 +565,23 @@ KVRT_API kvrt_status kvrt_seq_can_resume(const kvrt_cache *cache, int32_t seq, i
 KVRT_API kvrt_status kvrt_gather(const kvrt_cache *cache, int layer, int32_t seq,
                                  int32_t p0, int32_t p1, void *k, void *v, int32_t *pos,
                                  int64_t capacity, int64_t *n_out, void *stream);
+
+/* kvrt_gather of a quantized cache's scales: k_scale [n][n_kv_heads] and
+ * v_scale [n][n_kv_heads] f32 (bit-exact, as stored), host or device memory,
+ * each may be NULL. With kvrt_gather's bytes they are the whole stored row.
+ * KVRT_ERR_INVALID_ARG for a cache that is not quantized. */
+KVRT_API kvrt_status kvrt_gather_scales(const kvrt_cache *cache, int layer, int32_t seq,
+                                        int32_t p0, int32_t p1, float *k_scale, float *v_scale,
+                                        int64_t capacity, int64_t *n_out, void *stream);
+
+/* kvrt_gather converting to dst_dtype (f32, f16 or bf16): quantized rows are
+ * dequantized (element * its row's scale, in f32, then rounded to
+ * dst_dtype; NaN markers as NaN); other dtypes are converted. Shapes and
+ * arguments as kvrt_gather. */
+KVRT_API kvrt_status kvrt_gather_as(const kvrt_cache *cache, int layer, int32_t seq,
+                                    int32_t p0, int32_t p1, void *k, void *v, int32_t *pos,
+                                    kvrt_dtype dst_dtype, int64_t capacity, int64_t *n_out,
+                                    void *stream);
 
 
 /* ------------------------------------------------------------------------ */
@@ -548,7 +612,8 @@ KVRT_API kvrt_status kvrt_state_size(const kvrt_cache *cache, int32_t seq, uint6
  * sequence, loaded into dst_seq, which must be empty; dst_seq < 0: every
  * sequence of the file into the same ids, each of which must be empty.
  * The file loads into any cache with the same layer description, dtype and
- * RoPE, on any backend and block size. Errors, with the cache untouched:
+ * RoPE (mode and per-layer bases included), on any backend and block size;
+ * quantized rows load with their scales, bit-exactly. Errors, with the cache untouched:
  * KVRT_ERR_INCOMPATIBLE naming the first differing field ("layer 5:
  * latent_dim 512 in file, 448 in cache"), KVRT_ERR_CORRUPT (truncated, bad
  * checksum, absurd counts), KVRT_ERR_CAPACITY, KVRT_ERR_INVALID_ARG.

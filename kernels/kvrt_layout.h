@@ -12,6 +12,10 @@
  *     MLA is n_heads 1, dim_k latent + rope, no V. CROSS uses the same formula
  *     with one "block" per cross slot of block_size = cross_max_len.
  *   - Positions per group: [n_blocks][block_size] int32, -1 marks a hole.
+ *   - Quantized dtypes (q8, fp8 e4m3) keep one f32 scale per (slot, head) row
+ *     of K and of V in a region of their own per layer:
+ *       K scales: [n_blocks][n_heads][block_size]   (kvrt_scale_index)
+ *       V scales: [n_blocks][n_heads][block_size]
  */
 #ifndef KVRT_LAYOUT_H
 #define KVRT_LAYOUT_H
@@ -28,7 +32,19 @@
 #endif
 
 /* Element types, the values of kvrt_dtype. */
-enum { KVRT_LAYOUT_F32 = 0, KVRT_LAYOUT_F16 = 1, KVRT_LAYOUT_BF16 = 2 };
+enum {
+    KVRT_LAYOUT_F32 = 0,
+    KVRT_LAYOUT_F16 = 1,
+    KVRT_LAYOUT_BF16 = 2,
+    KVRT_LAYOUT_Q8 = 3,       /* int8 with an f32 scale per (slot, head) row */
+    KVRT_LAYOUT_FP8_E4M3 = 4, /* OCP e4m3fn with an f32 scale per (slot, head) row */
+};
+
+/* Whether a dtype keeps a scale per row. */
+KVRT_HD static inline int kvrt_dtype_quantized(int32_t dtype)
+{
+    return dtype == KVRT_LAYOUT_Q8 || dtype == KVRT_LAYOUT_FP8_E4M3;
+}
 
 /* One layer's region shape. Plain data, passed to kernels by value. */
 typedef struct kvrt_layout {
@@ -39,7 +55,8 @@ typedef struct kvrt_layout {
     int32_t rot_offset;  /* first rotated element of a K head row */
     int32_t rot_dims;    /* rotated elements (0: none; CROSS: 0) */
     int32_t dtype;       /* KVRT_LAYOUT_* */
-    int32_t elem_size;   /* bytes per element */
+    int32_t elem_size;   /* bytes per element (1 for q8 and fp8) */
+    float   rope_theta;  /* RoPE base of this layer (the layer's or the cache's) */
 } kvrt_layout;
 
 /* A layer as kernels see it: its shape and its regions. */
@@ -47,6 +64,8 @@ typedef struct kvrt_layer_ref {
     kvrt_layout layout;
     void       *k;       /* [n_blocks][n_heads][block_size][dim_k] */
     void       *v;       /* [n_blocks][n_heads][block_size][dim_v]; NULL for MLA */
+    float      *k_scale; /* [n_blocks][n_heads][block_size]; NULL unless quantized */
+    float      *v_scale; /* [n_blocks][n_heads][block_size]; NULL unless quantized (or MLA) */
 } kvrt_layer_ref;
 
 /* Element index of the first element of head `head`'s K row at `slot`. */
@@ -61,6 +80,19 @@ KVRT_HD static inline int64_t kvrt_v_index(const kvrt_layout *L, int64_t slot, i
 {
     int64_t block = slot / L->block_size, offset = slot % L->block_size;
     return ((block * L->n_heads + head) * L->block_size + offset) * L->dim_v;
+}
+
+/* Index of head `head`'s scale at `slot` (K and V scales alike). */
+KVRT_HD static inline int64_t kvrt_scale_index(const kvrt_layout *L, int64_t slot, int32_t head)
+{
+    int64_t block = slot / L->block_size, offset = slot % L->block_size;
+    return (block * L->n_heads + head) * L->block_size + offset;
+}
+
+/* Bytes of one block of K (or V) scales in one layer; 0 unless quantized. */
+KVRT_HD static inline int64_t kvrt_block_bytes_scale(const kvrt_layout *L)
+{
+    return kvrt_dtype_quantized(L->dtype) ? (int64_t)L->n_heads * L->block_size * 4 : 0;
 }
 
 /* Bytes of one block of K (or V) in one layer. */
@@ -166,6 +198,124 @@ KVRT_HD static inline void kvrt_store(void *base, int32_t dtype, int64_t i, floa
         ((uint16_t *)base)[i] = kvrt_f32_to_f16(f);
     else
         ((uint16_t *)base)[i] = kvrt_f32_to_bf16(f);
+}
+
+/* ---- quantized rows (docs/layouts.md, "Quantized dtypes") ----
+ *
+ * A row (one slot's elements of one head, K or V) of n values x is stored as
+ * n bytes and one f32 scale s, computed in f32:
+ *   amax = max |x_i| over the finite x_i
+ *   q8:  s = amax / 127, q_i = rint(x_i / s) clamped to [-127, 127] (round to
+ *        nearest even); value q_i * s. The byte -128 is never produced by a
+ *        finite x_i: it marks a non-finite x_i and reads back as NaN.
+ *   fp8: s = amax / 448, q_i = e4m3fn(x_i / s), round to nearest even,
+ *        saturating at +-448; value e4m3(q_i) * s. A non-finite x_i is stored
+ *        as the e4m3fn NaN (0x7f, 0xff with the sign) and reads back as NaN.
+ *   A row whose finite values are all zero (or that has none) gets s = 0 and
+ *   stores zeros (and NaN markers); it reads back as zeros (and NaNs).
+ * So NaN and +-Inf inputs become NaN elements (visible to attention, which
+ * then gives NaN), never finite values, and every scale is finite and >= 0.
+ */
+
+KVRT_HD static inline float kvrt_e4m3_to_f32(uint8_t b)
+{
+    int32_t e = (b >> 3) & 15, m = b & 7;
+    float v;
+    if (e == 15 && m == 7) {
+        kvrt_f32_bits nan;
+        nan.u = 0x7fc00000u;
+        v = nan.f;
+    } else if (e == 0) {
+        v = (float)m * 0.001953125f; /* m * 2^-9 */
+    } else {
+        kvrt_f32_bits r;
+        r.u = ((uint32_t)(e + 120) << 23) | ((uint32_t)m << 20);
+        v = r.f;
+    }
+    return (b & 0x80u) ? -v : v;
+}
+
+/* f (finite or not) to e4m3fn: round to nearest even, saturating at 448;
+ * NaN and +-Inf give NaN. */
+KVRT_HD static inline uint8_t kvrt_f32_to_e4m3(float f)
+{
+    kvrt_f32_bits in;
+    in.f = f;
+    uint8_t sign = (uint8_t)((in.u >> 24) & 0x80u);
+    uint32_t abs = in.u & 0x7fffffffu;
+    if (abs >= 0x7f800000u) /* inf or NaN */
+        return (uint8_t)(sign | 0x7fu);
+    if (abs >= 0x43e00000u) /* >= 448: saturate */
+        return (uint8_t)(sign | 0x7eu);
+    if (abs < 0x3c800000u) { /* below 2^-6, the smallest normal: multiples of 2^-9 */
+        kvrt_f32_bits a;
+        a.u = abs;
+        float m = rintf(a.f * 512.0f); /* exact scaling, then round to nearest even */
+        return (uint8_t)(sign | (uint8_t)m); /* m == 8 is the encoding of 2^-6 */
+    }
+    uint32_t r = abs + 0x7ffffu + ((abs >> 20) & 1u); /* round to nearest even, 3 bits */
+    if (r >= 0x43e00000u) /* rounded up to 480 or beyond: saturate */
+        return (uint8_t)(sign | 0x7eu);
+    uint32_t e = (r >> 23) - 120u, m = (r >> 20) & 7u;
+    return (uint8_t)(sign | (e << 3) | m);
+}
+
+/* One stored element of a quantized row as f32 (NaN markers as NaN). */
+KVRT_HD static inline float kvrt_dequant(const void *base, int32_t dtype, int64_t i, float scale)
+{
+    if (dtype == KVRT_LAYOUT_Q8) {
+        int8_t q = ((const int8_t *)base)[i];
+        if (q == -128) {
+            kvrt_f32_bits nan;
+            nan.u = 0x7fc00000u;
+            return nan.f;
+        }
+        return (float)q * scale;
+    }
+    return kvrt_e4m3_to_f32(((const uint8_t *)base)[i]) * scale;
+}
+
+/* Quantizes f (a value of a row with scale s) to its stored byte. */
+KVRT_HD static inline uint8_t kvrt_quant(float f, int32_t dtype, float s)
+{
+    if (!(f - f == 0.0f)) /* NaN or +-Inf */
+        return dtype == KVRT_LAYOUT_Q8 ? (uint8_t)0x80u : (uint8_t)(kvrt_f32_to_e4m3(f));
+    if (s == 0.0f)
+        return 0;
+    float x = f / s;
+    if (dtype == KVRT_LAYOUT_Q8) {
+        float q = rintf(x);
+        q = q > 127.0f ? 127.0f : q < -127.0f ? -127.0f : q;
+        return (uint8_t)(int8_t)q;
+    }
+    return kvrt_f32_to_e4m3(x);
+}
+
+/* Longest quantized head row (head_dim_k and head_dim_v are at most 1024). */
+enum { KVRT_QUANT_ROW_MAX = 1024 };
+
+/* Largest |x| over the finite values of a row, and its scale. */
+KVRT_HD static inline float kvrt_quant_scale(const void *src, int32_t src_dtype, int64_t n,
+                                             int32_t dtype)
+{
+    float amax = 0.0f;
+    for (int64_t i = 0; i < n; i++) {
+        float a = fabsf(kvrt_load(src, src_dtype, i));
+        if (a - a == 0.0f && a > amax)
+            amax = a;
+    }
+    return amax / (dtype == KVRT_LAYOUT_Q8 ? 127.0f : 448.0f);
+}
+
+/* Quantizes a row of n values (src_dtype f32, f16 or bf16) into dst and
+ * returns its scale. */
+KVRT_HD static inline float kvrt_quant_row(void *dst, int32_t dtype, const void *src,
+                                           int32_t src_dtype, int64_t n)
+{
+    float s = kvrt_quant_scale(src, src_dtype, n, dtype);
+    for (int64_t i = 0; i < n; i++)
+        ((uint8_t *)dst)[i] = kvrt_quant(kvrt_load(src, src_dtype, i), dtype, s);
+    return s;
 }
 
 /* ---- RoPE ---- */

@@ -4,7 +4,7 @@
  * launch (seq_shift, seq_div). C twin: cpu_rotate in src/backend_cpu.c.
  *
  * A thread handles one (slot, pair) over a chunk of the layers: it computes
- * the pair's angle once per distinct rot_dims, in double (kvrt_rope_angle,
+ * the pair's angle once per distinct (rot_dims, layer RoPE base), in double (kvrt_rope_angle,
  * then cos and sin in double, rounded to float, as the twin does), and
  * turns that pair in every head of every layer of its chunk. blockIdx.x
  * strides over (slot, pair), consecutive threads taking consecutive pairs
@@ -42,18 +42,21 @@ __global__ void rotate_kernel(const kvrt_layer_ref *layers, int32_t n_layers,
             continue;
         const int64_t slot = slots[i];
         int32_t angle_dims = -1;
-        float c = 1.0f, s = 0.0f;
+        float angle_theta = 0.0f, c = 1.0f, s = 0.0f;
         for (int32_t l = l_begin; l < l_end; l++) {
             const kvrt_layer_ref ref = layers[l];
             const kvrt_layout L = ref.layout;
             const int32_t dims = L.rot_dims;
             if (ref.k == NULL || p >= dims / 2)
                 continue;
-            if (dims != angle_dims) {
-                const double angle = kvrt_rope_angle(&rope, dims, p, delta);
+            if (dims != angle_dims || L.rope_theta != angle_theta) {
+                kvrt_rope layer_rope = rope;
+                layer_rope.theta = L.rope_theta;
+                const double angle = kvrt_rope_angle(&layer_rope, dims, p, delta);
                 c = (float)cos(angle);
                 s = (float)sin(angle);
                 angle_dims = dims;
+                angle_theta = L.rope_theta;
             }
             int32_t a, b;
             kvrt_rope_pair(rope.style, dims, p, &a, &b);

@@ -406,6 +406,7 @@ struct attn_plan {
     int64_t        split_len;  /* slots per split */
     float         *partial;    /* n_splits > 1: [units][rows_max][2 + dim_v] (m, l, acc) */
     int32_t        kv_max;     /* kv heads of a unit, at most */
+    int            dequant_avx2; /* gather_dequant may use AVX2 */
 };
 
 /* Bytes [p, end) of K or V to prefetch, and a queue of them taken a line or
@@ -703,6 +704,141 @@ static void gather_generic(const attn_plan *pl, attn_scratch *sc, const chunk_ro
                            int32_t g)
 {
     gather_rows(pl, sc, cr, g);
+}
+
+/* Turns the rotary part of an f32 row by position pos (pre-RoPE mode): pair i
+ * by pos * freq_scale * theta^(-2i/dims) (op->rope.theta is the layer's base),
+ * cos and sin from a double angle
+ * rounded to f32, the turn in f32, as kvrt_seq_shift turns stored K. */
+static void rope_row(float *x, const kvrt_attention_op *op, int64_t pos)
+{
+    const kvrt_layout *L = &op->layer.layout;
+    const int32_t dims = L->rot_dims;
+    if (dims <= 0 || pos == 0)
+        return;
+    const kvrt_rope r = op->rope; /* theta: the layer's */
+    float *y = x + L->rot_offset;
+    for (int32_t i = 0; i < dims / 2; i++) {
+        int32_t a, b;
+        kvrt_rope_pair(r.style, dims, i, &a, &b);
+        double angle = kvrt_rope_angle(&r, dims, i, pos);
+        float c = (float)cos(angle), s = (float)sin(angle), ya = y[a], yb = y[b];
+        y[a] = ya * c - yb * s;
+        y[b] = ya * s + yb * c;
+    }
+}
+
+/* e4m3fn code -> value (kvrt_e4m3_to_f32), filled once before the threads
+ * start (kvrt_cpu_attention) and read by them. */
+static float e4m3_value[256];
+static _Atomic int e4m3_value_ready;
+
+static void e4m3_table_init(void)
+{
+    if (atomic_load_explicit(&e4m3_value_ready, memory_order_acquire))
+        return;
+    for (int c = 0; c < 256; c++)
+        e4m3_value[c] = kvrt_e4m3_to_f32((uint8_t)c);
+    atomic_store_explicit(&e4m3_value_ready, 1, memory_order_release);
+}
+
+#if KVRT_ATTENTION_X86
+/* dequant_row with AVX2, 8 codes a step. e4m3fn: the code's low 7 bits
+ * shifted into an f32's exponent and mantissa (bits 20..26) read as a float
+ * and multiplied by 2^120 give the value, subnormals included (they become
+ * f32 subnormals, exact); the sign goes to bit 31; code 0x7f is NaN. */
+__attribute__((target("avx2,fma"))) static int64_t
+dequant_row_avx2(float *restrict dst, const void *src, int32_t dtype, int64_t n, float scale)
+{
+    const __m256 s = _mm256_set1_ps(scale), nan = _mm256_set1_ps((float)NAN);
+    int64_t i = 0;
+    if (dtype == KVRT_LAYOUT_Q8) {
+        const __m256i marker = _mm256_set1_epi32(-128);
+        for (; i + 8 <= n; i += 8) {
+            __m256i q = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)src + i)));
+            __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(q), s);
+            __m256 is_nan = _mm256_castsi256_ps(_mm256_cmpeq_epi32(q, marker));
+            _mm256_storeu_ps(dst + i, _mm256_blendv_ps(v, nan, is_nan));
+        }
+        return i;
+    }
+    const __m256i low7 = _mm256_set1_epi32(0x7f), code_nan = _mm256_set1_epi32(0x7f),
+                  sign = _mm256_set1_epi32(0x80);
+    const __m256 two120 = _mm256_set1_ps(0x1p120f);
+    for (; i + 8 <= n; i += 8) {
+        __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)((const uint8_t *)src + i)));
+        __m256i mag = _mm256_and_si256(c, low7);
+        __m256 v = _mm256_mul_ps(_mm256_castsi256_ps(_mm256_slli_epi32(mag, 20)), two120);
+        v = _mm256_or_ps(v, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_and_si256(c, sign), 24)));
+        v = _mm256_mul_ps(v, s);
+        __m256 is_nan = _mm256_castsi256_ps(_mm256_cmpeq_epi32(mag, code_nan));
+        _mm256_storeu_ps(dst + i, _mm256_blendv_ps(v, nan, is_nan));
+    }
+    return i;
+}
+#endif
+
+/* A quantized row of n codes to f32 values, as kvrt_dequant gives them:
+ * code * scale (a table lookup for e4m3), NaN for the NaN codes. */
+static void dequant_row(float *restrict dst, const void *src, int32_t dtype, int64_t n, float scale,
+                        int avx2)
+{
+    int64_t i0 = 0;
+#if KVRT_ATTENTION_X86
+    if (avx2)
+        i0 = dequant_row_avx2(dst, src, dtype, n, scale);
+#endif
+    (void)avx2;
+    src = (const uint8_t *)src + i0;
+    dst += i0;
+    n -= i0;
+    if (dtype == KVRT_LAYOUT_Q8) {
+        const int8_t *q = src;
+        const float nan = (float)NAN;
+        for (int64_t i = 0; i < n; i++) {
+            float v = (float)q[i] * scale;
+            dst[i] = q[i] == -128 ? nan : v;
+        }
+        return;
+    }
+    const uint8_t *c = src;
+    for (int64_t i = 0; i < n; i++)
+        dst[i] = e4m3_value[c[i]] * scale;
+}
+
+/* Row `row` (n elements) of a K or V region as f32: dequantized with its
+ * scale when the layer keeps scales, else converted. */
+static void part_to_f32(float *dst, const void *base, const float *scales, int32_t dtype,
+                        int64_t row, int32_t n, int avx2)
+{
+    if (scales != NULL)
+        dequant_row(dst, (const int8_t *)base + row * n, dtype, n, scales[row], avx2);
+    else
+        row_to_f32(dst, base, dtype, row * n, n);
+}
+
+/* Rows of quantized layers (dequantized with their scales) and of pre-RoPE
+ * caches (K turned by its slot's position) to f32; only these caches take
+ * it. */
+static void gather_dequant(const attn_plan *pl, attn_scratch *sc, const chunk_rows *cr, int32_t g)
+{
+    const kvrt_attention_op *op = pl->op;
+    const kvrt_layout *L = &op->layer.layout;
+    const int32_t dk = L->dim_k, dv = L->dim_v;
+    const int64_t head_rows = (int64_t)g * L->block_size, bs = L->block_size;
+    for (int32_t c = 0; c < cr->n; c++) {
+        int64_t row = cr->row[c] + head_rows; /* == kvrt_scale_index of (slot, g) */
+        float *k = sc->k + (int64_t)c * dk;
+        part_to_f32(k, op->layer.k, op->layer.k_scale, L->dtype, row, dk, pl->dequant_avx2);
+        if (op->rope_in_attention) {
+            int64_t slot = cr->row[c] / ((int64_t)L->n_heads * bs) * bs + cr->row[c] % bs;
+            rope_row(k, op, op->pos[slot]);
+        }
+        if (op->mla)
+            continue;
+        part_to_f32(sc->v + (int64_t)c * dv, op->layer.v, op->layer.v_scale, L->dtype, row, dv,
+                    pl->dequant_avx2);
+    }
 }
 
 #if KVRT_ATTENTION_X86
@@ -1339,6 +1475,8 @@ KVRT_ALWAYS_INLINE void unit_body(const attn_plan *pl, attn_scratch *sc, int64_t
     for (int32_t r = 0; r < rows; r++) {
         int64_t at = ((int64_t)(ur.t0 + r / ur.nh) * op->n_q_heads + ur.h0 + r % ur.nh) * dk;
         row_to_f32(sc->q + (int64_t)r * dk, op->q, op->q_dtype, at, dk);
+        if (op->rotate_q)
+            rope_row(sc->q + (int64_t)r * dk, op, qpos[r / ur.nh]);
         sc->m[r] = -INFINITY;
         sc->l[r] = 0.0f;
     }
@@ -1539,6 +1677,10 @@ kvrt_status kvrt_cpu_attention(const kvrt_attention_op *op, int max_threads)
     pl.dim_v = op->dim_v;
     pl.group = op->n_q_heads / L->n_heads;
     int32_t dim_max = pl.dim_k > pl.dim_v ? pl.dim_k : pl.dim_v;
+    /* quantized rows and pre-RoPE keys: converted by gather_dequant */
+    const int special = kvrt_dtype_quantized(L->dtype) || op->rope_in_attention || op->rotate_q;
+    if (L->dtype == KVRT_LAYOUT_FP8_E4M3)
+        e4m3_table_init();
 
     /* Query heads per unit: those of as many kv heads as fit ROW_FLOATS (all
      * of a token's, usually: then a block's K and V regions are read as two
@@ -1569,7 +1711,7 @@ kvrt_status kvrt_cpu_attention(const kvrt_attention_op *op, int max_threads)
      * set by their bytes: larger chunks, fewer fixed costs per key. MLA's
      * rows are read again for each block of four of the 128 heads: their
      * chunk stays at L1's measure. */
-    if (have_avx512() && !op->mla)
+    if (have_avx512() && !op->mla && !special)
         pl.chunk = (int32_t)(CHUNK_BYTES / (((int64_t)L->dim_k + L->dim_v) * L->elem_size));
 #endif
     pl.chunk = pl.chunk < LANES ? LANES : pl.chunk > CHUNK_MAX ? CHUNK_MAX : pl.chunk;
@@ -1651,6 +1793,16 @@ kvrt_status kvrt_cpu_attention(const kvrt_attention_op *op, int max_threads)
         pl.gather = gather_avx512;
     }
 #endif
+    if (special) { /* rows through gather_dequant: never the AVX-512 copy, which reads the cache */
+        unit = unit_generic;
+#if KVRT_ATTENTION_X86
+        if (have_avx2_fma_f16c()) {
+            unit = unit_avx2;
+            pl.dequant_avx2 = 1;
+        }
+#endif
+        pl.gather = gather_dequant;
+    }
 
     _Atomic int64_t next_unit = 0;
     const int32_t merge_parts = (pl.rows_max + MERGE_ROWS - 1) / MERGE_ROWS;

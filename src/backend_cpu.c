@@ -244,12 +244,53 @@ static void convert_row(void *dst, int32_t dst_dtype, const void *src, int32_t s
         kvrt_store(dst, dst_dtype, i, kvrt_load(src, src_dtype, i));
 }
 
-static size_t dtype_bytes(int32_t dtype) { return dtype == KVRT_LAYOUT_F32 ? 4 : 2; }
+static size_t dtype_bytes(int32_t dtype)
+{
+    return dtype == KVRT_LAYOUT_F32 ? 4 : kvrt_dtype_quantized(dtype) ? 1 : 2;
+}
+
+/* One head row into a quantized layer: quantized from src_dtype, or (src_dtype
+ * the layer's own) copied with its stored scale. */
+static void quant_row_in(void *dst, float *scale, int32_t dtype, const void *src, int32_t src_dtype,
+                         const float *src_scale, int64_t n)
+{
+    if (src_dtype == dtype) {
+        memcpy(dst, src, (size_t)n);
+        memcpy(scale, src_scale, sizeof *scale); /* state images align nothing */
+        return;
+    }
+    *scale = kvrt_quant_row(dst, dtype, src, src_dtype, n);
+}
+
+/* write into a quantized layer: one scale per (row, head) of K and of V. */
+static kvrt_status cpu_write_quant(const kvrt_write_op *op)
+{
+    const kvrt_layout L = op->layer.layout;
+    const size_t src_es = dtype_bytes(op->src_dtype);
+#pragma omp parallel for schedule(static) if (op->n_rows >= 64)
+    for (int32_t r = 0; r < op->n_rows; r++) {
+        int64_t slot = op->slots[r];
+        for (int32_t h = 0; h < L.n_heads; h++) {
+            int64_t rh = (int64_t)r * L.n_heads + h, si = kvrt_scale_index(&L, slot, h);
+            quant_row_in((int8_t *)op->layer.k + kvrt_k_index(&L, slot, h), op->layer.k_scale + si,
+                         L.dtype, (const char *)op->k_src + rh * L.dim_k * src_es, op->src_dtype,
+                         op->k_scale_src != NULL ? op->k_scale_src + rh : NULL, L.dim_k);
+            if (op->v_src != NULL && L.dim_v > 0)
+                quant_row_in((int8_t *)op->layer.v + kvrt_v_index(&L, slot, h),
+                             op->layer.v_scale + si, L.dtype,
+                             (const char *)op->v_src + rh * L.dim_v * src_es, op->src_dtype,
+                             op->v_scale_src != NULL ? op->v_scale_src + rh : NULL, L.dim_v);
+        }
+    }
+    return KVRT_OK;
+}
 
 /* write: row r of the source goes to slot slots[r], every head. */
 static kvrt_status cpu_write(kvrt_backend_t *be, const kvrt_write_op *op, void *stream)
 {
     (void)stream;
+    if (kvrt_dtype_quantized(op->layer.layout.dtype))
+        return cpu_write_quant(op);
     const kvrt_layout L = op->layer.layout;
     const size_t src_es = dtype_bytes(op->src_dtype), es = (size_t)L.elem_size;
     const size_t bytes = (size_t)op->n_rows * L.n_heads * (L.dim_k + (op->v_src ? L.dim_v : 0)) * es;
@@ -313,6 +354,13 @@ static kvrt_status cpu_move(kvrt_backend_t *be, const kvrt_move_op *op, void *st
             memcpy((char *)ref->v + kvrt_v_index(L, sp.dst, h) * es,
                    (const char *)ref->v + kvrt_v_index(L, sp.src, h) * es,
                    (size_t)sp.len * (size_t)L->dim_v * es);
+        /* a span's scales of one head are contiguous like its rows */
+        if (ref->k_scale != NULL)
+            memcpy(ref->k_scale + kvrt_scale_index(L, sp.dst, h),
+                   ref->k_scale + kvrt_scale_index(L, sp.src, h), (size_t)sp.len * sizeof(float));
+        if (ref->v_scale != NULL)
+            memcpy(ref->v_scale + kvrt_scale_index(L, sp.dst, h),
+                   ref->v_scale + kvrt_scale_index(L, sp.src, h), (size_t)sp.len * sizeof(float));
     }
     return KVRT_OK;
 }
@@ -327,20 +375,26 @@ enum { ROT_MAX_PAIRS = 512 };
 typedef struct rot_table {
     int64_t delta;
     int32_t dims;
+    float   theta;
     float   c[ROT_MAX_PAIRS], s[ROT_MAX_PAIRS];
 } rot_table;
 
-static void rot_table_get(rot_table *t, const kvrt_rope *rope, int32_t dims, int64_t delta)
+/* The table of (delta, dims) for a layer whose RoPE base is theta. */
+static void rot_table_get(rot_table *t, const kvrt_rope *rope, float theta, int32_t dims,
+                          int64_t delta)
 {
-    if (t->delta == delta && t->dims == dims)
+    if (t->delta == delta && t->dims == dims && t->theta == theta)
         return;
+    kvrt_rope r = *rope;
+    r.theta = theta;
     for (int32_t p = 0; p < dims / 2; p++) {
-        double angle = kvrt_rope_angle(rope, dims, p, delta);
+        double angle = kvrt_rope_angle(&r, dims, p, delta);
         t->c[p] = (float)cos(angle);
         t->s[p] = (float)sin(angle);
     }
     t->delta = delta;
     t->dims = dims;
+    t->theta = theta;
 }
 
 /* x[a], x[b] of each pair turned by the table, in f32. */
@@ -372,6 +426,22 @@ static void rotate_head_generic(void *k, int32_t dtype, int64_t base, const rot_
     rot_apply(out, x, t, style, dims);
     for (int32_t i = 0; i < dims; i++)
         kvrt_store(k, dtype, base + i, out[i]);
+}
+
+/* A quantized head row: dequantized whole (its scale covers every element),
+ * the rotated part turned, and the row quantized again with a new scale. */
+static void rotate_head_quant(const kvrt_layer_ref *ref, int64_t slot, int32_t h,
+                              const rot_table *t, int32_t style)
+{
+    const kvrt_layout *L = &ref->layout;
+    float x[KVRT_QUANT_ROW_MAX], out[2 * ROT_MAX_PAIRS];
+    int8_t *row = (int8_t *)ref->k + kvrt_k_index(L, slot, h);
+    float *scale = ref->k_scale + kvrt_scale_index(L, slot, h);
+    for (int32_t i = 0; i < L->dim_k; i++)
+        x[i] = kvrt_dequant(row, L->dtype, i, *scale);
+    rot_apply(out, x + L->rot_offset, t, style, L->rot_dims);
+    memcpy(x + L->rot_offset, out, sizeof(float) * (size_t)L->rot_dims);
+    *scale = kvrt_quant_row(row, L->dtype, x, KVRT_LAYOUT_F32, L->dim_k);
 }
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
@@ -426,6 +496,7 @@ static kvrt_status cpu_rotate(kvrt_backend_t *be, const kvrt_rotate_op *op, void
         rot_table t;
         t.delta = 0; /* delta 0 is skipped, so never looked up */
         t.dims = -1;
+        t.theta = 0.0f;
 #pragma omp for schedule(dynamic, 8)
         for (int64_t task = 0; task < tasks; task++) {
             const kvrt_layer_ref *ref = &op->layers[task % op->n_layers];
@@ -449,7 +520,11 @@ static kvrt_status cpu_rotate(kvrt_backend_t *be, const kvrt_rotate_op *op, void
                     int64_t delta = op->deltas[i];
                     if (delta == 0)
                         continue;
-                    rot_table_get(&t, &op->rope, dims, delta);
+                    rot_table_get(&t, &op->rope, L->rope_theta, dims, delta);
+                    if (ref->k_scale != NULL) {
+                        rotate_head_quant(ref, op->slots[i], h, &t, op->rope.style);
+                        continue;
+                    }
                     int64_t base = kvrt_k_index(L, op->slots[i], h) + L->rot_offset;
 #if ROT_F16C
                     if (f16c && L->dtype == KVRT_LAYOUT_F16) {
@@ -467,9 +542,55 @@ static kvrt_status cpu_rotate(kvrt_backend_t *be, const kvrt_rotate_op *op, void
     return KVRT_OK;
 }
 
+/* One head row of a layer converted to dst_dtype (dequantized when the
+ * layer is quantized). */
+static void gather_row_as(void *dst, int32_t dst_dtype, const void *src, const float *scale,
+                          int32_t dtype, int64_t n)
+{
+    for (int64_t i = 0; i < n; i++)
+        kvrt_store(dst, dst_dtype, i,
+                   scale != NULL ? kvrt_dequant(src, dtype, i, *scale) : kvrt_load(src, dtype, i));
+}
+
+/* gather with conversion, and of scales */
+static kvrt_status cpu_gather_as(const kvrt_gather_op *op)
+{
+    const kvrt_layout L = op->layer.layout;
+    const size_t es = (size_t)L.elem_size, des = op->convert ? dtype_bytes(op->dst_dtype) : es;
+#pragma omp parallel for schedule(static) if (op->n >= 256)
+    for (int32_t r = 0; r < op->n; r++) {
+        int64_t slot = op->slots[r];
+        for (int32_t h = 0; h < L.n_heads; h++) {
+            int64_t rh = (int64_t)r * L.n_heads + h, si = kvrt_scale_index(&L, slot, h);
+            if (op->k_scale_dst != NULL)
+                op->k_scale_dst[rh] = op->layer.k_scale[si];
+            if (op->v_scale_dst != NULL && op->layer.v_scale != NULL)
+                op->v_scale_dst[rh] = op->layer.v_scale[si];
+            const char *ks = (const char *)op->layer.k + kvrt_k_index(&L, slot, h) * es;
+            const char *vs = op->layer.v != NULL ? (const char *)op->layer.v + kvrt_v_index(&L, slot, h) * es
+                                                 : NULL;
+            if (op->k_dst != NULL && op->convert)
+                gather_row_as((char *)op->k_dst + rh * L.dim_k * des, op->dst_dtype, ks,
+                              op->layer.k_scale != NULL ? op->layer.k_scale + si : NULL, L.dtype, L.dim_k);
+            else if (op->k_dst != NULL)
+                memcpy((char *)op->k_dst + rh * L.dim_k * es, ks, (size_t)L.dim_k * es);
+            if (op->v_dst == NULL || vs == NULL || L.dim_v == 0)
+                continue;
+            if (op->convert)
+                gather_row_as((char *)op->v_dst + rh * L.dim_v * des, op->dst_dtype, vs,
+                              op->layer.v_scale != NULL ? op->layer.v_scale + si : NULL, L.dtype, L.dim_v);
+            else
+                memcpy((char *)op->v_dst + rh * L.dim_v * es, vs, (size_t)L.dim_v * es);
+        }
+    }
+    return KVRT_OK;
+}
+
 static kvrt_status cpu_gather(kvrt_backend_t *be, const kvrt_gather_op *op, void *stream)
 {
     (void)stream;
+    if (op->convert || op->k_scale_dst != NULL || op->v_scale_dst != NULL)
+        return cpu_gather_as(op);
     const kvrt_layout L = op->layer.layout;
     const size_t es = (size_t)L.elem_size;
     const size_t bytes = (size_t)op->n * L.n_heads *

@@ -15,13 +15,17 @@ int kvrt_group_is_self(const kvrt_group *g) { return g->kind != KVRT_LAYER_CROSS
 
 kvrt_layout kvrt_layer_layout(const kvrt_cache *cache, int layer)
 {
-    const kvrt_layer_desc *l = &cache->layers[layer];
-    const kvrt_group *g = &cache->groups[cache->layer_group[layer]];
+    return kvrt_layout_of(cache, &cache->layers[layer], &cache->groups[cache->layer_group[layer]]);
+}
+
+kvrt_layout kvrt_layout_of(const kvrt_cache *cache, const kvrt_layer_desc *l, const kvrt_group *g)
+{
     kvrt_layout L;
     memset(&L, 0, sizeof L);
     L.block_size = g->block_size;
     L.dtype = (int32_t)cache->desc.dtype;
     L.elem_size = (int32_t)kvrt_dtype_size(cache->desc.dtype);
+    L.rope_theta = l->rope_theta > 0.0f ? l->rope_theta : cache->desc.rope.theta;
     if (l->kind == KVRT_LAYER_MLA) {
         L.n_heads = 1;
         L.dim_k = l->latent_dim + l->rope_dim;
@@ -301,26 +305,72 @@ int64_t kvrt_group_available(const kvrt_group *g)
     return (int64_t)g->n_free + (g->max_blocks - g->n_blocks) + kvrt_prefix_n_cached(g);
 }
 
+kvrt_status kvrt_layer_mem_create(kvrt_cache *cache, kvrt_layer_mem *m, const kvrt_layout *L,
+                                  int32_t n_blocks, int32_t max_blocks)
+{
+    kvrt_backend_t *be = &cache->be;
+    m->k_block = (size_t)kvrt_block_bytes_k(L);
+    m->v_block = (size_t)kvrt_block_bytes_v(L);
+    m->scale_block = (size_t)kvrt_block_bytes_scale(L);
+    m->k_reserve = m->k_block * (size_t)max_blocks;
+    m->v_reserve = m->v_block * (size_t)max_blocks;
+    m->scale_reserve = m->scale_block * (size_t)max_blocks;
+    KVRT_TRY(be->ops->region_create(be, m->k_reserve, m->k_block * (size_t)n_blocks, &m->k));
+    if (m->v_block > 0)
+        KVRT_TRY(be->ops->region_create(be, m->v_reserve, m->v_block * (size_t)n_blocks, &m->v));
+    if (m->scale_block > 0) {
+        KVRT_TRY(be->ops->region_create(be, m->scale_reserve, m->scale_block * (size_t)n_blocks,
+                                        &m->k_scale));
+        if (m->v_block > 0)
+            KVRT_TRY(be->ops->region_create(be, m->scale_reserve,
+                                            m->scale_block * (size_t)n_blocks, &m->v_scale));
+    }
+    return KVRT_OK;
+}
+
+kvrt_status kvrt_layer_mem_grow(kvrt_cache *cache, kvrt_layer_mem *m, int32_t old_n, int32_t new_n)
+{
+    kvrt_backend_t *be = &cache->be;
+    KVRT_TRY(be->ops->region_grow(be, m->k, m->k_reserve, m->k_block * old_n, m->k_block * new_n));
+    if (m->v != NULL)
+        KVRT_TRY(be->ops->region_grow(be, m->v, m->v_reserve, m->v_block * old_n,
+                                      m->v_block * new_n));
+    void *scales[2] = {m->k_scale, m->v_scale};
+    for (int i = 0; i < 2; i++)
+        if (scales[i] != NULL)
+            KVRT_TRY(be->ops->region_grow(be, scales[i], m->scale_reserve, m->scale_block * old_n,
+                                          m->scale_block * new_n));
+    return KVRT_OK;
+}
+
+void kvrt_layer_mem_destroy(kvrt_cache *cache, kvrt_layer_mem *m)
+{
+    kvrt_backend_t *be = &cache->be;
+    if (be->ops == NULL)
+        return;
+    if (m->k != NULL)
+        be->ops->region_destroy(be, m->k, m->k_reserve);
+    if (m->v != NULL)
+        be->ops->region_destroy(be, m->v, m->v_reserve);
+    if (m->k_scale != NULL)
+        be->ops->region_destroy(be, m->k_scale, m->scale_reserve);
+    if (m->v_scale != NULL)
+        be->ops->region_destroy(be, m->v_scale, m->scale_reserve);
+    m->k = m->v = m->k_scale = m->v_scale = NULL;
+}
+
 static kvrt_status group_grow(kvrt_cache *cache, kvrt_group *g, int32_t new_n)
 {
     kvrt_backend_t *be = &cache->be;
     int32_t old_n = g->n_blocks;
-    for (int i = 0; i < g->n_layers; i++) {
-        kvrt_layer_mem *m = &cache->mem[g->layers[i]];
-        KVRT_TRY(be->ops->region_grow(be, m->k, m->k_reserve, m->k_block * old_n,
-                                      m->k_block * new_n));
-        if (m->v != NULL)
-            KVRT_TRY(be->ops->region_grow(be, m->v, m->v_reserve, m->v_block * old_n,
-                                          m->v_block * new_n));
-    }
+    for (int i = 0; i < g->n_layers; i++)
+        KVRT_TRY(kvrt_layer_mem_grow(cache, &cache->mem[g->layers[i]], old_n, new_n));
     size_t pos_block = (size_t)g->block_size * sizeof(int32_t);
     if (g->pos_device != NULL)
         KVRT_TRY(be->ops->region_grow(be, g->pos_device, pos_block * g->max_blocks,
                                       pos_block * old_n, pos_block * new_n));
-    for (int i = 0; i < g->n_layers; i++) {
-        kvrt_layer_mem *m = &cache->mem[g->layers[i]];
-        cache->bytes_device += (int64_t)(m->k_block + m->v_block) * (new_n - old_n);
-    }
+    for (int i = 0; i < g->n_layers; i++)
+        cache->bytes_device += (int64_t)kvrt_layer_mem_block(&cache->mem[g->layers[i]]) * (new_n - old_n);
     cache->bytes_device += (int64_t)(g->pos_device != NULL ? pos_block : 0) * (new_n - old_n);
     /* new blocks: free, positions -1 (device memory grows zeroed, so upload) */
     for (int32_t b = new_n - 1; b >= old_n; b--) {
@@ -544,17 +594,13 @@ static kvrt_status create_group_memory(kvrt_cache *cache, kvrt_group *g)
         int layer = g->layers[i];
         kvrt_layer_mem *m = &cache->mem[layer];
         kvrt_layout L = kvrt_layer_layout(cache, layer);
-        m->k_block = (size_t)kvrt_block_bytes_k(&L);
-        m->v_block = (size_t)kvrt_block_bytes_v(&L);
-        m->k_reserve = m->k_block * (size_t)g->max_blocks;
-        m->v_reserve = m->v_block * (size_t)g->max_blocks;
-        KVRT_TRY(be->ops->region_create(be, m->k_reserve, m->k_block * (size_t)g->n_blocks, &m->k));
-        if (m->v_block > 0)
-            KVRT_TRY(be->ops->region_create(be, m->v_reserve, m->v_block * (size_t)g->n_blocks, &m->v));
-        cache->bytes_device += (int64_t)((m->k_block + m->v_block) * (size_t)g->n_blocks);
+        KVRT_TRY(kvrt_layer_mem_create(cache, m, &L, g->n_blocks, g->max_blocks));
+        cache->bytes_device += (int64_t)(kvrt_layer_mem_block(m) * (size_t)g->n_blocks);
         g->refs[i].layout = L;
         g->refs[i].k = m->k;
         g->refs[i].v = m->v;
+        g->refs[i].k_scale = m->k_scale;
+        g->refs[i].v_scale = m->v_scale;
         if (L.rot_dims > g->max_rot_dims)
             g->max_rot_dims = L.rot_dims;
     }
@@ -614,6 +660,14 @@ static kvrt_status do_cache_create(const kvrt_cache_desc *desc, kvrt_cache **out
     KVRT_TRY(kvrt_desc_validate(desc));
     KVRT_TRY(kvrt_desc_validate_rope_use(desc));
     KVRT_TRY(kvrt_prefix_desc_validate(desc));
+    /* the GPU kernels read f32, f16 and bf16 rows that hold rotated K */
+    KVRT_CHECK(desc->device.backend == KVRT_BACKEND_CPU ||
+                   (!kvrt_dtype_is_quantized(desc->dtype) && desc->rope.mode == KVRT_ROPE_STORED_ROTATED),
+               KVRT_ERR_UNSUPPORTED,
+               "kvrt_cache_create: %s on %s: quantized dtypes and rope.mode IN_ATTENTION run on the "
+               "CPU backend only in this build",
+               kvrt_dtype_is_quantized(desc->dtype) ? kvrt_dtype_name(desc->dtype) : "rope.mode IN_ATTENTION",
+               kvrt_backend_name(desc->device.backend));
     int count = kvrt_device_count(desc->device.backend);
     KVRT_CHECK(desc->device.ordinal >= 0 && desc->device.ordinal < count, KVRT_ERR_NO_DEVICE,
                "device %s:%d does not exist (%d %s device%s in this build)",
@@ -699,13 +753,9 @@ static void core_destroy(kvrt_cache *cache)
         free(g->cross_len);
         free(g->pending);
     }
-    if (cache->mem != NULL && be->ops != NULL)
-        for (int i = 0; i < cache->n_layers_total; i++) {
-            if (cache->mem[i].k != NULL)
-                be->ops->region_destroy(be, cache->mem[i].k, cache->mem[i].k_reserve);
-            if (cache->mem[i].v != NULL)
-                be->ops->region_destroy(be, cache->mem[i].v, cache->mem[i].v_reserve);
-        }
+    if (cache->mem != NULL)
+        for (int i = 0; i < cache->n_layers_total; i++)
+            kvrt_layer_mem_destroy(cache, &cache->mem[i]);
     kvrt_backend_close(be);
     free(cache->groups);
     free(cache->mem);
@@ -787,7 +837,7 @@ static void group_stats(const kvrt_cache *cache, const kvrt_group *g, kvrt_cache
             s->holes += g->seqs[q].n_slots - g->seqs[q].n_live;
     for (int i = 0; i < g->n_layers; i++) {
         const kvrt_layer_mem *m = &cache->mem[g->layers[i]];
-        s->bytes_device += (int64_t)((m->k_block + m->v_block) * (size_t)g->n_blocks);
+        s->bytes_device += (int64_t)(kvrt_layer_mem_block(m) * (size_t)g->n_blocks);
     }
     if (g->pos != NULL)
         s->bytes_device += (int64_t)g->n_blocks * g->block_size * (int64_t)sizeof(int32_t);

@@ -40,14 +40,30 @@ static int layer_shape_ok(const kvrt_layer_desc *l)
     return 0;
 }
 
+/* Whether a layer kind can be stored in a dtype: quantized rows are ATTN
+ * and CROSS only (an MLA row would need FlashMLA's mixed layout). */
+static int kind_takes_dtype(kvrt_layer_kind kind, kvrt_dtype dtype)
+{
+    return !kvrt_dtype_is_quantized(dtype) || kind != KVRT_LAYER_MLA;
+}
+
+size_t kvrt_layer_scale_bytes(const kvrt_layer_desc *layer, kvrt_dtype dtype)
+{
+    if (layer == NULL || !kvrt_dtype_is_quantized(dtype) || !layer_shape_ok(layer) ||
+        !kind_takes_dtype(layer->kind, dtype))
+        return 0;
+    return 2 * (size_t)layer->n_kv_heads * sizeof(float);
+}
+
 size_t kvrt_layer_row_bytes(const kvrt_layer_desc *layer, kvrt_dtype dtype)
 {
     size_t es = kvrt_dtype_size(dtype);
-    if (layer == NULL || es == 0 || !layer_shape_ok(layer))
+    if (layer == NULL || es == 0 || !layer_shape_ok(layer) || !kind_takes_dtype(layer->kind, dtype))
         return 0;
     if (layer->kind == KVRT_LAYER_MLA)
         return (size_t)(layer->latent_dim + layer->rope_dim) * es;
-    return (size_t)layer->n_kv_heads * (size_t)(layer->head_dim_k + layer->head_dim_v) * es;
+    return (size_t)layer->n_kv_heads * (size_t)(layer->head_dim_k + layer->head_dim_v) * es +
+           kvrt_layer_scale_bytes(layer, dtype);
 }
 
 const char *kvrt_layer_kind_name(int kind)
@@ -79,6 +95,12 @@ static kvrt_status check_head_dim(int i, const char *field, int value)
 static kvrt_status check_layer(const kvrt_cache_desc *desc, int i)
 {
     const kvrt_layer_desc *l = &desc->layers[i];
+    LAYER_CHECK(isfinite(l->rope_theta) && l->rope_theta >= 0.0f,
+                "layer %d: rope_theta %g must be finite and >= 0 (0: the cache's rope.theta)", i,
+                (double)l->rope_theta);
+    LAYER_CHECK(l->kind != KVRT_LAYER_CROSS || l->rope_theta == 0.0f,
+                "layer %d (CROSS): rope_theta %g must be 0 (cross-attention has no positions)", i,
+                (double)l->rope_theta);
     switch (l->kind) {
     case KVRT_LAYER_ATTN:
     case KVRT_LAYER_CROSS:
@@ -130,7 +152,8 @@ kvrt_status kvrt_desc_validate(const kvrt_cache_desc *desc)
     LAYER_CHECK(d->device.backend == KVRT_BACKEND_CPU || d->device.backend == KVRT_BACKEND_CUDA ||
                     d->device.backend == KVRT_BACKEND_HIP,
                 "device.backend %d is not CPU, CUDA or HIP", (int)d->device.backend);
-    LAYER_CHECK(kvrt_dtype_size(d->dtype) != 0, "dtype %d is not f32, f16 or bf16", (int)d->dtype);
+    LAYER_CHECK(kvrt_dtype_size(d->dtype) != 0, "dtype %d is not f32, f16, bf16, q8 or fp8_e4m3",
+                (int)d->dtype);
     LAYER_CHECK(d->n_layers >= 1 && d->n_layers <= 4096, "n_layers %d must be in [1, 4096]",
                 d->n_layers);
     LAYER_CHECK(d->layers != NULL, "layers is NULL (n_layers %d)", d->n_layers);
@@ -155,12 +178,21 @@ kvrt_status kvrt_desc_validate(const kvrt_cache_desc *desc)
                 "rope.freq_scale %g must be finite and > 0", (double)d->rope.freq_scale);
     LAYER_CHECK(d->rope.style == KVRT_ROPE_NORMAL || d->rope.style == KVRT_ROPE_NEOX,
                 "rope.style %d is not NORMAL or NEOX", (int)d->rope.style);
+    LAYER_CHECK(d->rope.mode == KVRT_ROPE_STORED_ROTATED || d->rope.mode == KVRT_ROPE_IN_ATTENTION,
+                "rope.mode %d is not STORED_ROTATED or IN_ATTENTION", (int)d->rope.mode);
+    LAYER_CHECK(d->rope.rotate_q == 0 || (d->rope.rotate_q == 1 && d->rope.mode == KVRT_ROPE_IN_ATTENTION),
+                "rope.rotate_q %d must be 0, or 1 with rope.mode IN_ATTENTION", d->rope.rotate_q);
     LAYER_CHECK(d->swa_full == 0 || d->swa_full == 1, "swa_full %d must be 0 or 1", d->swa_full);
     LAYER_CHECK(d->validate == 0 || d->validate == 1, "validate %d must be 0 or 1", d->validate);
     LAYER_CHECK(d->n_threads >= 0 && d->n_threads <= 4096, "n_threads %d is out of range [0, 4096]",
                 d->n_threads);
     for (int i = 0; i < d->n_layers; i++)
         KVRT_TRY(check_layer(d, i));
+    for (int i = 0; i < d->n_layers; i++)
+        KVRT_CHECK(kind_takes_dtype(d->layers[i].kind, d->dtype), KVRT_ERR_UNSUPPORTED,
+                   "layer %d (%s): dtype %s is not supported for this kind (q8 and fp8_e4m3 "
+                   "store ATTN and CROSS layers)",
+                   i, kind_name(d->layers[i].kind), kvrt_dtype_name(d->dtype));
     return KVRT_OK;
 }
 

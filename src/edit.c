@@ -294,7 +294,8 @@ static kvrt_status refresh_evicted(kvrt_cache *cache, int32_t seq)
 static kvrt_status rotate_group(kvrt_cache *cache, kvrt_group *g, const int32_t *slots,
                                 const int32_t *deltas, int64_t n)
 {
-    if (n == 0 || g->max_rot_dims == 0)
+    /* pre-RoPE: K is unrotated, attention turns it by the new positions */
+    if (n == 0 || g->max_rot_dims == 0 || cache->desc.rope.mode == KVRT_ROPE_IN_ATTENTION)
         return KVRT_OK;
     kvrt_backend_t *be = &cache->be;
     kvrt_rotate_op op;
@@ -684,6 +685,11 @@ static kvrt_status do_cache_clear(kvrt_cache *cache)
             KVRT_TRY(be->ops->zero(be, m->k, m->k_block * (size_t)g->n_blocks, cache->stream));
             if (m->v != NULL)
                 KVRT_TRY(be->ops->zero(be, m->v, m->v_block * (size_t)g->n_blocks, cache->stream));
+            void *scales[2] = {m->k_scale, m->v_scale};
+            for (int q = 0; q < 2; q++)
+                if (scales[q] != NULL)
+                    KVRT_TRY(be->ops->zero(be, scales[q], m->scale_block * (size_t)g->n_blocks,
+                                           cache->stream));
         }
         KVRT_TRY(kvrt_group_sync_pos(cache, g));
     }
@@ -882,12 +888,24 @@ static int cmp_pos_slot(const void *a, const void *b)
     return (x > y) - (x < y);
 }
 
+/* What a gather copies into k and v. */
+typedef enum gather_kind {
+    GATHER_STORED,  /* the stored elements (kvrt_gather) */
+    GATHER_SCALES,  /* the scales of a quantized layer (kvrt_gather_scales) */
+    GATHER_AS,      /* values converted to dst_dtype (kvrt_gather_as) */
+} gather_kind;
+
 static kvrt_status do_gather(const kvrt_cache *ccache, int layer, int32_t seq, int32_t p0, int32_t p1,
                              void *k, void *v, int32_t *pos, int64_t capacity, int64_t *n_out,
-                             void *stream)
+                             void *stream, gather_kind kind, kvrt_dtype dst_dtype)
 {
     KVRT_TRY(kvrt_check_cache(ccache, "kvrt_gather"));
     KVRT_TRY(kvrt_map_layer(ccache, &layer, "kvrt_gather"));
+    KVRT_CHECK(kind != GATHER_SCALES || kvrt_dtype_is_quantized(ccache->desc.dtype),
+               KVRT_ERR_INVALID_ARG, "kvrt_gather: the cache's dtype %s keeps no scales",
+               kvrt_dtype_name(ccache->desc.dtype));
+    KVRT_CHECK(kind != GATHER_AS || kvrt_dtype_is_plain(dst_dtype), KVRT_ERR_INVALID_ARG,
+               "kvrt_gather: dst_dtype %d is not f32, f16 or bf16", (int)dst_dtype);
     kvrt_cache *cache = (kvrt_cache *)KVRT_CORE(ccache); /* scratch only */
     KVRT_CHECK(layer >= 0 && layer < cache->n_layers_total, KVRT_ERR_INVALID_ARG,
                "kvrt_gather: layer %d is out of range [0, %d)", layer, cache->n_layers_total);
@@ -934,9 +952,15 @@ static kvrt_status do_gather(const kvrt_cache *ccache, int layer, int32_t seq, i
         if (g->layers[i] == layer)
             op.layer = g->refs[i];
     op.n = (int32_t)n;
-    size_t es = (size_t)op.layer.layout.elem_size;
-    size_t k_bytes = (size_t)n * (size_t)op.layer.layout.n_heads * (size_t)op.layer.layout.dim_k * es;
-    size_t v_bytes = (size_t)n * (size_t)op.layer.layout.n_heads * (size_t)op.layer.layout.dim_v * es;
+    /* bytes per element and elements per head row of what k and v receive */
+    size_t es = kind == GATHER_SCALES ? sizeof(float)
+              : kind == GATHER_AS     ? kvrt_dtype_size(dst_dtype)
+                                      : (size_t)op.layer.layout.elem_size;
+    size_t dk = kind == GATHER_SCALES ? 1 : (size_t)op.layer.layout.dim_k;
+    size_t dv = kind == GATHER_SCALES ? (op.layer.layout.dim_v > 0 ? 1 : 0)
+                                      : (size_t)op.layer.layout.dim_v;
+    size_t k_bytes = (size_t)n * (size_t)op.layer.layout.n_heads * dk * es;
+    size_t v_bytes = (size_t)n * (size_t)op.layer.layout.n_heads * dv * es;
     if (v_bytes == 0)
         v = NULL;
     /* host destinations on a GPU go through device scratch */
@@ -962,8 +986,16 @@ static kvrt_status do_gather(const kvrt_cache *ccache, int layer, int32_t seq, i
         st = be->ops->stage(be, slots, (size_t)n * sizeof(int32_t), stream, &d_slots);
     if (st == KVRT_OK) {
         op.slots = d_slots;
-        op.k_dst = k_tmp != NULL ? k_tmp : k;
-        op.v_dst = v_tmp != NULL ? v_tmp : v;
+        void *kd = k_tmp != NULL ? k_tmp : k, *vd = v_tmp != NULL ? v_tmp : v;
+        if (kind == GATHER_SCALES) {
+            op.k_scale_dst = kd;
+            op.v_scale_dst = vd;
+        } else {
+            op.k_dst = kd;
+            op.v_dst = vd;
+            op.convert = kind == GATHER_AS;
+            op.dst_dtype = (int32_t)dst_dtype;
+        }
         st = be->ops->gather(be, &op, stream);
     }
     if (st == KVRT_OK && k_tmp != NULL)
@@ -994,7 +1026,7 @@ static kvrt_status do_cross_set(kvrt_cache *cache, int layer, int32_t seq, int n
     KVRT_TRY(kvrt_check_seq(cache, seq, "kvrt_cross_set"));
     KVRT_CHECK(n >= 0 && n <= cache->desc.cross_max_len, KVRT_ERR_INVALID_ARG,
                "kvrt_cross_set: %d rows exceed cross_max_len %d", n, cache->desc.cross_max_len);
-    KVRT_CHECK(kvrt_dtype_size(src_dtype) != 0, KVRT_ERR_INVALID_ARG,
+    KVRT_CHECK(kvrt_dtype_is_plain(src_dtype), KVRT_ERR_INVALID_ARG,
                "kvrt_cross_set: src_dtype %d is not f32, f16 or bf16", (int)src_dtype);
     KVRT_CHECK(n == 0 || (k != NULL && v != NULL), KVRT_ERR_INVALID_ARG,
                "kvrt_cross_set: k or v is NULL");
@@ -1094,7 +1126,24 @@ kvrt_status kvrt_gather(const kvrt_cache *ccache, int layer, int32_t seq, int32_
                         void *k, void *v, int32_t *pos, int64_t capacity, int64_t *n_out,
                         void *stream)
 {
-    return kvrt_error_in(do_gather(ccache, layer, seq, p0, p1, k, v, pos, capacity, n_out, stream), "kvrt_gather");
+    return kvrt_error_in(do_gather(ccache, layer, seq, p0, p1, k, v, pos, capacity, n_out, stream,
+                                   GATHER_STORED, KVRT_F32), "kvrt_gather");
+}
+
+kvrt_status kvrt_gather_scales(const kvrt_cache *ccache, int layer, int32_t seq, int32_t p0,
+                               int32_t p1, float *k_scale, float *v_scale, int64_t capacity,
+                               int64_t *n_out, void *stream)
+{
+    return kvrt_error_in(do_gather(ccache, layer, seq, p0, p1, k_scale, v_scale, NULL, capacity,
+                                   n_out, stream, GATHER_SCALES, KVRT_F32), "kvrt_gather_scales");
+}
+
+kvrt_status kvrt_gather_as(const kvrt_cache *ccache, int layer, int32_t seq, int32_t p0, int32_t p1,
+                           void *k, void *v, int32_t *pos, kvrt_dtype dst_dtype, int64_t capacity,
+                           int64_t *n_out, void *stream)
+{
+    return kvrt_error_in(do_gather(ccache, layer, seq, p0, p1, k, v, pos, capacity, n_out, stream,
+                                   GATHER_AS, dst_dtype), "kvrt_gather_as");
 }
 
 kvrt_status kvrt_cross_set(kvrt_cache *cache, int layer, int32_t seq, int n, const void *k,

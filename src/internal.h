@@ -95,7 +95,25 @@ typedef struct kvrt_layer_mem {
     void  *k, *v;
     size_t k_reserve, v_reserve;   /* bytes reserved */
     size_t k_block, v_block;       /* bytes per block */
+    /* quantized dtypes: the scales of K and V, a region each; NULL otherwise */
+    void  *k_scale, *v_scale;
+    size_t scale_reserve, scale_block; /* bytes of each; 0 when not quantized */
 } kvrt_layer_mem;
+
+/* Bytes per block of one layer's memory, all regions (K, V, scales). */
+static inline size_t kvrt_layer_mem_block(const kvrt_layer_mem *m)
+{
+    return m->k_block + m->v_block + (m->v_scale != NULL ? 2 : m->k_scale != NULL ? 1 : 0) *
+                                         m->scale_block;
+}
+/* Creates a layer's regions (K, V, scales) for max_blocks blocks, n_blocks
+ * committed; the sizes come from its layout. */
+kvrt_status kvrt_layer_mem_create(kvrt_cache *cache, kvrt_layer_mem *m, const kvrt_layout *L,
+                                  int32_t n_blocks, int32_t max_blocks);
+/* Grows a layer's regions from old_n to new_n committed blocks. */
+kvrt_status kvrt_layer_mem_grow(kvrt_cache *cache, kvrt_layer_mem *m, int32_t old_n, int32_t new_n);
+/* Frees a layer's regions. */
+void kvrt_layer_mem_destroy(kvrt_cache *cache, kvrt_layer_mem *m);
 
 struct kvrt_cache {
     kvrt_cache_desc  desc;
@@ -160,6 +178,9 @@ void kvrt_shared_release(kvrt_cache *core, kvrt_cache *h);
 /* Checks a handle's layer index and maps it to the core's. */
 kvrt_status kvrt_map_layer(const kvrt_cache *handle, int *layer, const char *fn);
 
+/* f32, f16 or bf16: a dtype for write sources, queries, outputs. */
+int kvrt_dtype_is_plain(kvrt_dtype dtype);
+
 /* qsort comparison of int32 values. */
 int kvrt_cmp_i32(const void *a, const void *b);
 /* "ATTN", "MLA", "CROSS", "?". */
@@ -174,6 +195,8 @@ int kvrt_seq_is_empty(const kvrt_cache *cache, int32_t seq);
 
 /* Layout of a layer for kernels. */
 kvrt_layout kvrt_layer_layout(const kvrt_cache *cache, int layer);
+/* Layout of layer description l in group g of cache. */
+kvrt_layout kvrt_layout_of(const kvrt_cache *cache, const kvrt_layer_desc *l, const kvrt_group *g);
 
 /* Block pool */
 int32_t kvrt_group_block_alloc(kvrt_group *g);            /* -1 when none free */

@@ -42,7 +42,7 @@ static kvrt_status do_write(kvrt_cache *cache, const kvrt_batch *batch, int laye
     const kvrt_layer_desc *l = &cache->layers[layer];
     KVRT_CHECK(l->kind != KVRT_LAYER_CROSS, KVRT_ERR_INVALID_ARG,
                "kvrt_write: layer %d is a CROSS layer (use kvrt_cross_set)", named);
-    KVRT_CHECK(kvrt_dtype_size(src_dtype) != 0, KVRT_ERR_INVALID_ARG,
+    KVRT_CHECK(kvrt_dtype_is_plain(src_dtype), KVRT_ERR_INVALID_ARG,
                "kvrt_write: src_dtype %d is not f32, f16 or bf16", (int)src_dtype);
     KVRT_CHECK(k != NULL, KVRT_ERR_INVALID_ARG, "kvrt_write: layer %d: k is NULL", named);
     KVRT_CHECK(l->kind == KVRT_LAYER_MLA || v != NULL, KVRT_ERR_INVALID_ARG,
@@ -84,9 +84,11 @@ static kvrt_status do_attention(kvrt_cache *cache, const kvrt_batch *batch, int 
     KVRT_CHECK(params->n_q_heads % ref->layout.n_heads == 0, KVRT_ERR_INVALID_ARG,
                "kvrt_attention: layer %d: n_q_heads %d is not a multiple of n_kv_heads %d", named,
                params->n_q_heads, ref->layout.n_heads);
-    KVRT_CHECK(kvrt_dtype_size(params->q_dtype) != 0, KVRT_ERR_INVALID_ARG,
+    KVRT_CHECK(kvrt_dtype_is_plain(params->q_dtype), KVRT_ERR_INVALID_ARG,
                "kvrt_attention: q_dtype %d is not f32, f16 or bf16", (int)params->q_dtype);
-    KVRT_CHECK(params->out_dtype == KVRT_F32 || params->out_dtype == cache->desc.dtype,
+    KVRT_CHECK(kvrt_dtype_is_plain(params->out_dtype) &&
+                   (params->out_dtype == KVRT_F32 || params->out_dtype == cache->desc.dtype ||
+                    kvrt_dtype_is_quantized(cache->desc.dtype)),
                KVRT_ERR_INVALID_ARG, "kvrt_attention: out_dtype %d (%s) must be f32 or the cache's %s",
                (int)params->out_dtype, kvrt_dtype_name(params->out_dtype),
                kvrt_dtype_name(cache->desc.dtype));
@@ -120,6 +122,12 @@ static kvrt_status do_attention(kvrt_cache *cache, const kvrt_batch *batch, int 
     op.seq_n_slots = bg->d_seq_n_slots;
     op.n_seqs = batch->n_seqs;
     op.max_seq_slots = bg->max_seq_slots;
+    op.rope_in_attention = cache->desc.rope.mode == KVRT_ROPE_IN_ATTENTION && kvrt_group_is_self(g);
+    op.rotate_q = op.rope_in_attention && cache->desc.rope.rotate_q;
+    op.rope.n_rot = cache->desc.rope.n_rot;
+    op.rope.style = (int32_t)cache->desc.rope.style;
+    op.rope.theta = ref->layout.rope_theta;
+    op.rope.freq_scale = cache->desc.rope.freq_scale;
     return cache->be.ops->attention(&cache->be, &op, stream);
 }
 

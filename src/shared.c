@@ -27,6 +27,9 @@ static kvrt_status same_shape(int i, const kvrt_layer_desc *a, const kvrt_layer_
     SAME(window, "window");
     SAME(latent_dim, "latent_dim");
     SAME(rope_dim, "rope_dim");
+    KVRT_CHECK(a->rope_theta == b->rope_theta, KVRT_ERR_INCOMPATIBLE,
+               "kvrt_cache_create_shared: layer %d: rope_theta %g, base layer %d has %g", i,
+               (double)a->rope_theta, base_index, (double)b->rope_theta);
     return KVRT_OK;
 }
 
@@ -100,11 +103,8 @@ void kvrt_shared_release(kvrt_cache *core, kvrt_cache *h)
             if (g->refs[k].layout.rot_dims > g->max_rot_dims)
                 g->max_rot_dims = g->refs[k].layout.rot_dims;
         kvrt_layer_mem *m = &core->mem[li];
-        core->bytes_device -= (int64_t)((m->k_block + m->v_block) * (size_t)g->n_blocks);
-        if (m->k != NULL)
-            be->ops->region_destroy(be, m->k, m->k_reserve);
-        if (m->v != NULL)
-            be->ops->region_destroy(be, m->v, m->v_reserve);
+        core->bytes_device -= (int64_t)(kvrt_layer_mem_block(m) * (size_t)g->n_blocks);
+        kvrt_layer_mem_destroy(core, m);
         memset(m, 0, sizeof *m);
         core->layer_group[li] = -1;
     }
@@ -153,6 +153,8 @@ static kvrt_status do_cache_create_shared(kvrt_cache *base, const kvrt_cache_des
     SAME_CACHE(rope.style, "%d", int);
     SAME_CACHE(rope.theta, "%g", double);
     SAME_CACHE(rope.freq_scale, "%g", double);
+    SAME_CACHE(rope.mode, "%d", int);
+    SAME_CACHE(rope.rotate_q, "%d", int);
     int n_own = 0;
     for (int i = 0; i < d.n_layers; i++) {
         const kvrt_layer_desc *l = &d.layers[i];
@@ -225,25 +227,12 @@ static kvrt_status do_cache_create_shared(kvrt_cache *base, const kvrt_cache_des
         const kvrt_layer_desc *l = &d.layers[i];
         const kvrt_group *g = &core->groups[find_group(core, l)];
         kvrt_layer_mem *m = &mems[k++];
-        size_t es = kvrt_dtype_size(d.dtype);
-        size_t heads = l->kind == KVRT_LAYER_MLA ? 1 : (size_t)l->n_kv_heads;
-        size_t dk = l->kind == KVRT_LAYER_MLA ? (size_t)(l->latent_dim + l->rope_dim) : (size_t)l->head_dim_k;
-        size_t dv = l->kind == KVRT_LAYER_MLA ? 0 : (size_t)l->head_dim_v;
-        m->k_block = heads * (size_t)g->block_size * dk * es;
-        m->v_block = heads * (size_t)g->block_size * dv * es;
-        m->k_reserve = m->k_block * (size_t)g->max_blocks;
-        m->v_reserve = m->v_block * (size_t)g->max_blocks;
-        st = be->ops->region_create(be, m->k_reserve, m->k_block * (size_t)g->n_blocks, &m->k);
-        if (st == KVRT_OK && m->v_block > 0)
-            st = be->ops->region_create(be, m->v_reserve, m->v_block * (size_t)g->n_blocks, &m->v);
+        kvrt_layout L = kvrt_layout_of(core, l, g);
+        st = kvrt_layer_mem_create(core, m, &L, g->n_blocks, g->max_blocks);
     }
     if (st != KVRT_OK) {
-        for (int i = 0; i < n_own; i++) {
-            if (mems[i].k != NULL)
-                be->ops->region_destroy(be, mems[i].k, mems[i].k_reserve);
-            if (mems[i].v != NULL)
-                be->ops->region_destroy(be, mems[i].v, mems[i].v_reserve);
-        }
+        for (int i = 0; i < n_own; i++)
+            kvrt_layer_mem_destroy(core, &mems[i]);
         free(h);
         free(map);
         free(own);
@@ -278,10 +267,12 @@ static kvrt_status do_cache_create_shared(kvrt_cache *base, const kvrt_cache_des
         g->refs[g->n_layers].layout = L;
         g->refs[g->n_layers].k = core->mem[li].k;
         g->refs[g->n_layers].v = core->mem[li].v;
+        g->refs[g->n_layers].k_scale = core->mem[li].k_scale;
+        g->refs[g->n_layers].v_scale = core->mem[li].v_scale;
         g->n_layers++;
         if (L.rot_dims > g->max_rot_dims)
             g->max_rot_dims = L.rot_dims;
-        core->bytes_device += (int64_t)((core->mem[li].k_block + core->mem[li].v_block) * (size_t)g->n_blocks);
+        core->bytes_device += (int64_t)(kvrt_layer_mem_block(&core->mem[li]) * (size_t)g->n_blocks);
         new_refs[gi] = (void *)1; /* table to re-upload */
         map[i] = li;
     }

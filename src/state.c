@@ -180,6 +180,21 @@ static uint64_t seq_payload_bytes(const kvrt_cache *cache, int32_t seq)
     return n;
 }
 
+/* The format version a cache's state is written in: 2 only when a layer has
+ * a RoPE base of its own, so that every other state stays version 1. */
+static uint32_t state_version_of(const kvrt_cache *cache)
+{
+    for (int l = 0; l < cache->desc.n_layers; l++)
+        if (cache->layers[l].rope_theta != 0.0f)
+            return 2;
+    return 1;
+}
+
+static uint64_t layer_record_bytes(uint32_t version)
+{
+    return version >= 2 ? KVRT_STATE_LAYER_RECORD_V2 : KVRT_STATE_LAYER_RECORD;
+}
+
 static uint64_t rows_payload_bytes(const kvrt_cache *cache, int layer, int32_t seq)
 {
     const kvrt_group *g = &cache->groups[cache->layer_group[layer]];
@@ -205,7 +220,7 @@ static kvrt_status do_state_size(const kvrt_cache *cache, int32_t seq, uint64_t 
     KVRT_TRY(state_available("kvrt_state_size"));
     uint64_t n = KVRT_STATE_MAGIC_BYTES +
                  section_bytes(KVRT_STATE_HEAD_FIXED +
-                               KVRT_STATE_LAYER_RECORD * (uint64_t)cache->desc.n_layers) +
+                               layer_record_bytes(state_version_of(cache)) * (uint64_t)cache->desc.n_layers) +
                  section_bytes(KVRT_STATE_END_PAYLOAD);
     if (seq >= 0)
         n += seq_state_bytes(cache, seq);
@@ -340,10 +355,12 @@ static kvrt_status collect_rows(const kvrt_group *g, int32_t seq, group_rows_lis
 static kvrt_status write_head(out_stream *o, const kvrt_cache *cache, uint32_t n_seqs)
 {
     const kvrt_cache_desc *d = &cache->desc;
-    size_t size = KVRT_STATE_HEAD_FIXED + KVRT_STATE_LAYER_RECORD * (size_t)d->n_layers;
+    uint32_t version = state_version_of(cache);
+    size_t record = (size_t)layer_record_bytes(version);
+    size_t size = KVRT_STATE_HEAD_FIXED + record * (size_t)d->n_layers;
     uint8_t *p = calloc(1, size);
     KVRT_CHECK(p != NULL, KVRT_ERR_OUT_OF_MEMORY, "kvrt_state_write: header of %zu bytes", size);
-    put_u32(p + 0, KVRT_STATE_VERSION);
+    put_u32(p + 0, version);
     put_u32(p + 4, (uint32_t)d->dtype);
     put_u32(p + 8, (uint32_t)d->n_layers);
     put_u32(p + 12, (uint32_t)cache->n_groups);
@@ -355,11 +372,11 @@ static kvrt_status write_head(out_stream *o, const kvrt_cache *cache, uint32_t n
     put_f32(p + 36, d->rope.theta);
     put_f32(p + 40, d->rope.freq_scale);
     put_u32(p + 44, (uint32_t)d->rope.style);
-    put_u32(p + 48, 0); /* scales_format: none for f32, f16, bf16 */
-    put_u32(p + 52, 0);
+    put_u32(p + 48, kvrt_dtype_is_quantized(d->dtype) ? KVRT_STATE_SCALES_ROW_F32 : 0);
+    put_u32(p + 52, (uint32_t)d->rope.mode);
     for (int l = 0; l < d->n_layers; l++) {
         const kvrt_layer_desc *ld = &cache->layers[l];
-        uint8_t *r = p + KVRT_STATE_HEAD_FIXED + (size_t)KVRT_STATE_LAYER_RECORD * (size_t)l;
+        uint8_t *r = p + KVRT_STATE_HEAD_FIXED + record * (size_t)l;
         put_u32(r + 0, (uint32_t)ld->kind);
         put_u32(r + 4, (uint32_t)ld->n_kv_heads);
         put_u32(r + 8, (uint32_t)ld->head_dim_k);
@@ -368,8 +385,11 @@ static kvrt_status write_head(out_stream *o, const kvrt_cache *cache, uint32_t n
         put_u32(r + 20, (uint32_t)ld->latent_dim);
         put_u32(r + 24, (uint32_t)ld->rope_dim);
         put_u32(r + 28, (uint32_t)cache->layer_group[l]);
-        put_u32(r + 32, (uint32_t)kvrt_layer_row_bytes(ld, d->dtype));
-        put_u32(r + 36, 0);
+        put_u32(r + 32, (uint32_t)(kvrt_layer_row_bytes(ld, d->dtype) -
+                                   kvrt_layer_scale_bytes(ld, d->dtype)));
+        put_u32(r + 36, (uint32_t)kvrt_layer_scale_bytes(ld, d->dtype));
+        if (version >= 2)
+            put_f32(r + 40, ld->rope_theta);
     }
     kvrt_status st = section_begin(o, KVRT_STATE_TAG_HEAD, size);
     if (st == KVRT_OK)
@@ -410,15 +430,21 @@ static kvrt_status write_seq(out_stream *o, const kvrt_cache *cache, int32_t seq
     return section_end(o);
 }
 
-/* Streams one part (K or V) of a layer's rows: gathered in chunks on the
- * device, copied to host memory, checksummed and written. */
+/* The parts of a layer's rows, in file order. */
+enum { PART_K, PART_V, PART_K_SCALES, PART_V_SCALES, N_PARTS };
+
+/* Streams one part of a layer's rows: gathered in chunks on the device,
+ * copied to host memory, checksummed and written. */
 static kvrt_status write_part(out_stream *o, kvrt_cache *cache, const kvrt_layer_ref *ref,
-                              const group_rows_list *rows, int part_v, uint8_t *buf,
+                              const group_rows_list *rows, int part, uint8_t *buf,
                               size_t buf_bytes, void *scratch)
 {
     kvrt_backend_t *be = &cache->be;
     const kvrt_layout *L = &ref->layout;
-    size_t row = (size_t)L->n_heads * (size_t)(part_v ? L->dim_v : L->dim_k) * (size_t)L->elem_size;
+    size_t row = part == PART_K ? (size_t)L->n_heads * (size_t)L->dim_k * (size_t)L->elem_size
+               : part == PART_V ? (size_t)L->n_heads * (size_t)L->dim_v * (size_t)L->elem_size
+               : part == PART_K_SCALES ? (ref->k_scale != NULL ? (size_t)L->n_heads * sizeof(float) : 0)
+                                       : (ref->v_scale != NULL ? (size_t)L->n_heads * sizeof(float) : 0);
     if (row == 0 || rows->n == 0)
         return KVRT_OK;
     int64_t per = (int64_t)(buf_bytes / row);
@@ -434,10 +460,14 @@ static kvrt_status write_part(out_stream *o, kvrt_cache *cache, const kvrt_layer
                                 &d_slots));
         op.slots = d_slots;
         void *dst = scratch != NULL ? scratch : buf;
-        if (part_v)
+        if (part == PART_V)
             op.v_dst = dst;
-        else
+        else if (part == PART_K)
             op.k_dst = dst;
+        else if (part == PART_K_SCALES)
+            op.k_scale_dst = dst;
+        else
+            op.v_scale_dst = dst;
         KVRT_TRY(be->ops->gather(be, &op, cache->stream));
         if (scratch != NULL) /* returns when the rows are in buf */
             KVRT_TRY(be->ops->download(be, buf, scratch, (size_t)m * row, cache->stream));
@@ -456,18 +486,19 @@ static kvrt_status write_rows(out_stream *o, kvrt_cache *cache, int layer, const
         if (g->layers[i] == layer)
             ref = &g->refs[i];
     uint32_t row_bytes = (uint32_t)kvrt_layer_row_bytes(&cache->layers[layer], cache->desc.dtype);
+    uint32_t scale_bytes = (uint32_t)kvrt_layer_scale_bytes(&cache->layers[layer], cache->desc.dtype);
     KVRT_TRY(section_begin(o, KVRT_STATE_TAG_ROWS,
                            KVRT_STATE_ROWS_FIXED + (uint64_t)rows->n * row_bytes));
     uint8_t head[KVRT_STATE_ROWS_FIXED];
     put_u32(head, (uint32_t)layer);
     put_u32(head + 4, 0);
     put_u64(head + 8, (uint64_t)rows->n);
-    put_u32(head + 16, row_bytes);
-    put_u32(head + 20, 0); /* scale bytes per row */
+    put_u32(head + 16, row_bytes - scale_bytes);
+    put_u32(head + 20, scale_bytes);
     KVRT_TRY(section_put(o, head, sizeof head));
-    KVRT_TRY(write_part(o, cache, ref, rows, 0, buf, buf_bytes, scratch));
-    KVRT_TRY(write_part(o, cache, ref, rows, 1, buf, buf_bytes, scratch));
-    /* the scales region follows here for quantized dtypes */
+    /* K, V, then (quantized dtypes) the scales of K and of V */
+    for (int part = 0; part < N_PARTS; part++)
+        KVRT_TRY(write_part(o, cache, ref, rows, part, buf, buf_bytes, scratch));
     return section_end(o);
 }
 
@@ -641,9 +672,9 @@ static kvrt_status frame_check(const kvrt_state_view *v, const uint8_t *frame, u
     case EXPECT_HEAD:
         CORRUPT_IF(tag != KVRT_STATE_TAG_HEAD, "state: section at byte %llu is %s (tag 0x%08x), "
                    "expected HEAD", (unsigned long long)offset, name, (unsigned)tag);
+        /* the record size depends on the version: parse_head checks it exactly */
         CORRUPT_IF(size < KVRT_STATE_HEAD_FIXED + KVRT_STATE_LAYER_RECORD ||
-                       size > KVRT_STATE_HEAD_FIXED + KVRT_STATE_LAYER_RECORD * (uint64_t)STATE_MAX_LAYERS ||
-                       (size - KVRT_STATE_HEAD_FIXED) % KVRT_STATE_LAYER_RECORD != 0,
+                       size > KVRT_STATE_HEAD_FIXED + KVRT_STATE_LAYER_RECORD_V2 * (uint64_t)STATE_MAX_LAYERS,
                    "state: HEAD at byte %llu: size %llu is not a header of 1..%u layers",
                    (unsigned long long)offset, (unsigned long long)size, STATE_MAX_LAYERS);
         break;
@@ -696,7 +727,7 @@ static kvrt_status frame_check(const kvrt_state_view *v, const uint8_t *frame, u
 
 static const char *dtype_label(uint32_t dtype, char *buf, size_t n)
 {
-    if (dtype <= KVRT_BF16)
+    if (dtype <= KVRT_FP8_E4M3)
         return kvrt_dtype_name((kvrt_dtype)dtype);
     snprintf(buf, n, "%u", (unsigned)dtype);
     return buf;
@@ -707,16 +738,19 @@ static kvrt_status check_compatible(const kvrt_cache *cache, const uint8_t *p)
 {
     const kvrt_cache_desc *d = &cache->desc;
     uint32_t dtype = get_u32(p + 4), n_layers = get_u32(p + 8);
+    uint64_t record = layer_record_bytes(get_u32(p));
     char a[16], b[16];
+    /* one dtype serves every layer: the first layer is the one named */
     if (dtype != (uint32_t)d->dtype)
-        return INCOMPATIBLE("dtype %s in file, %s in cache", dtype_label(dtype, a, sizeof a),
+        return INCOMPATIBLE("layer 0: dtype %s in file, %s in cache (the dtype of every layer)",
+                            dtype_label(dtype, a, sizeof a),
                             dtype_label((uint32_t)d->dtype, b, sizeof b));
     if (n_layers != (uint32_t)d->n_layers)
         return INCOMPATIBLE("n_layers %u in file, %d in cache", (unsigned)n_layers, d->n_layers);
     static const char *const field[] = {"n_kv_heads", "head_dim_k", "head_dim_v", "window",
                                         "latent_dim", "rope_dim"};
     for (uint32_t l = 0; l < n_layers; l++) {
-        const uint8_t *r = p + KVRT_STATE_HEAD_FIXED + (size_t)KVRT_STATE_LAYER_RECORD * l;
+        const uint8_t *r = p + KVRT_STATE_HEAD_FIXED + (size_t)record * l;
         const kvrt_layer_desc *ld = &cache->layers[l];
         uint32_t kind = get_u32(r);
         if (kind != (uint32_t)ld->kind) {
@@ -734,6 +768,10 @@ static kvrt_status check_compatible(const kvrt_cache *cache, const uint8_t *p)
                 return INCOMPATIBLE("layer %u: %s %d in file, %d in cache", (unsigned)l, field[f],
                                     (int)v, cache_value[f]);
         }
+        float theta = record >= KVRT_STATE_LAYER_RECORD_V2 ? get_f32(r + 40) : 0.0f;
+        if (f32_bits(theta) != f32_bits(ld->rope_theta))
+            return INCOMPATIBLE("layer %u: rope_theta %.9g in file, %.9g in cache", (unsigned)l,
+                                (double)theta, (double)ld->rope_theta);
     }
     int32_t n_rot = get_i32(p + 32);
     if (n_rot != d->rope.n_rot)
@@ -749,9 +787,17 @@ static kvrt_status check_compatible(const kvrt_cache *cache, const uint8_t *p)
         return INCOMPATIBLE("rope.style %s in file, %s in cache",
                             style == KVRT_ROPE_NORMAL ? "normal" : style == KVRT_ROPE_NEOX ? "neox" : "?",
                             d->rope.style == KVRT_ROPE_NORMAL ? "normal" : "neox");
+    uint32_t mode = get_u32(p + 52);
+    if (mode != (uint32_t)d->rope.mode)
+        return INCOMPATIBLE("rope.mode %s in file, %s in cache",
+                            mode == KVRT_ROPE_STORED_ROTATED ? "stored-rotated"
+                            : mode == KVRT_ROPE_IN_ATTENTION ? "in-attention" : "?",
+                            d->rope.mode == KVRT_ROPE_STORED_ROTATED ? "stored-rotated" : "in-attention");
     uint32_t scales = get_u32(p + 48);
-    if (scales != 0)
-        return INCOMPATIBLE("scales_format %u in file (quantized rows), 0 in cache", (unsigned)scales);
+    uint32_t want = kvrt_dtype_is_quantized(d->dtype) ? KVRT_STATE_SCALES_ROW_F32 : 0;
+    if (scales != want)
+        return INCOMPATIBLE("scales_format %u in file (%s rows), %u in cache", (unsigned)scales,
+                            scales == 0 ? "unquantized" : "quantized", (unsigned)want);
     return KVRT_OK;
 }
 
@@ -777,23 +823,27 @@ static kvrt_status parse_head(kvrt_state_view *v, const uint8_t *p, uint64_t siz
 {
     kvrt_state_header *h = &v->header;
     uint32_t version = get_u32(p);
-    if (version != KVRT_STATE_VERSION)
-        return INCOMPATIBLE("format_version %u in file; this kvrt reads version %u", (unsigned)version,
-                            KVRT_STATE_VERSION);
+    if (version < 1 || version > KVRT_STATE_VERSION)
+        return INCOMPATIBLE("format_version %u in file; this kvrt reads versions 1 to %u",
+                            (unsigned)version, KVRT_STATE_VERSION);
+    uint64_t record = layer_record_bytes(version);
     uint32_t n_layers = get_u32(p + 8);
-    CORRUPT_IF(size != KVRT_STATE_HEAD_FIXED + KVRT_STATE_LAYER_RECORD * (uint64_t)n_layers,
+    CORRUPT_IF(size != KVRT_STATE_HEAD_FIXED + record * (uint64_t)n_layers,
                "state: HEAD at byte %llu: %u layers do not fill its %llu bytes",
                (unsigned long long)offset, (unsigned)n_layers, (unsigned long long)size);
     if (cache != NULL)
         KVRT_TRY(check_compatible(cache, p));
     h->version = version;
     h->dtype = get_u32(p + 4);
-    if (h->dtype > KVRT_BF16)
+    if (h->dtype > KVRT_FP8_E4M3)
         return INCOMPATIBLE("dtype %u in file is unknown to this kvrt", (unsigned)h->dtype);
     h->scales_format = get_u32(p + 48);
-    if (h->scales_format != 0)
-        return INCOMPATIBLE("scales_format %u in file (quantized rows) is unknown to this kvrt",
+    if (h->scales_format > KVRT_STATE_SCALES_ROW_F32)
+        return INCOMPATIBLE("scales_format %u in file is unknown to this kvrt",
                             (unsigned)h->scales_format);
+    CORRUPT_IF(h->scales_format != (kvrt_dtype_is_quantized((kvrt_dtype)h->dtype) ? 1u : 0u),
+               "state: HEAD: scales_format %u does not go with dtype %s", (unsigned)h->scales_format,
+               kvrt_dtype_name((kvrt_dtype)h->dtype));
     h->n_layers = n_layers;
     h->n_groups = get_u32(p + 12);
     h->n_seqs = get_u32(p + 16);
@@ -808,8 +858,9 @@ static kvrt_status parse_head(kvrt_state_view *v, const uint8_t *p, uint64_t siz
                  isfinite(h->rope.freq_scale) && h->rope.freq_scale > 0.0f),
                "state: HEAD: rope.theta %g / rope.freq_scale %g must be finite and > 0",
                (double)h->rope.theta, (double)h->rope.freq_scale);
-    CORRUPT_IF(get_u32(p + 52) != 0, "state: HEAD: flags 0x%08x (version 1 writes 0)",
+    CORRUPT_IF(get_u32(p + 52) > KVRT_ROPE_IN_ATTENTION, "state: HEAD: rope.mode %u is not 0 or 1",
                (unsigned)get_u32(p + 52));
+    h->rope.mode = (kvrt_rope_mode)get_u32(p + 52);
     h->layers = calloc(n_layers, sizeof *h->layers);
     kvrt_layer_desc *descs = calloc(n_layers, sizeof *descs);
     uint32_t *group = calloc(n_layers, sizeof *group);
@@ -820,7 +871,7 @@ static kvrt_status parse_head(kvrt_state_view *v, const uint8_t *p, uint64_t siz
     }
     kvrt_status st = KVRT_OK;
     for (uint32_t l = 0; l < n_layers && st == KVRT_OK; l++) {
-        const uint8_t *r = p + KVRT_STATE_HEAD_FIXED + (size_t)KVRT_STATE_LAYER_RECORD * l;
+        const uint8_t *r = p + KVRT_STATE_HEAD_FIXED + (size_t)record * l;
         kvrt_layer_desc *ld = &descs[l];
         uint32_t kind = get_u32(r);
         ld->kind = kind <= KVRT_LAYER_CROSS ? (kvrt_layer_kind)kind : KVRT_LAYER_ATTN;
@@ -830,7 +881,9 @@ static kvrt_status parse_head(kvrt_state_view *v, const uint8_t *p, uint64_t siz
         ld->window = get_i32(r + 16);
         ld->latent_dim = get_i32(r + 20);
         ld->rope_dim = get_i32(r + 24);
-        if (kind > KVRT_LAYER_CROSS || !layer_valid(ld))
+        ld->rope_theta = version >= 2 ? get_f32(r + 40) : 0.0f;
+        if (kind > KVRT_LAYER_CROSS || !layer_valid(ld) || !isfinite(ld->rope_theta) ||
+            ld->rope_theta < 0.0f || (kind == KVRT_LAYER_CROSS && ld->rope_theta != 0.0f))
             st = CORRUPT("state: HEAD: layer %u has an invalid description (kind %u)", (unsigned)l,
                          (unsigned)kind);
         h->layers[l].desc = *ld;
@@ -841,16 +894,20 @@ static kvrt_status parse_head(kvrt_state_view *v, const uint8_t *p, uint64_t siz
     uint32_t n_groups = st == KVRT_OK ? derive_groups(descs, n_layers, group) : 0;
     for (uint32_t l = 0; l < n_layers && st == KVRT_OK; l++) {
         const kvrt_state_layer *sl = &h->layers[l];
-        size_t row = kvrt_layer_row_bytes(&sl->desc, (kvrt_dtype)h->dtype);
+        size_t scale = kvrt_layer_scale_bytes(&sl->desc, (kvrt_dtype)h->dtype);
+        size_t row = kvrt_layer_row_bytes(&sl->desc, (kvrt_dtype)h->dtype) - scale;
         if (sl->group != group[l])
             st = CORRUPT("state: HEAD: layer %u is in group %u; its description puts it in group %u",
                          (unsigned)l, (unsigned)sl->group, (unsigned)group[l]);
         else if (sl->row_bytes != row)
             st = CORRUPT("state: HEAD: layer %u: row_bytes %u, its description gives %zu", (unsigned)l,
                          (unsigned)sl->row_bytes, row);
-        else if (sl->scale_bytes != 0)
-            st = CORRUPT("state: HEAD: layer %u: scale_bytes %u without a scales format", (unsigned)l,
-                         (unsigned)sl->scale_bytes);
+        else if (kvrt_layer_row_bytes(&sl->desc, (kvrt_dtype)h->dtype) == 0)
+            st = CORRUPT("state: HEAD: layer %u (%s) cannot be stored in dtype %s", (unsigned)l,
+                         kind_name((uint32_t)sl->desc.kind), kvrt_dtype_name((kvrt_dtype)h->dtype));
+        else if (sl->scale_bytes != scale)
+            st = CORRUPT("state: HEAD: layer %u: scale_bytes %u, its description and dtype give %zu",
+                         (unsigned)l, (unsigned)sl->scale_bytes, scale);
     }
     free(descs);
     free(group);
@@ -1008,6 +1065,15 @@ static kvrt_status parse_rows(kvrt_state_view *v, const uint8_t *p, uint64_t off
                "state: ROWS of sequence %d layer %u: row_bytes %u + %u, the header says %u + %u",
                (int)s->seq, (unsigned)l, (unsigned)get_u32(p + 16), (unsigned)get_u32(p + 20),
                (unsigned)sl->row_bytes, (unsigned)sl->scale_bytes);
+    /* scales: finite and >= 0, as kvrt computes them; anything else would
+     * turn rows into NaN or flip their signs */
+    const uint8_t *scales = p + KVRT_STATE_ROWS_FIXED + n * sl->row_bytes;
+    for (uint64_t i = 0; i < n * (sl->scale_bytes / 4); i++) {
+        float f = get_f32(scales + 4 * i);
+        CORRUPT_IF(!isfinite(f) || signbit(f),
+                   "state: ROWS of sequence %d layer %u: scale %llu is %g (scales are finite and >= 0)",
+                   (int)s->seq, (unsigned)l, (unsigned long long)i, (double)f);
+    }
     s->rows_offset[l] = offset + KVRT_STATE_FRAME_BYTES + KVRT_STATE_ROWS_FIXED;
     if (++v->next_layer == h->n_layers)
         v->expect = EXPECT_SEQ_OR_END;
@@ -1109,7 +1175,8 @@ static void apply_rollback(kvrt_cache *cache, const int32_t *targets, int64_t n)
 }
 
 /* Writes n rows of one layer from host memory (K rows then V rows, cache
- * dtype) into the given slots. */
+ * dtype, then for quantized dtypes K scales and V scales, f32 per head)
+ * into the given slots. */
 static kvrt_status load_rows(kvrt_cache *cache, const kvrt_layer_ref *ref, const int32_t *slots,
                              int64_t n, const uint8_t *k, const uint8_t *v)
 {
@@ -1117,6 +1184,9 @@ static kvrt_status load_rows(kvrt_cache *cache, const kvrt_layer_ref *ref, const
     const kvrt_layout *L = &ref->layout;
     size_t k_row = (size_t)L->n_heads * (size_t)L->dim_k * (size_t)L->elem_size;
     size_t v_row = (size_t)L->n_heads * (size_t)L->dim_v * (size_t)L->elem_size;
+    size_t ks_row = ref->k_scale != NULL ? (size_t)L->n_heads * sizeof(float) : 0;
+    size_t vs_row = ref->v_scale != NULL ? (size_t)L->n_heads * sizeof(float) : 0;
+    const uint8_t *ks = v + (size_t)n * v_row, *vs = ks + (size_t)n * ks_row;
     kvrt_write_op op;
     memset(&op, 0, sizeof op);
     op.layer = *ref;
@@ -1128,21 +1198,27 @@ static kvrt_status load_rows(kvrt_cache *cache, const kvrt_layer_ref *ref, const
         KVRT_TRY(be->ops->stage(be, slots, (size_t)n * sizeof(int32_t), cache->stream, &d_slots));
         op.k_src = k;
         op.v_src = v_row > 0 ? v : NULL;
+        op.k_scale_src = ks_row > 0 ? (const float *)(const void *)ks : NULL;
+        op.v_scale_src = vs_row > 0 ? (const float *)(const void *)vs : NULL;
         op.n_rows = (int32_t)n;
         op.slots = d_slots;
         return be->ops->write(be, &op, cache->stream);
     }
     /* GPUs: through device scratch in chunks (the image would best be pinned
      * host memory; uploads go through the backend's pinned staging). */
-    int64_t per = (int64_t)(STATE_CHUNK_GPU / (k_row + v_row));
+    int64_t per = (int64_t)(STATE_CHUNK_GPU / (k_row + v_row + ks_row + vs_row));
     if (per < 1)
         per = 1;
     if (per > n)
         per = n;
-    void *dk = NULL, *dv = NULL;
+    void *dk = NULL, *dv = NULL, *dks = NULL, *dvs = NULL;
     kvrt_status st = be->ops->scratch_alloc(be, (size_t)per * k_row, &dk);
     if (st == KVRT_OK && v_row > 0)
         st = be->ops->scratch_alloc(be, (size_t)per * v_row, &dv);
+    if (st == KVRT_OK && ks_row > 0)
+        st = be->ops->scratch_alloc(be, (size_t)per * ks_row, &dks);
+    if (st == KVRT_OK && vs_row > 0)
+        st = be->ops->scratch_alloc(be, (size_t)per * vs_row, &dvs);
     for (int64_t i = 0; i < n && st == KVRT_OK; i += per) {
         int64_t m = n - i < per ? n - i : per;
         const void *d_slots = NULL;
@@ -1150,11 +1226,17 @@ static kvrt_status load_rows(kvrt_cache *cache, const kvrt_layer_ref *ref, const
         st = be->ops->upload(be, dk, k + (size_t)i * k_row, (size_t)m * k_row, cache->stream);
         if (st == KVRT_OK && dv != NULL)
             st = be->ops->upload(be, dv, v + (size_t)i * v_row, (size_t)m * v_row, cache->stream);
+        if (st == KVRT_OK && dks != NULL)
+            st = be->ops->upload(be, dks, ks + (size_t)i * ks_row, (size_t)m * ks_row, cache->stream);
+        if (st == KVRT_OK && dvs != NULL)
+            st = be->ops->upload(be, dvs, vs + (size_t)i * vs_row, (size_t)m * vs_row, cache->stream);
         if (st == KVRT_OK)
             st = be->ops->stage(be, slots + i, (size_t)m * sizeof(int32_t), cache->stream, &d_slots);
         if (st == KVRT_OK) {
             op.k_src = dk;
             op.v_src = dv;
+            op.k_scale_src = dks;
+            op.v_scale_src = dvs;
             op.n_rows = (int32_t)m;
             op.slots = d_slots;
             st = be->ops->write(be, &op, cache->stream);
@@ -1165,6 +1247,8 @@ static kvrt_status load_rows(kvrt_cache *cache, const kvrt_layer_ref *ref, const
     (void)be->ops->sync(be, cache->stream);
     be->ops->scratch_free(be, dk);
     be->ops->scratch_free(be, dv);
+    be->ops->scratch_free(be, dks);
+    be->ops->scratch_free(be, dvs);
     return st;
 }
 
@@ -1187,6 +1271,11 @@ static kvrt_status zero_own_rows(kvrt_cache *cache, int32_t seq)
                 if (m->v != NULL)
                     KVRT_TRY(be->ops->zero(be, (char *)m->v + at * m->v_block, m->v_block,
                                            cache->stream));
+                void *scales[2] = {m->k_scale, m->v_scale};
+                for (int q = 0; q < 2; q++)
+                    if (scales[q] != NULL)
+                        KVRT_TRY(be->ops->zero(be, (char *)scales[q] + at * m->scale_block,
+                                               m->scale_block, cache->stream));
             }
         }
     }
@@ -1324,7 +1413,10 @@ kvrt_status kvrt_state_apply(kvrt_cache *cache, int32_t dst_seq, const kvrt_stat
             const kvrt_layout *L = &ref->layout;
             size_t k_row = (size_t)L->n_heads * (size_t)L->dim_k * (size_t)L->elem_size;
             size_t v_row = (size_t)L->n_heads * (size_t)L->dim_v * (size_t)L->elem_size;
-            if (k_row + v_row != h->layers[l].row_bytes) {
+            if (k_row + v_row != h->layers[l].row_bytes ||
+                (ref->k_scale != NULL ? 4 * (size_t)L->n_heads : 0) +
+                        (ref->v_scale != NULL ? 4 * (size_t)L->n_heads : 0) !=
+                    h->layers[l].scale_bytes) {
                 st = kvrt_set_error(KVRT_ERR_INTERNAL,
                                     "kvrt_state_read: layer %d: layout rows of %zu bytes, "
                                     "kvrt_layer_row_bytes %u", l, k_row + v_row,

@@ -11,13 +11,17 @@
 
 #include "kvrt.h"
 
-#define KVRT_STATE_VERSION 1
+/* Version 1; version 2 (written only when a layer has its own rope_theta)
+ * adds the layer's rope_theta to each layer record. */
+#define KVRT_STATE_VERSION 2
 #define KVRT_STATE_MAGIC "KVRTSTAT"
 #define KVRT_STATE_MAGIC_BYTES 8
 #define KVRT_STATE_FRAME_BYTES 16   /* tag, flags, size */
 #define KVRT_STATE_CHECKSUM_BYTES 8
 #define KVRT_STATE_HEAD_FIXED 56
-#define KVRT_STATE_LAYER_RECORD 40
+#define KVRT_STATE_LAYER_RECORD 40      /* version 1 */
+#define KVRT_STATE_LAYER_RECORD_V2 44   /* version 2: + rope_theta */
+#define KVRT_STATE_SCALES_ROW_F32 1     /* scales_format: an f32 per (token, head) of K, then of V */
 #define KVRT_STATE_SEQ_FIXED 8
 #define KVRT_STATE_GROUP_RECORD 16
 #define KVRT_STATE_ROWS_FIXED 24

@@ -24,8 +24,20 @@ size_t kvrt_dtype_size(kvrt_dtype dtype)
     case KVRT_F32: return 4;
     case KVRT_F16: return 2;
     case KVRT_BF16: return 2;
+    case KVRT_Q8: return 1;
+    case KVRT_FP8_E4M3: return 1;
     }
     return 0;
+}
+
+int kvrt_dtype_is_quantized(kvrt_dtype dtype)
+{
+    return dtype == KVRT_Q8 || dtype == KVRT_FP8_E4M3;
+}
+
+int kvrt_dtype_is_plain(kvrt_dtype dtype)
+{
+    return dtype == KVRT_F32 || dtype == KVRT_F16 || dtype == KVRT_BF16;
 }
 
 const char *kvrt_dtype_name(kvrt_dtype dtype)
@@ -34,6 +46,8 @@ const char *kvrt_dtype_name(kvrt_dtype dtype)
     case KVRT_F32: return "f32";
     case KVRT_F16: return "f16";
     case KVRT_BF16: return "bf16";
+    case KVRT_Q8: return "q8";
+    case KVRT_FP8_E4M3: return "fp8_e4m3";
     }
     return "?";
 }

@@ -23,7 +23,7 @@
  * holds at most ceil(window / block_size) + 2 blocks of it.
  *
  * Usage: kvrt-fuzz [--backend cpu|cuda|hip] [--streams N] [--seed S]
- *                  [--first I] [--model attn|gemma|deepseek|whisper|mixed]
+ *                  [--first I] [--model attn|gemma|deepseek|whisper|mixed|prefix|q8|fp8|prerope]
  *                  [--block-size B] [--dtype f32|f16|bf16] [--ops N] [-v]
  *        kvrt-fuzz [--backend cpu|cuda|hip] --scenario NAME|all|list [-v]
  * --streams defaults to $KVRT_FUZZ_STREAMS or 200. Stream i draws everything
@@ -109,9 +109,10 @@ static int rng_chance(rng *r, double p) { return rng_unit(r) < p; }
 /* Options                                                                   */
 /* ------------------------------------------------------------------------ */
 
-enum { MODEL_ATTN, MODEL_GEMMA, MODEL_DEEPSEEK, MODEL_WHISPER, MODEL_MIXED, MODEL_PREFIX, N_MODELS };
+enum { MODEL_ATTN, MODEL_GEMMA, MODEL_DEEPSEEK, MODEL_WHISPER, MODEL_MIXED, MODEL_PREFIX,
+       MODEL_Q8, MODEL_FP8, MODEL_PREROPE, N_MODELS };
 static const char *const model_names[N_MODELS] = {"attn", "gemma", "deepseek", "whisper", "mixed",
-                                                  "prefix"};
+                                                  "prefix", "q8", "fp8", "prerope"};
 
 typedef struct options {
     kvrt_backend backend;
@@ -130,7 +131,8 @@ static void usage(void)
 {
     fprintf(stderr,
             "usage: kvrt-fuzz [--backend cpu|cuda|hip] [--streams N] [--seed S] [--first I]\n"
-            "                 [--model attn|gemma|deepseek|whisper|mixed] [--block-size B]\n"
+            "                 [--model attn|gemma|deepseek|whisper|mixed|prefix|q8|fp8|prerope]\n"
+            "                 [--block-size B]\n"
             "                 [--dtype f32|f16|bf16] [--ops N] [-v]\n"
             "       kvrt-fuzz [--backend cpu|cuda|hip] --scenario NAME|all|list [-v]\n");
     exit(2);
@@ -446,7 +448,7 @@ static int64_t total_prefix_hits, total_prefix_tokens, total_prefix_exact;
 static int64_t rows_rotated, rows_exact, max_rotations;
 /* Largest error of a re-rotated element seen, per dtype, in units of
  * rotations * eps * max|rotated element| (the bound allows 4 + a little). */
-static double worst_rotation_error[3];
+static double worst_rotation_error[KVRT_FP8_E4M3 + 1];
 static double worst_attention_error; /* largest |error| / bound of an attention output */
 
 /* Per call and status, how often it happened (printed with -v). */
@@ -486,8 +488,9 @@ static void tally_print(void)
     printf("  rows compared: %" PRId64 " exact, %" PRId64 " re-rotated (up to %" PRId64 " times)\n",
            rows_exact, rows_rotated, max_rotations);
     printf("  largest re-rotation error, in rotations x eps x max|element| (bound 4): f32 %.3g, "
-           "f16 %.3g, bf16 %.3g\n",
-           worst_rotation_error[0], worst_rotation_error[1], worst_rotation_error[2]);
+           "f16 %.3g, bf16 %.3g, q8 %.3g, fp8 %.3g\n",
+           worst_rotation_error[0], worst_rotation_error[1], worst_rotation_error[2],
+           worst_rotation_error[KVRT_Q8], worst_rotation_error[KVRT_FP8_E4M3]);
     printf("  largest attention error, as a fraction of its bound: %.3g\n", worst_attention_error);
 }
 
@@ -574,7 +577,29 @@ static void expect(fuzz *F, const char *call, kvrt_status st, ref_status_set all
         F->n_errors_seen++;
 }
 
-static int cache_elem_size(const fuzz *F) { return (int)kvrt_dtype_size(F->desc.dtype); }
+/* Bytes per element of what snapshots hold: the cache dtype's elements, or
+ * for quantized caches their values as f32 (snap_gather). */
+static int cache_elem_size(const fuzz *F)
+{
+    return kvrt_dtype_is_quantized(F->desc.dtype) ? 4 : (int)kvrt_dtype_size(F->desc.dtype);
+}
+
+/* The dtype of snapshot elements. */
+static kvrt_dtype snap_dtype(const fuzz *F)
+{
+    return kvrt_dtype_is_quantized(F->desc.dtype) ? KVRT_F32 : F->desc.dtype;
+}
+
+/* kvrt_gather, or for quantized caches kvrt_gather_as to f32 (the values
+ * the codes and scales stand for; tests/quant checks the codes and scales
+ * themselves). */
+static kvrt_status snap_gather(const fuzz *F, kvrt_cache *cache, int layer, int32_t seq, int32_t p0,
+                               int32_t p1, void *k, void *v, int32_t *pos, int64_t cap, int64_t *n)
+{
+    if (kvrt_dtype_is_quantized(F->desc.dtype))
+        return kvrt_gather_as(cache, layer, seq, p0, p1, k, v, pos, KVRT_F32, cap, n, NULL);
+    return kvrt_gather(cache, layer, seq, p0, p1, k, v, pos, cap, n, NULL);
+}
 
 /* ------------------------------------------------------------------------ */
 /* Snapshots                                                                 */
@@ -623,8 +648,8 @@ static void take_snapshot_of(fuzz *F, kvrt_cache *cache, snapshot *S)
                 ref_seq_tokens(F->ref, s, &cap), cap += 1;
             rows_reserve(F, r, l, cap);
             int64_t n = -7;
-            kvrt_status st = kvrt_gather(cache, l, s, 0, -1, r->k,
-                                         F->li[l].v_elems ? r->v : NULL, r->pos, cap, &n, NULL);
+            kvrt_status st = snap_gather(F, cache, l, s, 0, -1, r->k,
+                                         F->li[l].v_elems ? r->v : NULL, r->pos, cap, &n);
             if (st != KVRT_OK)
                 fail(F, "kvrt_gather(layer %d, seq %d) returned %s with n_out %" PRId64
                         " (capacity %" PRId64 ", one more than the reference's rows)",
@@ -682,6 +707,24 @@ static double rotation_eps(kvrt_dtype dt)
     return dt == KVRT_F32 ? 0x1.0p-22 : dt == KVRT_F16 ? 0x1.0p-11 : 0x1.0p-8;
 }
 
+/* Quantized caches re-rotate a head row by dequantizing it whole, turning
+ * its rotary part in f32 and quantizing it again with a new scale: every
+ * element of the row (rotated or not) moves by at most half a step of the
+ * new scale, eps_q * amax' (q8: amax' / 254; fp8: 2^-4 of the element or
+ * 2^-10 of the scale, <= amax' / 16), plus the f32 turn. amax' <= sqrt(2)
+ * max|row| (a turn keeps pair norms) plus the errors so far; the bound per
+ * re-rotation used is
+ *     2 * eps_q * max|K element of the token| + 4 * 2^-22 * max + 2^-24,
+ * errors of successive re-rotations adding up. */
+static double quant_rotation_bound(const fuzz *F, int layer, const double *ref_k)
+{
+    double maxabs = 0;
+    for (int64_t e = 0; e < F->li[layer].k_elems; e++)
+        maxabs = fmax(maxabs, fabs(ref_k[e]));
+    double eps_q = F->desc.dtype == KVRT_Q8 ? 1.0 / 254 : 1.0 / 16;
+    return 2 * eps_q * maxabs + 4 * 0x1.0p-22 * maxabs + 0x1.0p-24;
+}
+
 static double rotation_bound(const fuzz *F, int layer, const double *ref_k, int32_t rotations)
 {
     if (rotations == 0)
@@ -690,6 +733,8 @@ static double rotation_bound(const fuzz *F, int layer, const double *ref_k, int3
     for (int64_t e = 0; e < F->li[layer].k_elems; e++)
         if (F->li[layer].rotary[e])
             maxabs = fmax(maxabs, fabs(ref_k[e]));
+    if (kvrt_dtype_is_quantized(F->desc.dtype))
+        return rotations * quant_rotation_bound(F, layer, ref_k);
     return rotations * (4 * rotation_eps(F->desc.dtype) * maxabs + 0x1.0p-24);
 }
 
@@ -707,7 +752,8 @@ static void describe_elem(const fuzz *F, int layer, int64_t e, char *buf, size_t
 static void compare_row(fuzz *F, int seq, int layer, int32_t pos, const snap_rows *r, int64_t i,
                         const double *ref_k, const double *ref_v, int32_t rotations)
 {
-    kvrt_dtype dt = F->desc.dtype;
+    kvrt_dtype dt = snap_dtype(F);
+    const int quant = kvrt_dtype_is_quantized(F->desc.dtype); /* a re-rotation requantizes the row */
     const layer_info *L = &F->li[layer];
     double bound = rotation_bound(F, layer, ref_k, rotations);
     if (rotations > 0)
@@ -719,11 +765,11 @@ static void compare_row(fuzz *F, int seq, int layer, int32_t pos, const snap_row
     for (int64_t e = 0; e < L->k_elems; e++) {
         double got = ref_load(r->k, dt, i * L->k_elems + e), want = ref_k[e];
         int ok;
-        if (rotations > 0 && L->rotary[e]) {
+        if (rotations > 0 && (L->rotary[e] || quant)) {
             ok = fabs(got - want) <= bound;
             double unit = (bound - rotations * 0x1.0p-24) / 4;
-            if (unit > 0 && fabs(got - want) / unit > worst_rotation_error[dt])
-                worst_rotation_error[dt] = fabs(got - want) / unit;
+            if (unit > 0 && fabs(got - want) / unit > worst_rotation_error[F->desc.dtype])
+                worst_rotation_error[F->desc.dtype] = fabs(got - want) / unit;
         }
         else
             ok = got == want && signbit(got) == signbit(want);
@@ -1153,6 +1199,43 @@ static kvrt_layer_desc cross_layer(fuzz *F)
     return l;
 }
 
+/* The q8 and fp8 shapes: ATTN layers (full and sliding-window, own RoPE
+ * bases sometimes) and sometimes a CROSS layer; quantized caches hold no
+ * MLA layer. */
+static int quant_layers(fuzz *F)
+{
+    rng *r = &F->r;
+    int n = 0;
+    F->layers[n++] = attn_layer(F, 0);
+    if (rng_chance(r, 0.5))
+        F->layers[n++] = attn_layer(F, rng_chance(r, 0.5) ? 0 : 4 + (int)rng_below(r, 40));
+    if (rng_chance(r, 0.3))
+        F->layers[n++] = cross_layer(F);
+    if (rng_chance(r, 0.3))
+        F->layers[n - 1 - (F->layers[n - 1].kind == KVRT_LAYER_CROSS)].rope_theta = 1000000.0f;
+    return n;
+}
+
+/* The pre-RoPE shape: ATTN layers with a local and a global base (Gemma 3),
+ * sometimes sliding windows, MLA or CROSS layers. */
+static int prerope_layers(fuzz *F)
+{
+    rng *r = &F->r;
+    int n = 0, window = rng_chance(r, 0.4) ? 4 + (int)rng_below(r, 40) : 0;
+    kvrt_layer_desc local = attn_layer(F, window), global = attn_layer(F, 0);
+    local.rope_theta = rng_chance(r, 0.5) ? 10000.0f : 0.0f;
+    global.rope_theta = rng_chance(r, 0.7) ? 1000000.0f : 0.0f;
+    F->layers[n++] = local;
+    F->layers[n++] = global;
+    if (rng_chance(r, 0.3)) {
+        F->layers[n] = mla_layer(16, 8);
+        F->layers[n++].rope_theta = rng_chance(r, 0.5) ? 50.0f : 0.0f;
+    }
+    if (rng_chance(r, 0.2))
+        F->layers[n++] = cross_layer(F);
+    return n;
+}
+
 static void make_layers(fuzz *F)
 {
     rng *r = &F->r;
@@ -1203,6 +1286,13 @@ static void make_layers(fuzz *F)
             F->layers[n++] = mla_layer(16, rng_chance(r, 0.8) ? 8 : 0);
         break;
     }
+    case MODEL_Q8:
+    case MODEL_FP8:
+        n = quant_layers(F);
+        break;
+    case MODEL_PREROPE:
+        n = prerope_layers(F);
+        break;
     default: { /* mixed: one of each, in random order */
         kvrt_layer_desc all[4] = {attn_layer(F, 0), attn_layer(F, 8 + (int)rng_below(r, 33)),
                                   mla_layer(rng_chance(r, 0.5) ? 16 : 32, rng_chance(r, 0.8) ? 8 : 0),
@@ -1219,6 +1309,38 @@ static void make_layers(fuzz *F)
     }
     }
     F->n_layers = n;
+}
+
+/* What the q8, fp8 and prerope shapes set beyond the drawn description: the
+ * quantized dtype; the pre-RoPE mode (queries rotated by kvrt or not, n_rot
+ * partial or whole). Draws from F->r after everything else. */
+static void shape_desc(fuzz *F, kvrt_cache_desc *d)
+{
+    if (F->opt->model == MODEL_Q8 || F->opt->model == MODEL_FP8)
+        d->dtype = F->opt->model == MODEL_Q8 ? KVRT_Q8 : KVRT_FP8_E4M3;
+    if (F->opt->model != MODEL_PREROPE)
+        return;
+    d->rope.mode = KVRT_ROPE_IN_ATTENTION;
+    d->rope.rotate_q = rng_chance(&F->r, 0.5);
+    if (F->opt->dtype < 0 && rng_chance(&F->r, 0.3))
+        d->dtype = rng_chance(&F->r, 0.5) ? KVRT_Q8 : KVRT_FP8_E4M3;
+    for (int l = 0; l < F->n_layers; l++) /* quantized caches hold no MLA layer */
+        if (kvrt_dtype_is_quantized(d->dtype) && F->layers[l].kind == KVRT_LAYER_MLA)
+            d->dtype = KVRT_F32;
+}
+
+/* The description's RoPE mode and per-layer bases, after F->config's first
+ * `at` characters. */
+static void shape_config(fuzz *F, int at)
+{
+    const kvrt_cache_desc *d = &F->desc;
+    if (d->rope.mode == KVRT_ROPE_IN_ATTENTION && at < (int)sizeof F->config)
+        at += snprintf(F->config + at, sizeof F->config - (size_t)at,
+                       "; rope in attention, rotate_q %d", d->rope.rotate_q);
+    for (int l = 0; l < F->n_layers && at < (int)sizeof F->config; l++)
+        if (F->layers[l].rope_theta != 0.0f)
+            at += snprintf(F->config + at, sizeof F->config - (size_t)at, "; layer %d theta %g", l,
+                           (double)F->layers[l].rope_theta);
 }
 
 static void make_desc(fuzz *F)
@@ -1288,6 +1410,7 @@ static void make_desc(fuzz *F)
             d->max_seqs = 3 + (int)rng_below(r, MAX_SEQS - 2);
     }
 
+    shape_desc(F, d);
     int at = snprintf(F->config, sizeof F->config,
                       "%s, %s, max_seqs %d, block_size %d, n_blocks %d, max_blocks %d, rope n_rot "
                       "%d theta %g scale %g %s, swa_full %d, cross_max_len %d, max_tokens %d, "
@@ -1306,6 +1429,7 @@ static void make_desc(fuzz *F)
                            L->kind == KVRT_LAYER_CROSS ? "cross" : "attn", L->n_kv_heads,
                            L->head_dim_k, L->head_dim_v, L->window ? " w" : "", L->window);
     }
+    shape_config(F, at);
 }
 
 /* Invalid descriptions: each must be refused with INVALID_ARG and *out NULL. */
@@ -1474,7 +1598,8 @@ static void stream_setup(fuzz *F)
         for (int64_t e = 0; e < L->k_elems; e++)
             L->rotary[e] = (uint8_t)ref_k_elem_rotary(F->ref, l, e);
         size_t row = kvrt_layer_row_bytes(&L->d, F->desc.dtype);
-        if (row != (size_t)(L->k_elems + L->v_elems) * kvrt_dtype_size(F->desc.dtype))
+        if (row != (size_t)(L->k_elems + L->v_elems) * kvrt_dtype_size(F->desc.dtype) +
+                       kvrt_layer_scale_bytes(&L->d, F->desc.dtype))
             fail(F, "kvrt_layer_row_bytes(layer %d) is %zu", l, row);
         group_desc *G = &F->g[L->group];
         int self = L->d.kind != KVRT_LAYER_CROSS;
@@ -1637,6 +1762,33 @@ static int visible_written(const fuzz *F, int layer, int32_t seq, int32_t qpos)
     return 1;
 }
 
+/* Unit roundoff of a dtype's elements. */
+static double dtype_unit(kvrt_dtype dt)
+{
+    return dt == KVRT_F32 ? 0x1.0p-24 : dt == KVRT_F16 ? 0x1.0p-11 : 0x1.0p-8;
+}
+
+/* An attention output dtype other than f32: the cache's, or for quantized
+ * caches any of f16 and bf16. */
+static kvrt_dtype out_dtype_other(fuzz *F)
+{
+    if (kvrt_dtype_is_quantized(F->desc.dtype))
+        return rng_chance(&F->r, 0.5) ? KVRT_F16 : KVRT_BF16;
+    return F->desc.dtype;
+}
+
+/* Pre-RoPE: kvrt turns each key (and with rotate_q each query) in f32 as
+ * it reads it, the reference in double. As one re-rotation of stored K
+ * (rotation_bound), a turned key is within 4 * 2^-22 * kmax + 2^-24 of the
+ * reference's, and a turned query's error adds as much to a logit
+ * (|dq . k| <= |dq|_1 kmax), so kerr grows by that once or twice. */
+static double prerope_kerr(const fuzz *F, const layer_info *L, double kmax)
+{
+    if (F->desc.rope.mode != KVRT_ROPE_IN_ATTENTION || L->d.kind == KVRT_LAYER_CROSS)
+        return 0;
+    return (F->desc.rope.rotate_q ? 2 : 1) * (4 * 0x1.0p-22 * kmax + 0x1.0p-24);
+}
+
 /* Attention of the planned tokens over one layer, against the reference in
  * double. The bound: logits differ by at most
  *     ds = scale * |q|_1 * (kmax * (u + (dk + 8) * 2^-24) + kerr) + softcap * 2^-21
@@ -1662,7 +1814,7 @@ static void op_attention(fuzz *F, int layer)
     p.scale = rng_chance(r, 0.5) ? 0.0f : (float)(0.05 + rng_unit(r) * 0.5);
     p.softcap = rng_chance(r, 0.7) ? 0.0f : (float)(0.5 + rng_unit(r) * 30);
     p.q_dtype = random_dtype(F);
-    p.out_dtype = rng_chance(r, 0.5) ? KVRT_F32 : F->desc.dtype;
+    p.out_dtype = rng_chance(r, 0.5) ? KVRT_F32 : out_dtype_other(F);
     int n = F->plan_n;
     int64_t q_elems = (int64_t)n * p.n_q_heads * dk, out_elems = (int64_t)n * p.n_q_heads * dv;
     size_t qb = (size_t)q_elems * kvrt_dtype_size(p.q_dtype);
@@ -1689,8 +1841,10 @@ static void op_attention(fuzz *F, int layer)
         F->qd = host_buf((void **)&F->qd, &F->qd_cap, (size_t)p.n_q_heads * dk * sizeof(double));
         F->outd = host_buf((void **)&F->outd, &F->outd_cap, (size_t)p.n_q_heads * dv * sizeof(double));
         double scale = p.scale > 0 ? (double)p.scale : 1.0 / sqrt((double)dk);
-        double u = F->desc.dtype == KVRT_F32 ? 0x1.0p-24 : F->desc.dtype == KVRT_F16 ? 0x1.0p-11 : 0x1.0p-8;
-        double u_out = p.out_dtype == KVRT_F32 ? 0x1.0p-24 : u;
+        /* quantized caches: the reference holds the dequantized values,
+         * which kvrt computes with in f32 */
+        double u = dtype_unit(snap_dtype(F));
+        double u_out = dtype_unit(p.out_dtype);
         for (int t = 0; t < n; t++) {
             int32_t seq = F->plan_seq[t], qpos = F->plan_pos[t];
             if (!visible_written(F, layer, seq, qpos))
@@ -1703,6 +1857,7 @@ static void op_attention(fuzz *F, int layer)
                 fail(F, "ref_attention failed for layer %d seq %d pos %d", layer, seq, (int)qpos);
             double kmax, vmax, kerr;
             visible_rows(F, layer, seq, qpos, &kmax, &vmax, &kerr);
+            kerr += prerope_kerr(F, L, kmax);
             double q1 = 0;
             for (int h = 0; h < p.n_q_heads; h++) {
                 double s = 0;
@@ -2361,8 +2516,8 @@ static void op_gather(fuzz *F)
     int64_t n_out = -7;
     oplog(F, "kvrt_gather(layer %d, seq %d, [%d, %d), capacity %" PRId64 "%s%s%s)", layer, (int)seq,
           (int)p0, (int)p1, cap, with_k ? ", k" : "", with_v ? ", v" : "", with_pos ? ", pos" : "");
-    kvrt_status st = kvrt_gather(F->cache, layer, seq, p0, p1, with_k ? k : NULL,
-                                 with_v ? v : NULL, with_pos ? pos : NULL, cap, &n_out, NULL);
+    kvrt_status st = snap_gather(F, F->cache, layer, seq, p0, p1, with_k ? k : NULL,
+                                 with_v ? v : NULL, with_pos ? pos : NULL, cap, &n_out);
     oplog_status(F, st);
     expect(F, "kvrt_gather", st, allowed);
     if ((st == KVRT_OK || count > cap) && n_out != count && !(p1 >= 0 && p0 > p1))

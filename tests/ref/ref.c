@@ -243,7 +243,7 @@ double ref_round(double f, kvrt_dtype dtype)
         return (double)kvrt_f16_to_f32(kvrt_f32_to_f16(x));
     case KVRT_BF16:
         return (double)kvrt_bf16_to_f32(kvrt_f32_to_bf16(x));
-    default:
+    default: /* f32; quantized dtypes round whole rows (store_rows) */
         return (double)x;
     }
 }
@@ -251,6 +251,112 @@ double ref_round(double f, kvrt_dtype dtype)
 void ref_store(void *base, kvrt_dtype dtype, int64_t i, double f)
 {
     kvrt_store(base, (int32_t)dtype, i, (float)f);
+}
+
+/* ---- quantized rows, as docs/layouts.md describes them ----
+ * Written from the description, not from kvrt_layout.h: the e4m3fn value of
+ * a code is taken from its bits, and rounding picks the nearest of all 127
+ * non-negative finite codes (ties to the even code). */
+
+double ref_e4m3_value(uint8_t code)
+{
+    int e = (code >> 3) & 15, mant = code & 7;
+    double v;
+    if (e == 15 && mant == 7)
+        v = NAN;
+    else if (e == 0)
+        v = ldexp(mant / 8.0, -6);
+    else
+        v = ldexp(1.0 + mant / 8.0, e - 7);
+    return (code & 0x80) ? -v : v;
+}
+
+/* The e4m3fn code of x (finite): nearest, ties to even, saturating at 448. */
+static uint8_t e4m3_code(float x)
+{
+    static double value[127]; /* of the non-negative finite codes, increasing */
+    if (value[126] == 0)
+        for (int c = 0; c <= 126; c++)
+            value[c] = ref_e4m3_value((uint8_t)c);
+    double a = fabs((double)x);
+    int lo = 0, hi = 126; /* the last code whose value is <= a, then it or the next */
+    while (lo < hi) {
+        int mid = (lo + hi + 1) / 2;
+        if (value[mid] <= a)
+            lo = mid;
+        else
+            hi = mid - 1;
+    }
+    int best = lo;
+    if (lo < 126) {
+        double below = a - value[lo], above = value[lo + 1] - a;
+        if (above < below || (above == below && ((lo + 1) & 1) == 0))
+            best = lo + 1;
+    }
+    return (uint8_t)(best | (signbit(x) ? 0x80 : 0));
+}
+
+float ref_quantize_row(kvrt_dtype dtype, const float *x, int64_t n, uint8_t *code)
+{
+    float amax = 0.0f;
+    for (int64_t i = 0; i < n; i++)
+        if (isfinite(x[i]) && fabsf(x[i]) > amax)
+            amax = fabsf(x[i]);
+    float s = amax / (dtype == KVRT_Q8 ? 127.0f : 448.0f);
+    for (int64_t i = 0; i < n; i++) {
+        if (!isfinite(x[i])) {
+            code[i] = dtype == KVRT_Q8 ? 0x80 : (uint8_t)(0x7f | (signbit(x[i]) ? 0x80 : 0));
+            continue;
+        }
+        if (s == 0.0f) {
+            code[i] = 0;
+            continue;
+        }
+        float y = x[i] / s;
+        if (dtype == KVRT_Q8) {
+            double q = nearbyint((double)y); /* the default rounding: to nearest even */
+            q = q > 127 ? 127 : q < -127 ? -127 : q;
+            code[i] = (uint8_t)(int8_t)q;
+        } else {
+            code[i] = e4m3_code(y);
+        }
+    }
+    return s;
+}
+
+double ref_dequantize(kvrt_dtype dtype, uint8_t code, float scale)
+{
+    if (dtype == KVRT_Q8)
+        return code == 0x80 ? NAN : (double)((float)(int8_t)code * scale);
+    return (double)((float)ref_e4m3_value(code) * scale);
+}
+
+/* Each of n_rows rows of len values of x (f32) as the cache holds them:
+ * quantized and read back. */
+static void quantize_rows(kvrt_dtype dtype, double *x, int64_t n_rows, int64_t len)
+{
+    float row[1024];
+    uint8_t code[1024];
+    for (int64_t r = 0; r < n_rows; r++) {
+        double *xr = x + r * len;
+        for (int64_t e = 0; e < len; e++)
+            row[e] = (float)xr[e];
+        float s = ref_quantize_row(dtype, row, len, code);
+        for (int64_t e = 0; e < len; e++)
+            xr[e] = ref_dequantize(dtype, code[e], s);
+    }
+}
+
+/* A layer's K (then V) values of one token, just converted to f32, as the
+ * cache stores them: quantized per head row in q8/fp8 caches (the rounding
+ * to f16/bf16/f32 happened already). */
+static void store_rows(const ref_model *m, const kvrt_layer_desc *L, double *k, double *v)
+{
+    if (m->desc.dtype != KVRT_Q8 && m->desc.dtype != KVRT_FP8_E4M3)
+        return;
+    quantize_rows(m->desc.dtype, k, L->n_kv_heads, L->head_dim_k);
+    if (v != NULL)
+        quantize_rows(m->desc.dtype, v, L->n_kv_heads, L->head_dim_v);
 }
 
 /* ---- creation ---- */
@@ -455,26 +561,44 @@ void ref_rope_rotate(double *x, int dims, kvrt_rope_style style, double theta,
     }
 }
 
-/* Re-rotates every self layer's K of a token by a position move of delta. */
+double ref_layer_theta(const ref_model *m, int layer)
+{
+    return m->layers[layer].rope_theta > 0 ? (double)m->layers[layer].rope_theta
+                                           : (double)m->desc.rope.theta;
+}
+
+int ref_rotate_heads(const ref_model *m, int layer, double *x, int n_heads, int64_t delta)
+{
+    const kvrt_rope_desc *r = &m->desc.rope;
+    const kvrt_layer_desc *L = &m->layers[layer];
+    double theta = ref_layer_theta(m, layer);
+    if (L->kind == KVRT_LAYER_ATTN && r->n_rot > 0) {
+        for (int h = 0; h < n_heads; h++)
+            ref_rope_rotate(x + (int64_t)h * L->head_dim_k, r->n_rot, r->style, theta,
+                            (double)r->freq_scale, delta);
+        return 1;
+    }
+    if (L->kind == KVRT_LAYER_MLA && L->rope_dim > 0) {
+        int64_t dk = (int64_t)L->latent_dim + L->rope_dim;
+        for (int h = 0; h < n_heads; h++)
+            ref_rope_rotate(x + h * dk + L->latent_dim, L->rope_dim, r->style, theta,
+                            (double)r->freq_scale, delta);
+        return 1;
+    }
+    return 0;
+}
+
+/* Re-rotates every self layer's K of a token by a position move of delta
+ * (a cache that stores rotated K; pre-RoPE caches keep K as written). */
 static void token_rotate(const ref_model *m, ref_token *t, int64_t delta)
 {
-    if (delta == 0)
+    if (delta == 0 || m->desc.rope.mode == KVRT_ROPE_IN_ATTENTION)
         return;
-    const kvrt_rope_desc *r = &m->desc.rope;
     for (int l = 0; l < m->n_layers; l++) {
         const kvrt_layer_desc *L = &m->layers[l];
-        double *k = t->data + m->offset[l];
-        if (L->kind == KVRT_LAYER_ATTN && r->n_rot > 0) {
-            for (int h = 0; h < L->n_kv_heads; h++)
-                ref_rope_rotate(k + (int64_t)h * L->head_dim_k, r->n_rot, r->style,
-                                (double)r->theta, (double)r->freq_scale, delta);
-        } else if (L->kind == KVRT_LAYER_MLA && L->rope_dim > 0) {
-            ref_rope_rotate(k + L->latent_dim, L->rope_dim, r->style, (double)r->theta,
-                            (double)r->freq_scale, delta);
-        } else {
-            continue;
-        }
-        t->rotations[l]++;
+        int heads = L->kind == KVRT_LAYER_MLA ? 1 : L->n_kv_heads;
+        if (L->kind != KVRT_LAYER_CROSS && ref_rotate_heads(m, l, t->data + m->offset[l], heads, delta))
+            t->rotations[l]++;
     }
 }
 
@@ -696,6 +820,7 @@ ref_status_set ref_write(ref_model *m, int layer, int n, const int32_t *seq_ids,
             row[e] = ref_round(ref_load(k, src_dtype, i * nk + e), m->desc.dtype);
         for (int64_t e = 0; e < nv; e++)
             row[nk + e] = ref_round(ref_load(v, src_dtype, i * nv + e), m->desc.dtype);
+        store_rows(m, &m->layers[layer], row, nv > 0 ? row + nk : NULL);
         t->written[layer] = 1;
         t->rotations[layer] = 0;
         prefix_record(m, seq_ids[i], t, layer);
@@ -729,6 +854,8 @@ ref_status_set ref_cross_set(ref_model *m, int layer, int32_t seq, int n, const 
         c->k[e] = ref_round(ref_load(k, src_dtype, e), m->desc.dtype);
     for (int64_t e = 0; e < nv; e++)
         c->v[e] = ref_round(ref_load(v, src_dtype, e), m->desc.dtype);
+    for (int r = 0; r < n; r++)
+        store_rows(m, L, c->k + (int64_t)r * layer_k_elems(L), c->v + (int64_t)r * layer_v_elems(L));
     c->n = n;
     return set;
 }
@@ -1023,6 +1150,30 @@ int64_t ref_attention(const ref_model *m, int layer, int32_t seq, int32_t qpos,
         }
     }
 
+    /* pre-RoPE: each key turned by its position, the queries by qpos */
+    double *turned = NULL, *q_turned = NULL;
+    if (m->desc.rope.mode == KVRT_ROPE_IN_ATTENTION && L->kind != KVRT_LAYER_CROSS) {
+        int64_t ke = layer_k_elems(L);
+        turned = xmalloc((size_t)(n_keys ? n_keys : 1) * (size_t)ke * sizeof(double));
+        const ref_seq *s = &m->seqs[seq];
+        int64_t j = 0;
+        for (int64_t i = 0; i < s->n; i++) {
+            const ref_token *t = &s->tokens[i];
+            if (!key_visible(L, t->pos, qpos))
+                continue;
+            memcpy(turned + j * ke, krows[j], (size_t)ke * sizeof(double));
+            ref_rotate_heads(m, layer, turned + j * ke, n_kv, t->pos);
+            krows[j] = turned + j * ke;
+            j++;
+        }
+        if (m->desc.rope.rotate_q) {
+            q_turned = xmalloc((size_t)n_q_heads * (size_t)dk * sizeof(double));
+            memcpy(q_turned, q, (size_t)n_q_heads * (size_t)dk * sizeof(double));
+            ref_rotate_heads(m, layer, q_turned, n_q_heads, qpos);
+            q = q_turned;
+        }
+    }
+
     double *logits = xmalloc((size_t)(n_keys ? n_keys : 1) * sizeof(double));
     int group = n_q_heads / n_kv;
     for (int h = 0; h < n_q_heads; h++) {
@@ -1061,6 +1212,8 @@ int64_t ref_attention(const ref_model *m, int layer, int32_t seq, int32_t qpos,
     free(logits);
     free(krows);
     free(vrows);
+    free(turned);
+    free(q_turned);
     return n_keys;
 }
 

@@ -187,6 +187,18 @@ int32_t ref_prefix_longest(const ref_model *m, const int32_t *tokens, int n, con
 ref_status_set ref_attach_prefix(ref_model *m, int32_t seq, const int32_t *tokens, int n,
                                  const void *salt, int salt_len, int32_t n_covered, int apply);
 
+/* ---- quantized rows (docs/layouts.md, "Quantized dtypes") ----
+ * A q8 / fp8 cache holds, per (token, head) row of K and of V, a code per
+ * element and an f32 scale; the reference keeps the values they stand for
+ * (code * scale in f32; NaN for the NaN codes). */
+
+/* Quantizes a row of n f32 values into code[0..n) and returns its scale. */
+float ref_quantize_row(kvrt_dtype dtype, const float *x, int64_t n, uint8_t *code);
+/* The value of a code of a row with scale `scale`. */
+double ref_dequantize(kvrt_dtype dtype, uint8_t code, float scale);
+/* The value of an e4m3fn code (NaN for 0x7f / 0xff). */
+double ref_e4m3_value(uint8_t code);
+
 /* ---- RoPE, in double ---- */
 
 /* Rotates `dims` elements x[0..dims) as a position move of delta:
@@ -194,6 +206,13 @@ ref_status_set ref_attach_prefix(ref_model *m, int32_t seq, const int32_t *token
  * delta * freq_scale * theta^(-2i/dims). */
 void ref_rope_rotate(double *x, int dims, kvrt_rope_style style, double theta,
                      double freq_scale, int64_t delta);
+/* The RoPE base of a layer (its rope_theta, or the cache's). */
+double ref_layer_theta(const ref_model *m, int layer);
+/* Turns the rotary part of n_heads head rows of a self layer (ATTN: the first
+ * n_rot of each head_dim_k; MLA: the rope part of each latent + rope row) by
+ * a position move of delta, in double, with the layer's base. 0 when the
+ * layer has no rotary part. */
+int ref_rotate_heads(const ref_model *m, int layer, double *x, int n_heads, int64_t delta);
 
 /* ---- attention, in double ---- */
 

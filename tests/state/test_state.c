@@ -487,9 +487,9 @@ static void test_incompatible(void **state)
     OK(kvrt_cache_create(&d, &dst));
     blob v2 = {0};
     blob_put(&v2, a.data, a.size);
-    patch_head_u32(&v2, 0, 2);
+    patch_head_u32(&v2, 0, 3);
     EXPECT(KVRT_ERR_INCOMPATIBLE, load_state(dst, 0, v2.data, v2.size));
-    assert_non_null(strstr(kvrt_last_error(), "format_version 2 in file"));
+    assert_non_null(strstr(kvrt_last_error(), "format_version 3 in file"));
     blob q = {0};
     blob_put(&q, a.data, a.size);
     patch_head_u32(&q, 48, 1);
