@@ -1272,9 +1272,12 @@ static cudaError_t stream_known(cudaStream_t s)
     return s == nullptr || g_streams.count(s) ? cudaSuccess : cudaErrorInvalidResourceHandle;
 }
 
-cudaError_t cudaStreamSynchronize(cudaStream_t stream)
+/* cudaStreamSynchronize and cudaStreamQuery: the host looks at the stream,
+ * so its work runs now (a query therefore always finds it complete); both
+ * are prohibited on a capturing stream and, per the capture mode, while
+ * another stream captures. */
+static cudaError_t stream_wait(cudaStream_t stream)
 {
-    SIM_ENTER();
     SIM_TRY(stream_known(stream));
     if (capturing(stream)) {
         invalidate_captures();
@@ -1285,17 +1288,16 @@ cudaError_t cudaStreamSynchronize(cudaStream_t stream)
     return g_sticky.load() != 0 ? ret((cudaError_t)g_sticky.load()) : cudaSuccess;
 }
 
+cudaError_t cudaStreamSynchronize(cudaStream_t stream)
+{
+    SIM_ENTER();
+    return stream_wait(stream);
+}
+
 cudaError_t cudaStreamQuery(cudaStream_t stream)
 {
     SIM_ENTER();
-    SIM_TRY(stream_known(stream));
-    if (capturing(stream)) {
-        invalidate_captures();
-        return ret(cudaErrorStreamCaptureUnsupported);
-    }
-    SIM_TRY(unsafe_call());
-    flush(resolve(stream), UINT64_MAX);
-    return cudaSuccess;
+    return stream_wait(stream);
 }
 
 cudaError_t cudaStreamIsCapturing(cudaStream_t stream, enum cudaStreamCaptureStatus *status)
