@@ -235,6 +235,19 @@ struct opener {
     }
 };
 
+/* Asks for transparent huge pages where a mapping spans whole 2 MiB pages:
+ * opening and closing device memory (mprotect, at every flush) then
+ * changes one entry per 2 MiB instead of 512. */
+void huge_pages(void *m, size_t len)
+{
+#if defined(MADV_HUGEPAGE)
+    if (len >= kGranularity)
+        (void)madvise(m, len, MADV_HUGEPAGE);
+#else
+    (void)m, (void)len;
+#endif
+}
+
 cudaError_t dev_alloc(void **p, size_t n)
 {
     size_t body = (n + kAllocAlign - 1) / kAllocAlign * kAllocAlign;
@@ -251,6 +264,7 @@ cudaError_t dev_alloc(void **p, size_t n)
     a.map_len = len;
     a.ptr = a.map_lo + pages - body;
     a.n = n;
+    huge_pages(m, len);
     protect(a.ptr, a.ptr + body, PROT_READ | PROT_WRITE);
     memset((void *)a.ptr, 0xff, body); /* what fresh device memory holds: not zeros */
     if (g_open_depth == 0)
@@ -268,9 +282,12 @@ void dev_release(alloc_t *a)
 
 /* ---- streams, events, graphs ---- */
 
+/* Device ranges a queued copy or memset touches (empty for a kernel). */
+using ranges = std::vector<std::pair<uintptr_t, size_t>>;
 struct item {
     uint64_t seq;
     std::function<void()> run;
+    ranges touch;
 };
 struct graph_data {
     std::vector<std::function<void()>> items;
@@ -364,15 +381,44 @@ cudaError_t unsafe_call()
     return cudaErrorStreamCaptureUnsupported;
 }
 
-void run_item(item &it)
+bool pending_before(const kvrt_sim_stream *s, uint64_t seq)
 {
-    opener o;
-    it.run();
+    return !s->q.empty() && s->q.front().seq < seq;
 }
 
-/* Runs s's queued work up to sequence number upto, with what it waits for first. */
+/* Runs the work of a flush that is one copy or memset waiting for nothing,
+ * opening only the device ranges it touches; false when the flush is more. */
+bool flush_one_copy(kvrt_sim_stream *s, uint64_t upto)
+{
+    if (g_open_depth > 0 || s->q.front().touch.empty() || (s->q.size() > 1 && s->q[1].seq <= upto))
+        return false;
+    const uint64_t seq = s->q.front().seq;
+    if (s == &g_legacy) {
+        for (auto *b : g_streams)
+            if (!b->nonblocking && pending_before(b, seq))
+                return false;
+    } else if (!s->nonblocking && pending_before(&g_legacy, seq)) {
+        return false;
+    }
+    item it = std::move(s->q.front());
+    s->q.pop_front();
+    for (auto &r : it.touch)
+        protect(r.first, r.first + r.second, PROT_READ | PROT_WRITE);
+    it.run();
+    for (auto &r : it.touch)
+        protect(r.first, r.first + r.second, PROT_NONE);
+    return true;
+}
+
+/* Runs s's queued work up to sequence number upto, with what it waits for
+ * first. Device memory is opened once for all of it (each opening and
+ * closing is an mprotect of every mapped range), or only the ranges of a
+ * lone copy. */
 void flush(kvrt_sim_stream *s, uint64_t upto)
 {
+    if (s->q.empty() || s->q.front().seq > upto || flush_one_copy(s, upto))
+        return;
+    opener o;
     while (!s->q.empty() && s->q.front().seq <= upto) {
         item it = std::move(s->q.front());
         s->q.pop_front();
@@ -383,7 +429,7 @@ void flush(kvrt_sim_stream *s, uint64_t upto)
         } else if (!s->nonblocking) {
             flush(&g_legacy, it.seq);
         }
-        run_item(it);
+        it.run();
     }
 }
 
@@ -396,7 +442,7 @@ void flush_all()
 
 /* Queues fn on s (or records it into s's capture). */
 cudaError_t enqueue(cudaStream_t stream, std::function<void()> fn, uint64_t *seq = nullptr,
-                    std::shared_ptr<graph_data> *graph = nullptr)
+                    std::shared_ptr<graph_data> *graph = nullptr, ranges touch = ranges())
 {
     kvrt_sim_stream *s = resolve(stream);
     if (s->cap_status == cudaStreamCaptureStatusInvalidated)
@@ -417,7 +463,7 @@ cudaError_t enqueue(cudaStream_t stream, std::function<void()> fn, uint64_t *seq
             return cudaErrorStreamCaptureImplicit;
         }
     }
-    s->q.push_back(item{++g_seq, std::move(fn)});
+    s->q.push_back(item{++g_seq, std::move(fn), std::move(touch)});
     if (seq)
         *seq = g_seq;
     return cudaSuccess;
@@ -1598,12 +1644,18 @@ static cudaError_t memcpy_queue(void *dst, const void *src, size_t n, enum cudaM
         invalidate_captures();
         return ret(cudaErrorStreamCaptureUnsupported);
     }
+    ranges touch;
+    if (!host_dst)
+        touch.emplace_back((uintptr_t)dst, n);
+    if (!host_src)
+        touch.emplace_back((uintptr_t)src, n);
     if (host_src && !is_pinned((uintptr_t)src) && !blocking) {
         /* pageable source: CUDA stages it before returning */
         auto copy = std::make_shared<std::vector<char>>((const char *)src, (const char *)src + n);
-        SIM_TRY(enqueue(stream, [dst, copy]() { memcpy(dst, copy->data(), copy->size()); }));
+        SIM_TRY(enqueue(stream, [dst, copy]() { memcpy(dst, copy->data(), copy->size()); },
+                        nullptr, nullptr, touch));
     } else {
-        SIM_TRY(enqueue(stream, [dst, src, n]() { memcpy(dst, src, n); }));
+        SIM_TRY(enqueue(stream, [dst, src, n]() { memcpy(dst, src, n); }, nullptr, nullptr, touch));
     }
     if (blocking || (host_dst && !is_pinned((uintptr_t)dst)))
         flush(resolve(stream), UINT64_MAX);
@@ -1634,7 +1686,8 @@ static cudaError_t memset_queue(void *p, int value, size_t n, cudaStream_t strea
         return cudaSuccess;
     if (!dev_range_ok((uintptr_t)p, n))
         return ret(cudaErrorInvalidValue);
-    SIM_TRY(enqueue(stream, [p, value, n]() { memset(p, value, n); }));
+    SIM_TRY(enqueue(stream, [p, value, n]() { memset(p, value, n); }, nullptr, nullptr,
+                    ranges{{(uintptr_t)p, n}}));
     if (blocking)
         flush(resolve(stream), UINT64_MAX);
     return cudaSuccess;
@@ -1778,6 +1831,7 @@ static CUresult cu_mem_map(CUdeviceptr p, size_t size, size_t offset, CUmemGener
     void *m = mmap((void *)p, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
     if (m == MAP_FAILED)
         return CUDA_ERROR_OUT_OF_MEMORY;
+    huge_pages(m, size);
     memset(m, 0xff, size);
     mprotect(m, size, PROT_NONE);
     return CUDA_SUCCESS;
