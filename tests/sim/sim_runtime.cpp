@@ -248,8 +248,11 @@ void huge_pages(void *m, size_t len)
 #endif
 }
 
+void fault_handler_install();
+
 cudaError_t dev_alloc(void **p, size_t n)
 {
+    fault_handler_install(); /* so that a host access is reported from the first allocation on */
     size_t body = (n + kAllocAlign - 1) / kAllocAlign * kAllocAlign;
     if (body == 0)
         body = kAllocAlign;
@@ -645,12 +648,17 @@ void to_scheduler(worker *w, fiber *f, bool exiting)
     asan_finish(f->fake, &w->sched_bottom, &w->sched_size);
 }
 
+void where_buf(const worker *w, const fiber *f, char *buf, size_t size)
+{
+    snprintf(buf, size, "kernel %s (launched at %s:%d), block (%u,%u,%u), thread (%u,%u,%u)",
+             w->L->c.name, w->L->c.file, w->L->c.line, block_idx.x, block_idx.y, block_idx.z,
+             f->tid.x, f->tid.y, f->tid.z);
+}
+
 std::string where(const worker *w, const fiber *f)
 {
     char buf[512];
-    snprintf(buf, sizeof buf, "kernel %s (launched at %s:%d), block (%u,%u,%u), thread (%u,%u,%u)",
-             w->L->c.name, w->L->c.file, w->L->c.line, block_idx.x, block_idx.y, block_idx.z,
-             f->tid.x, f->tid.y, f->tid.z);
+    where_buf(w, f, buf, sizeof buf);
     return buf;
 }
 
@@ -767,9 +775,99 @@ void fiber_main()
     abort(); /* never resumed */
 }
 
+/* ---- faults: a SIGSEGV or SIGBUS in a kernel names the kernel, block and
+ * thread; one in host code on device memory names the allocation. Then the
+ * handler that was there before (ASan's, or the default) takes over. */
+
+struct sigaction g_old_segv, g_old_bus;
+
+/* What address a is, for a fault message. */
+void describe_address(const worker *w, uintptr_t a, char *buf, size_t size)
+{
+    const alloc_t *al = dev_find(a);
+    if (al != nullptr && al->kind == A_DEVICE && a >= al->ptr + al->n)
+        snprintf(buf, size, "%zu bytes past the end of a device allocation of %zu bytes at %#lx",
+                 (size_t)(a - (al->ptr + al->n)), al->n, (unsigned long)al->ptr);
+    else if (al != nullptr && al->kind == A_DEVICE && a < al->ptr)
+        snprintf(buf, size, "%zu bytes before a device allocation of %zu bytes at %#lx",
+                 (size_t)(al->ptr - a), al->n, (unsigned long)al->ptr);
+    else if (al != nullptr && al->kind == A_DEVICE)
+        snprintf(buf, size, "a device allocation of %zu bytes at %#lx", al->n, (unsigned long)al->ptr);
+    else if (al != nullptr)
+        snprintf(buf, size, "a reserved device range at %#lx (%s)", (unsigned long)al->ptr,
+                 a >= al->ptr && a < al->ptr + al->n ? "not mapped, or its access not set" : "outside it");
+    else if (w != nullptr && w->cur != nullptr && a < (uintptr_t)w->cur->stack &&
+             a + page_size() >= (uintptr_t)w->cur->stack)
+        snprintf(buf, size, "the guard page of the thread's stack (%zu KiB): a stack overflow",
+                 kStack >> 10);
+    else if (w != nullptr && a >= (uintptr_t)w->smem_end && a < (uintptr_t)w->smem_end + page_size())
+        snprintf(buf, size, "past the end of the launch's dynamic shared memory (%zu bytes)",
+                 w->L != nullptr ? w->L->c.smem : (size_t)0);
+    else
+        snprintf(buf, size, "not device memory");
+}
+
+void on_fault(int sig, siginfo_t *si, void *uc)
+{
+    const uintptr_t a = (uintptr_t)si->si_addr;
+    const worker *w = t_worker;
+    const bool in_kernel = w != nullptr && w->cur != nullptr && w->L != nullptr;
+    char what[256], at[512], msg[1024];
+    describe_address(w, a, what, sizeof what);
+    int n = 0;
+    if (in_kernel) {
+        where_buf(w, w->cur, at, sizeof at);
+        n = snprintf(msg, sizeof msg, "kvrt-sim: device memory fault (%s) at %#lx, %s, in %s\n",
+                     sig == SIGSEGV ? "SIGSEGV" : "SIGBUS", (unsigned long)a, what, at);
+    } else if (dev_find(a) != nullptr) {
+        n = snprintf(msg, sizeof msg,
+                     "kvrt-sim: host code touched device memory at %#lx, %s: only kernels and "
+                     "copies may (outside queued work, device memory is inaccessible)\n",
+                     (unsigned long)a, what);
+    }
+    if (n > 0)
+        (void)!write(2, msg, (size_t)std::min(n, (int)sizeof msg - 1));
+    const struct sigaction *old = sig == SIGSEGV ? &g_old_segv : &g_old_bus;
+    if ((old->sa_flags & SA_SIGINFO) != 0 && old->sa_sigaction != nullptr) {
+        old->sa_sigaction(sig, si, uc);
+        return;
+    }
+    if (old->sa_handler != SIG_DFL && old->sa_handler != SIG_IGN) {
+        old->sa_handler(sig);
+        return;
+    }
+    signal(sig, SIG_DFL); /* the access repeats and ends the process */
+}
+
+/* Installs on_fault once; gives the calling thread an alternate signal
+ * stack, so that a fiber's stack overflow is reported too. */
+void fault_handler_install()
+{
+    static std::once_flag once;
+    std::call_once(once, [] {
+        struct sigaction sa;
+        memset(&sa, 0, sizeof sa);
+        sa.sa_sigaction = on_fault;
+        sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+        sigemptyset(&sa.sa_mask);
+        sigaction(SIGSEGV, &sa, &g_old_segv);
+        sigaction(SIGBUS, &sa, &g_old_bus);
+    });
+    stack_t cur;
+    if (sigaltstack(nullptr, &cur) == 0 && (cur.ss_flags & SS_DISABLE) == 0)
+        return; /* one is set (ASan's, or ours) */
+    stack_t ss;
+    ss.ss_size = (size_t)64 << 10;
+    ss.ss_sp = mmap(NULL, ss.ss_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    ss.ss_flags = 0;
+    if (ss.ss_sp != MAP_FAILED)
+        sigaltstack(&ss, nullptr);
+}
+
 worker *get_worker()
 {
     if (t_worker == nullptr) {
+        fault_handler_install();
         worker *w = new worker();
         size_t guard = page_size();
         size_t len = page_up(kMaxSmem) + guard;
@@ -1016,8 +1114,8 @@ uint64_t collective(int kind, unsigned long long mask, uint64_t value, int arg, 
             if (((lanes >> l) & 1ull) && w->fibers[first + l]->state != F_DONE)
                 mask |= 1ull << l;
     }
-    if (W < 64)
-        mask &= (1ull << W) - 1ull;
+    if constexpr (W < 64)
+        mask &= (1ull << (W % 64)) - 1ull;
     if (width <= 0 || width > W || (width & (width - 1)) != 0) {
         fail(w, f, "%s at %s:%d: width %d is not a power of two up to %d", kind_name(kind), file,
              line, width, W);
