@@ -1075,6 +1075,9 @@ void execute(const launch_t *L)
 /* Device side                                                         */
 /* ------------------------------------------------------------------ */
 
+/* Call sites' file names are literals: the same pointer, nearly always. */
+static bool same_file(const char *a, const char *b) { return a == b || strcmp(a, b) == 0; }
+
 void syncthreads(const char *file, int line)
 {
     worker *w = t_worker;
@@ -1083,7 +1086,7 @@ void syncthreads(const char *file, int line)
         fprintf(stderr, "kvrt-sim: __syncthreads outside a kernel (%s:%d)\n", file, line);
         abort();
     }
-    if (w->bar_file != nullptr && (w->bar_line != line || strcmp(w->bar_file, file) != 0)) {
+    if (w->bar_file != nullptr && (w->bar_line != line || !same_file(w->bar_file, file))) {
         fail(w, f, "threads wait at different barriers: this one at %s:%d, others at %s:%d", file,
              line, w->bar_file, w->bar_line);
     } else {
@@ -1134,7 +1137,7 @@ uint64_t collective(int kind, unsigned long long mask, uint64_t value, int arg, 
         fiber *g = w->fibers[first + l].get();
         if (g->state != F_COLL || !(((mask >> l) & 1ull) || ((g->cmask >> lane) & 1ull)))
             continue;
-        if (g->ckind != kind || g->cmask != mask || g->line != line || strcmp(g->file, file) != 0) {
+        if (g->ckind != kind || g->cmask != mask || g->line != line || !same_file(g->file, file)) {
             fail(w, f, "lanes of one mask reach different warp collectives: lane %d at %s %s:%d "
                        "(mask %#llx), lane %d at %s %s:%d (mask %#llx)",
                  lane, kind_name(kind), file, line, mask, l, kind_name(g->ckind), g->file,
