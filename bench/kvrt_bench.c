@@ -1621,6 +1621,8 @@ int main(int argc, char **argv)
 #endif
     printf("kvrt %s bench on %s, %d OpenMP thread%s, caches >= %ld MiB, median of %d runs\n",
            kvrt_version_string(), desc, threads, threads == 1 ? "" : "s", size_mib, b.runs);
+    if (strstr(desc, "kvrt-sim") != NULL)
+        printf("kvrt-sim runs the GPU code on the CPU: these times are no GPU's speed figures\n");
     for (int k = 0; k < N_OPS; k++)
         if (selected[k])
             ops[k].fn(&b);

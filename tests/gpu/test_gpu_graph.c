@@ -193,6 +193,29 @@ static kvrt_status edits(kvrt_cache *cache, kvrt_batch *batch, const inputs *sec
 /* The backend of modes 1 and 2 (the CPU for the self-check). */
 static kvrt_backend device_backend = TEST_BACKEND;
 
+/* `sync-in-capture`: a call that waits for the stream, made inside the
+ * capture after the edits, which must fail and invalidate the capture. */
+enum { SYNC_NONE, SYNC_CACHE, SYNC_GATHER, SYNC_N };
+static int sync_inside = SYNC_NONE;
+static const char *const sync_names[SYNC_N] = {"none", "kvrt_cache_sync", "kvrt_gather"};
+
+/* Makes the synchronizing call `sync_inside` on a capturing stream: it must
+ * fail with KVRT_ERR_DEVICE. */
+static void sync_under_capture(kvrt_cache *cache, void *stream)
+{
+    kvrt_status st = KVRT_OK;
+    if (sync_inside == SYNC_CACHE) {
+        st = kvrt_cache_sync(cache);
+    } else {
+        uint16_t k[MAX_ROWS * 64];
+        int32_t pos[MAX_ROWS];
+        int64_t n = 0;
+        st = kvrt_gather(cache, 0, 0, 0, -1, k, NULL, pos, MAX_ROWS, &n, stream);
+    }
+    CHECK(st == KVRT_ERR_DEVICE, "%s under capture: %s (%s), want KVRT_ERR_DEVICE",
+          sync_names[sync_inside], kvrt_status_name(st), kvrt_last_error());
+}
+
 /* mode 0: CPU; 1: device, direct; 2: device, captured and replayed. */
 static void run(int mode, snapshot *out)
 {
@@ -247,9 +270,18 @@ static void run(int mode, snapshot *out)
         if (err == cudaSuccess) {
             st = edits(cache, batch, &second, (void *)stream);
             CHECK(st == KVRT_OK, "edits under capture: %s", kvrt_last_error());
+            if (sync_inside != SYNC_NONE)
+                sync_under_capture(cache, (void *)stream);
             err = cudaStreamEndCapture(stream, &graph);
-            CHECK(err == cudaSuccess, "cudaStreamEndCapture (did an edit synchronize?): %s",
-                  cudaGetErrorString(err));
+            if (sync_inside != SYNC_NONE) {
+                CHECK(err == cudaErrorStreamCaptureInvalidated && graph == NULL,
+                      "cudaStreamEndCapture after %s: %s, want the capture invalidated",
+                      sync_names[sync_inside], cudaGetErrorString(err));
+                st = KVRT_ERR_DEVICE; /* nothing was replayed: no snapshot */
+            } else {
+                CHECK(err == cudaSuccess, "cudaStreamEndCapture (did an edit synchronize?): %s",
+                      cudaGetErrorString(err));
+            }
         }
         if (st == KVRT_OK && err == cudaSuccess) {
 #if defined(KVRT_GPU_IS_HIP)
@@ -272,6 +304,16 @@ static void run(int mode, snapshot *out)
             (void)cudaGraphDestroy(graph);
         if (err != cudaSuccess && st == KVRT_OK)
             st = KVRT_ERR_DEVICE;
+        if (sync_inside != SYNC_NONE) {
+            (void)cudaGetLastError();
+            st = KVRT_ERR_DEVICE;
+        }
+    }
+    /* The outputs were written on the cache's stream, which does not order
+     * against the legacy stream of the copies below. */
+    if (st == KVRT_OK) {
+        st = kvrt_cache_sync(cache);
+        CHECK(st == KVRT_OK, "mode %d: kvrt_cache_sync: %s", mode, kvrt_last_error());
     }
     for (int l = 0; l < N_LAYERS && st == KVRT_OK; l++) {
         size_t bytes = (size_t)(SECOND * out_dim(l) * q_heads[l]) * sizeof(float);
@@ -350,16 +392,28 @@ static void compare(const snapshot *cpu, const snapshot *dev, const char *what)
     }
 }
 
-/* Usage: test_gpu_graph [cpu]. "cpu" runs the scenario on the CPU backend
- * twice, without capture, which checks the test where there is no device. */
+/* Usage: test_gpu_graph [cpu | sync-in-capture]. "cpu" runs the scenario
+ * on the CPU backend twice, without capture, which checks the test where
+ * there is no device. "sync-in-capture" adds, inside the capture, each call
+ * that waits for the stream (kvrt_cache_sync, a kvrt_gather to host memory)
+ * and passes when each fails and the capture ends invalidated. */
 int main(int argc, char **argv)
 {
     int selfcheck = argc > 1 && strcmp(argv[1], "cpu") == 0;
+    int sync_check = argc > 1 && strcmp(argv[1], "sync-in-capture") == 0;
     if (selfcheck)
         device_backend = KVRT_BACKEND_CPU;
     if (kvrt_device_count(device_backend) == 0) {
         printf("test_gpu_graph: no %s device, skipped\n", kvrt_backend_name(device_backend));
         return GPU_TEST_SKIP;
+    }
+    if (sync_check) {
+        for (sync_inside = SYNC_CACHE; sync_inside < SYNC_N; sync_inside++) {
+            snapshot s;
+            run(2, &s);
+            snapshot_free(&s);
+        }
+        return gpu_test_result("test_gpu_graph sync-in-capture");
     }
     snapshot cpu, direct, captured;
     run(0, &cpu);

@@ -1,6 +1,6 @@
 /*
  * kvrt_sim_device.h: the device side of kvrt-sim for kernels compiled as
- * C++17 (kernels/*.cu through tests/sim/kernel.cpp.in): CUDA's qualifiers,
+ * C++17 (each kernels/NAME.cu through tests/sim/kernel.cpp.in): CUDA's qualifiers,
  * vector types, built-in indices, barriers, warp collectives, atomics and
  * fences, over the fiber scheduler of tests/sim/sim_runtime.cpp.
  *

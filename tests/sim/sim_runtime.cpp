@@ -235,8 +235,24 @@ struct opener {
     }
 };
 
+/* Asks for transparent huge pages where a mapping spans whole 2 MiB pages:
+ * opening and closing device memory (mprotect, at every flush) then
+ * changes one entry per 2 MiB instead of 512. */
+void huge_pages(void *m, size_t len)
+{
+#if defined(MADV_HUGEPAGE)
+    if (len >= kGranularity)
+        (void)madvise(m, len, MADV_HUGEPAGE);
+#else
+    (void)m, (void)len;
+#endif
+}
+
+void fault_handler_install();
+
 cudaError_t dev_alloc(void **p, size_t n)
 {
+    fault_handler_install(); /* so that a host access is reported from the first allocation on */
     size_t body = (n + kAllocAlign - 1) / kAllocAlign * kAllocAlign;
     if (body == 0)
         body = kAllocAlign;
@@ -251,6 +267,7 @@ cudaError_t dev_alloc(void **p, size_t n)
     a.map_len = len;
     a.ptr = a.map_lo + pages - body;
     a.n = n;
+    huge_pages(m, len);
     protect(a.ptr, a.ptr + body, PROT_READ | PROT_WRITE);
     memset((void *)a.ptr, 0xff, body); /* what fresh device memory holds: not zeros */
     if (g_open_depth == 0)
@@ -268,9 +285,12 @@ void dev_release(alloc_t *a)
 
 /* ---- streams, events, graphs ---- */
 
+/* Device ranges a queued copy or memset touches (empty for a kernel). */
+using ranges = std::vector<std::pair<uintptr_t, size_t>>;
 struct item {
     uint64_t seq;
     std::function<void()> run;
+    ranges touch;
 };
 struct graph_data {
     std::vector<std::function<void()>> items;
@@ -364,18 +384,42 @@ cudaError_t unsafe_call()
     return cudaErrorStreamCaptureUnsupported;
 }
 
-void run_item(item &it)
+bool pending_before(const kvrt_sim_stream *s, uint64_t seq)
 {
-    opener o;
-    it.run();
+    return !s->q.empty() && s->q.front().seq < seq;
 }
 
-/* Runs s's queued work up to sequence number upto, with what it waits for first. */
+/* Runs the work of a flush that is one copy or memset waiting for nothing,
+ * opening only the device ranges it touches; false when the flush is more. */
+bool flush_one_copy(kvrt_sim_stream *s, uint64_t upto)
+{
+    if (g_open_depth > 0 || s->q.front().touch.empty() || (s->q.size() > 1 && s->q[1].seq <= upto))
+        return false;
+    const uint64_t seq = s->q.front().seq;
+    if (s == &g_legacy) {
+        for (auto *b : g_streams)
+            if (!b->nonblocking && pending_before(b, seq))
+                return false;
+    } else if (!s->nonblocking && pending_before(&g_legacy, seq)) {
+        return false;
+    }
+    item it = std::move(s->q.front());
+    s->q.pop_front();
+    for (auto &r : it.touch)
+        protect(r.first, r.first + r.second, PROT_READ | PROT_WRITE);
+    it.run();
+    for (auto &r : it.touch)
+        protect(r.first, r.first + r.second, PROT_NONE);
+    return true;
+}
+
+/* Runs s's queued work up to sequence number upto, with what it waits for
+ * first. Device memory is opened once for all of it (each opening and
+ * closing is an mprotect of every mapped range), or only the ranges of a
+ * lone copy. */
 void flush(kvrt_sim_stream *s, uint64_t upto)
 {
-    /* device memory opened once for the whole run of items, not per item
-     * (each opening changes the protection of every allocation) */
-    if (s->q.empty() || s->q.front().seq > upto)
+    if (s->q.empty() || s->q.front().seq > upto || flush_one_copy(s, upto))
         return;
     opener o;
     while (!s->q.empty() && s->q.front().seq <= upto) {
@@ -388,7 +432,7 @@ void flush(kvrt_sim_stream *s, uint64_t upto)
         } else if (!s->nonblocking) {
             flush(&g_legacy, it.seq);
         }
-        run_item(it);
+        it.run();
     }
 }
 
@@ -401,7 +445,7 @@ void flush_all()
 
 /* Queues fn on s (or records it into s's capture). */
 cudaError_t enqueue(cudaStream_t stream, std::function<void()> fn, uint64_t *seq = nullptr,
-                    std::shared_ptr<graph_data> *graph = nullptr)
+                    std::shared_ptr<graph_data> *graph = nullptr, ranges touch = ranges())
 {
     kvrt_sim_stream *s = resolve(stream);
     if (s->cap_status == cudaStreamCaptureStatusInvalidated)
@@ -422,7 +466,7 @@ cudaError_t enqueue(cudaStream_t stream, std::function<void()> fn, uint64_t *seq
             return cudaErrorStreamCaptureImplicit;
         }
     }
-    s->q.push_back(item{++g_seq, std::move(fn)});
+    s->q.push_back(item{++g_seq, std::move(fn), std::move(touch)});
     if (seq)
         *seq = g_seq;
     return cudaSuccess;
@@ -604,12 +648,17 @@ void to_scheduler(worker *w, fiber *f, bool exiting)
     asan_finish(f->fake, &w->sched_bottom, &w->sched_size);
 }
 
+void where_buf(const worker *w, const fiber *f, char *buf, size_t size)
+{
+    snprintf(buf, size, "kernel %s (launched at %s:%d), block (%u,%u,%u), thread (%u,%u,%u)",
+             w->L->c.name, w->L->c.file, w->L->c.line, block_idx.x, block_idx.y, block_idx.z,
+             f->tid.x, f->tid.y, f->tid.z);
+}
+
 std::string where(const worker *w, const fiber *f)
 {
     char buf[512];
-    snprintf(buf, sizeof buf, "kernel %s (launched at %s:%d), block (%u,%u,%u), thread (%u,%u,%u)",
-             w->L->c.name, w->L->c.file, w->L->c.line, block_idx.x, block_idx.y, block_idx.z,
-             f->tid.x, f->tid.y, f->tid.z);
+    where_buf(w, f, buf, sizeof buf);
     return buf;
 }
 
@@ -726,9 +775,99 @@ void fiber_main()
     abort(); /* never resumed */
 }
 
+/* ---- faults: a SIGSEGV or SIGBUS in a kernel names the kernel, block and
+ * thread; one in host code on device memory names the allocation. Then the
+ * handler that was there before (ASan's, or the default) takes over. */
+
+struct sigaction g_old_segv, g_old_bus;
+
+/* What address a is, for a fault message. */
+void describe_address(const worker *w, uintptr_t a, char *buf, size_t size)
+{
+    const alloc_t *al = dev_find(a);
+    if (al != nullptr && al->kind == A_DEVICE && a >= al->ptr + al->n)
+        snprintf(buf, size, "%zu bytes past the end of a device allocation of %zu bytes at %#lx",
+                 (size_t)(a - (al->ptr + al->n)), al->n, (unsigned long)al->ptr);
+    else if (al != nullptr && al->kind == A_DEVICE && a < al->ptr)
+        snprintf(buf, size, "%zu bytes before a device allocation of %zu bytes at %#lx",
+                 (size_t)(al->ptr - a), al->n, (unsigned long)al->ptr);
+    else if (al != nullptr && al->kind == A_DEVICE)
+        snprintf(buf, size, "a device allocation of %zu bytes at %#lx", al->n, (unsigned long)al->ptr);
+    else if (al != nullptr)
+        snprintf(buf, size, "a reserved device range at %#lx (%s)", (unsigned long)al->ptr,
+                 a >= al->ptr && a < al->ptr + al->n ? "not mapped, or its access not set" : "outside it");
+    else if (w != nullptr && w->cur != nullptr && a < (uintptr_t)w->cur->stack &&
+             a + page_size() >= (uintptr_t)w->cur->stack)
+        snprintf(buf, size, "the guard page of the thread's stack (%zu KiB): a stack overflow",
+                 kStack >> 10);
+    else if (w != nullptr && a >= (uintptr_t)w->smem_end && a < (uintptr_t)w->smem_end + page_size())
+        snprintf(buf, size, "past the end of the launch's dynamic shared memory (%zu bytes)",
+                 w->L != nullptr ? w->L->c.smem : (size_t)0);
+    else
+        snprintf(buf, size, "not device memory");
+}
+
+void on_fault(int sig, siginfo_t *si, void *uc)
+{
+    const uintptr_t a = (uintptr_t)si->si_addr;
+    const worker *w = t_worker;
+    const bool in_kernel = w != nullptr && w->cur != nullptr && w->L != nullptr;
+    char what[256], at[512], msg[1024];
+    describe_address(w, a, what, sizeof what);
+    int n = 0;
+    if (in_kernel) {
+        where_buf(w, w->cur, at, sizeof at);
+        n = snprintf(msg, sizeof msg, "kvrt-sim: device memory fault (%s) at %#lx, %s, in %s\n",
+                     sig == SIGSEGV ? "SIGSEGV" : "SIGBUS", (unsigned long)a, what, at);
+    } else if (dev_find(a) != nullptr) {
+        n = snprintf(msg, sizeof msg,
+                     "kvrt-sim: host code touched device memory at %#lx, %s: only kernels and "
+                     "copies may (outside queued work, device memory is inaccessible)\n",
+                     (unsigned long)a, what);
+    }
+    if (n > 0)
+        (void)!write(2, msg, (size_t)std::min(n, (int)sizeof msg - 1));
+    const struct sigaction *old = sig == SIGSEGV ? &g_old_segv : &g_old_bus;
+    if ((old->sa_flags & SA_SIGINFO) != 0 && old->sa_sigaction != nullptr) {
+        old->sa_sigaction(sig, si, uc);
+        return;
+    }
+    if (old->sa_handler != SIG_DFL && old->sa_handler != SIG_IGN) {
+        old->sa_handler(sig);
+        return;
+    }
+    signal(sig, SIG_DFL); /* the access repeats and ends the process */
+}
+
+/* Installs on_fault once; gives the calling thread an alternate signal
+ * stack, so that a fiber's stack overflow is reported too. */
+void fault_handler_install()
+{
+    static std::once_flag once;
+    std::call_once(once, [] {
+        struct sigaction sa;
+        memset(&sa, 0, sizeof sa);
+        sa.sa_sigaction = on_fault;
+        sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+        sigemptyset(&sa.sa_mask);
+        sigaction(SIGSEGV, &sa, &g_old_segv);
+        sigaction(SIGBUS, &sa, &g_old_bus);
+    });
+    stack_t cur;
+    if (sigaltstack(nullptr, &cur) == 0 && (cur.ss_flags & SS_DISABLE) == 0)
+        return; /* one is set (ASan's, or ours) */
+    stack_t ss;
+    ss.ss_size = (size_t)64 << 10;
+    ss.ss_sp = mmap(NULL, ss.ss_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    ss.ss_flags = 0;
+    if (ss.ss_sp != MAP_FAILED)
+        sigaltstack(&ss, nullptr);
+}
+
 worker *get_worker()
 {
     if (t_worker == nullptr) {
+        fault_handler_install();
         worker *w = new worker();
         size_t guard = page_size();
         size_t len = page_up(kMaxSmem) + guard;
@@ -936,6 +1075,9 @@ void execute(const launch_t *L)
 /* Device side                                                         */
 /* ------------------------------------------------------------------ */
 
+/* Call sites' file names are literals: the same pointer, nearly always. */
+static bool same_file(const char *a, const char *b) { return a == b || strcmp(a, b) == 0; }
+
 void syncthreads(const char *file, int line)
 {
     worker *w = t_worker;
@@ -944,7 +1086,7 @@ void syncthreads(const char *file, int line)
         fprintf(stderr, "kvrt-sim: __syncthreads outside a kernel (%s:%d)\n", file, line);
         abort();
     }
-    if (w->bar_file != nullptr && (w->bar_line != line || strcmp(w->bar_file, file) != 0)) {
+    if (w->bar_file != nullptr && (w->bar_line != line || !same_file(w->bar_file, file))) {
         fail(w, f, "threads wait at different barriers: this one at %s:%d, others at %s:%d", file,
              line, w->bar_file, w->bar_line);
     } else {
@@ -975,8 +1117,8 @@ uint64_t collective(int kind, unsigned long long mask, uint64_t value, int arg, 
             if (((lanes >> l) & 1ull) && w->fibers[first + l]->state != F_DONE)
                 mask |= 1ull << l;
     }
-    if (W < 64)
-        mask &= (1ull << W) - 1ull;
+    if constexpr (W < 64)
+        mask &= (1ull << (W % 64)) - 1ull;
     if (width <= 0 || width > W || (width & (width - 1)) != 0) {
         fail(w, f, "%s at %s:%d: width %d is not a power of two up to %d", kind_name(kind), file,
              line, width, W);
@@ -995,7 +1137,7 @@ uint64_t collective(int kind, unsigned long long mask, uint64_t value, int arg, 
         fiber *g = w->fibers[first + l].get();
         if (g->state != F_COLL || !(((mask >> l) & 1ull) || ((g->cmask >> lane) & 1ull)))
             continue;
-        if (g->ckind != kind || g->cmask != mask || g->line != line || strcmp(g->file, file) != 0) {
+        if (g->ckind != kind || g->cmask != mask || g->line != line || !same_file(g->file, file)) {
             fail(w, f, "lanes of one mask reach different warp collectives: lane %d at %s %s:%d "
                        "(mask %#llx), lane %d at %s %s:%d (mask %#llx)",
                  lane, kind_name(kind), file, line, mask, l, kind_name(g->ckind), g->file,
@@ -1277,9 +1419,12 @@ static cudaError_t stream_known(cudaStream_t s)
     return s == nullptr || g_streams.count(s) ? cudaSuccess : cudaErrorInvalidResourceHandle;
 }
 
-cudaError_t cudaStreamSynchronize(cudaStream_t stream)
+/* cudaStreamSynchronize and cudaStreamQuery: the host looks at the stream,
+ * so its work runs now (a query therefore always finds it complete); both
+ * are prohibited on a capturing stream and, per the capture mode, while
+ * another stream captures. */
+static cudaError_t stream_wait(cudaStream_t stream)
 {
-    SIM_ENTER();
     SIM_TRY(stream_known(stream));
     if (capturing(stream)) {
         invalidate_captures();
@@ -1290,17 +1435,16 @@ cudaError_t cudaStreamSynchronize(cudaStream_t stream)
     return g_sticky.load() != 0 ? ret((cudaError_t)g_sticky.load()) : cudaSuccess;
 }
 
+cudaError_t cudaStreamSynchronize(cudaStream_t stream)
+{
+    SIM_ENTER();
+    return stream_wait(stream);
+}
+
 cudaError_t cudaStreamQuery(cudaStream_t stream)
 {
     SIM_ENTER();
-    SIM_TRY(stream_known(stream));
-    if (capturing(stream)) {
-        invalidate_captures();
-        return ret(cudaErrorStreamCaptureUnsupported);
-    }
-    SIM_TRY(unsafe_call());
-    flush(resolve(stream), UINT64_MAX);
-    return cudaSuccess;
+    return stream_wait(stream);
 }
 
 cudaError_t cudaStreamIsCapturing(cudaStream_t stream, enum cudaStreamCaptureStatus *status)
@@ -1601,12 +1745,18 @@ static cudaError_t memcpy_queue(void *dst, const void *src, size_t n, enum cudaM
         invalidate_captures();
         return ret(cudaErrorStreamCaptureUnsupported);
     }
+    ranges touch;
+    if (!host_dst)
+        touch.emplace_back((uintptr_t)dst, n);
+    if (!host_src)
+        touch.emplace_back((uintptr_t)src, n);
     if (host_src && !is_pinned((uintptr_t)src) && !blocking) {
         /* pageable source: CUDA stages it before returning */
         auto copy = std::make_shared<std::vector<char>>((const char *)src, (const char *)src + n);
-        SIM_TRY(enqueue(stream, [dst, copy]() { memcpy(dst, copy->data(), copy->size()); }));
+        SIM_TRY(enqueue(stream, [dst, copy]() { memcpy(dst, copy->data(), copy->size()); },
+                        nullptr, nullptr, touch));
     } else {
-        SIM_TRY(enqueue(stream, [dst, src, n]() { memcpy(dst, src, n); }));
+        SIM_TRY(enqueue(stream, [dst, src, n]() { memcpy(dst, src, n); }, nullptr, nullptr, touch));
     }
     if (blocking || (host_dst && !is_pinned((uintptr_t)dst)))
         flush(resolve(stream), UINT64_MAX);
@@ -1637,7 +1787,8 @@ static cudaError_t memset_queue(void *p, int value, size_t n, cudaStream_t strea
         return cudaSuccess;
     if (!dev_range_ok((uintptr_t)p, n))
         return ret(cudaErrorInvalidValue);
-    SIM_TRY(enqueue(stream, [p, value, n]() { memset(p, value, n); }));
+    SIM_TRY(enqueue(stream, [p, value, n]() { memset(p, value, n); }, nullptr, nullptr,
+                    ranges{{(uintptr_t)p, n}}));
     if (blocking)
         flush(resolve(stream), UINT64_MAX);
     return cudaSuccess;
@@ -1781,6 +1932,7 @@ static CUresult cu_mem_map(CUdeviceptr p, size_t size, size_t offset, CUmemGener
     void *m = mmap((void *)p, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
     if (m == MAP_FAILED)
         return CUDA_ERROR_OUT_OF_MEMORY;
+    huge_pages(m, size);
     memset(m, 0xff, size);
     mprotect(m, size, PROT_NONE);
     return CUDA_SUCCESS;
