@@ -45,9 +45,14 @@
  * twin skips zero weights. K/V tiles are loaded with plain 16-byte loads
  * behind tile_copy16, the one place to switch to cp.async.
  *
- * Registers and shared memory (nvcc 13.0, -Xptxas -v; sm_90a / sm_80):
- *   see the table at the end of this comment, updated with each change.
- *   <ptxas>
+ * Registers and static shared memory per CTA of 128 threads (nvcc 13.0,
+ * -O3 -Xptxas -v; the same for f16 and bf16; no stack, no spills):
+ *   head dim   keys/tile   sm_90a regs   sm_80 regs   shared memory
+ *      64          64          161           157        37888 bytes
+ *      96          32          165           165        27392 bytes
+ *     128          32          172           167        35584 bytes
+ * so 2 CTAs (8 warps) per SM at 172 registers; hipcc compiles the portable
+ * tensor-core path (gfx90a, gfx1030).
  */
 #include "gpu_common.cuh"
 
@@ -115,6 +120,30 @@ __device__ inline bool pf_may_see(int32_t kp, int64_t qmin, int64_t qmax, int ca
 {
     return kp != kNoKey && qmin <= qmax && (!causal || kp <= qmax) &&
            (window <= 0 || kp > qmin - window);
+}
+
+/* A lane's outputs of its two rows: o * inv (inv NaN: NaN, 0: zeros) in
+ * dtype OUT, pairs of elements at at_lo + 8 dn and at_hi + 8 dn. */
+template <int OUT, int DN>
+__device__ inline void store_rows(void *out, const float (&o)[DN][4], bool act_lo, int64_t at_lo,
+                                  float inv_lo, bool act_hi, int64_t at_hi, float inv_hi)
+{
+#pragma unroll
+    for (int dn = 0; dn < DN; dn++)
+#pragma unroll
+        for (int half = 0; half < 2; half++) {
+            if (!(half ? act_hi : act_lo))
+                continue;
+            const float inv = half ? inv_hi : inv_lo;
+            /* inv NaN: a visible NaN logit; inv 0: no visible key, o is 0 */
+            const float x0 = inv == 0.0f ? 0.0f : o[dn][2 * half] * inv;
+            const float x1 = inv == 0.0f ? 0.0f : o[dn][2 * half + 1] * inv;
+            const int64_t at = (half ? at_hi : at_lo) + dn * 8;
+            if (OUT == KVRT_LAYOUT_F32)
+                *reinterpret_cast<float2 *>(static_cast<float *>(out) + at) = make_float2(x0, x1);
+            else
+                *reinterpret_cast<uint32_t *>(static_cast<uint16_t *>(out) + at) = pack_pair<OUT>(x0, x1);
+        }
 }
 
 template <int DT, int D>
@@ -322,18 +351,16 @@ __global__ void __launch_bounds__(kPfThreads)
             l_lo += KVRT_SHFL_XOR(l_lo, off);
             l_hi += KVRT_SHFL_XOR(l_hi, off);
         }
-#pragma unroll
-        for (int dn = 0; dn < DN; dn++)
-#pragma unroll
-            for (int i = 0; i < 4; i++) {
-                const bool lo = i < 2;
-                if (!(lo ? act_lo : act_hi))
-                    continue;
-                const float l = lo ? l_lo : l_hi;
-                const float out = l != l ? NAN : l > 0.0f ? o[dn][i] / l : 0.0f;
-                const int64_t row = (int64_t)(c0 + (lo ? r_lo : r_hi)) * op.n_q_heads + head;
-                kvrt_store(op.out, op.out_dtype, row * D + dn * 8 + 2 * t + i % 2, out);
-            }
+        const float inv_lo = l_lo != l_lo ? NAN : l_lo > 0.0f ? 1.0f / l_lo : 0.0f;
+        const float inv_hi = l_hi != l_hi ? NAN : l_hi > 0.0f ? 1.0f / l_hi : 0.0f;
+        const int64_t at_lo = ((int64_t)(c0 + r_lo) * op.n_q_heads + head) * D + 2 * t;
+        const int64_t at_hi = ((int64_t)(c0 + r_hi) * op.n_q_heads + head) * D + 2 * t;
+        if (op.out_dtype == KVRT_LAYOUT_F32)
+            store_rows<KVRT_LAYOUT_F32, DN>(op.out, o, act_lo, at_lo, inv_lo, act_hi, at_hi, inv_hi);
+        else if (op.out_dtype == KVRT_LAYOUT_F16)
+            store_rows<KVRT_LAYOUT_F16, DN>(op.out, o, act_lo, at_lo, inv_lo, act_hi, at_hi, inv_hi);
+        else
+            store_rows<KVRT_LAYOUT_BF16, DN>(op.out, o, act_lo, at_lo, inv_lo, act_hi, at_hi, inv_hi);
         run0 = run1;
     }
 }
@@ -366,7 +393,8 @@ extern "C" int KVRT_GPU_FN(attention_prefill_supports)(const kvrt_attention_op *
            op->q_dtype == L.dtype && L.dim_v == dim && op->dim_v == dim &&
            (dim == 64 || dim == 96 || dim == 128) && L.n_heads > 0 && op->n_q_heads > 0 &&
            op->n_q_heads % L.n_heads == 0 && op->n_q_heads <= 65535 && op->n_tokens > 0 &&
-           aligned_to(op->q, 4) && aligned_to(op->layer.k, 16) && aligned_to(op->layer.v, 16);
+           aligned_to(op->q, 4) && aligned_to(op->out, 8) && aligned_to(op->layer.k, 16) &&
+           aligned_to(op->layer.v, 16);
 }
 
 extern "C" cudaError_t KVRT_GPU_FN(launch_attention_prefill)(const kvrt_attention_op *op,
