@@ -911,72 +911,45 @@ static void test_mem_kind(void)
  * first, in every case) and one with NaN queries. */
 static void test_attention_prefill(rng *r)
 {
-    attn_case c;
-    memset(&c, 0, sizeof c);
-    c.causal = 1;
-    /* Llama-like heads, GQA 4, page 16, two chunks per sequence */
-    c.L = layout_attn(2, 128, 128, 16, KVRT_LAYOUT_F16, 128);
-    c.dim_v = 128;
-    c.n_blocks = 64;
-    c.n_seqs = 2;
-    c.max_seq_blocks = 20;
-    c.tokens_per_seq = 70;
-    c.n_q_heads = 8;
-    c.q_dtype = c.out_dtype = KVRT_LAYOUT_F16;
-    test_attention(r, c);
-    /* bf16, MHA, one slot per block over hundreds of blocks, a window */
-    c.L = layout_attn(2, 64, 64, 1, KVRT_LAYOUT_BF16, 64);
-    c.dim_v = 64;
-    c.n_blocks = 1024;
-    c.max_seq_blocks = 300;
-    c.tokens_per_seq = 24;
-    c.n_q_heads = 2;
-    c.window = 50;
-    c.q_dtype = c.L.dtype;
-    c.out_dtype = KVRT_LAYOUT_F32;
-    test_attention(r, c);
-    /* head dim 96, GQA 8, page 64, soft-cap, a ragged batch, NaN queries */
-    c.L = layout_attn(1, 96, 96, 64, KVRT_LAYOUT_F16, 96);
-    c.dim_v = 96;
-    c.n_blocks = 24;
-    c.n_seqs = 5;
-    c.max_seq_blocks = 4;
-    c.tokens_per_seq = 14;
-    c.n_q_heads = 8;
-    c.window = 0;
-    c.softcap = 30.0f;
-    c.ragged = 1;
-    c.nan_q = 1;
-    c.q_dtype = c.L.dtype;
-    c.out_dtype = KVRT_LAYOUT_BF16;
-    test_attention(r, c);
-    /* page 256, bf16, a window inside the context */
-    c.L = layout_attn(1, 128, 128, 256, KVRT_LAYOUT_BF16, 128);
-    c.dim_v = 128;
-    c.n_blocks = 6;
-    c.n_seqs = 2;
-    c.max_seq_blocks = 3;
-    c.tokens_per_seq = 40;
-    c.n_q_heads = 1;
-    c.softcap = 0;
-    c.ragged = 0;
-    c.nan_q = 0;
-    c.window = 300;
-    c.q_dtype = c.out_dtype = c.L.dtype;
-    test_attention(r, c);
-    /* cross-attention: no positions, every used slot visible */
-    c.L = layout_attn(2, 64, 64, 128, KVRT_LAYOUT_F16, 0);
-    c.dim_v = 64;
-    c.n_blocks = 3;
-    c.n_seqs = 3;
-    c.max_seq_blocks = 1;
-    c.tokens_per_seq = 20;
-    c.n_q_heads = 8;
-    c.window = 0;
-    c.causal = 0;
-    c.ragged = 1;
-    c.q_dtype = c.out_dtype = c.L.dtype;
-    test_attention(r, c);
+    static const struct {
+        int32_t kv_heads, dim, block_size, dtype, n_blocks, n_seqs, max_seq_blocks;
+        int32_t tokens_per_seq, n_q_heads, window, causal, ragged, nan_q, out_dtype;
+        float   softcap;
+        const char *what;
+    } grid[] = {
+        {2, 128, 16, KVRT_LAYOUT_F16, 64, 2, 20, 70, 8, 0, 1, 0, 0, KVRT_LAYOUT_F16, 0,
+         "Llama-like heads, GQA 4, page 16, two chunks per sequence"},
+        {2, 64, 1, KVRT_LAYOUT_BF16, 1024, 2, 300, 24, 2, 50, 1, 0, 0, KVRT_LAYOUT_F32, 0,
+         "MHA, one slot per block over hundreds of blocks, a window"},
+        {1, 96, 64, KVRT_LAYOUT_F16, 24, 5, 4, 14, 8, 0, 1, 1, 1, KVRT_LAYOUT_BF16, 30.0f,
+         "GQA 8, page 64, soft-cap, a ragged batch, NaN queries"},
+        {1, 128, 256, KVRT_LAYOUT_BF16, 6, 2, 3, 40, 1, 300, 1, 0, 0, KVRT_LAYOUT_BF16, 0,
+         "page 256, a window inside the context"},
+        {2, 64, 128, KVRT_LAYOUT_F16, 3, 3, 1, 20, 8, 0, 0, 1, 0, KVRT_LAYOUT_F16, 0,
+         "cross-attention: no positions, every used slot visible"},
+    };
+    for (size_t i = 0; i < sizeof grid / sizeof grid[0]; i++) {
+        attn_case c;
+        memset(&c, 0, sizeof c);
+        c.L = layout_attn(grid[i].kv_heads, grid[i].dim, grid[i].dim, grid[i].block_size,
+                          grid[i].dtype, grid[i].causal ? grid[i].dim : 0);
+        c.dim_v = grid[i].dim;
+        c.n_blocks = grid[i].n_blocks;
+        c.n_seqs = grid[i].n_seqs;
+        c.max_seq_blocks = grid[i].max_seq_blocks;
+        c.tokens_per_seq = grid[i].tokens_per_seq;
+        c.n_q_heads = grid[i].n_q_heads;
+        c.window = grid[i].window;
+        c.causal = grid[i].causal;
+        c.softcap = grid[i].softcap;
+        c.ragged = grid[i].ragged;
+        c.nan_q = grid[i].nan_q;
+        c.q_dtype = grid[i].dtype;
+        c.out_dtype = grid[i].out_dtype;
+        if (!attention_on_tensor_cores(&c, c.n_seqs * c.tokens_per_seq))
+            CHECK(0, "prefill grid case %zu (%s) would not run on tensor cores", i, grid[i].what);
+        test_attention(r, c);
+    }
 }
 
 int main(int argc, char **argv)
