@@ -453,7 +453,13 @@ typedef struct kvrt_attention_params {
  * written (kvrt_write) for self-attention layers: kvrt does not track which
  * planned rows were written, and a row planned but never written is read as
  * its slot holds it (zeros in memory no row has used, else an earlier
- * token's row), with status KVRT_OK. */
+ * token's row), with status KVRT_OK.
+ * Precision: sums in f32. On CUDA and HIP, prefill-shaped calls (more than 8
+ * tokens per sequence) on an f16 or bf16 ATTN/CROSS layer with q of the
+ * cache dtype and head_dim_k == head_dim_v in {64, 96, 128} run on tensor
+ * cores, which round the softmax weights to the cache dtype before they
+ * multiply V: an output moves by at most 2^-11 (f16) or 2^-8 (bf16) times
+ * the largest |V| it sees. */
 KVRT_API kvrt_status kvrt_attention(kvrt_cache *cache, const kvrt_batch *batch, int layer,
                                     const void *q, void *out,
                                     const kvrt_attention_params *params, void *stream);

@@ -2,7 +2,8 @@
  * gpu_common.cuh: device helpers shared by the kernels: element types by
  * dtype (conversions are kvrt_layout.h's, so every backend rounds alike),
  * 16-byte packs of 8 elements, asynchronous global-to-shared copies
- * (cp.async), copy units, grid sizing and the launch check.
+ * (cp.async), copy units, grid sizing and the launch check; at the end, the
+ * tensor-core products (mma.sync m16n8k16, ldmatrix).
  *
  * Everything here has internal linkage (an unnamed namespace), so the CUDA
  * and the HIP objects of one library never share a symbol.
@@ -255,6 +256,149 @@ template <> struct unit_type<8> { typedef uint2 type; };
 template <> struct unit_type<4> { typedef uint32_t type; };
 template <> struct unit_type<2> { typedef uint16_t type; };
 template <> struct unit_type<1> { typedef uint8_t type; };
+
+/* ---- tensor cores: mma.sync m16n8k16 and ldmatrix ----
+ *
+ * One matrix product D = A * B + C of 16x16 f16 or bf16 by 16x8 into f32,
+ * and the loads of 8x8 16-bit matrices from shared memory that feed it, for
+ * a group of 32 lanes (a CUDA warp; half a CDNA wavefront). Every lane of
+ * the group calls them together, with the registers the PTX ISA gives it.
+ * Lane l of the group (l = threadIdx.x % 32), g = l / 4, t = l % 4; a
+ * register holds two 16-bit elements, the lower-indexed in its low half:
+ *   A (16 x 16, row-major):  a[0] = A[g][2t, 2t+1]    a[1] = A[g+8][2t, 2t+1]
+ *                            a[2] = A[g][2t+8, 2t+9]  a[3] = A[g+8][2t+8, 2t+9]
+ *   B (16 x 8, by column):   b[0] = B[2t, 2t+1][g]    b[1] = B[2t+8, 2t+9][g]
+ *   C, D (16 x 8, f32):      d[0], d[1] = D[g][2t, 2t+1]
+ *                            d[2], d[3] = D[g+8][2t, 2t+1]
+ * ldmatrix_x<N, TRANS>(r, row): N (1, 2, 4) matrices of 8 rows of 8 16-bit
+ * elements; lane 8i + j gives the address of row j of matrix i (16 bytes,
+ * 16-byte aligned shared memory; lanes past 8N give nothing). Lane l gets
+ * r[i] = matrix i's row g, elements 2t, 2t+1; with TRANS its elements
+ * (2t, g) and (2t+1, g), i.e. the row of the transposed matrix.
+ * So the C fragment of two adjacent n-tiles is an A fragment, an 8 x 8
+ * tile of K rows read by ldmatrix is a B fragment, and V rows read by
+ * ldmatrix .trans are B fragments of P * V.
+ *
+ *   nvcc, sm_80+:  mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16} and
+ *                  ldmatrix.sync.aligned.m8n8 (inline PTX).
+ *   kvrt-sim, CUDA flavour: kvrt_sim::mma_m16n8k16 and kvrt_sim::ldmatrix,
+ *                  an emulation over the sim's warp collectives with the
+ *                  same register layouts.
+ *   HIP (and nvcc below sm_80, and the sim's HIP flavour, which runs it):
+ *                  the same layouts through 32-wide shuffles, one element
+ *                  product at a time: correct, not fast.
+ * Products of two f16 or bf16 values are exact in f32; the sums are f32
+ * with an order of their own (the hardware's is not specified), so results
+ * agree with a scalar loop within 16 roundings (tests/sim/test_sim_mma.cpp). */
+
+#if !defined(KVRT_GPU_SIM) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#  define KVRT_MMA_PTX 1
+#elif defined(KVRT_GPU_SIM) && defined(KVRT_GPU_IS_CUDA)
+#  define KVRT_MMA_SIM 1
+#else
+#  define KVRT_MMA_PORTABLE 1
+#endif
+
+#if defined(KVRT_MMA_PORTABLE)
+/* v from lane `src` of this lane's group of 32. */
+__device__ inline unsigned long long shfl_group32(unsigned long long v, int src)
+{
+#  if defined(KVRT_GPU_IS_HIP)
+    return __shfl(v, src, 32);
+#  else
+    return __shfl_sync(0xffffffffu, v, src, 32);
+#  endif
+}
+
+/* Element `half` (0 low, 1 high) of a register of two 16-bit values, as f32. */
+template <int DT> __device__ inline float mma_elem(uint32_t r, int half)
+{
+    return dtype_traits<DT>::to_f32((uint16_t)(half ? r >> 16 : r & 0xffffu));
+}
+#endif
+
+/* d += A * B for one m16n8k16 tile; DT: KVRT_LAYOUT_F16 or KVRT_LAYOUT_BF16. */
+template <int DT>
+__device__ inline void mma_m16n8k16(float d[4], const uint32_t a[4], const uint32_t b[2])
+{
+    static_assert(DT == KVRT_LAYOUT_F16 || DT == KVRT_LAYOUT_BF16, "mma: f16 or bf16");
+#if defined(KVRT_MMA_PTX)
+    if (DT == KVRT_LAYOUT_F16)
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+                     "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    else
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+                     "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#elif defined(KVRT_MMA_SIM)
+    ::kvrt_sim::mma_m16n8k16(DT == KVRT_LAYOUT_BF16, d, a, b);
+#else
+    const int lane = (int)(threadIdx.x % 32), g = lane / 4, t = lane % 4;
+    /* k = 2s, 2s+1 (a[0], a[1], b[0]) and 2s+8, 2s+9 (a[2], a[3], b[1]) */
+    for (int s = 0; s < 4; s++) {
+        const unsigned long long a01 = shfl_group32(a[0] | (unsigned long long)a[1] << 32, 4 * g + s);
+        const unsigned long long a23 = shfl_group32(a[2] | (unsigned long long)a[3] << 32, 4 * g + s);
+        const unsigned long long bb = b[0] | (unsigned long long)b[1] << 32;
+        const unsigned long long b_n0 = shfl_group32(bb, 4 * (2 * t) + s);
+        const unsigned long long b_n1 = shfl_group32(bb, 4 * (2 * t + 1) + s);
+        for (int i = 0; i < 4; i++) { /* d[i]: row g + 8 (i / 2), column 2t + i % 2 */
+            const uint32_t lo = (uint32_t)(i < 2 ? a01 : a01 >> 32);  /* A[row][2s, 2s+1] */
+            const uint32_t hi = (uint32_t)(i < 2 ? a23 : a23 >> 32);  /* A[row][2s+8, 2s+9] */
+            const unsigned long long bn = i % 2 ? b_n1 : b_n0;
+            const uint32_t b0 = (uint32_t)bn, b1 = (uint32_t)(bn >> 32);
+            float acc = d[i];
+            acc += mma_elem<DT>(lo, 0) * mma_elem<DT>(b0, 0);
+            acc += mma_elem<DT>(lo, 1) * mma_elem<DT>(b0, 1);
+            acc += mma_elem<DT>(hi, 0) * mma_elem<DT>(b1, 0);
+            acc += mma_elem<DT>(hi, 1) * mma_elem<DT>(b1, 1);
+            d[i] = acc;
+        }
+    }
+#endif
+}
+
+/* N 8x8 matrices of 16-bit elements from shared memory (see above). */
+template <int N, bool TRANS> __device__ inline void ldmatrix_x(uint32_t r[N], const void *row)
+{
+    static_assert(N == 1 || N == 2 || N == 4, "ldmatrix: x1, x2 or x4");
+#if defined(KVRT_MMA_PTX)
+    const unsigned p = (unsigned)__cvta_generic_to_shared(row);
+    if (N == 1 && !TRANS)
+        asm volatile("ldmatrix.sync.aligned.m8n8.x1.shared.b16 {%0}, [%1];\n" : "=r"(r[0]) : "r"(p));
+    else if (N == 1)
+        asm volatile("ldmatrix.sync.aligned.m8n8.x1.trans.shared.b16 {%0}, [%1];\n" : "=r"(r[0]) : "r"(p));
+    else if (N == 2 && !TRANS)
+        asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n"
+                     : "=r"(r[0]), "=r"(r[1]) : "r"(p));
+    else if (N == 2)
+        asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
+                     : "=r"(r[0]), "=r"(r[1]) : "r"(p));
+    else if (!TRANS)
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(p));
+    else
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(p));
+#elif defined(KVRT_MMA_SIM)
+    ::kvrt_sim::ldmatrix(N, TRANS, r, row);
+#else
+    const int lane = (int)(threadIdx.x % 32), g = lane / 4, t = lane % 4;
+    const unsigned long long mine = (unsigned long long)(uintptr_t)row;
+    for (int i = 0; i < N; i++) {
+        if (!TRANS) {
+            const uint16_t *p = (const uint16_t *)(uintptr_t)shfl_group32(mine, 8 * i + g);
+            r[i] = (uint32_t)p[2 * t] | (uint32_t)p[2 * t + 1] << 16;
+        } else {
+            const uint16_t *p0 = (const uint16_t *)(uintptr_t)shfl_group32(mine, 8 * i + 2 * t);
+            const uint16_t *p1 = (const uint16_t *)(uintptr_t)shfl_group32(mine, 8 * i + 2 * t + 1);
+            r[i] = (uint32_t)p0[g] | (uint32_t)p1[g] << 16;
+        }
+    }
+#endif
+}
 
 } // namespace
 

@@ -1101,6 +1101,16 @@ static void attention_workspace(gpu_ctx *ctx, size_t need, void *stream, void **
     *bytes = ctx->attn_ws != NULL ? ctx->attn_ws->cap : 0;
 }
 
+/* Prefill-shaped calls go to the tensor-core kernel (attention_prefill.cu):
+ * more than 8 query tokens per sequence on average (the generic kernel's
+ * prefill tiles), with a cache and queries the kernel takes (f16 or bf16,
+ * head dims it is built for). Everything else stays on the generic kernel. */
+static int attention_prefill_shaped(const kvrt_attention_op *op)
+{
+    return op->n_seqs > 0 && (int64_t)op->n_tokens > 8 * (int64_t)op->n_seqs &&
+           KVRT_GPU_FN(attention_prefill_supports)(op);
+}
+
 static kvrt_status attention_impl(gpu_ctx *ctx, const kvrt_attention_op *op, void *stream)
 {
     const kvrt_layout *L = &op->layer.layout;
@@ -1131,6 +1141,8 @@ static kvrt_status attention_dispatch(gpu_ctx *ctx, const kvrt_attention_op *op,
     KVRT_CHECK((int64_t)op->n_tokens * op->n_q_heads <= 0x7fffffff, KVRT_ERR_UNSUPPORTED,
                "%s: attention over %d tokens x %d query heads is too large for one launch",
                KVRT_GPU_API_NAME, op->n_tokens, op->n_q_heads);
+    if (attention_prefill_shaped(op))
+        return launched(KVRT_GPU_FN(launch_attention_prefill)(op, stream), "attention");
     if (KVRT_GPU_FN(attention_decode_takes)(op))
         return attention_decode_impl(ctx, op, stream);
     return attention_impl(ctx, op, stream);

@@ -56,6 +56,13 @@ int KVRT_GPU_FN(attention_decode_takes)(const kvrt_attention_op *op);
 size_t KVRT_GPU_FN(attention_decode_workspace)(const kvrt_attention_op *op);
 cudaError_t KVRT_GPU_FN(launch_attention_decode)(const kvrt_attention_op *op, void *stream,
                                                  void *workspace, size_t workspace_bytes);
+/* kvrt_attention_op on tensor cores for prefill-shaped calls
+ * (attention_prefill.cu): attention_prefill_supports says whether the
+ * kernel takes `op` (f16 or bf16 cache and queries, not MLA, head_dim_k ==
+ * head_dim_v in {64, 96, 128}); launch_attention_prefill returns
+ * cudaErrorInvalidValue for an op it does not take. */
+int KVRT_GPU_FN(attention_prefill_supports)(const kvrt_attention_op *op);
+cudaError_t KVRT_GPU_FN(launch_attention_prefill)(const kvrt_attention_op *op, void *stream);
 
 #ifdef __cplusplus
 }

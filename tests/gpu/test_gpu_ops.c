@@ -11,10 +11,12 @@
  * of 576 (and an odd-sized MLA row that takes the scalar paths), many
  * blocks, unaligned caller buffers, every source/cache dtype pair.
  *
- * Usage: test_gpu_ops [cuda|hip|cpu] [ops|attention-decode]. "cpu" runs the
- * CPU backend against itself, which checks the test where there is no
- * device. The second argument runs a part: "ops" every test but the decode
- * attention grid, "attention-decode" that grid (both by default). Exits 77
+ * Usage: test_gpu_ops [cuda|hip|cpu] [ops|attention-decode|prefill]. "cpu"
+ * runs the CPU backend against itself, which checks the test where there is
+ * no device. The second argument runs a part: "ops" every test but the
+ * decode attention grid and the tensor-core prefill grid,
+ * "attention-decode" the decode grid alone, "prefill" the prefill grid
+ * alone (all of them by default; the sim runs them as separate tests). Exits 77
  * when the backend has no device.
  */
 #include "gpu_test.h"
@@ -515,12 +517,12 @@ static void test_rotate(rng *r, const kvrt_layout *layouts, int n_layers, int32_
  * the output (a convex combination of V values in [-2, 2]) by under 1e-4
  * absolute; the final rounding to the output dtype adds one ulp on each
  * side. */
-static int attention_close(float a, float b, int dtype)
+static int attention_close(float a, float b, int dtype, double extra)
 {
     if (a != a || b != b)
         return a != a && b != b;
     double m = fabs(a) > fabs(b) ? fabs(a) : fabs(b);
-    return fabs((double)a - (double)b) <= 1e-4 + 2 * ulp_at(dtype, m);
+    return fabs((double)a - (double)b) <= 1e-4 + extra + 2 * ulp_at(dtype, m);
 }
 
 typedef struct attn_case {
@@ -539,7 +541,31 @@ typedef struct attn_case {
     int         nan_inputs;  /* NaN in one query row and in one K row a token sees */
     int         launches;    /* kvrt-sim: device launches expected (0: any) */
     int         full_seqs;   /* every sequence holds max_seq_blocks blocks */
+    int         ragged;      /* tokens per sequence drawn from 1 .. 2 * tokens_per_seq */
+    int         nan_q;       /* one token's queries are NaN: its rows come out NaN */
 } attn_case;
+
+/* Whether the glue sends the case to the tensor-core prefill kernel: the
+ * rule of attention_prefill_shaped in src/backend_gpu.c (more than 8
+ * tokens per sequence on average, f16 or bf16 cache and queries, not MLA,
+ * head_dim_k == head_dim_v in {64, 96, 128}). */
+static int attention_on_tensor_cores(const attn_case *c, int32_t n_tokens)
+{
+    int dim = c->L.dim_k;
+    return n_tokens > 8 * c->n_seqs && c->L.dtype != KVRT_LAYOUT_F32 && c->q_dtype == c->L.dtype &&
+           !c->mla && c->L.dim_v == dim && (dim == 64 || dim == 96 || dim == 128);
+}
+
+/* The tensor-core kernel's bound beyond attention_close's: it rounds the
+ * softmax weights p (in [0, 1]) to the cache dtype before P V while the
+ * sum l is of the unrounded weights, so an output moves by
+ * |sum_j (p~_j - p_j) v_j| / l <= u * sum_j p_j |v_j| / l <= u * max |v|,
+ * u = 2^-11 for f16 and 2^-8 for bf16, |v| <= 2 here. Q and K enter the
+ * products exactly (f16/bf16 products are exact in f32). */
+static double attention_tensor_core_extra(int cache_dtype)
+{
+    return 2.0 * (cache_dtype == KVRT_LAYOUT_F16 ? 0x1p-11 : 0x1p-8);
+}
 
 static void test_attention(rng *r, attn_case c)
 {
@@ -621,13 +647,24 @@ static void test_attention(rng *r, attn_case c)
     }
     /* tokens */
     int32_t n_tokens = c.n_seqs * c.tokens_per_seq;
+    int32_t *per_seq = malloc((size_t)c.n_seqs * sizeof *per_seq);
+    for (int32_t s = 0; s < c.n_seqs; s++) {
+        per_seq[s] = c.ragged ? 1 + (int32_t)rng_below(r, 2 * c.tokens_per_seq) : c.tokens_per_seq;
+        n_tokens += c.ragged ? per_seq[s] - c.tokens_per_seq : 0;
+    }
     int32_t *tok_seq = malloc((size_t)n_tokens * sizeof *tok_seq);
     int32_t *tok_pos = malloc((size_t)n_tokens * sizeof *tok_pos);
-    for (int32_t t = 0; t < n_tokens; t++) {
-        tok_seq[t] = t / c.tokens_per_seq;
+    for (int32_t t = 0, s = 0, in_seq = 0; t < n_tokens; t++) {
+        while (in_seq == per_seq[s])
+            s++, in_seq = 0;
+        in_seq++;
+        tok_seq[t] = s;
         tok_pos[t] = (int32_t)rng_below(r, max_pos[tok_seq[t]] + 1);
     }
     tok_pos[0] = 0; /* sequence 0's slot 0 is a hole: this token may see nothing */
+    const int32_t nan_token = c.nan_q ? n_tokens / 2 : -1;
+    const int tc = attention_on_tensor_cores(&c, n_tokens);
+    const double extra = tc ? attention_tensor_core_extra(c.L.dtype) : 0.0;
     size_t q_elems = (size_t)n_tokens * (size_t)c.n_q_heads * (size_t)L.dim_k;
     size_t out_bytes = (size_t)n_tokens * (size_t)c.n_q_heads * (size_t)c.dim_v * dtype_size(c.out_dtype);
     twin q, out;
@@ -637,6 +674,8 @@ static void test_attention(rng *r, attn_case c)
     fill_finite(r, host, c.q_dtype, (int64_t)q_elems);
     if (c.nan_inputs) /* the last head of the last token */
         kvrt_store(host, c.q_dtype, ((int64_t)n_tokens * c.n_q_heads - 1) * L.dim_k, NAN);
+    for (int64_t e = 0; nan_token >= 0 && e < (int64_t)c.n_q_heads * L.dim_k; e++)
+        kvrt_store(host, c.q_dtype, (int64_t)nan_token * c.n_q_heads * L.dim_k + e, NAN);
     twin_set(&q, host);
     memset(host, 0x7f, out_bytes);
     twin_set(&out, host);
@@ -690,18 +729,20 @@ static void test_attention(rng *r, attn_case c)
     if (st[CPU] == KVRT_OK && st[DEV] == KVRT_OK) {
         char *a = twin_get(&out, CPU), *b = twin_get(&out, DEV);
         int64_t n = (int64_t)(out_bytes / dtype_size(c.out_dtype)), bad = 0, first = -1, nans = 0;
+        const int64_t per_token = (int64_t)c.n_q_heads * c.dim_v;
         for (int64_t i = 0; i < n; i++) {
             float x = kvrt_load(a, c.out_dtype, i), y = kvrt_load(b, c.out_dtype, i);
-            nans += x != x;
-            if (!attention_close(x, y, c.out_dtype)) {
+            nans += x != x && i / per_token != nan_token;
+            if (!attention_close(x, y, c.out_dtype, extra)) {
                 if (first < 0)
                     first = i;
                 bad++;
             }
         }
-        CHECK(bad == 0, "attention %s, %d q heads, %d tokens (window %d, softcap %g, %s -> %s): "
+        CHECK(bad == 0, "attention %s, %d q heads, %d tokens%s (window %d, softcap %g, %s -> %s): "
               "%lld of %lld outputs beyond the bound, first %lld: cpu %g device %g",
-              name, c.n_q_heads, n_tokens, c.window, (double)c.softcap, dtype_str(c.q_dtype),
+              name, c.n_q_heads, n_tokens, tc ? " on tensor cores" : "", c.window,
+              (double)c.softcap, dtype_str(c.q_dtype),
               dtype_str(c.out_dtype), (long long)bad, (long long)n, (long long)first,
               first >= 0 ? (double)kvrt_load(a, c.out_dtype, first) : 0.0,
               first >= 0 ? (double)kvrt_load(b, c.out_dtype, first) : 0.0);
@@ -721,6 +762,7 @@ static void test_attention(rng *r, attn_case c)
     free(max_pos);
     free(tok_seq);
     free(tok_pos);
+    free(per_seq);
     twin_free(&q);
     twin_free(&out);
     twin_free(&pos_dev);
@@ -982,6 +1024,55 @@ static void test_mem_kind(void)
     free(host);
 }
 
+/* The grid of the tensor-core prefill kernel (attention_on_tensor_cores
+ * holds for every case): head dims 64, 96, 128; groups of 1, 4 and 8 query
+ * heads per kv head; blocks of 1, 16, 64, 256 slots; contexts over many
+ * blocks with holes; windows; soft-cap; cross-attention; ragged batches
+ * whose sequences share 64-token chunks; a token with no visible key (the
+ * first, in every case) and one with NaN queries. */
+static void test_attention_prefill(rng *r)
+{
+    static const struct {
+        int32_t kv_heads, dim, block_size, dtype, n_blocks, n_seqs, max_seq_blocks;
+        int32_t tokens_per_seq, n_q_heads, window, causal, ragged, nan_q, out_dtype;
+        float   softcap;
+        const char *what;
+    } grid[] = {
+        {2, 128, 16, KVRT_LAYOUT_F16, 64, 2, 20, 70, 8, 0, 1, 0, 0, KVRT_LAYOUT_F16, 0,
+         "Llama-like heads, GQA 4, page 16, two chunks per sequence"},
+        {2, 64, 1, KVRT_LAYOUT_BF16, 1024, 2, 300, 24, 2, 50, 1, 0, 0, KVRT_LAYOUT_F32, 0,
+         "MHA, one slot per block over hundreds of blocks, a window"},
+        {1, 96, 64, KVRT_LAYOUT_F16, 24, 5, 4, 14, 8, 0, 1, 1, 1, KVRT_LAYOUT_BF16, 30.0f,
+         "GQA 8, page 64, soft-cap, a ragged batch, NaN queries"},
+        {1, 128, 256, KVRT_LAYOUT_BF16, 6, 2, 3, 40, 1, 300, 1, 0, 0, KVRT_LAYOUT_BF16, 0,
+         "page 256, a window inside the context"},
+        {2, 64, 128, KVRT_LAYOUT_F16, 3, 3, 1, 20, 8, 0, 0, 1, 0, KVRT_LAYOUT_F16, 0,
+         "cross-attention: no positions, every used slot visible"},
+    };
+    for (size_t i = 0; i < sizeof grid / sizeof grid[0]; i++) {
+        attn_case c;
+        memset(&c, 0, sizeof c);
+        c.L = layout_attn(grid[i].kv_heads, grid[i].dim, grid[i].dim, grid[i].block_size,
+                          grid[i].dtype, grid[i].causal ? grid[i].dim : 0);
+        c.dim_v = grid[i].dim;
+        c.n_blocks = grid[i].n_blocks;
+        c.n_seqs = grid[i].n_seqs;
+        c.max_seq_blocks = grid[i].max_seq_blocks;
+        c.tokens_per_seq = grid[i].tokens_per_seq;
+        c.n_q_heads = grid[i].n_q_heads;
+        c.window = grid[i].window;
+        c.causal = grid[i].causal;
+        c.softcap = grid[i].softcap;
+        c.ragged = grid[i].ragged;
+        c.nan_q = grid[i].nan_q;
+        c.q_dtype = grid[i].dtype;
+        c.out_dtype = grid[i].out_dtype;
+        if (!attention_on_tensor_cores(&c, c.n_seqs * c.tokens_per_seq))
+            CHECK(0, "prefill grid case %zu (%s) would not run on tensor cores", i, grid[i].what);
+        test_attention(r, c);
+    }
+}
+
 int main(int argc, char **argv)
 {
     kvrt_device dev = {gpu_test_backend(argc, argv), 0};
@@ -998,14 +1089,15 @@ int main(int argc, char **argv)
     (void)kvrt_device_describe(dev, desc, sizeof desc);
     printf("test_gpu_ops on %s\n", desc);
     rng r = {0x9e3779b97f4a7c15ull};
-    /* argv[2]: "ops" every test but the decode attention grid,
-     * "attention-decode" that grid only; none: both */
+    /* argv[2]: the part to run (see the top comment); none: all */
     const char *part = argc > 2 ? argv[2] : "all";
     if (strcmp(part, "attention-decode") == 0) {
         attention_decode_grid(&r);
-        kvrt_backend_close(&be[DEV]);
-        kvrt_backend_close(&be[CPU]);
-        return gpu_test_result("test_gpu_ops attention-decode");
+        goto done;
+    }
+    if (strcmp(part, "prefill") == 0) {
+        test_attention_prefill(&r);
+        goto done;
     }
 
     /* memory */
@@ -1238,13 +1330,17 @@ int main(int argc, char **argv)
         test_attention(&r, c);
     }
 
-    if (strcmp(part, "all") == 0)
+    if (strcmp(part, "all") == 0) {
         attention_decode_grid(&r);
+        test_attention_prefill(&r);
+    }
 
     /* set_pos */
     test_set_pos(&r, 16, 256, 100);
     test_set_pos(&r, 1, 10000, 5000);
     test_set_pos(&r, 256, 64, 64);
+
+done:
 
     kvrt_backend_close(&be[DEV]);
     kvrt_backend_close(&be[CPU]);

@@ -376,4 +376,83 @@ static inline __nv_bfloat16 __float2bfloat16_rn(float f)
 }
 static inline __nv_bfloat16 __float2bfloat16(float f) { return __float2bfloat16_rn(f); }
 
+/* ---- tensor cores: mma.sync m16n8k16 and ldmatrix (the CUDA flavour) ----
+ *
+ * The sim's versions of the instructions kernels/gpu_common.cuh wraps, with
+ * their register layouts (the PTX ISA's; summarized there). A warp's lanes
+ * meet twice per instruction through __syncwarp over all 32 lanes: each
+ * lane first puts its operand registers (or its row address) in the warp's
+ * exchange area, and after the first meeting computes its own result from
+ * everyone's; the second meeting keeps the area until every lane has read
+ * it. So a lane that misses the instruction, or lanes at different ones,
+ * are the sim's collective errors, as .aligned makes them on a GPU.
+ * Products of f16 or bf16 values are exact in f32; d accumulates them in
+ * k order with f32 rounding after each addition. */
+#if KVRT_SIM_WARP == 32
+namespace kvrt_sim {
+/* The exchange area of the calling thread's warp: 8 words per lane. */
+inline uint32_t *warp_exchange()
+{
+    static thread_local uint32_t area[1024 / 32][32 * 8];
+    const unsigned tid = thread_idx.x + block_dim.x * (thread_idx.y + block_dim.y * thread_idx.z);
+    return area[tid / 32];
+}
+
+inline unsigned mma_lane()
+{
+    return (thread_idx.x + block_dim.x * (thread_idx.y + block_dim.y * thread_idx.z)) % 32;
+}
+
+inline float mma_elem(bool bf16, const uint32_t *regs, int reg, int half)
+{
+    const uint16_t e = (uint16_t)(half ? regs[reg] >> 16 : regs[reg] & 0xffffu);
+    return bf16 ? __bfloat162float(__nv_bfloat16{e}) : __half2float(__half{e});
+}
+
+inline void mma_m16n8k16(bool bf16, float d[4], const uint32_t a[4], const uint32_t b[2],
+                         KVRT_SIM_SITE)
+{
+    uint32_t *x = warp_exchange();
+    const unsigned lane = mma_lane(), g = lane / 4, t = lane % 4;
+    memcpy(x + 8 * lane, a, 4 * sizeof(uint32_t));
+    memcpy(x + 8 * lane + 4, b, 2 * sizeof(uint32_t));
+    (void)collective(SYNCWARP, 0xffffffffu, 0, 0, 32, kvrt_file_, kvrt_line_);
+    for (int i = 0; i < 4; i++) {
+        const unsigned row = g + 8 * (i / 2), col = 2 * t + i % 2;
+        float acc = d[i];
+        for (unsigned k = 0; k < 16; k++) {
+            /* A[row][k]: lane 4 (row % 8) + (k % 8) / 2, register row / 8 + 2 (k / 8);
+             * B[k][col]: lane 4 col + (k % 8) / 2, register k / 8 */
+            const uint32_t *ra = x + 8 * (4 * (row % 8) + (k % 8) / 2);
+            const uint32_t *rb = x + 8 * (4 * col + (k % 8) / 2) + 4;
+            acc += mma_elem(bf16, ra, (int)(row / 8 + 2 * (k / 8)), (int)(k % 2)) *
+                   mma_elem(bf16, rb, (int)(k / 8), (int)(k % 2));
+        }
+        d[i] = acc;
+    }
+    (void)collective(SYNCWARP, 0xffffffffu, 0, 0, 32, kvrt_file_, kvrt_line_);
+}
+
+inline void ldmatrix(int n, bool trans, uint32_t *r, const void *row, KVRT_SIM_SITE)
+{
+    uint32_t *x = warp_exchange();
+    const unsigned lane = mma_lane(), g = lane / 4, t = lane % 4;
+    memcpy(x + 8 * lane, &row, sizeof row);
+    (void)collective(SYNCWARP, 0xffffffffu, 0, 0, 32, kvrt_file_, kvrt_line_);
+    for (int i = 0; i < n; i++) {
+        const uint16_t *p0, *p1;
+        if (!trans) {
+            memcpy(&p0, x + 8 * (8 * i + g), sizeof p0);
+            r[i] = (uint32_t)p0[2 * t] | (uint32_t)p0[2 * t + 1] << 16;
+        } else {
+            memcpy(&p0, x + 8 * (8 * i + 2 * t), sizeof p0);
+            memcpy(&p1, x + 8 * (8 * i + 2 * t + 1), sizeof p1);
+            r[i] = (uint32_t)p0[g] | (uint32_t)p1[g] << 16;
+        }
+    }
+    (void)collective(SYNCWARP, 0xffffffffu, 0, 0, 32, kvrt_file_, kvrt_line_);
+}
+} // namespace kvrt_sim
+#endif /* KVRT_SIM_WARP == 32 */
+
 #endif /* KVRT_SIM_DEVICE_H */
