@@ -28,7 +28,8 @@
  *   --save PATH        write the session (tokens, samplers, kvrt state) at the end
  *   --load PATH        resume a saved session (then -i, if given, is appended)
  *   --backend B        cpu (default), cuda or hip
- *   --cache-dtype D    f32 (default), f16 or bf16
+ *   --cache-dtype D    f32 (default), f16, bf16, q8 or fp8 (e4m3); q8 and fp8
+ *                      on the CPU backend (a scale per token and kv head)
  *   --rope S           normal (default, llama2.c) or neox
  *   --rope-theta X     RoPE base (default: a GGUF file's llama.rope.freq_base,
  *                      else 10000)
@@ -68,7 +69,7 @@ static void usage(void)
             "       kvrt-llama MODEL.bin|MODEL.gguf [-z TOKENIZER] [-i PROMPT] [-n N] [-t TEMP]\n"
             "                  [-p TOP_P] [-s SEED] [--ctx N] [--keep K] [--parallel N] [--chat]\n"
             "                  [--save PATH] [--load PATH] [--backend cpu|cuda|hip]\n"
-            "                  [--cache-dtype f32|f16|bf16] [--rope normal|neox]\n"
+            "                  [--cache-dtype f32|f16|bf16|q8|fp8] [--rope normal|neox]\n"
             "                  [--rope-theta X] [--batch N] [--kv-threads N]\n");
     exit(2);
 }
@@ -117,6 +118,8 @@ static int parse(int argc, char **argv, options *o)
             if (!strcmp(d, "f32")) o->cache_dtype = KVRT_F32;
             else if (!strcmp(d, "f16")) o->cache_dtype = KVRT_F16;
             else if (!strcmp(d, "bf16")) o->cache_dtype = KVRT_BF16;
+            else if (!strcmp(d, "q8")) o->cache_dtype = KVRT_Q8;
+            else if (!strcmp(d, "fp8")) o->cache_dtype = KVRT_FP8_E4M3;
             else usage();
         } else if (!strcmp(a, "--rope")) {
             const char *r = VALUE();

@@ -7,7 +7,8 @@
  *
  * The test writes tiny random checkpoints in the llama2.c format (3 layers,
  * dim 64, 4 query heads over 2 kv heads, vocab 384, separate classifier; and
- * a 1-layer model with a shared one) and checks, on f32, f16 and bf16 caches:
+ * a 1-layer model with a shared one) and checks, on f32, f16, bf16 and (on
+ * the CPU backend) q8 and fp8 e4m3 caches:
  *   (a) the logits of every cached decode step equal a recomputation of the
  *       whole prefix from scratch (ref_full: no cache, double precision);
  *   (b) after each context shift, the logits equal the reference with the
@@ -18,9 +19,10 @@
  *   (c) each of N sequences forked from one prompt and decoded as one batch
  *       gives the tokens (top-p sampling) of that prompt decoded alone;
  *   (d) a saved and reloaded session continues with the same tokens (greedy);
- *   (e) (a), (b) with both RoPE styles, (c) and (d) on f16 and bf16 caches,
- *       within bounds derived from each dtype's unit roundoff (bound()), the
- *       reference reading K and V as the cache stores them, and the decode
+ *   (e) (a), (b) with both RoPE styles, (c) and (d) on f16, bf16, q8 and
+ *       fp8 caches, within bounds derived from each dtype's step (bound()),
+ *       the reference reading K and V as the cache stores them (q8 and fp8:
+ *       each (token, kv head) row quantized with its own scale), and the decode
  *       nearer that reference than one that does not round (the dtype is in
  *       effect);
  *   (f) on a GPU backend (kvrt-sim in CI), one greedy session with a chunked
@@ -124,14 +126,29 @@ static void ref_rope(double *head, int hs, int pos, kvrt_rope_style style)
     }
 }
 
-/* x as the cache stores it (round to nearest even; f32 kept in double). */
-static double stored(double x, kvrt_dtype dtype)
+/* A head row of n values (one token's K after RoPE, or its V, of one kv
+ * head), in place, as the cache stores it: f16 / bf16 round each element to
+ * nearest even; q8 / fp8 quantize the row, whose scale depends on all of it,
+ * by kvrt's rule (kvrt_layout.h, from the row in f32, as the decoder writes
+ * it); f32 is kept in double. */
+static void stored(double *row, int n, kvrt_dtype dtype)
 {
+    float f[KVRT_QUANT_ROW_MAX];
+    uint8_t code[KVRT_QUANT_ROW_MAX];
+    assert_true(n <= KVRT_QUANT_ROW_MAX);
+    for (int i = 0; i < n; i++)
+        f[i] = (float)row[i];
     if (dtype == KVRT_F16)
-        return kvrt_f16_to_f32(kvrt_f32_to_f16((float)x));
+        for (int i = 0; i < n; i++)
+            row[i] = kvrt_f16_to_f32(kvrt_f32_to_f16(f[i]));
     if (dtype == KVRT_BF16)
-        return kvrt_bf16_to_f32(kvrt_f32_to_bf16((float)x));
-    return x;
+        for (int i = 0; i < n; i++)
+            row[i] = kvrt_bf16_to_f32(kvrt_f32_to_bf16(f[i]));
+    if (kvrt_dtype_is_quantized(dtype)) {
+        float scale = kvrt_quant_row(code, (int32_t)dtype, f, KVRT_LAYOUT_F32, n);
+        for (int i = 0; i < n; i++)
+            row[i] = kvrt_dequant(code, (int32_t)dtype, i, scale);
+    }
 }
 
 /* Runs token at pos after r's tokens; logits [vocab] of it when not NULL. */
@@ -146,6 +163,7 @@ static void ref_step(ref_seq *r, int token, int pos, double *logits)
     double *x = calloc((size_t)dim, sizeof(double)), *xb = calloc((size_t)dim, sizeof(double));
     double *q = calloc((size_t)dim, sizeof(double)), *att = calloc((size_t)dim, sizeof(double));
     double *o = calloc((size_t)dim, sizeof(double)), *kh = calloc((size_t)hs, sizeof(double));
+    double *vh = calloc((size_t)hs, sizeof(double));
     double *h1 = calloc((size_t)hidden, sizeof(double)), *h3 = calloc((size_t)hidden, sizeof(double));
     double *scores = calloc((size_t)r->n + 1, sizeof(double));
     int t = r->n;
@@ -170,9 +188,10 @@ static void ref_step(ref_seq *r, int token, int pos, double *logits)
                     continue;
                 memcpy(kh, r->k + j * row + lkv + g * hs, (size_t)hs * sizeof(double));
                 ref_rope(kh, hs, r->pos[j], r->style);
+                stored(kh, hs, r->dtype);
                 double s = 0.0;
                 for (int i = 0; i < hs; i++)
-                    s += qh[i] * stored(kh[i], r->dtype);
+                    s += qh[i] * kh[i];
                 scores[j] = s / sqrt((double)hs);
                 max = fmax(max, scores[j]);
             }
@@ -181,12 +200,16 @@ static void ref_step(ref_seq *r, int token, int pos, double *logits)
                 scores[j] = scores[j] == -INFINITY ? 0.0 : exp(scores[j] - max);
                 sum += scores[j];
             }
-            for (int i = 0; i < hs; i++) {
-                double a = 0.0;
-                for (int j = 0; j <= t; j++)
-                    a += scores[j] * stored(r->v[j * row + lkv + g * hs + i], r->dtype);
-                att[h * hs + i] = a / sum;
+            for (int i = 0; i < hs; i++)
+                att[h * hs + i] = 0.0;
+            for (int j = 0; j <= t; j++) {
+                memcpy(vh, r->v + j * row + lkv + g * hs, (size_t)hs * sizeof(double));
+                stored(vh, hs, r->dtype);
+                for (int i = 0; i < hs; i++)
+                    att[h * hs + i] += scores[j] * vh[i];
             }
+            for (int i = 0; i < hs; i++)
+                att[h * hs + i] /= sum;
         }
         ref_matmul(o, w->wo + ld * dim, att, dim, dim);
         for (int i = 0; i < dim; i++)
@@ -205,7 +228,8 @@ static void ref_step(ref_seq *r, int token, int pos, double *logits)
         ref_rmsnorm(xb, x, w->rms_final, dim);
         ref_matmul(logits, w->wcls, xb, dim, c->vocab_size);
     }
-    free(x); free(xb); free(q); free(att); free(o); free(kh); free(h1); free(h3); free(scores);
+    free(x); free(xb); free(q); free(att); free(o); free(kh); free(vh);
+    free(h1); free(h3); free(scores);
 }
 
 /* The logits of the last of tokens[0..n) at positions 0..n-1, computed
@@ -266,6 +290,21 @@ static void ref_shift(ref_seq *r, int n_keep, int d)
  * the remaining layers. The bounds add 4 u_dtype for the rare neighbouring
  * roundings and 16 u_dtype once rows were shifted: f16 2e-3 / 7.8e-3,
  * bf16 1.6e-2 / 6.3e-2, relative to (1 + max |logit|).
+ *
+ * q8 and fp8 caches follow the same argument with the dtype's step in place
+ * of u_dtype |k|, the reference quantizing each (token, kv head) row as the
+ * cache does (kvrt_quant_row). q8: an element errs by at most half a step,
+ * amax / 254, amax the row's largest |k_i| <= |k|, so the row errs by at
+ * most sqrt(hs) amax / 254 <= (sqrt(hs) / 254) |k|: u_q8 = sqrt(hs) / 254
+ * (1.6e-2 for hs = 16), a neighbouring code being a whole step on one
+ * element. fp8 e4m3 (3 mantissa bits): an element errs by at most 2^-4 of
+ * itself (normal codes; a subnormal one by 2^-10 amax / 448, far less), so
+ * u_fp8 = 2^-4. The same 4 u / 16 u give q8 6.3e-2 / 0.25, fp8 0.25 / 1.0.
+ * Those are wide, as the dtypes are coarse (measured: decode about 1e-6,
+ * 3e-4 at a neighbouring code; shift q8 2e-2, fp8 9e-2, the re-quantization
+ * of every shifted row): the positions and the shift are checked tightly
+ * on the other dtypes, and on these the mean check of (a) shows the
+ * quantization in effect, exactly as the reference does it.
  */
 static double bound(const llama_model *m, kvrt_dtype dtype, int shifted)
 {
@@ -274,7 +313,8 @@ static double bound(const llama_model *m, kvrt_dtype dtype, int shifted)
     double f32 = 4.0 * (5 * c->n_layers + 1) * K * 0x1p-24;
     if (dtype == KVRT_F32)
         return f32;
-    double u = dtype == KVRT_F16 ? 0x1p-11 : 0x1p-8;
+    double u = dtype == KVRT_F16 ? 0x1p-11 : dtype == KVRT_BF16 ? 0x1p-8
+             : dtype == KVRT_Q8 ? sqrt((double)m->head_size) / 254.0 : 0x1p-4;
     return f32 + (shifted ? 16.0 : 4.0) * u;
 }
 
@@ -375,7 +415,14 @@ static const int prompt[] = {LLAMA_BOS, 300, 17, 42, 99, 250, 7, 310, 11, 64, 20
                              128, 77, 301, 33, 90, 140, 260, 3}; /* 20 tokens */
 #define PROMPT_LEN ((int)(sizeof prompt / sizeof *prompt))
 
-static const kvrt_dtype dtypes[3] = {KVRT_F32, KVRT_F16, KVRT_BF16};
+/* The cache dtypes of (a) to (d): the quantized ones on the CPU backend
+ * only (the GPU backends refuse them). */
+static const kvrt_dtype dtypes[5] = {KVRT_F32, KVRT_F16, KVRT_BF16, KVRT_Q8, KVRT_FP8_E4M3};
+
+static int n_dtypes(void)
+{
+    return backend == KVRT_BACKEND_CPU ? 5 : 3;
+}
 
 /* ------------------------------------------------------------------------ */
 /* (a) cached decode == recomputation of the whole prefix                    */
@@ -415,7 +462,8 @@ static void check_decode(const llama_model *m, kvrt_dtype dtype, kvrt_rope_style
      * logit of every step must also be less than half the error against the
      * reference that does not round: the neighbouring roundings are rare,
      * the rounding itself is everywhere (measured: f16 5e-6 to 1e-5 against
-     * 8e-5; bf16 1e-7 to 1e-6 against 6e-4). */
+     * 8e-5; bf16 1e-7 to 1e-6 against 6e-4; q8 1e-7 to 1e-5 against 2e-3;
+     * fp8 about 1e-7 against 7e-3). */
     if (dtype != KVRT_F32 && !(mean <= 0.5 * mean_unrounded))
         fail_msg("%s cache: mean logit err %.3g against the reference rounding K and V to %s, "
                  "%.3g against the unrounded one: the cache does not store what it was asked to",
@@ -435,7 +483,7 @@ static void check_decode(const llama_model *m, kvrt_dtype dtype, kvrt_rope_style
 static void test_decode(void **state)
 {
     (void)state;
-    for (int d = 0; d < 3; d++) {
+    for (int d = 0; d < n_dtypes(); d++) {
         check_decode(&model3, dtypes[d], KVRT_ROPE_NORMAL);
         check_decode(&model3, dtypes[d], KVRT_ROPE_NEOX);
     }
@@ -510,7 +558,7 @@ static void check_shift(const llama_model *m, kvrt_dtype dtype, kvrt_rope_style 
 static void test_shift(void **state)
 {
     (void)state;
-    for (int d = 0; d < 3; d++) {
+    for (int d = 0; d < n_dtypes(); d++) {
         check_shift(&model3, dtypes[d], KVRT_ROPE_NORMAL);
         check_shift(&model3, dtypes[d], KVRT_ROPE_NEOX);
         check_shift(&model1, dtypes[d], KVRT_ROPE_NORMAL); /* and ref_full over the kept tokens */
@@ -571,7 +619,7 @@ static void check_fork(kvrt_dtype dtype)
 static void test_fork(void **state)
 {
     (void)state;
-    for (int d = 0; d < 3; d++)
+    for (int d = 0; d < n_dtypes(); d++)
         check_fork(dtypes[d]);
 }
 
@@ -617,7 +665,7 @@ static void check_resume(kvrt_dtype dtype, float temperature)
 static void test_resume(void **state)
 {
     (void)state;
-    for (int d = 0; d < 3; d++)
+    for (int d = 0; d < n_dtypes(); d++)
         check_resume(dtypes[d], 0.0f); /* greedy */
     check_resume(KVRT_F32, 1.0f);      /* top-p: the samplers' state resumes too */
 }
