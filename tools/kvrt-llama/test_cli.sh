@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # test_cli.sh KVRT_LLAMA [BACKEND]: the command line on a tiny random model:
 # generation past the context (shifts), a fork, chat turns, a saved session
-# resumed (what the two runs print equals one uninterrupted run), and the
-# errors for a prompt longer than the context and a truncated checkpoint.
+# resumed (what the two runs print equals one uninterrupted run), q8 and fp8
+# caches (on cpu), and the errors for a prompt longer than the context and a
+# truncated checkpoint.
 set -euo pipefail
 llama="$1"
 backend="${2:-cpu}"
@@ -20,6 +21,15 @@ grep -q '^\[speed: prefill' "$dir/log" || fail "no speed line"
 run --ctx 32 -n 40 -t 0.8 -s 3 --save "$dir/s.kvll" >"$dir/first" 2>/dev/null
 run --ctx 32 -n 40 --load "$dir/s.kvll" >"$dir/second" 2>/dev/null
 cat "$dir/first" "$dir/second" | cmp -s - "$dir/one" || fail "save + load printed another text"
+
+if [ "$backend" = cpu ]; then # quantized caches: the CPU backend's for now
+    for d in q8 fp8; do
+        run --ctx 32 -n 80 -t 0.8 -s 3 --cache-dtype "$d" >/dev/null 2>"$dir/log" ||
+            fail "--cache-dtype $d: $(cat "$dir/log")"
+        grep -q "^\[model .*kvrt cache on cpu, ${d}[_,]" "$dir/log" || fail "--cache-dtype $d: no $d cache"
+        grep -q '^\[context shift, seq 0' "$dir/log" || fail "--cache-dtype $d: no context shift"
+    done
+fi
 
 run --parallel 3 -n 20 >"$dir/out" 2>"$dir/log"
 [ "$(grep -c '^\[fork: kvrt_seq_cp seq 0 -> seq' "$dir/log")" = 2 ] || fail "no forks"
