@@ -77,6 +77,7 @@
 #  define cudaErrorMemoryAllocation         hipErrorOutOfMemory
 #  define cudaErrorNoDevice                 hipErrorNoDevice
 #  define cudaErrorInsufficientDriver       hipErrorInsufficientDriver
+#  define cudaErrorStreamCaptureInvalidated hipErrorStreamCaptureInvalidated
 #  define cudaGetErrorString                hipGetErrorString
 #  define cudaGetErrorName                  hipGetErrorName
 #  define cudaGetLastError                  hipGetLastError

@@ -205,6 +205,7 @@ static void layer_free(layer_fix *f)
 static kvrt_layer_ref layer_ref(const layer_fix *f, int side)
 {
     kvrt_layer_ref ref;
+    memset(&ref, 0, sizeof ref); /* no scales: the fixtures are f32/f16/bf16 */
     ref.layout = f->L;
     ref.k = f->k.p[side];
     ref.v = f->v.n > 0 ? f->v.p[side] : NULL;
