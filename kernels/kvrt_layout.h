@@ -318,6 +318,99 @@ KVRT_HD static inline float kvrt_quant_row(void *dst, int32_t dtype, const void 
     return s;
 }
 
+/* ---- FlashMLA-style fp8 MLA rows (docs/layouts.md, "fp8 MLA rows") ----
+ *
+ * An MLA slot row (latent_dim + rope_dim values) in an fp8 cache is one
+ * packed byte row, as FlashMLA stores it:
+ *   [0, L)          latent: L = latent_dim e4m3fn codes (latent_dim % 128 == 0)
+ *   [L, L + S)      scales: latent_dim / 128 f32, scale g for latent values
+ *                   [128 g, 128 g + 128), zero bytes up to S = 16 * ceil(4 g / 16)
+ *   [L + S, end)    rope: rope_dim bf16, zero bytes up to a multiple of 16
+ * 512 / 64: 512 + 16 + 128 = 656 bytes. Each part starts at a multiple of 16
+ * bytes of the row and the row is a multiple of 16 bytes, so in a 16-byte
+ * aligned region every part of every slot is read with aligned 16-byte loads.
+ * The packed row is the layer's K row (dim_k = its bytes, elem_size 1, no
+ * scale region): kvrt_k_index addresses it, and whatever copies K rows
+ * (moves, copy-on-write, compaction, offload, state files) carries the scales
+ * bit-exactly with the codes. Each group of 128 is quantized as a row of the
+ * fp8 rules above (amax / 448, saturating, NaN/Inf as the NaN marker); the
+ * rope part is rounded to bf16 (NaN stays NaN). A shift turns the rope part in
+ * bf16 in place and leaves the latent bytes and scales as they are.
+ */
+
+enum { KVRT_MLA_FP8_GROUP = 128 };
+
+KVRT_HD static inline int64_t kvrt_round16(int64_t n)
+{
+    return (n + 15) / 16 * 16;
+}
+
+/* Byte offset of the scales (= latent_dim) and of the rope part in a row. */
+KVRT_HD static inline int64_t kvrt_mla_fp8_scale_off(int32_t latent_dim)
+{
+    return latent_dim;
+}
+KVRT_HD static inline int64_t kvrt_mla_fp8_rope_off(int32_t latent_dim)
+{
+    return latent_dim + kvrt_round16(4 * (int64_t)(latent_dim / KVRT_MLA_FP8_GROUP));
+}
+
+/* Bytes of one packed row (656 at 512 / 64). */
+KVRT_HD static inline int64_t kvrt_mla_fp8_row_bytes(int32_t latent_dim, int32_t rope_dim)
+{
+    return kvrt_mla_fp8_rope_off(latent_dim) + kvrt_round16(2 * (int64_t)rope_dim);
+}
+
+/* Scale g of a packed row. */
+KVRT_HD static inline float kvrt_mla_fp8_scale(const uint8_t *row, int32_t latent_dim, int32_t g)
+{
+    return ((const float *)(row + kvrt_mla_fp8_scale_off(latent_dim)))[g];
+}
+
+/* The rope part of a packed row: rope_dim bf16. */
+KVRT_HD static inline uint16_t *kvrt_mla_fp8_rope(uint8_t *row, int32_t latent_dim)
+{
+    return (uint16_t *)(row + kvrt_mla_fp8_rope_off(latent_dim));
+}
+
+/* Value i of a packed row (latent_dim + rope_dim of them) as f32. */
+KVRT_HD static inline float kvrt_mla_fp8_load(const uint8_t *row, int32_t latent_dim, int64_t i)
+{
+    if (i < latent_dim)
+        return kvrt_e4m3_to_f32(row[i]) *
+               kvrt_mla_fp8_scale(row, latent_dim, (int32_t)(i / KVRT_MLA_FP8_GROUP));
+    return kvrt_bf16_to_f32(
+        ((const uint16_t *)(row + kvrt_mla_fp8_rope_off(latent_dim)))[i - latent_dim]);
+}
+
+/* Packs the latent_dim + rope_dim values of src (f32, f16 or bf16) into row
+ * (kvrt_mla_fp8_row_bytes of it, padding zeroed). */
+KVRT_HD static inline void kvrt_mla_fp8_quant_row(uint8_t *row, const void *src, int32_t src_dtype,
+                                                  int32_t latent_dim, int32_t rope_dim)
+{
+    int64_t rope_off = kvrt_mla_fp8_rope_off(latent_dim);
+    int64_t bytes = kvrt_mla_fp8_row_bytes(latent_dim, rope_dim);
+    for (int64_t b = latent_dim; b < bytes; b++)
+        row[b] = 0;
+    float *scale = (float *)(row + kvrt_mla_fp8_scale_off(latent_dim));
+    for (int32_t g = 0; g < latent_dim / KVRT_MLA_FP8_GROUP; g++) {
+        int64_t first = (int64_t)g * KVRT_MLA_FP8_GROUP;
+        float amax = 0.0f;
+        for (int64_t i = first; i < first + KVRT_MLA_FP8_GROUP; i++) {
+            float a = fabsf(kvrt_load(src, src_dtype, i));
+            if (a - a == 0.0f && a > amax)
+                amax = a;
+        }
+        float s = amax / 448.0f;
+        scale[g] = s;
+        for (int64_t i = first; i < first + KVRT_MLA_FP8_GROUP; i++)
+            row[i] = kvrt_quant(kvrt_load(src, src_dtype, i), KVRT_LAYOUT_FP8_E4M3, s);
+    }
+    uint16_t *rope = (uint16_t *)(row + rope_off);
+    for (int32_t i = 0; i < rope_dim; i++)
+        rope[i] = kvrt_f32_to_bf16(kvrt_load(src, src_dtype, (int64_t)latent_dim + i));
+}
+
 /* ---- RoPE ---- */
 
 /* Rotation parameters of a cache (kvrt_rope_desc as kernels see it). */
@@ -349,6 +442,25 @@ KVRT_HD static inline double kvrt_rope_angle(const kvrt_rope *rope, int32_t dims
 {
     return (double)delta * (double)rope->freq_scale *
            pow((double)rope->theta, -2.0 * (double)i / (double)dims);
+}
+
+/* A shift of a packed fp8 MLA row (kvrt_mla_fp8_quant_row): the rope part's
+ * rope_dim bf16 values turn by a position move of delta (angles in double,
+ * products in f32, each result rounded to bf16); the latent codes and the
+ * scales are not touched. */
+KVRT_HD static inline void kvrt_mla_fp8_rotate(uint8_t *row, int32_t latent_dim, int32_t rope_dim,
+                                               const kvrt_rope *rope, int64_t delta)
+{
+    uint16_t *r = kvrt_mla_fp8_rope(row, latent_dim);
+    for (int32_t p = 0; p < rope_dim / 2; p++) {
+        int32_t a, b;
+        kvrt_rope_pair(rope->style, rope_dim, p, &a, &b);
+        double ang = kvrt_rope_angle(rope, rope_dim, p, delta);
+        float c = (float)cos(ang), sn = (float)sin(ang);
+        float xa = kvrt_bf16_to_f32(r[a]), xb = kvrt_bf16_to_f32(r[b]);
+        r[a] = kvrt_f32_to_bf16(xa * c - xb * sn);
+        r[b] = kvrt_f32_to_bf16(xa * sn + xb * c);
+    }
 }
 
 #endif /* KVRT_LAYOUT_H */

@@ -331,6 +331,38 @@ double ref_dequantize(kvrt_dtype dtype, uint8_t code, float scale)
     return (double)((float)ref_e4m3_value(code) * scale);
 }
 
+/* Written from the description in docs/layouts.md: the byte offsets are
+ * computed here, not taken from kvrt_layout.h. */
+int64_t ref_mla_fp8_row(const float *x, int32_t latent_dim, int32_t rope_dim, uint8_t *row)
+{
+    int32_t groups = latent_dim / 128;
+    int64_t scale_bytes = (4 * groups + 15) / 16 * 16, rope_bytes = (2 * rope_dim + 15) / 16 * 16;
+    int64_t rope_off = latent_dim + scale_bytes, row_bytes = rope_off + rope_bytes;
+    memset(row, 0, (size_t)row_bytes);
+    for (int32_t g = 0; g < groups; g++) {
+        float s = ref_quantize_row(KVRT_FP8_E4M3, x + 128 * g, 128, row + 128 * g);
+        memcpy(row + latent_dim + 4 * g, &s, 4);
+    }
+    for (int32_t i = 0; i < rope_dim; i++) {
+        uint16_t b = kvrt_f32_to_bf16(x[latent_dim + i]);
+        memcpy(row + rope_off + 2 * i, &b, 2);
+    }
+    return row_bytes;
+}
+
+double ref_mla_fp8_value(const uint8_t *row, int32_t latent_dim, int64_t i)
+{
+    if (i < latent_dim) {
+        float s;
+        memcpy(&s, row + latent_dim + 4 * (i / 128), 4);
+        return ref_dequantize(KVRT_FP8_E4M3, row[i], s);
+    }
+    int64_t rope_off = latent_dim + (4 * (latent_dim / 128) + 15) / 16 * 16;
+    uint16_t b;
+    memcpy(&b, row + rope_off + 2 * (i - latent_dim), 2);
+    return (double)kvrt_bf16_to_f32(b);
+}
+
 /* Each of n_rows rows of len values of x (f32) as the cache holds them:
  * quantized and read back. */
 static void quantize_rows(kvrt_dtype dtype, double *x, int64_t n_rows, int64_t len)

@@ -199,6 +199,15 @@ double ref_dequantize(kvrt_dtype dtype, uint8_t code, float scale);
 /* The value of an e4m3fn code (NaN for 0x7f / 0xff). */
 double ref_e4m3_value(uint8_t code);
 
+/* An MLA slot row of an fp8 cache (docs/layouts.md, "fp8 MLA rows"): packs
+ * the latent_dim + rope_dim f32 values of x into row (row_bytes of it: latent
+ * codes, a scale per 128 latent values, the rope part in bf16, zero padding
+ * to multiples of 16 bytes) and returns row_bytes. Each group of 128 is a
+ * row of ref_quantize_row. */
+int64_t ref_mla_fp8_row(const float *x, int32_t latent_dim, int32_t rope_dim, uint8_t *row);
+/* Value i of such a row (ref_dequantize of its group, or its bf16). */
+double ref_mla_fp8_value(const uint8_t *row, int32_t latent_dim, int64_t i);
+
 /* ---- RoPE, in double ---- */
 
 /* Rotates `dims` elements x[0..dims) as a position move of delta:
