@@ -41,7 +41,9 @@ static int layer_shape_ok(const kvrt_layer_desc *l)
 }
 
 /* Whether a layer kind can be stored in a dtype: quantized rows are ATTN
- * and CROSS only (an MLA row would need FlashMLA's mixed layout). */
+ * and CROSS only. An MLA row in q8 is refused by design; in fp8 its
+ * FlashMLA-style packed row is defined (kvrt_layout.h, kvrt_mla_fp8_*) but
+ * not yet stored by any backend. */
 static int kind_takes_dtype(kvrt_layer_kind kind, kvrt_dtype dtype)
 {
     return !kvrt_dtype_is_quantized(dtype) || kind != KVRT_LAYER_MLA;
@@ -191,8 +193,11 @@ kvrt_status kvrt_desc_validate(const kvrt_cache_desc *desc)
     for (int i = 0; i < d->n_layers; i++)
         KVRT_CHECK(kind_takes_dtype(d->layers[i].kind, d->dtype), KVRT_ERR_UNSUPPORTED,
                    "layer %d (%s): dtype %s is not supported for this kind (q8 and fp8_e4m3 "
-                   "store ATTN and CROSS layers)",
-                   i, kind_name(d->layers[i].kind), kvrt_dtype_name(d->dtype));
+                   "store ATTN and CROSS layers; %s)",
+                   i, kind_name(d->layers[i].kind), kvrt_dtype_name(d->dtype),
+                   d->dtype == KVRT_Q8 ? "an MLA row has no int8 form: use fp8_e4m3 or a float dtype"
+                                       : "the FlashMLA-style fp8 MLA row is defined in docs/layouts.md "
+                                         "but no backend stores it yet");
     return KVRT_OK;
 }
 

@@ -6,13 +6,16 @@
  *   kvrt-info --budget SIZE    tokens a memory budget of SIZE (80GiB, 512MiB,
  *                              or bytes) holds per cache dtype, for a
  *                              Llama-3-8B-shaped and a DeepSeek-V3-shaped
- *                              layer description (from kvrt_layer_row_bytes)
+ *                              layer description (from kvrt_layer_row_bytes;
+ *                              DeepSeek-V3's fp8 line from the FlashMLA row
+ *                              layout of kvrt_layout.h)
  */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "kvrt.h"
+#include "kvrt_layout.h"
 
 /* SIZE with an optional KiB/MiB/GiB/TiB (or KB/MB/GB/TB, powers of 1000)
  * suffix; 0 when it does not parse. */
@@ -39,6 +42,18 @@ typedef struct model {
     kvrt_layer_desc layer;  /* every layer */
 } model;
 
+/* The FlashMLA-style fp8 row of an MLA layer (docs/layouts.md, "fp8 MLA
+ * rows"; kvrt_layout.h), which kvrt_layer_row_bytes does not count while
+ * caches refuse it: 1 with its bytes and scale bytes, 0 for anything else. */
+static int fp8_mla_row(const kvrt_layer_desc *l, kvrt_dtype dtype, size_t *row, size_t *scales)
+{
+    if (l->kind != KVRT_LAYER_MLA || dtype != KVRT_FP8_E4M3 || l->latent_dim % KVRT_MLA_FP8_GROUP)
+        return 0;
+    *row = (size_t)kvrt_mla_fp8_row_bytes(l->latent_dim, l->rope_dim);
+    *scales = (size_t)(kvrt_mla_fp8_rope_off(l->latent_dim) - kvrt_mla_fp8_scale_off(l->latent_dim));
+    return 1;
+}
+
 static int budget(const char *arg)
 {
     double bytes = parse_size(arg);
@@ -60,6 +75,14 @@ static int budget(const char *arg)
         for (size_t d = 0; d < sizeof dtypes / sizeof dtypes[0]; d++) {
             size_t row = kvrt_layer_row_bytes(&models[m].layer, dtypes[d]);
             size_t scales = kvrt_layer_scale_bytes(&models[m].layer, dtypes[d]);
+            if (row == 0 && fp8_mla_row(&models[m].layer, dtypes[d], &row, &scales)) {
+                double token = (double)row * models[m].n_layers;
+                printf("  %-9s %14.0f %14.0f %16.0f  (FlashMLA rows: layout only, a cache "
+                       "refuses them in this build)\n",
+                       kvrt_dtype_name(dtypes[d]), token, (double)scales * models[m].n_layers,
+                       bytes / token);
+                continue;
+            }
             if (row == 0) {
                 printf("  %-9s %14s %14s %16s\n", kvrt_dtype_name(dtypes[d]), "-", "-",
                        "not supported for this layer kind");

@@ -7,7 +7,8 @@
  *     zero padding), with zero groups, saturation, ties, NaN and Inf;
  *   - reading back matches the reference value for value, NaN stays NaN,
  *     and the error is within the bound derived below;
- *   - a shift turns the rope part only: latent codes and scales bit-exact.
+ *   - a shift turns the rope part only: latent codes and scales bit-exact;
+ *   - caches refuse MLA layers in q8 and fp8 on every backend, saying why.
  */
 #include <math.h>
 #include <setjmp.h>
@@ -191,12 +192,42 @@ static void test_shift(void **state)
     }
 }
 
+/* A cache refuses an MLA layer in q8 (by design) and in fp8 (the row is
+ * defined, not yet stored), on every backend, naming the layer and its kind;
+ * kvrt_layer_row_bytes does not count what no cache stores. */
+static void test_refused(void **state)
+{
+    (void)state;
+    kvrt_layer_desc layers[2] = {{KVRT_LAYER_ATTN, 2, 64, 64, 0, 0, 0, 0},
+                                 {KVRT_LAYER_MLA, 0, 0, 0, 0, 512, 64, 0}};
+    const kvrt_backend backends[3] = {KVRT_BACKEND_CPU, KVRT_BACKEND_CUDA, KVRT_BACKEND_HIP};
+    for (int b = 0; b < 3; b++)
+        for (int q = 0; q < 2; q++) {
+            kvrt_cache_desc d;
+            kvrt_cache_desc_init(&d);
+            d.dtype = q ? KVRT_Q8 : KVRT_FP8_E4M3;
+            d.n_layers = 2;
+            d.layers = layers;
+            d.n_blocks = 4;
+            d.rope.n_rot = 64;
+            d.device.backend = backends[b];
+            kvrt_cache *c = (kvrt_cache *)1;
+            assert_int_equal(kvrt_cache_create(&d, &c), KVRT_ERR_UNSUPPORTED);
+            assert_null(c);
+            const char *msg = kvrt_last_error();
+            assert_non_null(strstr(msg, "layer 1 (MLA)"));
+            assert_non_null(strstr(msg, q ? "no int8 form" : "FlashMLA-style fp8 MLA row"));
+            assert_int_equal(kvrt_layer_row_bytes(&layers[1], d.dtype), 0);
+        }
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_sizes),
         cmocka_unit_test(test_pack),
         cmocka_unit_test(test_shift),
+        cmocka_unit_test(test_refused),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
