@@ -1404,7 +1404,8 @@ static bench_baseline *baseline_build(bench *b, attn_ctx *x, kvrt_dtype dtype, c
 #endif
 
 /* The dense baseline of x's attention, after kvrt's was timed (kvrt_ms):
- * checked against kvrt's output of the last layer, then timed as kvrt was;
+ * timed as kvrt was, then its output checked against kvrt's of the last
+ * layer (a time from a wrong result stops the bench before it is reported);
  * sets the next report's "baseline", "baseline_ms" and "vs_baseline"
  * (baseline time / kvrt time: > 1 when kvrt is faster). GPU backends only. */
 static void attention_baseline(bench *b, attn_ctx *x, double kvrt_ms)
@@ -1433,8 +1434,11 @@ static void attention_baseline(bench *b, attn_ctx *x, double kvrt_ms)
     baseline_ctx c = {bl, x->q.dev, NULL};
     buffer out = buffer_empty(b, x->out.bytes);
     c.out = out.dev;
-    run_baseline(b, &c);
-    buffer_pull(b, &out);
+    double copy_gbps = b->copy_gbps, read_gbps = b->read_gbps; /* kvrt's run's */
+    double ms = time_op(b, run_baseline, NULL, &c);
+    b->copy_gbps = copy_gbps;
+    b->read_gbps = read_gbps;
+    buffer_pull(b, &out); /* the last timed run's */
     KV(kvrt_attention(x->cache, x->batch, x->n_layers - 1, x->q.dev, x->out.dev, &x->params, NULL));
     buffer_pull(b, &x->out);
     const attn_shape *sh = x->shape;
@@ -1445,10 +1449,6 @@ static void attention_baseline(bench *b, attn_ctx *x, double kvrt_ms)
     if (worst > 1.0)
         die("validation: the cuBLAS baseline of %s is off kvrt's output by %.2f of its bound",
             sh->op, worst);
-    double copy_gbps = b->copy_gbps, read_gbps = b->read_gbps; /* kvrt's run's */
-    double ms = time_op(b, run_baseline, NULL, &c);
-    b->copy_gbps = copy_gbps;
-    b->read_gbps = read_gbps;
     snprintf(b->row_extra, sizeof b->row_extra,
              ",\"baseline\":\"cublas\",\"baseline_ms\":%.4f,\"vs_baseline\":%.4f,"
              "\"baseline_check\":%.3f",
