@@ -31,6 +31,14 @@
  * It also times, per prefix-caching hash (XXH3-128, BLAKE2b), the same step
  * planned with token ids (plan_prefix_*) and the lookup of a 4096-token
  * prompt whose blocks are all cached (lookup_*).
+ * On CUDA each attention row also carries its cuBLAS dense baseline
+ * (baseline.h: K/V gathered contiguous, batched GEMM, masked softmax,
+ * batched GEMM), timed in the same run after kvrt and checked against
+ * kvrt's output: "baseline":"cublas", "baseline_ms", "vs_baseline" =
+ * baseline_ms / median_ms (> 1: kvrt faster), "baseline_check" (its worst
+ * error in units of its bound). Where there is none (HIP: hipBLAS is not
+ * packaged; q8, fp8 and f32 caches; a build without cuBLAS) the row has
+ * "vs_baseline":null and a "baseline_note". CPU rows have neither.
  * With --dtype q8 or fp8 (quantized caches) attention_decode runs, written
  * from f16 rows, with f16 queries and outputs; its bytes count the codes and
  * the scales read. The other ops skip quantized caches.
