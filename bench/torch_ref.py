@@ -52,30 +52,23 @@ OPS = ("attention_decode", "attention_prefill", "attention_mla")
 DTYPE_BYTES = {"f16": 2, "bf16": 2}
 
 
+GQA_HEADS = {"q_heads": 32, "kv_heads": 8, "head_dim": 128}
+MLA_HEADS = {"q_heads": 128, "latent_dim": 512, "rope_dim": 64}
+
+
 def shapes(op, quick):
     """The shapes of one op, as dicts in kvrt-bench's shape schema."""
-    out = []
+    if op == "attention_prefill":
+        return [dict(GQA_HEADS, batch=1, context=t, new_tokens=t, layers=1)
+                for t in ((1024,) if quick else (1024, 8192))]
     if op == "attention_decode":
-        batches, contexts = (1, 16, 64, 256), (1024, 4096, 16384, 32768)
-        if quick:
-            batches, contexts = batches[:1], contexts[:1]
-        for b in batches:
-            for c in contexts:
-                out.append({"q_heads": 32, "kv_heads": 8, "head_dim": 128, "batch": b,
-                            "context": c, "new_tokens": 1, "layers": 1})
-    elif op == "attention_prefill":
-        for t in (1024,) if quick else (1024, 8192):
-            out.append({"q_heads": 32, "kv_heads": 8, "head_dim": 128, "batch": 1,
-                        "context": t, "new_tokens": t, "layers": 1})
+        heads, batches, contexts = GQA_HEADS, (1, 16, 64, 256), (1024, 4096, 16384, 32768)
     else:
-        batches, contexts = (16, 64, 128), (4096, 16384)
-        if quick:
-            batches, contexts = batches[:1], contexts[:1]
-        for b in batches:
-            for c in contexts:
-                out.append({"q_heads": 128, "latent_dim": 512, "rope_dim": 64, "batch": b,
-                            "context": c, "new_tokens": 1, "layers": 1})
-    return out
+        heads, batches, contexts = MLA_HEADS, (16, 64, 128), (4096, 16384)
+    if quick:
+        batches, contexts = batches[:1], contexts[:1]
+    return [dict(heads, batch=b, context=c, new_tokens=1, layers=1)
+            for b in batches for c in contexts]
 
 
 def dims(shape):
