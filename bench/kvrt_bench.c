@@ -31,6 +31,14 @@
  * It also times, per prefix-caching hash (XXH3-128, BLAKE2b), the same step
  * planned with token ids (plan_prefix_*) and the lookup of a 4096-token
  * prompt whose blocks are all cached (lookup_*).
+ * On CUDA each attention row also carries its cuBLAS dense baseline
+ * (baseline.h: K/V gathered contiguous, batched GEMM, masked softmax,
+ * batched GEMM), timed in the same run after kvrt and checked against
+ * kvrt's output: "baseline":"cublas", "baseline_ms", "vs_baseline" =
+ * baseline_ms / median_ms (> 1: kvrt faster), "baseline_check" (its worst
+ * error in units of its bound). Where there is none (HIP: hipBLAS is not
+ * packaged; q8, fp8 and f32 caches; a build without cuBLAS) the row has
+ * "vs_baseline":null and a "baseline_note". CPU rows have neither.
  * With --dtype q8 or fp8 (quantized caches) attention_decode runs, written
  * from f16 rows, with f16 queries and outputs; its bytes count the codes and
  * the scales read. The other ops skip quantized caches.
@@ -49,6 +57,9 @@
 #include "devmem.h"
 #include "kvrt.h"
 #include "kvrt_layout.h" /* element conversions, shared with the library */
+#ifdef KVRT_BENCH_CUBLAS
+#  include "baseline.h"
+#endif
 
 #define MIB ((size_t)1 << 20)
 
@@ -107,6 +118,8 @@ typedef struct bench {
     double       copy_gbps;      /* the median probe copy of the last time_op */
     double       read_gbps;      /* CPU: the median read of the probe's source, likewise */
     int          header_done;
+    char         row_extra[256]; /* JSON members the next report adds (the baseline's) */
+    char         row_note[64];   /* and its table text */
 } bench;
 
 static void print_header(bench *b)
@@ -132,6 +145,8 @@ static void report(bench *b, const char *op, kvrt_dtype dtype, const char *shape
         printf("  %.3f TFLOP/s", flops / (median_ms * 1e-3) / 1e12);
     if (b->read_gbps > 0)
         printf("  read %.2f GB/s, fraction %.3f", b->read_gbps, gbps / b->read_gbps);
+    if (b->row_note[0] != '\0')
+        printf("  %s", b->row_note);
     if (b->sim)
         printf("  (kvrt-sim: not a speed)");
     printf("\n");
@@ -151,6 +166,8 @@ static void report(bench *b, const char *op, kvrt_dtype dtype, const char *shape
         n += snprintf(line + n, sizeof line - (size_t)n,
                       ",\"read_gbps\":%.3f,\"read_fraction\":%.4f", b->read_gbps,
                       gbps / b->read_gbps);
+    n += snprintf(line + n, sizeof line - (size_t)n, "%s", b->row_extra);
+    b->row_extra[0] = b->row_note[0] = '\0';
     snprintf(line + n, sizeof line - (size_t)n, "}");
     printf("%s\n", line);
     if (b->json != NULL) {
@@ -1287,6 +1304,169 @@ static double attention_check(attn_ctx *x, int layer, int32_t seq, int32_t qpos,
     return worst;
 }
 
+/* ------------------------------------------------------------------------ */
+/* attention: the cuBLAS dense baseline (baseline.h; CUDA only)              */
+/* ------------------------------------------------------------------------ */
+
+/* Sets the baseline's members of the next report: "vs_baseline" null with
+ * "baseline_note" saying why. */
+static void baseline_none(bench *b, const char *why)
+{
+    snprintf(b->row_extra, sizeof b->row_extra,
+             ",\"baseline\":null,\"vs_baseline\":null,\"baseline_note\":\"%s\"", why);
+    snprintf(b->row_note, sizeof b->row_note, "no baseline");
+}
+
+#ifdef KVRT_BENCH_CUBLAS
+typedef struct baseline_ctx {
+    bench_baseline *bl;
+    const void     *q;
+    void           *out;
+} baseline_ctx;
+
+static void run_baseline(bench *b, void *ctx)
+{
+    (void)b;
+    baseline_ctx *x = ctx;
+    if (bench_baseline_run(x->bl, x->q, x->out) != 0)
+        die("%s", bench_baseline_error());
+}
+
+/* The baseline's output (host) against kvrt's for the same layer, every
+ * element; returns the worst error in units of its bound. Both are within
+ * reach of o, the exact attention of the rounded inputs (|q|, |k|, |v| <= 1;
+ * u the unit roundoff of the cache dtype, 2^-11 f16, 2^-8 bf16):
+ *   kvrt:     |kvrt - o| <= 2u |o| + 1e-4         (attention_check's bound)
+ *   baseline: logits from f32 sums of dk exact products, scaled by
+ *             1/sqrt(dk): off by at most d = dk * 2^-24 * dk / sqrt(dk);
+ *             the weights then by a factor within e^(+-2d), the output by
+ *             <= 2.1 d max|v|; exp and normalization in f32: <= 8 * 2^-24;
+ *             P rounded to the dtype: <= u * sum p |v| <= u; the P V sums
+ *             in f32 over n keys: <= n * 2^-24 * sum p |v|; the output
+ *             rounded: <= u |o|.
+ * With |o| ~ |kvrt| (the difference is within the 1e-4 term):
+ *   |baseline - kvrt| <= 3u |kvrt| + u + 1e-4 + (2.1 dk^1.5 + n + 8) 2^-24. */
+static double baseline_error(const void *base, const void *kvrt, kvrt_dtype dtype, int64_t n,
+                             int dk, int keys)
+{
+    double u = dtype == KVRT_BF16 ? 0x1p-8 : 0x1p-11, worst = 0;
+    double floor = u + 1e-4 + (2.1 * pow(dk, 1.5) + keys + 8) * 0x1p-24;
+    for (int64_t i = 0; i < n; i++) {
+        double want = kvrt_load(kvrt, dtype, i), got = kvrt_load(base, dtype, i);
+        double err = fabs(got - want) / (3 * u * fabs(want) + floor);
+        if (!(err <= worst)) /* NaN counts as the worst */
+            worst = isnan(err) ? INFINITY : err;
+    }
+    return worst;
+}
+
+/* Gathers every layer and sequence of x's cache into a baseline; NULL with
+ * the reason in *why when it cannot be built (device memory, mostly). */
+static bench_baseline *baseline_build(bench *b, attn_ctx *x, kvrt_dtype dtype, char *why,
+                                      size_t why_n)
+{
+    const attn_shape *sh = x->shape;
+    int32_t total = sh->context + sh->new_tokens;
+    bench_baseline_shape s = {dtype == KVRT_BF16, x->n_layers, sh->batch,
+                              sh->mla ? 1 : sh->n_kv_heads, 0, sh->new_tokens, total,
+                              sh->mla ? sh->latent_dim + sh->rope_dim : sh->head_dim,
+                              sh->mla ? sh->latent_dim : sh->head_dim, sh->mla, sh->context};
+    s.group = sh->n_q_heads / s.kv_heads;
+    bench_baseline *bl;
+    if (bench_baseline_create(&s, &bl) != 0) {
+        snprintf(why, why_n, "%s", bench_baseline_error());
+        return NULL;
+    }
+    const kvrt_cache_desc *d = kvrt_cache_get_desc(x->cache);
+    size_t kb = (size_t)total * k_row_bytes(&d->layers[0], dtype);
+    size_t vb = (size_t)total * v_row_bytes(&d->layers[0], dtype);
+    void *k = devmem_alloc(b->device, kb), *v = vb > 0 ? devmem_alloc(b->device, vb) : NULL;
+    int32_t *pos = xmalloc(sizeof(int32_t) * (size_t)total);
+    int ok = k != NULL && (vb == 0 || v != NULL);
+    if (!ok)
+        snprintf(why, why_n, "baseline: no device memory for a sequence's rows");
+    for (int l = 0; ok && l < x->n_layers; l++)
+        for (int q = 0; ok && q < sh->batch; q++) {
+            int64_t n;
+            int first = l == 0 && q == 0;
+            KV(kvrt_gather(x->cache, l, q, 0, total, k, v, first ? pos : NULL, total, &n, NULL));
+            if (n != total)
+                die("baseline: layer %d sequence %d has %lld rows, not %d", l, q, (long long)n, total);
+            for (int32_t j = 0; first && j < total; j++)
+                if (pos[j] != j)
+                    die("baseline: row %d is at position %d, not %d", j, pos[j], j);
+            if (bench_baseline_load(bl, l, q, k, v) != 0) {
+                snprintf(why, why_n, "%s", bench_baseline_error());
+                ok = 0;
+            }
+        }
+    free(pos);
+    devmem_free(b->device, k);
+    devmem_free(b->device, v);
+    if (!ok) {
+        bench_baseline_destroy(bl);
+        return NULL;
+    }
+    return bl;
+}
+#endif
+
+/* The dense baseline of x's attention, after kvrt's was timed (kvrt_ms):
+ * timed as kvrt was, then its output checked against kvrt's of the last
+ * layer (a time from a wrong result stops the bench before it is reported);
+ * sets the next report's "baseline", "baseline_ms" and "vs_baseline"
+ * (baseline time / kvrt time: > 1 when kvrt is faster). GPU backends only. */
+static void attention_baseline(bench *b, attn_ctx *x, double kvrt_ms)
+{
+    kvrt_dtype dtype = kvrt_cache_get_desc(x->cache)->dtype;
+    if (b->device.backend == KVRT_BACKEND_CPU)
+        return;
+    if (b->device.backend == KVRT_BACKEND_HIP) {
+        baseline_none(b, "no baseline on HIP: hipBLAS is not packaged");
+        return;
+    }
+    if (dtype != KVRT_F16 && dtype != KVRT_BF16) {
+        baseline_none(b, "the cuBLAS baseline takes f16 and bf16 caches");
+        return;
+    }
+#ifndef KVRT_BENCH_CUBLAS
+    (void)kvrt_ms;
+    baseline_none(b, "this kvrt-bench was built without cuBLAS");
+#else
+    char why[200];
+    bench_baseline *bl = baseline_build(b, x, dtype, why, sizeof why);
+    if (bl == NULL) {
+        baseline_none(b, why);
+        return;
+    }
+    baseline_ctx c = {bl, x->q.dev, NULL};
+    buffer out = buffer_empty(b, x->out.bytes);
+    c.out = out.dev;
+    double copy_gbps = b->copy_gbps, read_gbps = b->read_gbps; /* kvrt's run's */
+    double ms = time_op(b, run_baseline, NULL, &c);
+    b->copy_gbps = copy_gbps;
+    b->read_gbps = read_gbps;
+    buffer_pull(b, &out); /* the last timed run's */
+    KV(kvrt_attention(x->cache, x->batch, x->n_layers - 1, x->q.dev, x->out.dev, &x->params, NULL));
+    buffer_pull(b, &x->out);
+    const attn_shape *sh = x->shape;
+    int dk = sh->mla ? sh->latent_dim + sh->rope_dim : sh->head_dim;
+    double worst = baseline_error(out.host, x->out.host, dtype,
+                                  (int64_t)(x->out.bytes / kvrt_dtype_size(dtype)), dk,
+                                  sh->context + sh->new_tokens);
+    if (worst > 1.0)
+        die("validation: the cuBLAS baseline of %s is off kvrt's output by %.2f of its bound",
+            sh->op, worst);
+    snprintf(b->row_extra, sizeof b->row_extra,
+             ",\"baseline\":\"cublas\",\"baseline_ms\":%.4f,\"vs_baseline\":%.4f,"
+             "\"baseline_check\":%.3f",
+             ms, ms / kvrt_ms, worst);
+    snprintf(b->row_note, sizeof b->row_note, "cuBLAS %.3f ms, x%.2f", ms, ms / kvrt_ms);
+    buffer_free(b, &out);
+    bench_baseline_destroy(bl);
+#endif
+}
+
 static void bench_attention_shape(bench *b, const attn_shape *sh)
 {
     kvrt_dtype dtype = sh->mla ? b->mla_dtype : b->dtype;
@@ -1406,6 +1586,7 @@ static void bench_attention_shape(bench *b, const attn_shape *sh)
         else
             snprintf(text, sizeof text, "%dq/%dkv d%d p%d, %d new on ctx %d", sh->n_q_heads,
                      sh->n_kv_heads, sh->head_dim, sh->block_size, sh->new_tokens, sh->context);
+        attention_baseline(b, &x, ms);
         report(b, sh->op, dtype, shape, text, ms, bytes, flops);
     }
     buffer_free(b, &x.q);
