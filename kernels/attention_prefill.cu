@@ -56,11 +56,6 @@
  */
 #include "gpu_common.cuh"
 
-#if defined(__CUDACC__) && !defined(KVRT_GPU_SIM)
-#  include <cuda_bf16.h>
-#  include <cuda_fp16.h>
-#endif
-
 namespace {
 
 constexpr int kPfGroups = 4;              /* groups of 32 lanes per CTA */
@@ -79,24 +74,6 @@ template <int D> struct pf_shape {
 __device__ inline void tile_copy16(void *dst, const void *src, bool valid)
 {
     *static_cast<uint4 *>(dst) = valid ? *static_cast<const uint4 *>(src) : make_uint4(0, 0, 0, 0);
-}
-
-/* Two f32 values as one register of two DT values (lo in the low half). */
-template <int DT> __device__ inline uint32_t pack_pair(float lo, float hi)
-{
-#if defined(__CUDA_ARCH__) && !defined(KVRT_GPU_SIM)
-    uint32_t r;
-    if (DT == KVRT_LAYOUT_F16) {
-        const __half2 h = __floats2half2_rn(lo, hi);
-        memcpy(&r, &h, sizeof r);
-    } else {
-        const __nv_bfloat162 b = __floats2bfloat162_rn(lo, hi);
-        memcpy(&r, &b, sizeof r);
-    }
-    return r;
-#else
-    return (uint32_t)dtype_traits<DT>::from_f32(lo) | (uint32_t)dtype_traits<DT>::from_f32(hi) << 16;
-#endif
 }
 
 /* Whether some lane of the warp (wavefront) has p. */

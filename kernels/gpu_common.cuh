@@ -15,6 +15,11 @@
 
 #include <stdint.h>
 
+#if defined(__CUDACC__) && !defined(KVRT_GPU_SIM)
+#  include <cuda_bf16.h>
+#  include <cuda_fp16.h>
+#endif
+
 #include "gpu_launch.h"
 #include "kvrt_layout.h"
 
@@ -397,6 +402,25 @@ template <int N, bool TRANS> __device__ inline void ldmatrix_x(uint32_t r[N], co
             r[i] = (uint32_t)p0[g] | (uint32_t)p1[g] << 16;
         }
     }
+#endif
+}
+
+/* Two f32 values as one register of two DT values (lo in the low half),
+ * rounded to nearest even: the A fragment of a product P * V. */
+template <int DT> __device__ inline uint32_t pack_pair(float lo, float hi)
+{
+#if defined(__CUDA_ARCH__) && !defined(KVRT_GPU_SIM)
+    uint32_t r;
+    if (DT == KVRT_LAYOUT_F16) {
+        const __half2 h = __floats2half2_rn(lo, hi);
+        memcpy(&r, &h, sizeof r);
+    } else {
+        const __nv_bfloat162 b = __floats2bfloat162_rn(lo, hi);
+        memcpy(&r, &b, sizeof r);
+    }
+    return r;
+#else
+    return (uint32_t)dtype_traits<DT>::from_f32(lo) | (uint32_t)dtype_traits<DT>::from_f32(hi) << 16;
 #endif
 }
 

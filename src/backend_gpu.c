@@ -1136,6 +1136,17 @@ static kvrt_status attention_decode_impl(gpu_ctx *ctx, const kvrt_attention_op *
                     "attention (decode)");
 }
 
+/* Decode-shaped MLA calls (attention_mla_takes: 576/512 latent rows, f16 or
+ * bf16, 1 to 8 query tokens per sequence) go to the tensor-core MLA kernel. */
+static kvrt_status attention_mla_impl(gpu_ctx *ctx, const kvrt_attention_op *op, void *stream)
+{
+    void *ws = NULL;
+    size_t ws_bytes = 0;
+    attention_workspace(ctx, KVRT_GPU_FN(attention_mla_workspace)(op), stream, &ws, &ws_bytes);
+    return launched(KVRT_GPU_FN(launch_attention_mla)(op, stream, ws, ws_bytes),
+                    "attention (MLA)");
+}
+
 static kvrt_status attention_dispatch(gpu_ctx *ctx, const kvrt_attention_op *op, void *stream)
 {
     KVRT_CHECK((int64_t)op->n_tokens * op->n_q_heads <= 0x7fffffff, KVRT_ERR_UNSUPPORTED,
@@ -1143,6 +1154,8 @@ static kvrt_status attention_dispatch(gpu_ctx *ctx, const kvrt_attention_op *op,
                KVRT_GPU_API_NAME, op->n_tokens, op->n_q_heads);
     if (attention_prefill_shaped(op))
         return launched(KVRT_GPU_FN(launch_attention_prefill)(op, stream), "attention");
+    if (KVRT_GPU_FN(attention_mla_takes)(op))
+        return attention_mla_impl(ctx, op, stream);
     if (KVRT_GPU_FN(attention_decode_takes)(op))
         return attention_decode_impl(ctx, op, stream);
     return attention_impl(ctx, op, stream);
