@@ -915,7 +915,7 @@ static void attention_mla_grid(rng *r)
     static const int block_sizes[] = {1, 16, 64, 256}, heads[] = {16, 64, 128, 16};
     for (int i = 0; i < 4; i++) {
         const int dt = i % 2 ? f16 : bf16;
-        c = mla_case(block_sizes[i], dt, 3, 120, 0, 1 + i % 2, heads[i], i % 3 == 0 ? f32 : dt);
+        c = mla_case(block_sizes[i], dt, 3, 120, 0, i == 3 ? 2 : 1, heads[i], i % 3 == 0 ? f32 : dt);
         c.launches = 1;
         test_attention(r, c);
     }
@@ -929,7 +929,7 @@ static void attention_mla_grid(rng *r)
     c = mla_case(16, f16, 3, 60, 0, 8, 16, f32);
     c.window = 25;
     test_attention(r, c);
-    c = mla_case(16, bf16, 3, 60, 0, 2, 64, bf16);
+    c = mla_case(16, bf16, 3, 60, 0, 2, 16, bf16);
     c.ragged = 1;
     c.softcap = 15.0f;
     test_attention(r, c);
@@ -938,7 +938,7 @@ static void attention_mla_grid(rng *r)
     c.launches = 2;
     test_attention(r, c);
     /* NaN in a query row and in a K row tokens see; a token's queries NaN */
-    c = mla_case(16, f16, 3, 80, 0, 2, 64, f16);
+    c = mla_case(16, f16, 3, 80, 0, 1, 64, f16);
     c.nan_inputs = 1;
     c.launches = 1;
     test_attention(r, c);
