@@ -36,7 +36,7 @@
  *     the workspace.
  *
  * Differences from the twin (bounded in tests/gpu/test_gpu_ops.c,
- * mla_bound): f32 sums in another order, exp2f, and P rounded to the cache
+ * attention_mla_grid): f32 sums in another order, exp2f, and P rounded to the cache
  * dtype before P V (moves an output by at most u * max |V|). V is read for
  * every key some row of the CTA sees, so a non-finite V that one row sees
  * and another masks reaches the latter too (0 * inf): the twin skips zero
@@ -47,14 +47,17 @@
  * partial S tiles (4 KiB) and positions: 41.6 KiB of static shared memory,
  * within the 48 KiB a CUDA block gets without opt-in, kvrt-sim's limit and
  * the 64 KiB of LDS of a gfx90a workgroup, so no launch attribute is
- * needed on any backend. Bytes in flight: a stage is 18.7 KiB; at 4 to 5
- * resident CTAs per multiprocessor (shared memory bound) ~80 KiB of tiles
- * are in flight per SM, above the ~25 KiB an H200's HBM latency needs.
+ * needed on any backend.
  *
- * Registers (nvcc 13.0, -O3 -Xptxas -v, sm_90a, 128 threads): see the
- * table recorded at the end of this comment.
- *   instance   registers   stack   spills   static shared memory
- *   f16        (recorded below by the compile check)
+ * Registers and shared memory per CTA of 128 threads (nvcc 13.0, -O3
+ * -arch=sm_90a -Xptxas -v; the f16 and bf16 instances alike):
+ *   164 registers, 0-byte stack frame, no spill stores or loads,
+ *   41664 bytes of static shared memory, no dynamic shared memory.
+ * So 3 CTAs per multiprocessor (registers: 3 x 164 x 128 of 64K), each with
+ * one 18.7 KiB stage in flight while it computes the other: ~56 KiB of
+ * latent rows in flight per SM, above the ~25 KiB that covers an H200's
+ * HBM latency (Little's law, attention_decode.cu). hipcc compiles the
+ * portable tensor-core path (gfx90a, gfx1030).
  */
 #include "gpu_common.cuh"
 
