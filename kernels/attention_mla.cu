@@ -36,8 +36,8 @@
  *     the workspace.
  *
  * Differences from the twin (bounded in tests/gpu/test_gpu_ops.c,
- * attention_mla_grid): f32 sums in another order, exp2f, and P rounded to the cache
- * dtype before P V (moves an output by at most u * max |V|). V is read for
+ * attention_mla_grid): f32 sums in another order, exp2f, and P rounded to
+ * the cache dtype before P V (moves an output by at most u * max |V|). V is read for
  * every key some row of the CTA sees, so a non-finite V that one row sees
  * and another masks reaches the latter too (0 * inf): the twin skips zero
  * weights.
