@@ -77,8 +77,6 @@ constexpr int kMlaMaxTokens = 8;
 constexpr int kMlaSplitMinSlots = 256;
 constexpr int kMlaMaxSplits = 64;
 constexpr int kMlaCtasPerSm = 4;
-constexpr int32_t kMlaNoKey = INT32_MIN;
-constexpr float kMlaLog2e = 1.4426950408889634f;
 
 struct mla_plan {
     int tt;          /* tokens per tile (a power of two, 1..8) */
@@ -86,11 +84,6 @@ struct mla_plan {
     int n_splits, split_slots;
     size_t workspace;
 };
-
-__device__ inline bool mla_sees(int32_t kp, int64_t qp, int causal, int window)
-{
-    return kp != kMlaNoKey && (!causal || kp <= qp) && (window <= 0 || kp > qp - window);
-}
 
 template <int DT>
 __global__ void __launch_bounds__(kMlaThreads)
@@ -103,7 +96,6 @@ __global__ void __launch_bounds__(kMlaThreads)
     __shared__ __align__(16) uint16_t s_k[kMlaStages][kMlaKeys][kMlaStride];
     __shared__ __align__(16) float s_part[kMlaGroups][32][8];
     __shared__ int32_t s_kpos[kMlaStages][kMlaKeys];
-    __shared__ int32_t s_qpos[kMlaRows];
 
     const kvrt_layout L = op.layer.layout;
     const int H = op.n_q_heads;
@@ -136,8 +128,6 @@ __global__ void __launch_bounds__(kMlaThreads)
         qmin = qp < qmin ? qp : qmin;
         qmax = qp > qmax ? qp : qmax;
     }
-    if (tid < kMlaRows)
-        s_qpos[tid] = tid < nrows ? op.tok_pos[t0 + (c0 + tid) / H] : 0;
 
     /* Q fragments of rows g and g + 8, dims [144 grp, 144 grp + 144) */
     const int r_lo = g, r_hi = g + 8;
@@ -172,15 +162,15 @@ __global__ void __launch_bounds__(kMlaThreads)
     auto load_tile = [&](int tile, int st) {
         const int c = tid / TPK;
         const int32_t j = s_begin + tile * kMlaKeys + c;
-        int32_t kp = kMlaNoKey;
+        int32_t kp = kNoKey;
         int64_t slot = 0;
         if (j < s_end) {
             slot = kvrt_page_slot(pages, L.block_size, j);
             kp = masked ? op.pos[slot] : 0;
             if (kp < 0 || (masked && ((causal && kp > qmax) || (window > 0 && kp <= qmin - window))))
-                kp = kMlaNoKey;
+                kp = kNoKey;
         }
-        const bool valid = kp != kMlaNoKey;
+        const bool valid = kp != kNoKey;
         const uint16_t *src = kreg + (valid ? kvrt_k_index(&L, slot, 0) : 0);
         for (int part = tid % TPK; part < CH; part += TPK)
             async_copy16(ac, &s_k[st][c][part * 8], src + (valid ? part * 8 : 0), valid);
@@ -192,7 +182,9 @@ __global__ void __launch_bounds__(kMlaThreads)
 #pragma unroll
     for (int dn = 0; dn < DN; dn++)
         o[dn][0] = o[dn][1] = o[dn][2] = o[dn][3] = 0.0f;
-    float m_lo = -INFINITY, m_hi = -INFINITY, l_lo = 0.0f, l_hi = 0.0f;
+    softmax_rows sm = {act_lo, act_hi, act_lo ? op.tok_pos[t0 + (c0 + r_lo) / H] : 0,
+                       act_hi ? op.tok_pos[t0 + (c0 + r_hi) / H] : 0, -INFINITY, -INFINITY,
+                       0.0f, 0.0f};
 
     if (n_tiles > 0)
         load_tile(0, 0);
@@ -227,59 +219,8 @@ __global__ void __launch_bounds__(kMlaThreads)
             s[i / 4][i % 4] = x;
         }
 
-        /* scale, soft-cap, mask; the tile's row maxima */
-        float mx_lo = -INFINITY, mx_hi = -INFINITY;
-        const int64_t qp_lo = s_qpos[r_lo], qp_hi = s_qpos[r_hi];
-#pragma unroll
-        for (int nt8 = 0; nt8 < 2; nt8++)
-#pragma unroll
-            for (int i = 0; i < 4; i++) {
-                const int32_t kp = s_kpos[st][nt8 * 8 + 2 * t + i % 2];
-                const bool vis = i < 2 ? act_lo && mla_sees(kp, qp_lo, causal, window)
-                                       : act_hi && mla_sees(kp, qp_hi, causal, window);
-                float x = s[nt8][i] * op.scale;
-                if (op.softcap > 0.0f)
-                    x = op.softcap * tanhf(x / op.softcap);
-                x = vis ? x : -INFINITY;
-                s[nt8][i] = x;
-                if (i < 2)
-                    mx_lo = fmaxf(mx_lo, x);
-                else
-                    mx_hi = fmaxf(mx_hi, x);
-            }
-        for (int off = 1; off < 4; off *= 2) {
-            mx_lo = fmaxf(mx_lo, KVRT_SHFL_XOR(mx_lo, off));
-            mx_hi = fmaxf(mx_hi, KVRT_SHFL_XOR(mx_hi, off));
-        }
-        /* online softmax: rescale by exp(m_old - m_new); p = exp(s - m_new) */
-        const float mn_lo = fmaxf(m_lo, mx_lo), mn_hi = fmaxf(m_hi, mx_hi);
-        const float ref_lo = mn_lo == -INFINITY ? 0.0f : mn_lo;
-        const float ref_hi = mn_hi == -INFINITY ? 0.0f : mn_hi;
-        const float alpha_lo = exp2f((m_lo - ref_lo) * kMlaLog2e);
-        const float alpha_hi = exp2f((m_hi - ref_hi) * kMlaLog2e);
-        m_lo = mn_lo;
-        m_hi = mn_hi;
-        float sum_lo = 0.0f, sum_hi = 0.0f;
-#pragma unroll
-        for (int nt8 = 0; nt8 < 2; nt8++)
-#pragma unroll
-            for (int i = 0; i < 4; i++) {
-                const float pv = exp2f((s[nt8][i] - (i < 2 ? ref_lo : ref_hi)) * kMlaLog2e);
-                s[nt8][i] = pv;
-                if (i < 2)
-                    sum_lo += pv;
-                else
-                    sum_hi += pv;
-            }
-        l_lo = l_lo * alpha_lo + sum_lo;
-        l_hi = l_hi * alpha_hi + sum_hi;
-#pragma unroll
-        for (int dn = 0; dn < DN; dn++) {
-            o[dn][0] *= alpha_lo;
-            o[dn][1] *= alpha_lo;
-            o[dn][2] *= alpha_hi;
-            o[dn][3] *= alpha_hi;
-        }
+        /* scale, soft-cap, mask; online softmax */
+        softmax_tile<2, DN>(s, o, s_kpos[st], sm, op.scale, op.softcap, causal, window);
 
         /* O += P V over this group's 128 columns */
         uint32_t pa[4];
@@ -299,14 +240,14 @@ __global__ void __launch_bounds__(kMlaThreads)
 
     /* the rows' sums over the 4 lanes of a row */
     for (int off = 1; off < 4; off *= 2) {
-        l_lo += KVRT_SHFL_XOR(l_lo, off);
-        l_hi += KVRT_SHFL_XOR(l_hi, off);
+        sm.l_lo += KVRT_SHFL_XOR(sm.l_lo, off);
+        sm.l_hi += KVRT_SHFL_XOR(sm.l_hi, off);
     }
 #pragma unroll
     for (int half = 0; half < 2; half++) {
         if (!(half ? act_hi : act_lo))
             continue;
-        const float l = half ? l_hi : l_lo, m = half ? m_hi : m_lo;
+        const float l = half ? sm.l_hi : sm.l_lo, m = half ? sm.m_hi : sm.m_lo;
         const int64_t row = half ? row_hi : row_lo;
         const int col0 = grp * (DN * 8) + 2 * t;
         if (partial == NULL) {
