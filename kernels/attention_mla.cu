@@ -96,6 +96,7 @@ __global__ void __launch_bounds__(kMlaThreads)
     __shared__ __align__(16) uint16_t s_k[kMlaStages][kMlaKeys][kMlaStride];
     __shared__ __align__(16) float s_part[kMlaGroups][32][8];
     __shared__ int32_t s_kpos[kMlaStages][kMlaKeys];
+    __shared__ int32_t s_qpos[kMlaRows];
 
     const kvrt_layout L = op.layer.layout;
     const int H = op.n_q_heads;
@@ -182,9 +183,9 @@ __global__ void __launch_bounds__(kMlaThreads)
 #pragma unroll
     for (int dn = 0; dn < DN; dn++)
         o[dn][0] = o[dn][1] = o[dn][2] = o[dn][3] = 0.0f;
-    softmax_rows sm = {act_lo, act_hi, act_lo ? op.tok_pos[t0 + (c0 + r_lo) / H] : 0,
-                       act_hi ? op.tok_pos[t0 + (c0 + r_hi) / H] : 0, -INFINITY, -INFINITY,
-                       0.0f, 0.0f};
+    softmax_rows sm = {act_lo, act_hi, 0, 0, -INFINITY, -INFINITY, 0.0f, 0.0f};
+    if (tid < kMlaRows) /* the rows' positions, read after the first barrier */
+        s_qpos[tid] = tid < nrows ? op.tok_pos[t0 + (c0 + tid) / H] : 0;
 
     if (n_tiles > 0)
         load_tile(0, 0);
@@ -220,6 +221,8 @@ __global__ void __launch_bounds__(kMlaThreads)
         }
 
         /* scale, soft-cap, mask; online softmax */
+        sm.qp_lo = s_qpos[r_lo];
+        sm.qp_hi = s_qpos[r_hi];
         softmax_tile<2, DN>(s, o, s_kpos[st], sm, op.scale, op.softcap, causal, window);
 
         /* O += P V over this group's 128 columns */

@@ -48,10 +48,10 @@
  * Registers and static shared memory per CTA of 128 threads (nvcc 13.0,
  * -O3 -Xptxas -v; the same for f16 and bf16; no stack, no spills):
  *   head dim   keys/tile   sm_90a regs   sm_80 regs   shared memory
- *      64          64          161           157        37888 bytes
- *      96          32          165           165        27392 bytes
- *     128          32          172           167        35584 bytes
- * so 2 CTAs (8 warps) per SM at 172 registers; hipcc compiles the portable
+ *      64          64          166           167        37888 bytes
+ *      96          32          167           165        27392 bytes
+ *     128          32          174           168        35584 bytes
+ * so 2 CTAs (8 warps) per SM at 174 registers; hipcc compiles the portable
  * tensor-core path (gfx90a, gfx1030).
  */
 #include "gpu_common.cuh"
@@ -180,7 +180,7 @@ __global__ void __launch_bounds__(kPfThreads)
             }
         }
         const bool act_lo = r_lo >= run0 && r_lo < run1, act_hi = r_hi >= run0 && r_hi < run1;
-        const int64_t qp_lo = s_qpos[r_lo], qp_hi = s_qpos[r_hi];
+        const int32_t qp_lo = s_qpos[r_lo], qp_hi = s_qpos[r_hi];
         const int32_t *pages = op.page_indices + op.page_indptr[seq];
         const int32_t n_slots = op.seq_n_slots[seq];
         const int n_tiles = (n_slots + NK - 1) / NK;

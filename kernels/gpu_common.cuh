@@ -446,7 +446,7 @@ __device__ inline bool key_sees(int32_t kp, int64_t qp, int causal, int window)
 
 struct softmax_rows {
     bool    act_lo, act_hi;   /* the lane's rows take part */
-    int64_t qp_lo, qp_hi;     /* their query positions */
+    int32_t qp_lo, qp_hi;     /* their query positions */
     float   m_lo, m_hi, l_lo, l_hi;
 };
 
