@@ -1667,12 +1667,20 @@ static void bench_attention_mla(bench *b)
         bench_attention_shape(b, &s);
         return;
     }
-    bench_attention_shape(b, &s);
     if (b->device.backend != KVRT_BACKEND_CPU) {
-        s.batch = 16;
-        s.context = 8191;
-        bench_attention_shape(b, &s);
+        /* GPUs (the tensor-core MLA kernel): bf16, batch 16..128 x context
+         * 4k and 16k */
+        static const int gpu_batch[] = {16, 64, 128};
+        static const int32_t gpu_ctx[] = {4096, 16384};
+        for (int i = 0; i < 3; i++)
+            for (int j = 0; j < 2; j++) {
+                s.batch = gpu_batch[i];
+                s.context = gpu_ctx[j] - 1;
+                bench_attention_shape(b, &s);
+            }
+        return;
     }
+    bench_attention_shape(b, &s);
 }
 
 /* ------------------------------------------------------------------------ */

@@ -48,26 +48,19 @@
  * Registers and static shared memory per CTA of 128 threads (nvcc 13.0,
  * -O3 -Xptxas -v; the same for f16 and bf16; no stack, no spills):
  *   head dim   keys/tile   sm_90a regs   sm_80 regs   shared memory
- *      64          64          161           157        37888 bytes
- *      96          32          165           165        27392 bytes
- *     128          32          172           167        35584 bytes
- * so 2 CTAs (8 warps) per SM at 172 registers; hipcc compiles the portable
+ *      64          64          166           167        37888 bytes
+ *      96          32          167           165        27392 bytes
+ *     128          32          174           168        35584 bytes
+ * so 2 CTAs (8 warps) per SM at 174 registers; hipcc compiles the portable
  * tensor-core path (gfx90a, gfx1030).
  */
 #include "gpu_common.cuh"
-
-#if defined(__CUDACC__) && !defined(KVRT_GPU_SIM)
-#  include <cuda_bf16.h>
-#  include <cuda_fp16.h>
-#endif
 
 namespace {
 
 constexpr int kPfGroups = 4;              /* groups of 32 lanes per CTA */
 constexpr int kPfThreads = 32 * kPfGroups; /* a multiple of every warp width */
 constexpr int kPfRows = 16 * kPfGroups;   /* query tokens per CTA */
-constexpr int32_t kNoKey = INT32_MIN;     /* the position of a key no row sees */
-constexpr float kLog2e = 1.4426950408889634f;
 
 /* Tile shape by head dim: keys per tile, 16-bit elements per shared row. */
 template <int D> struct pf_shape {
@@ -81,24 +74,6 @@ __device__ inline void tile_copy16(void *dst, const void *src, bool valid)
     *static_cast<uint4 *>(dst) = valid ? *static_cast<const uint4 *>(src) : make_uint4(0, 0, 0, 0);
 }
 
-/* Two f32 values as one register of two DT values (lo in the low half). */
-template <int DT> __device__ inline uint32_t pack_pair(float lo, float hi)
-{
-#if defined(__CUDA_ARCH__) && !defined(KVRT_GPU_SIM)
-    uint32_t r;
-    if (DT == KVRT_LAYOUT_F16) {
-        const __half2 h = __floats2half2_rn(lo, hi);
-        memcpy(&r, &h, sizeof r);
-    } else {
-        const __nv_bfloat162 b = __floats2bfloat162_rn(lo, hi);
-        memcpy(&r, &b, sizeof r);
-    }
-    return r;
-#else
-    return (uint32_t)dtype_traits<DT>::from_f32(lo) | (uint32_t)dtype_traits<DT>::from_f32(hi) << 16;
-#endif
-}
-
 /* Whether some lane of the warp (wavefront) has p. */
 __device__ inline bool warp_any(bool p)
 {
@@ -107,12 +82,6 @@ __device__ inline bool warp_any(bool p)
 #else
     return __any_sync(0xffffffffu, p) != 0;
 #endif
-}
-
-/* Whether a query at qp sees a key at kp (kNoKey: none sees it). */
-__device__ inline bool pf_sees(int32_t kp, int64_t qp, int causal, int window)
-{
-    return kp != kNoKey && (!causal || kp <= qp) && (window <= 0 || kp > qp - window);
 }
 
 /* Whether some query with a position in [qmin, qmax] may see kp. */
@@ -211,7 +180,7 @@ __global__ void __launch_bounds__(kPfThreads)
             }
         }
         const bool act_lo = r_lo >= run0 && r_lo < run1, act_hi = r_hi >= run0 && r_hi < run1;
-        const int64_t qp_lo = s_qpos[r_lo], qp_hi = s_qpos[r_hi];
+        const int32_t qp_lo = s_qpos[r_lo], qp_hi = s_qpos[r_hi];
         const int32_t *pages = op.page_indices + op.page_indptr[seq];
         const int32_t n_slots = op.seq_n_slots[seq];
         const int n_tiles = (n_slots + NK - 1) / NK;
@@ -243,7 +212,7 @@ __global__ void __launch_bounds__(kPfThreads)
 #pragma unroll
         for (int dn = 0; dn < DN; dn++)
             o[dn][0] = o[dn][1] = o[dn][2] = o[dn][3] = 0.0f;
-        float m_lo = -INFINITY, m_hi = -INFINITY, l_lo = 0.0f, l_hi = 0.0f;
+        softmax_rows sm = {act_lo, act_hi, qp_lo, qp_hi, -INFINITY, -INFINITY, 0.0f, 0.0f};
 
         __syncthreads(); /* the previous run is done with both stages */
         if (n_tiles > 0)
@@ -275,58 +244,8 @@ __global__ void __launch_bounds__(kPfThreads)
                     mma_m16n8k16<DT>(s[nt + 1], qa[ks], kb + 2);
                 }
 
-            /* scale, soft-cap, mask; the tile's row maxima */
-            float mx_lo = -INFINITY, mx_hi = -INFINITY;
-#pragma unroll
-            for (int nt = 0; nt < NT; nt++)
-#pragma unroll
-                for (int i = 0; i < 4; i++) {
-                    const int32_t kp = s_kpos[st][nt * 8 + 2 * t + i % 2];
-                    const bool vis = i < 2 ? act_lo && pf_sees(kp, qp_lo, causal, window)
-                                           : act_hi && pf_sees(kp, qp_hi, causal, window);
-                    float x = s[nt][i] * op.scale;
-                    if (op.softcap > 0.0f)
-                        x = op.softcap * tanhf(x / op.softcap);
-                    x = vis ? x : -INFINITY;
-                    s[nt][i] = x;
-                    if (i < 2)
-                        mx_lo = fmaxf(mx_lo, x);
-                    else
-                        mx_hi = fmaxf(mx_hi, x);
-                }
-            for (int off = 1; off < 4; off *= 2) {
-                mx_lo = fmaxf(mx_lo, KVRT_SHFL_XOR(mx_lo, off));
-                mx_hi = fmaxf(mx_hi, KVRT_SHFL_XOR(mx_hi, off));
-            }
-            /* online softmax: rescale by exp(m_old - m_new); p = exp(s - m_new) */
-            const float mn_lo = fmaxf(m_lo, mx_lo), mn_hi = fmaxf(m_hi, mx_hi);
-            const float ref_lo = mn_lo == -INFINITY ? 0.0f : mn_lo;
-            const float ref_hi = mn_hi == -INFINITY ? 0.0f : mn_hi;
-            const float alpha_lo = exp2f((m_lo - ref_lo) * kLog2e);
-            const float alpha_hi = exp2f((m_hi - ref_hi) * kLog2e);
-            m_lo = mn_lo;
-            m_hi = mn_hi;
-            float sum_lo = 0.0f, sum_hi = 0.0f;
-#pragma unroll
-            for (int nt = 0; nt < NT; nt++)
-#pragma unroll
-                for (int i = 0; i < 4; i++) {
-                    const float p = exp2f((s[nt][i] - (i < 2 ? ref_lo : ref_hi)) * kLog2e);
-                    s[nt][i] = p;
-                    if (i < 2)
-                        sum_lo += p;
-                    else
-                        sum_hi += p;
-                }
-            l_lo = l_lo * alpha_lo + sum_lo;
-            l_hi = l_hi * alpha_hi + sum_hi;
-#pragma unroll
-            for (int dn = 0; dn < DN; dn++) {
-                o[dn][0] *= alpha_lo;
-                o[dn][1] *= alpha_lo;
-                o[dn][2] *= alpha_hi;
-                o[dn][3] *= alpha_hi;
-            }
+            /* scale, soft-cap, mask; online softmax */
+            softmax_tile<NT, DN>(s, o, s_kpos[st], sm, op.scale, op.softcap, causal, window);
 
             /* O += P V: two n-tiles of S make one A fragment of 16 keys */
 #pragma unroll
@@ -348,11 +267,11 @@ __global__ void __launch_bounds__(kPfThreads)
 
         /* the run's rows: O / l */
         for (int off = 1; off < 4; off *= 2) {
-            l_lo += KVRT_SHFL_XOR(l_lo, off);
-            l_hi += KVRT_SHFL_XOR(l_hi, off);
+            sm.l_lo += KVRT_SHFL_XOR(sm.l_lo, off);
+            sm.l_hi += KVRT_SHFL_XOR(sm.l_hi, off);
         }
-        const float inv_lo = l_lo != l_lo ? NAN : l_lo > 0.0f ? 1.0f / l_lo : 0.0f;
-        const float inv_hi = l_hi != l_hi ? NAN : l_hi > 0.0f ? 1.0f / l_hi : 0.0f;
+        const float inv_lo = sm.l_lo != sm.l_lo ? NAN : sm.l_lo > 0.0f ? 1.0f / sm.l_lo : 0.0f;
+        const float inv_hi = sm.l_hi != sm.l_hi ? NAN : sm.l_hi > 0.0f ? 1.0f / sm.l_hi : 0.0f;
         const int64_t at_lo = ((int64_t)(c0 + r_lo) * op.n_q_heads + head) * D + 2 * t;
         const int64_t at_hi = ((int64_t)(c0 + r_hi) * op.n_q_heads + head) * D + 2 * t;
         if (op.out_dtype == KVRT_LAYOUT_F32)

@@ -3,7 +3,8 @@
  * dtype (conversions are kvrt_layout.h's, so every backend rounds alike),
  * 16-byte packs of 8 elements, asynchronous global-to-shared copies
  * (cp.async), copy units, grid sizing and the launch check; at the end, the
- * tensor-core products (mma.sync m16n8k16, ldmatrix).
+ * tensor-core products (mma.sync m16n8k16, ldmatrix) and the online
+ * softmax of their S tiles.
  *
  * Everything here has internal linkage (an unnamed namespace), so the CUDA
  * and the HIP objects of one library never share a symbol.
@@ -14,6 +15,11 @@
 #include "gpu_compat.h"
 
 #include <stdint.h>
+
+#if defined(__CUDACC__) && !defined(KVRT_GPU_SIM)
+#  include <cuda_bf16.h>
+#  include <cuda_fp16.h>
+#endif
 
 #include "gpu_launch.h"
 #include "kvrt_layout.h"
@@ -398,6 +404,109 @@ template <int N, bool TRANS> __device__ inline void ldmatrix_x(uint32_t r[N], co
         }
     }
 #endif
+}
+
+/* Two f32 values as one register of two DT values (lo in the low half),
+ * rounded to nearest even: the A fragment of a product P * V. */
+template <int DT> __device__ inline uint32_t pack_pair(float lo, float hi)
+{
+#if defined(__CUDA_ARCH__) && !defined(KVRT_GPU_SIM)
+    uint32_t r;
+    if (DT == KVRT_LAYOUT_F16) {
+        const __half2 h = __floats2half2_rn(lo, hi);
+        memcpy(&r, &h, sizeof r);
+    } else {
+        const __nv_bfloat162 b = __floats2bfloat162_rn(lo, hi);
+        memcpy(&r, &b, sizeof r);
+    }
+    return r;
+#else
+    return (uint32_t)dtype_traits<DT>::from_f32(lo) | (uint32_t)dtype_traits<DT>::from_f32(hi) << 16;
+#endif
+}
+
+/* ---- online softmax of an S tile held as mma C fragments ----
+ *
+ * For the tensor-core attention kernels: a lane's rows g (lo) and g + 8
+ * (hi) of a 16 x 8NT tile of logits s (the C fragments of Q K^T), keys at
+ * positions kpos[8 nt + 2t + i % 2] (kNoKey: no row sees it). Scales,
+ * soft-caps and masks s by position (causal, window; inactive rows see
+ * nothing), updates the running row max m and sum l (over the 4 lanes of a
+ * row, by shuffles), rescales the DN accumulator tiles o by
+ * exp(m_old - m_new), and leaves p = exp(s - m_new) in s. A row with no
+ * visible key keeps m -inf, l 0 and p 0; a NaN logit makes l NaN. */
+constexpr int32_t kNoKey = INT32_MIN; /* the position of a key no row sees */
+constexpr float kLog2e = 1.4426950408889634f;
+
+/* Whether a query at qp sees a key at kp (kNoKey: none sees it). */
+__device__ inline bool key_sees(int32_t kp, int64_t qp, int causal, int window)
+{
+    return kp != kNoKey && (!causal || kp <= qp) && (window <= 0 || kp > qp - window);
+}
+
+struct softmax_rows {
+    bool    act_lo, act_hi;   /* the lane's rows take part */
+    int32_t qp_lo, qp_hi;     /* their query positions */
+    float   m_lo, m_hi, l_lo, l_hi;
+};
+
+template <int NT, int DN>
+__device__ inline void softmax_tile(float (&s)[NT][4], float (&o)[DN][4], const int32_t *kpos,
+                                    softmax_rows &r, float scale, float softcap, int causal,
+                                    int window)
+{
+    const int t = (int)(threadIdx.x % 32) % 4;
+    float mx_lo = -INFINITY, mx_hi = -INFINITY;
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const int32_t kp = kpos[nt * 8 + 2 * t + i % 2];
+            const bool vis = i < 2 ? r.act_lo && key_sees(kp, r.qp_lo, causal, window)
+                                   : r.act_hi && key_sees(kp, r.qp_hi, causal, window);
+            float x = s[nt][i] * scale;
+            if (softcap > 0.0f)
+                x = softcap * tanhf(x / softcap);
+            x = vis ? x : -INFINITY;
+            s[nt][i] = x;
+            if (i < 2)
+                mx_lo = fmaxf(mx_lo, x);
+            else
+                mx_hi = fmaxf(mx_hi, x);
+        }
+    for (int off = 1; off < 4; off *= 2) {
+        mx_lo = fmaxf(mx_lo, KVRT_SHFL_XOR(mx_lo, off));
+        mx_hi = fmaxf(mx_hi, KVRT_SHFL_XOR(mx_hi, off));
+    }
+    /* rescale by exp(m_old - m_new); p = exp(s - m_new) */
+    const float mn_lo = fmaxf(r.m_lo, mx_lo), mn_hi = fmaxf(r.m_hi, mx_hi);
+    const float ref_lo = mn_lo == -INFINITY ? 0.0f : mn_lo;
+    const float ref_hi = mn_hi == -INFINITY ? 0.0f : mn_hi;
+    const float alpha_lo = exp2f((r.m_lo - ref_lo) * kLog2e);
+    const float alpha_hi = exp2f((r.m_hi - ref_hi) * kLog2e);
+    r.m_lo = mn_lo;
+    r.m_hi = mn_hi;
+    float sum_lo = 0.0f, sum_hi = 0.0f;
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const float p = exp2f((s[nt][i] - (i < 2 ? ref_lo : ref_hi)) * kLog2e);
+            s[nt][i] = p;
+            if (i < 2)
+                sum_lo += p;
+            else
+                sum_hi += p;
+        }
+    r.l_lo = r.l_lo * alpha_lo + sum_lo;
+    r.l_hi = r.l_hi * alpha_hi + sum_hi;
+#pragma unroll
+    for (int dn = 0; dn < DN; dn++) {
+        o[dn][0] *= alpha_lo;
+        o[dn][1] *= alpha_lo;
+        o[dn][2] *= alpha_hi;
+        o[dn][3] *= alpha_hi;
+    }
 }
 
 } // namespace

@@ -1124,16 +1124,17 @@ static kvrt_status attention_impl(gpu_ctx *ctx, const kvrt_attention_op *op, voi
     return launched(KVRT_GPU_FN(launch_attention_ws)(op, stream, ws, ws_bytes), "attention");
 }
 
-/* Decode-shaped calls (attention_decode_takes: 1 to 8 query tokens per
- * sequence over an f32/f16/bf16 cache) go to the decode kernel; the rest
- * to the generic one. */
-static kvrt_status attention_decode_impl(gpu_ctx *ctx, const kvrt_attention_op *op, void *stream)
+/* A launcher that splits long sequences within a workspace (decode, MLA). */
+typedef cudaError_t (*split_launcher)(const kvrt_attention_op *op, void *stream, void *workspace,
+                                      size_t workspace_bytes);
+
+static kvrt_status attention_split_impl(gpu_ctx *ctx, const kvrt_attention_op *op, void *stream,
+                                        size_t need, split_launcher launch, const char *what)
 {
     void *ws = NULL;
     size_t ws_bytes = 0;
-    attention_workspace(ctx, KVRT_GPU_FN(attention_decode_workspace)(op), stream, &ws, &ws_bytes);
-    return launched(KVRT_GPU_FN(launch_attention_decode)(op, stream, ws, ws_bytes),
-                    "attention (decode)");
+    attention_workspace(ctx, need, stream, &ws, &ws_bytes);
+    return launched(launch(op, stream, ws, ws_bytes), what);
 }
 
 static kvrt_status attention_dispatch(gpu_ctx *ctx, const kvrt_attention_op *op, void *stream)
@@ -1143,8 +1144,16 @@ static kvrt_status attention_dispatch(gpu_ctx *ctx, const kvrt_attention_op *op,
                KVRT_GPU_API_NAME, op->n_tokens, op->n_q_heads);
     if (attention_prefill_shaped(op))
         return launched(KVRT_GPU_FN(launch_attention_prefill)(op, stream), "attention");
+    /* decode-shaped MLA calls (576/512 latent rows, f16 or bf16): the
+     * tensor-core MLA kernel; other decode-shaped calls (1 to 8 query tokens
+     * per sequence over an f32/f16/bf16 cache): the decode kernel; the rest
+     * the generic one */
+    if (KVRT_GPU_FN(attention_mla_takes)(op))
+        return attention_split_impl(ctx, op, stream, KVRT_GPU_FN(attention_mla_workspace)(op),
+                                    KVRT_GPU_FN(launch_attention_mla), "attention (MLA)");
     if (KVRT_GPU_FN(attention_decode_takes)(op))
-        return attention_decode_impl(ctx, op, stream);
+        return attention_split_impl(ctx, op, stream, KVRT_GPU_FN(attention_decode_workspace)(op),
+                                    KVRT_GPU_FN(launch_attention_decode), "attention (decode)");
     return attention_impl(ctx, op, stream);
 }
 

@@ -64,6 +64,18 @@ cudaError_t KVRT_GPU_FN(launch_attention_decode)(const kvrt_attention_op *op, vo
 int KVRT_GPU_FN(attention_prefill_supports)(const kvrt_attention_op *op);
 cudaError_t KVRT_GPU_FN(launch_attention_prefill)(const kvrt_attention_op *op, void *stream);
 
+/* Decode-shaped MLA attention on tensor cores (attention_mla.cu):
+ * attention_mla_takes says whether the kernel takes `op` (MLA, latent rows
+ * of 576 values with V their first 512, f16 or bf16 cache and queries of
+ * the same dtype, K as stored, 1 to 8 query tokens per sequence); its
+ * workspace and launch work as attention_workspace and launch_attention_ws
+ * do, and the launch returns cudaErrorInvalidValue for an op it does not
+ * take. */
+int KVRT_GPU_FN(attention_mla_takes)(const kvrt_attention_op *op);
+size_t KVRT_GPU_FN(attention_mla_workspace)(const kvrt_attention_op *op);
+cudaError_t KVRT_GPU_FN(launch_attention_mla)(const kvrt_attention_op *op, void *stream,
+                                              void *workspace, size_t workspace_bytes);
+
 #ifdef __cplusplus
 }
 #endif

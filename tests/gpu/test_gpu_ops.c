@@ -11,12 +11,12 @@
  * of 576 (and an odd-sized MLA row that takes the scalar paths), many
  * blocks, unaligned caller buffers, every source/cache dtype pair.
  *
- * Usage: test_gpu_ops [cuda|hip|cpu] [ops|attention-decode|prefill]. "cpu"
+ * Usage: test_gpu_ops [cuda|hip|cpu] [ops|attention-decode|prefill|mla]. "cpu"
  * runs the CPU backend against itself, which checks the test where there is
  * no device. The second argument runs a part: "ops" every test but the
- * decode attention grid and the tensor-core prefill grid,
+ * decode attention grid, the tensor-core prefill grid and the MLA grid,
  * "attention-decode" the decode grid alone, "prefill" the prefill grid
- * alone (all of them by default; the sim runs them as separate tests). Exits 77
+ * alone, "mla" the MLA grid alone (all of them by default; the sim runs them as separate tests). Exits 77
  * when the backend has no device.
  */
 #include "gpu_test.h"
@@ -544,6 +544,7 @@ typedef struct attn_case {
     int         full_seqs;   /* every sequence holds max_seq_blocks blocks */
     int         ragged;      /* tokens per sequence drawn from 1 .. 2 * tokens_per_seq */
     int         nan_q;       /* one token's queries are NaN: its rows come out NaN */
+    int         mla_kernel;  /* kvrt-sim: the call must run attention_mla.cu's kernel */
 } attn_case;
 
 /* Whether the glue sends the case to the tensor-core prefill kernel: the
@@ -566,6 +567,16 @@ static int attention_on_tensor_cores(const attn_case *c, int32_t n_tokens)
 static double attention_tensor_core_extra(int cache_dtype)
 {
     return 2.0 * (cache_dtype == KVRT_LAYOUT_F16 ? 0x1p-11 : 0x1p-8);
+}
+
+/* Whether the glue sends the case to the MLA kernel: the rule of
+ * attention_mla_takes in kernels/attention_mla.cu (MLA rows of 512 + 64,
+ * f16 or bf16 cache and queries of the same dtype, at most 8 query tokens
+ * per sequence on average). */
+static int attention_on_mla_kernel(const attn_case *c, int32_t n_tokens)
+{
+    return c->mla && c->L.dim_k == 576 && c->dim_v == 512 && c->L.dtype != KVRT_LAYOUT_F32 &&
+           c->q_dtype == c->L.dtype && (n_tokens + c->n_seqs - 1) / c->n_seqs <= 8;
 }
 
 static void test_attention(rng *r, attn_case c)
@@ -664,7 +675,8 @@ static void test_attention(rng *r, attn_case c)
     }
     tok_pos[0] = 0; /* sequence 0's slot 0 is a hole: this token may see nothing */
     const int32_t nan_token = c.nan_q ? n_tokens / 2 : -1;
-    const int tc = attention_on_tensor_cores(&c, n_tokens);
+    const int tc = attention_on_tensor_cores(&c, n_tokens) || attention_on_mla_kernel(&c, n_tokens);
+    /* the MLA kernel rounds P as the prefill kernel does: the same bound */
     const double extra = tc ? attention_tensor_core_extra(c.L.dtype) : 0.0;
     size_t q_elems = (size_t)n_tokens * (size_t)c.n_q_heads * (size_t)L.dim_k;
     size_t out_bytes = (size_t)n_tokens * (size_t)c.n_q_heads * (size_t)c.dim_v * dtype_size(c.out_dtype);
@@ -713,6 +725,7 @@ static void test_attention(rng *r, attn_case c)
         op.max_seq_slots = max_seq_slots;
 #if defined(KVRT_GPU_SIM)
         long launched = kvrt_sim_calls(KVRT_SIM_LAUNCH);
+        const long mla_launched = kvrt_sim_launches_of("attention_mla_kernel");
 #endif
         st[s] = be[s].ops->attention(&be[s], &op, NULL);
 #if defined(KVRT_GPU_SIM)
@@ -720,6 +733,10 @@ static void test_attention(rng *r, attn_case c)
         CHECK(s == CPU || c.launches == 0 || launched == c.launches,
               "attention: %ld launches (%d tokens over up to %d slots), expected %d", launched,
               n_tokens, max_seq_slots, c.launches);
+        CHECK(s == CPU || !c.mla_kernel ||
+                  kvrt_sim_launches_of("attention_mla_kernel") - mla_launched == 1,
+              "attention: %d tokens x %d MLA heads did not run the MLA kernel", n_tokens,
+              c.n_q_heads);
 #endif
     }
     finish_both();
@@ -857,6 +874,76 @@ static void attention_decode_grid(rng *r)
         c = decode_case(layout_attn(2, 64, 64, 128, f16, 0), 64, 4, 1, 0, tps, 16, f16, f32);
         c.causal = 0;
         c.launches = 1;
+        test_attention(r, c);
+    }
+}
+
+/* ---- the MLA attention grid ---- */
+
+/* Decode-shaped MLA calls (latent rows of 512 + 64, V their first 512; 1 to
+ * 8 query tokens per sequence; f16 or bf16 cache and queries) run
+ * attention_mla.cu's tensor-core kernel, which every case asserts on
+ * kvrt-sim. Bound: attention_close's plus attention_tensor_core_extra's.
+ * The logit error of an f32 dot over 576 dims of values in [-2, 2] at scale
+ * 1/sqrt(576) is under 576 * 2^-24 * 4 / 24 < 6e-6 (products of f16/bf16
+ * values are exact in f32; the four partial sums of 144 dims meet in one
+ * more f32 addition each), inside the 1e-4 of attention_close; the weights
+ * p rounded to the cache dtype before P V move an output by at most
+ * u * max |V| = 2u (u = 2^-11 f16, 2^-8 bf16), the extra; the splits'
+ * merge adds under 2^-21 relative per level. Outputs are poisoned before
+ * the call; sequence 0's first token sees no key (zeros); rows of holes
+ * and unused slots hold NaN and must stay invisible. NaN inputs are tried
+ * without windows: a visible NaN V reaches rows of the CTA that mask it
+ * (0 * NaN), where the twin skips the zero weight (attention_mla.cu). */
+static attn_case mla_case(int32_t block_size, int dtype, int32_t n_seqs, int32_t slots,
+                          int full, int32_t tokens, int32_t n_q_heads, int out_dtype)
+{
+    int32_t blocks = (slots + block_size - 1) / block_size;
+    attn_case c = decode_case(layout_mla(512, 64, block_size, dtype), 512, n_seqs,
+                              blocks > 0 ? blocks : 1, full, tokens, n_q_heads, dtype, out_dtype);
+    c.mla = 1;
+    c.mla_kernel = 1;
+    return c;
+}
+
+static void attention_mla_grid(rng *r)
+{
+    const int f32 = KVRT_LAYOUT_F32, f16 = KVRT_LAYOUT_F16, bf16 = KVRT_LAYOUT_BF16;
+    attn_case c;
+    /* block sizes 1, 16, 64, 256 x heads 16, 64, 128, dtypes, output dtypes;
+     * contexts of up to 120 slots crossing many blocks: no split */
+    static const int block_sizes[] = {1, 16, 64, 256}, heads[] = {16, 64, 128, 16};
+    for (int i = 0; i < 4; i++) {
+        const int dt = i % 2 ? f16 : bf16;
+        c = mla_case(block_sizes[i], dt, 3, 120, 0, i == 3 ? 2 : 1, heads[i], i % 3 == 0 ? f32 : dt);
+        c.launches = 1;
+        test_attention(r, c);
+    }
+    /* several query tokens per sequence (rows of one CTA at several
+     * positions) with windows and soft-caps, ragged token counts; one
+     * sequence long enough to split (kernel + combine); NaN in a query row
+     * and in a K row tokens see; a token's queries NaN */
+    static const struct {
+        int32_t bs, dt, seqs, slots, full, tokens, heads, out, window;
+        float   softcap;
+        int     ragged, launches, nan_inputs, nan_q;
+    } more[] = {
+        {64, KVRT_LAYOUT_BF16, 2, 150, 0, 3, 16, KVRT_LAYOUT_BF16, 40, 30.0f, 0, 1, 0, 0},
+        {16, KVRT_LAYOUT_F16, 3, 60, 0, 8, 16, KVRT_LAYOUT_F32, 25, 0.0f, 0, 1, 0, 0},
+        {16, KVRT_LAYOUT_BF16, 3, 60, 0, 2, 16, KVRT_LAYOUT_BF16, 0, 15.0f, 1, 1, 0, 0},
+        {64, KVRT_LAYOUT_BF16, 1, 576, 1, 1, 16, KVRT_LAYOUT_BF16, 0, 0.0f, 0, 2, 0, 0},
+        {16, KVRT_LAYOUT_F16, 3, 80, 0, 1, 64, KVRT_LAYOUT_F16, 0, 0.0f, 0, 1, 1, 0},
+        {64, KVRT_LAYOUT_BF16, 3, 70, 0, 1, 16, KVRT_LAYOUT_F32, 0, 0.0f, 0, 1, 0, 1},
+    };
+    for (size_t i = 0; i < sizeof more / sizeof more[0]; i++) {
+        c = mla_case(more[i].bs, more[i].dt, more[i].seqs, more[i].slots, more[i].full,
+                     more[i].tokens, more[i].heads, more[i].out);
+        c.window = more[i].window;
+        c.softcap = more[i].softcap;
+        c.ragged = more[i].ragged;
+        c.launches = more[i].ragged ? 0 : more[i].launches;
+        c.nan_inputs = more[i].nan_inputs;
+        c.nan_q = more[i].nan_q;
         test_attention(r, c);
     }
 }
@@ -1100,6 +1187,10 @@ int main(int argc, char **argv)
         test_attention_prefill(&r);
         goto done;
     }
+    if (strcmp(part, "mla") == 0) {
+        attention_mla_grid(&r);
+        goto done;
+    }
 
     /* memory */
     test_mem_kind();
@@ -1312,7 +1403,7 @@ int main(int argc, char **argv)
         c.mla = 1;
         c.dim_v = 512;
         c.n_blocks = 128;
-        c.max_seq_blocks = 60;
+        c.max_seq_blocks = 20; /* the MLA kernel, split beyond 512 slots */
         c.n_seqs = 2;
         c.tokens_per_seq = 1;
         c.q_dtype = KVRT_LAYOUT_BF16;
@@ -1334,6 +1425,7 @@ int main(int argc, char **argv)
     if (strcmp(part, "all") == 0) {
         attention_decode_grid(&r);
         test_attention_prefill(&r);
+        attention_mla_grid(&r);
     }
 
     /* set_pos */

@@ -255,6 +255,10 @@ enum kvrt_sim_call {
 
 /* Calls of `kind` made so far in this process. */
 long kvrt_sim_calls(int kind);
+/* Kernel launches accepted so far whose kernel (as written at the launch
+ * site, e.g. "attention_mla_kernel<KVRT_LAYOUT_BF16>") contains name_part
+ * (NULL: every launch): which kernel a call took. */
+long kvrt_sim_launches_of(const char *name_part);
 /* Makes the call of `kind` numbered `nth` (counting from 1 as kvrt_sim_calls
  * does, so kvrt_sim_calls(kind) + 1 is the next one) fail with the
  * runtime's error for it: cudaErrorMemoryAllocation for an allocation,

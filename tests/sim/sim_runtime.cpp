@@ -114,6 +114,7 @@ uint64_t g_seed = 1;
 uint64_t g_launches = 0;
 long g_calls[KVRT_SIM_N_CALLS];
 long g_fail_at[KVRT_SIM_N_CALLS];
+std::map<std::string, long> g_launch_names; /* launches accepted, by kernel expression */
 
 cudaError_t ret(cudaError_t e)
 {
@@ -1195,6 +1196,7 @@ void launch(const launch_config &c, std::function<void()> body)
         ret(cudaErrorLaunchOutOfResources);
         return;
     }
+    g_launch_names[c.name != nullptr ? c.name : ""]++;
     auto L = std::make_shared<launch_t>();
     L->c = c;
     L->body = std::move(body);
@@ -2044,6 +2046,16 @@ long kvrt_sim_calls(int kind)
 {
     std::lock_guard<std::recursive_mutex> lk(g_mu);
     return kind >= 0 && kind < KVRT_SIM_N_CALLS ? g_calls[kind] : 0;
+}
+
+long kvrt_sim_launches_of(const char *name_part)
+{
+    std::lock_guard<std::recursive_mutex> lk(g_mu);
+    long n = 0;
+    for (const auto &e : g_launch_names)
+        if (name_part == NULL || strstr(e.first.c_str(), name_part) != NULL)
+            n += e.second;
+    return n;
 }
 
 void kvrt_sim_fail_at(int kind, long nth)
