@@ -43,6 +43,52 @@ __global__ void write_kernel(const kvrt_layer_ref layer, const void *k_src, cons
     }
 }
 
+/* One head row (K heads first, then V heads of each source row) per thread. */
+__global__ void quant_kernel(const kvrt_layer_ref layer, const void *k_src, const void *v_src,
+                             int32_t src_dtype, const int32_t *slots, int32_t n_rows,
+                             const float *k_scale_src, const float *v_scale_src)
+{
+    const kvrt_layout L = layer.layout;
+    const int32_t per_row = L.n_heads * (v_src != NULL ? 2 : 1);
+    const int64_t src_es = src_dtype == KVRT_LAYOUT_F32 ? 4 : kvrt_dtype_quantized(src_dtype) ? 1 : 2;
+    const int64_t total = (int64_t)n_rows * per_row;
+    for (int64_t t = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; t < total;
+         t += (int64_t)gridDim.x * blockDim.x) {
+        const int32_t r = (int32_t)(t / per_row);
+        int32_t h = (int32_t)(t - (int64_t)r * per_row);
+        const bool is_v = h >= L.n_heads;
+        h -= is_v ? L.n_heads : 0;
+        const int64_t slot = slots[r], rh = (int64_t)r * L.n_heads + h;
+        const int32_t dim = is_v ? L.dim_v : L.dim_k;
+        int8_t *dst = (int8_t *)(is_v ? layer.v : layer.k) +
+                      (is_v ? kvrt_v_index(&L, slot, h) : kvrt_k_index(&L, slot, h));
+        float *scale = (is_v ? layer.v_scale : layer.k_scale) + kvrt_scale_index(&L, slot, h);
+        const char *src = (const char *)(is_v ? v_src : k_src) + rh * dim * src_es;
+        if (src_dtype == L.dtype) {
+            for (int32_t i = 0; i < dim; i++)
+                dst[i] = ((const int8_t *)src)[i];
+            *scale = (is_v ? v_scale_src : k_scale_src)[rh];
+        } else {
+            *scale = kvrt_quant_row(dst, L.dtype, src, src_dtype, dim);
+        }
+    }
+}
+
+cudaError_t launch_quant(const kvrt_write_op *op, const void *v_src, cudaStream_t stream)
+{
+    const kvrt_layout L = op->layer.layout;
+    if (op->src_dtype == L.dtype
+            ? (op->k_scale_src == NULL || (v_src != NULL && op->v_scale_src == NULL))
+            : (op->src_dtype < KVRT_LAYOUT_F32 || op->src_dtype > KVRT_LAYOUT_BF16))
+        return cudaErrorInvalidValue;
+    const int64_t rows = (int64_t)op->n_rows * L.n_heads * (v_src != NULL ? 2 : 1);
+    clear_stale_error();
+    KVRT_LAUNCH(grid_blocks(rows), kThreads, 0, stream, quant_kernel)(
+        op->layer, op->k_src, v_src, op->src_dtype, op->slots, op->n_rows, op->k_scale_src,
+        op->v_scale_src);
+    return launch_status();
+}
+
 template <int SRC, int DST>
 cudaError_t launch_typed(const kvrt_write_op *op, const void *v_src, bool vec, cudaStream_t stream)
 {
@@ -81,6 +127,8 @@ extern "C" cudaError_t KVRT_GPU_FN(launch_write)(const kvrt_write_op *op, void *
         return cudaSuccess;
     /* V is written when given and the layer has it (MLA has none). */
     const void *v_src = (op->v_src != NULL && op->layer.v != NULL && L.dim_v > 0) ? op->v_src : NULL;
+    if (kvrt_dtype_quantized(L.dtype))
+        return launch_quant(op, v_src, (cudaStream_t)stream);
     const bool vec = L.dim_k % 8 == 0 && aligned_to(op->k_src, 16) && aligned_to(op->layer.k, 16) &&
                      (v_src == NULL ||
                       (L.dim_v % 8 == 0 && aligned_to(v_src, 16) && aligned_to(op->layer.v, 16)));
