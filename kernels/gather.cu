@@ -15,6 +15,8 @@
  * k_scale_dst / v_scale_dst, and its values converted to dst_dtype
  * (kvrt_dequant with the row's scale for a quantized layer, the same f32
  * value then rounded as the twin does: bit-exact) or copied as stored.
+ * nvcc -arch=sm_90a -O3 -Xptxas -v: gather_as_kernel 30 registers, no
+ * stack, no spills.
  */
 #include "gpu_common.cuh"
 

@@ -30,7 +30,12 @@
  * operation for operation, so bytes and scales match it except where a
  * last-bit difference of the angle changes c or s (see above): then the
  * turned values differ by about 2^-24 relative before requantization, and
- * a stored byte by at most one quantization step (tests/gpu bounds it).
+ * a stored byte by at most one quantization step. tests/gpu compares
+ * bit-exact on the sim (the angle from the same libm), allowing only the
+ * sign of fp8 NaN markers to differ (IEEE 754 leaves a NaN's sign open).
+ * nvcc -arch=sm_90a -O3 -Xptxas -v: rotate_kernel 80 registers, no spills,
+ * and a 4144-byte stack frame (the dequantized row, float[1024]) that
+ * every thread reserves in local memory; not yet measured on a device.
  */
 #include "gpu_common.cuh"
 

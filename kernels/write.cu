@@ -10,6 +10,17 @@
  * consecutive threads read consecutive source memory and write
  * consecutive memory of a head's row in the cache. Blocks of kThreads
  * threads stride over all n_rows * chunks_per_row chunks.
+ *
+ * Into a quantized layer (q8, fp8 e4m3) a thread handles one whole head row
+ * of K or of V (quant_kernel): kvrt_quant_row, the very function the twin
+ * calls, so bytes and scale are bit-identical (same f32 operations in the
+ * same order, NaN/Inf marker codes, scale 0 for a zero row). With
+ * src_dtype the layer's own dtype the row's bytes and its scale are copied
+ * as they are (state loads). A row is at most 1024 bytes: one thread per
+ * row keeps the amax a plain loop; a warp-per-row reduction is the faster
+ * form still to be written (no device measurement yet).
+ * nvcc -arch=sm_90a -O3 -Xptxas -v: quant_kernel 32 registers, no stack,
+ * no spills.
  */
 #include "gpu_common.cuh"
 
