@@ -59,15 +59,13 @@ __global__ void gather_as_kernel(const kvrt_gather_op op, void *k_dst, void *v_d
     const kvrt_layout L = op.layer.layout;
     const int64_t es = L.elem_size;
     const int64_t des = !op.convert ? es : op.dst_dtype == KVRT_LAYOUT_F32 ? 4 : 2;
-    const int32_t per_row = 2 * L.n_heads;
-    const int64_t total = (int64_t)op.n * per_row;
+    const int64_t total = (int64_t)op.n * 2 * L.n_heads;
     for (int64_t t = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; t < total;
          t += (int64_t)gridDim.x * blockDim.x) {
-        const int32_t r = (int32_t)(t / per_row);
-        int32_t h = (int32_t)(t - (int64_t)r * per_row);
-        const bool is_v = h >= L.n_heads;
-        h -= is_v ? L.n_heads : 0;
-        const int64_t slot = op.slots[r], rh = (int64_t)r * L.n_heads + h;
+        const head_row w = head_row_of(t, L.n_heads, true);
+        const int32_t h = w.h;
+        const bool is_v = w.is_v;
+        const int64_t slot = op.slots[w.r], rh = (int64_t)w.r * L.n_heads + h;
         const int64_t si = kvrt_scale_index(&L, slot, h);
         const float *scales = is_v ? op.layer.v_scale : op.layer.k_scale;
         float *scale_dst = is_v ? op.v_scale_dst : op.k_scale_dst;

@@ -60,16 +60,14 @@ __global__ void quant_kernel(const kvrt_layer_ref layer, const void *k_src, cons
                              const float *k_scale_src, const float *v_scale_src)
 {
     const kvrt_layout L = layer.layout;
-    const int32_t per_row = L.n_heads * (v_src != NULL ? 2 : 1);
     const int64_t src_es = src_dtype == KVRT_LAYOUT_F32 ? 4 : kvrt_dtype_quantized(src_dtype) ? 1 : 2;
-    const int64_t total = (int64_t)n_rows * per_row;
+    const int64_t total = (int64_t)n_rows * L.n_heads * (v_src != NULL ? 2 : 1);
     for (int64_t t = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; t < total;
          t += (int64_t)gridDim.x * blockDim.x) {
-        const int32_t r = (int32_t)(t / per_row);
-        int32_t h = (int32_t)(t - (int64_t)r * per_row);
-        const bool is_v = h >= L.n_heads;
-        h -= is_v ? L.n_heads : 0;
-        const int64_t slot = slots[r], rh = (int64_t)r * L.n_heads + h;
+        const head_row w = head_row_of(t, L.n_heads, v_src != NULL);
+        const int32_t h = w.h;
+        const bool is_v = w.is_v;
+        const int64_t slot = slots[w.r], rh = (int64_t)w.r * L.n_heads + h;
         const int32_t dim = is_v ? L.dim_v : L.dim_k;
         int8_t *dst = (int8_t *)(is_v ? layer.v : layer.k) +
                       (is_v ? kvrt_v_index(&L, slot, h) : kvrt_k_index(&L, slot, h));

@@ -219,6 +219,55 @@ static void layout_name(const kvrt_layout *L, char *buf, size_t size)
              L->block_size, dtype_str(L->dtype), L->rot_offset, L->rot_dims);
 }
 
+/* ---- group ops on both backends ----
+ *
+ * refs holds each layer's ref on the CPU (refs[0 .. n_layers)) and on the
+ * device (refs[n_layers .. 2 n_layers)); the op runs on both and both are
+ * synchronized. */
+
+static void move_both(const kvrt_layer_ref *refs, int n_layers, const kvrt_span *spans,
+                      int32_t n_spans, int32_t max_len)
+{
+    const void *d_spans[2], *d_layers[2];
+    stage_both(spans, (size_t)n_spans * sizeof *spans, d_spans);
+    for (int s = 0; s < 2; s++) {
+        MUST(be[s].ops->stage(&be[s], refs + s * n_layers, (size_t)n_layers * sizeof *refs, NULL,
+                              &d_layers[s]));
+        kvrt_move_op op;
+        memset(&op, 0, sizeof op);
+        op.layers = d_layers[s];
+        op.n_layers = n_layers;
+        op.spans = d_spans[s];
+        op.n_spans = n_spans;
+        op.max_len = max_len;
+        MUST(be[s].ops->move(&be[s], &op, NULL));
+    }
+    finish_both();
+}
+
+static void rotate_both(const kvrt_layer_ref *refs, int n_layers, int32_t max_rot, kvrt_rope rope,
+                        const int32_t *slots, const int32_t *deltas, int32_t n)
+{
+    const void *d_slots[2], *d_deltas[2], *d_layers[2];
+    stage_both(slots, (size_t)n * sizeof *slots, d_slots);
+    stage_both(deltas, (size_t)n * sizeof *deltas, d_deltas);
+    for (int s = 0; s < 2; s++) {
+        MUST(be[s].ops->stage(&be[s], refs + s * n_layers, (size_t)n_layers * sizeof *refs, NULL,
+                              &d_layers[s]));
+        kvrt_rotate_op op;
+        memset(&op, 0, sizeof op);
+        op.layers = d_layers[s];
+        op.n_layers = n_layers;
+        op.max_rot_dims = max_rot;
+        op.rope = rope;
+        op.slots = d_slots[s];
+        op.deltas = d_deltas[s];
+        op.n = n;
+        MUST(be[s].ops->rotate(&be[s], &op, NULL));
+    }
+    finish_both();
+}
+
 /* ---- write ---- */
 
 /* n_rows rows in src_dtype scattered into distinct slots; `offset` bytes
@@ -356,23 +405,11 @@ static void test_move(rng *r, const kvrt_layout *layouts, int n_layers, int32_t 
         if (len > max_len)
             max_len = len;
     }
-    const void *d_spans[2], *d_layers[2];
-    kvrt_layer_ref *refs = malloc((size_t)n_layers * sizeof *refs);
-    stage_both(spans, (size_t)n_spans * sizeof *spans, d_spans);
-    for (int s = 0; s < 2; s++) {
+    kvrt_layer_ref *refs = malloc(2 * (size_t)n_layers * sizeof *refs);
+    for (int s = 0; s < 2; s++)
         for (int l = 0; l < n_layers; l++)
-            refs[l] = layer_ref(&f[l], s);
-        MUST(be[s].ops->stage(&be[s], refs, (size_t)n_layers * sizeof *refs, NULL, &d_layers[s]));
-        kvrt_move_op op;
-        memset(&op, 0, sizeof op);
-        op.layers = d_layers[s];
-        op.n_layers = n_layers;
-        op.spans = d_spans[s];
-        op.n_spans = n_spans;
-        op.max_len = max_len;
-        MUST(be[s].ops->move(&be[s], &op, NULL));
-    }
-    finish_both();
+            refs[s * n_layers + l] = layer_ref(&f[l], s);
+    move_both(refs, n_layers, spans, n_spans, max_len);
     for (int l = 0; l < n_layers; l++) {
         layout_name(&layouts[l], name, sizeof name);
         snprintf(what, sizeof what, "move layer %d/%d (%s), %d spans: K", l, n_layers, name, n_spans);
@@ -472,26 +509,11 @@ static void test_rotate(rng *r, const kvrt_layout *layouts, int n_layers, int32_
         rope.theta = 500000.0f;
         rope.freq_scale = 0.25f;
     }
-    const void *d_slots[2], *d_deltas[2], *d_layers[2];
-    kvrt_layer_ref *refs = malloc((size_t)n_layers * sizeof *refs);
-    stage_both(slots, (size_t)n * sizeof *slots, d_slots);
-    stage_both(deltas, (size_t)n * sizeof *deltas, d_deltas);
-    for (int s = 0; s < 2; s++) {
+    kvrt_layer_ref *refs = malloc(2 * (size_t)n_layers * sizeof *refs);
+    for (int s = 0; s < 2; s++)
         for (int l = 0; l < n_layers; l++)
-            refs[l] = layer_ref(&f[l], s);
-        MUST(be[s].ops->stage(&be[s], refs, (size_t)n_layers * sizeof *refs, NULL, &d_layers[s]));
-        kvrt_rotate_op op;
-        memset(&op, 0, sizeof op);
-        op.layers = d_layers[s];
-        op.n_layers = n_layers;
-        op.max_rot_dims = max_rot;
-        op.rope = rope;
-        op.slots = d_slots[s];
-        op.deltas = d_deltas[s];
-        op.n = n;
-        MUST(be[s].ops->rotate(&be[s], &op, NULL));
-    }
-    finish_both();
+            refs[s * n_layers + l] = layer_ref(&f[l], s);
+    rotate_both(refs, n_layers, max_rot, rope, slots, deltas, n);
     for (int l = 0; l < n_layers; l++) {
         layout_name(&layouts[l], name, sizeof name);
         snprintf(what, sizeof what, "rotate %s layer %d/%d (%s), %d slots: K",
@@ -1350,41 +1372,14 @@ static void test_quant_group(rng *r, const kvrt_layout *layouts, int n_layers, i
         }
     }
     kvrt_rope rope = {max_rot, style, 10000.0f, style ? 0.25f : 1.0f};
-    const void *d_slots[2], *d_deltas[2], *d_spans[2], *d_layers[2];
-    if (rotate) {
-        stage_both(slots, (size_t)n * sizeof *slots, d_slots);
-        stage_both(deltas, (size_t)n * sizeof *deltas, d_deltas);
-    } else {
-        stage_both(spans, (size_t)n_spans * sizeof *spans, d_spans);
-    }
-    kvrt_layer_ref *refs = malloc((size_t)n_layers * sizeof *refs);
-    for (int s = 0; s < 2; s++) {
+    kvrt_layer_ref *refs = malloc(2 * (size_t)n_layers * sizeof *refs);
+    for (int s = 0; s < 2; s++)
         for (int l = 0; l < n_layers; l++)
-            refs[l] = qlayer_ref(&f[l], s);
-        MUST(be[s].ops->stage(&be[s], refs, (size_t)n_layers * sizeof *refs, NULL, &d_layers[s]));
-        if (rotate) {
-            kvrt_rotate_op op;
-            memset(&op, 0, sizeof op);
-            op.layers = d_layers[s];
-            op.n_layers = n_layers;
-            op.max_rot_dims = max_rot;
-            op.rope = rope;
-            op.slots = d_slots[s];
-            op.deltas = d_deltas[s];
-            op.n = n;
-            MUST(be[s].ops->rotate(&be[s], &op, NULL));
-        } else {
-            kvrt_move_op op;
-            memset(&op, 0, sizeof op);
-            op.layers = d_layers[s];
-            op.n_layers = n_layers;
-            op.spans = d_spans[s];
-            op.n_spans = n_spans;
-            op.max_len = max_len;
-            MUST(be[s].ops->move(&be[s], &op, NULL));
-        }
-    }
-    finish_both();
+            refs[s * n_layers + l] = qlayer_ref(&f[l], s);
+    if (rotate)
+        rotate_both(refs, n_layers, max_rot, rope, slots, deltas, n);
+    else
+        move_both(refs, n_layers, spans, n_spans, max_len);
     for (int l = 0; l < n_layers; l++) {
         char what[96];
         snprintf(what, sizeof what, "quant %s layer %d/%d, %d %s", rotate ? "rotate" : "move", l,
