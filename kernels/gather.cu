@@ -9,6 +9,14 @@
  * units are numbered K heads first, then V heads, so consecutive threads
  * write consecutive destination memory. Blocks of kThreads threads stride
  * over all n * units_per_row units.
+ *
+ * With convert, or scales asked for (cpu_gather_as is the twin), a thread
+ * handles one head row of K or of V (gather_as_kernel): the row's scale to
+ * k_scale_dst / v_scale_dst, and its values converted to dst_dtype
+ * (kvrt_dequant with the row's scale for a quantized layer, the same f32
+ * value then rounded as the twin does: bit-exact) or copied as stored.
+ * nvcc -arch=sm_90a -O3 -Xptxas -v: gather_as_kernel 30 registers, no
+ * stack, no spills.
  */
 #include "gpu_common.cuh"
 
@@ -46,6 +54,42 @@ __global__ void gather_kernel(const kvrt_layer_ref layer, const int32_t *slots, 
     }
 }
 
+__global__ void gather_as_kernel(const kvrt_gather_op op, void *k_dst, void *v_dst)
+{
+    const kvrt_layout L = op.layer.layout;
+    const int64_t es = L.elem_size;
+    const int64_t des = !op.convert ? es : op.dst_dtype == KVRT_LAYOUT_F32 ? 4 : 2;
+    const int64_t total = (int64_t)op.n * 2 * L.n_heads;
+    for (int64_t t = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; t < total;
+         t += (int64_t)gridDim.x * blockDim.x) {
+        const head_row w = head_row_of(t, L.n_heads, true);
+        const int32_t h = w.h;
+        const bool is_v = w.is_v;
+        const int64_t slot = op.slots[w.r], rh = (int64_t)w.r * L.n_heads + h;
+        const int64_t si = kvrt_scale_index(&L, slot, h);
+        const float *scales = is_v ? op.layer.v_scale : op.layer.k_scale;
+        float *scale_dst = is_v ? op.v_scale_dst : op.k_scale_dst;
+        if (scale_dst != NULL && scales != NULL)
+            scale_dst[rh] = scales[si];
+        void *dst = is_v ? v_dst : k_dst;
+        if (dst == NULL)
+            continue;
+        const int32_t dim = is_v ? L.dim_v : L.dim_k;
+        const char *src = (const char *)(is_v ? op.layer.v : op.layer.k) +
+                          (is_v ? kvrt_v_index(&L, slot, h) : kvrt_k_index(&L, slot, h)) * es;
+        char *out = (char *)dst + rh * dim * des;
+        if (!op.convert) {
+            for (int64_t b = 0; b < dim * es; b++)
+                out[b] = src[b];
+            continue;
+        }
+        for (int32_t i = 0; i < dim; i++)
+            kvrt_store(out, op.dst_dtype, i,
+                       scales != NULL ? kvrt_dequant(src, L.dtype, i, scales[si])
+                                      : kvrt_load(src, L.dtype, i));
+    }
+}
+
 template <int UNIT>
 cudaError_t launch_unit(const kvrt_gather_op *op, void *k_dst, void *v_dst, cudaStream_t stream)
 {
@@ -68,6 +112,16 @@ extern "C" cudaError_t KVRT_GPU_FN(launch_gather)(const kvrt_gather_op *op, void
     const kvrt_layout L = op->layer.layout;
     void *k_dst = L.dim_k > 0 ? op->k_dst : NULL;
     void *v_dst = (op->layer.v != NULL && L.dim_v > 0) ? op->v_dst : NULL;
+    if (op->convert || op->k_scale_dst != NULL || op->v_scale_dst != NULL) {
+        if (op->n <= 0 || L.n_heads <= 0)
+            return cudaSuccess;
+        if (op->convert && (op->dst_dtype < KVRT_LAYOUT_F32 || op->dst_dtype > KVRT_LAYOUT_BF16))
+            return cudaErrorInvalidValue;
+        clear_stale_error();
+        KVRT_LAUNCH(grid_blocks((int64_t)op->n * 2 * L.n_heads), kThreads, 0,
+                    (cudaStream_t)stream, gather_as_kernel)(*op, k_dst, v_dst);
+        return launch_status();
+    }
     if (op->n <= 0 || L.n_heads <= 0 || (k_dst == NULL && v_dst == NULL))
         return cudaSuccess;
     const int64_t lengths[2] = {(int64_t)L.dim_k * L.elem_size, (int64_t)L.dim_v * L.elem_size};

@@ -509,6 +509,27 @@ __device__ inline void softmax_tile(float (&s)[NT][4], float (&o)[DN][4], const 
     }
 }
 
+/* ---- one thread per head row (quantized write, converting gather) ----
+ *
+ * Work item t of a grid-stride loop over n rows of n_heads K head rows and
+ * then (with_v) n_heads V head rows each: its row r, head h and whether it
+ * is the V row. */
+struct head_row {
+    int32_t r, h;
+    bool    is_v;
+};
+
+__device__ inline head_row head_row_of(int64_t t, int32_t n_heads, bool with_v)
+{
+    const int32_t per_row = n_heads * (with_v ? 2 : 1);
+    head_row w;
+    w.r = (int32_t)(t / per_row);
+    w.h = (int32_t)(t - (int64_t)w.r * per_row);
+    w.is_v = w.h >= n_heads;
+    w.h -= w.is_v ? n_heads : 0;
+    return w;
+}
+
 } // namespace
 
 #endif /* KVRT_GPU_COMMON_CUH */

@@ -21,10 +21,50 @@
  * dtype (tests/gpu bounds it).
  *
  * Slots of one op are distinct, so no two threads touch the same element.
+ *
+ * A quantized layer (k_scale set) has one scale per head row, so its rows
+ * are turned whole (rotate_row_quant), by the thread of pair 0 of each
+ * slot, head after head: dequantized with the row's scale, the rotary part
+ * turned with the same products and sums as above, the row quantized again
+ * (kvrt_quant_row, a new scale). That is the twin's rotate_head_quant
+ * operation for operation, so bytes and scales match it except where a
+ * last-bit difference of the angle changes c or s (see above): then the
+ * turned values differ by about 2^-24 relative before requantization, and
+ * a stored byte by at most one quantization step. tests/gpu compares
+ * bit-exact on the sim (the angle from the same libm), allowing only the
+ * sign of fp8 NaN markers to differ (IEEE 754 leaves a NaN's sign open).
+ * nvcc -arch=sm_90a -O3 -Xptxas -v: rotate_kernel 80 registers, no spills,
+ * and a 4144-byte stack frame (the dequantized row, float[1024]) that
+ * every thread reserves in local memory; not yet measured on a device.
  */
 #include "gpu_common.cuh"
 
 namespace {
+
+/* One quantized head row of K turned by delta (see the top comment). */
+__device__ void rotate_row_quant(const kvrt_layer_ref &ref, const kvrt_rope &rope, int64_t slot,
+                                 int32_t h, int64_t delta)
+{
+    const kvrt_layout L = ref.layout;
+    float x[KVRT_QUANT_ROW_MAX];
+    int8_t *row = (int8_t *)ref.k + kvrt_k_index(&L, slot, h);
+    float *scale = ref.k_scale + kvrt_scale_index(&L, slot, h);
+    for (int32_t i = 0; i < L.dim_k; i++)
+        x[i] = kvrt_dequant(row, L.dtype, i, *scale);
+    kvrt_rope layer_rope = rope;
+    layer_rope.theta = L.rope_theta;
+    float *r = x + L.rot_offset;
+    for (int32_t p = 0; p < L.rot_dims / 2; p++) {
+        const double angle = kvrt_rope_angle(&layer_rope, L.rot_dims, p, delta);
+        const float c = (float)cos(angle), s = (float)sin(angle);
+        int32_t a, b;
+        kvrt_rope_pair(rope.style, L.rot_dims, p, &a, &b);
+        const float xa = r[a], xb = r[b];
+        r[a] = kvrt_mul_sub_rn(xa, c, xb, s);
+        r[b] = kvrt_mul_add_rn(xa, s, xb, c);
+    }
+    *scale = kvrt_quant_row(row, L.dtype, x, KVRT_LAYOUT_F32, L.dim_k);
+}
 
 __global__ void rotate_kernel(const kvrt_layer_ref *layers, int32_t n_layers,
                               int32_t layers_per_chunk, const kvrt_rope rope, const int32_t *slots,
@@ -49,6 +89,12 @@ __global__ void rotate_kernel(const kvrt_layer_ref *layers, int32_t n_layers,
             const int32_t dims = L.rot_dims;
             if (ref.k == NULL || p >= dims / 2)
                 continue;
+            if (ref.k_scale != NULL) {
+                if (p == 0)
+                    for (int32_t h = 0; h < L.n_heads; h++)
+                        rotate_row_quant(ref, rope, slot, h, delta);
+                continue;
+            }
             if (dims != angle_dims || L.rope_theta != angle_theta) {
                 kvrt_rope layer_rope = rope;
                 layer_rope.theta = L.rope_theta;

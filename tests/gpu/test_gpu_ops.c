@@ -11,13 +11,14 @@
  * of 576 (and an odd-sized MLA row that takes the scalar paths), many
  * blocks, unaligned caller buffers, every source/cache dtype pair.
  *
- * Usage: test_gpu_ops [cuda|hip|cpu] [ops|attention-decode|prefill|mla]. "cpu"
+ * Usage: test_gpu_ops [cuda|hip|cpu] [ops|attention-decode|prefill|mla|quant]. "cpu"
  * runs the CPU backend against itself, which checks the test where there is
  * no device. The second argument runs a part: "ops" every test but the
  * decode attention grid, the tensor-core prefill grid and the MLA grid,
  * "attention-decode" the decode grid alone, "prefill" the prefill grid
- * alone, "mla" the MLA grid alone (all of them by default; the sim runs them as separate tests). Exits 77
- * when the backend has no device.
+ * alone, "mla" the MLA grid alone, "quant" the ops on q8 and fp8 layers
+ * alone (all of them by default; the sim runs them as separate tests).
+ * Exits 77 when the backend has no device.
  */
 #include "gpu_test.h"
 
@@ -218,6 +219,55 @@ static void layout_name(const kvrt_layout *L, char *buf, size_t size)
              L->block_size, dtype_str(L->dtype), L->rot_offset, L->rot_dims);
 }
 
+/* ---- group ops on both backends ----
+ *
+ * refs holds each layer's ref on the CPU (refs[0 .. n_layers)) and on the
+ * device (refs[n_layers .. 2 n_layers)); the op runs on both and both are
+ * synchronized. */
+
+static void move_both(const kvrt_layer_ref *refs, int n_layers, const kvrt_span *spans,
+                      int32_t n_spans, int32_t max_len)
+{
+    const void *d_spans[2], *d_layers[2];
+    stage_both(spans, (size_t)n_spans * sizeof *spans, d_spans);
+    for (int s = 0; s < 2; s++) {
+        MUST(be[s].ops->stage(&be[s], refs + s * n_layers, (size_t)n_layers * sizeof *refs, NULL,
+                              &d_layers[s]));
+        kvrt_move_op op;
+        memset(&op, 0, sizeof op);
+        op.layers = d_layers[s];
+        op.n_layers = n_layers;
+        op.spans = d_spans[s];
+        op.n_spans = n_spans;
+        op.max_len = max_len;
+        MUST(be[s].ops->move(&be[s], &op, NULL));
+    }
+    finish_both();
+}
+
+static void rotate_both(const kvrt_layer_ref *refs, int n_layers, int32_t max_rot, kvrt_rope rope,
+                        const int32_t *slots, const int32_t *deltas, int32_t n)
+{
+    const void *d_slots[2], *d_deltas[2], *d_layers[2];
+    stage_both(slots, (size_t)n * sizeof *slots, d_slots);
+    stage_both(deltas, (size_t)n * sizeof *deltas, d_deltas);
+    for (int s = 0; s < 2; s++) {
+        MUST(be[s].ops->stage(&be[s], refs + s * n_layers, (size_t)n_layers * sizeof *refs, NULL,
+                              &d_layers[s]));
+        kvrt_rotate_op op;
+        memset(&op, 0, sizeof op);
+        op.layers = d_layers[s];
+        op.n_layers = n_layers;
+        op.max_rot_dims = max_rot;
+        op.rope = rope;
+        op.slots = d_slots[s];
+        op.deltas = d_deltas[s];
+        op.n = n;
+        MUST(be[s].ops->rotate(&be[s], &op, NULL));
+    }
+    finish_both();
+}
+
 /* ---- write ---- */
 
 /* n_rows rows in src_dtype scattered into distinct slots; `offset` bytes
@@ -355,23 +405,11 @@ static void test_move(rng *r, const kvrt_layout *layouts, int n_layers, int32_t 
         if (len > max_len)
             max_len = len;
     }
-    const void *d_spans[2], *d_layers[2];
-    kvrt_layer_ref *refs = malloc((size_t)n_layers * sizeof *refs);
-    stage_both(spans, (size_t)n_spans * sizeof *spans, d_spans);
-    for (int s = 0; s < 2; s++) {
+    kvrt_layer_ref *refs = malloc(2 * (size_t)n_layers * sizeof *refs);
+    for (int s = 0; s < 2; s++)
         for (int l = 0; l < n_layers; l++)
-            refs[l] = layer_ref(&f[l], s);
-        MUST(be[s].ops->stage(&be[s], refs, (size_t)n_layers * sizeof *refs, NULL, &d_layers[s]));
-        kvrt_move_op op;
-        memset(&op, 0, sizeof op);
-        op.layers = d_layers[s];
-        op.n_layers = n_layers;
-        op.spans = d_spans[s];
-        op.n_spans = n_spans;
-        op.max_len = max_len;
-        MUST(be[s].ops->move(&be[s], &op, NULL));
-    }
-    finish_both();
+            refs[s * n_layers + l] = layer_ref(&f[l], s);
+    move_both(refs, n_layers, spans, n_spans, max_len);
     for (int l = 0; l < n_layers; l++) {
         layout_name(&layouts[l], name, sizeof name);
         snprintf(what, sizeof what, "move layer %d/%d (%s), %d spans: K", l, n_layers, name, n_spans);
@@ -471,26 +509,11 @@ static void test_rotate(rng *r, const kvrt_layout *layouts, int n_layers, int32_
         rope.theta = 500000.0f;
         rope.freq_scale = 0.25f;
     }
-    const void *d_slots[2], *d_deltas[2], *d_layers[2];
-    kvrt_layer_ref *refs = malloc((size_t)n_layers * sizeof *refs);
-    stage_both(slots, (size_t)n * sizeof *slots, d_slots);
-    stage_both(deltas, (size_t)n * sizeof *deltas, d_deltas);
-    for (int s = 0; s < 2; s++) {
+    kvrt_layer_ref *refs = malloc(2 * (size_t)n_layers * sizeof *refs);
+    for (int s = 0; s < 2; s++)
         for (int l = 0; l < n_layers; l++)
-            refs[l] = layer_ref(&f[l], s);
-        MUST(be[s].ops->stage(&be[s], refs, (size_t)n_layers * sizeof *refs, NULL, &d_layers[s]));
-        kvrt_rotate_op op;
-        memset(&op, 0, sizeof op);
-        op.layers = d_layers[s];
-        op.n_layers = n_layers;
-        op.max_rot_dims = max_rot;
-        op.rope = rope;
-        op.slots = d_slots[s];
-        op.deltas = d_deltas[s];
-        op.n = n;
-        MUST(be[s].ops->rotate(&be[s], &op, NULL));
-    }
-    finish_both();
+            refs[s * n_layers + l] = layer_ref(&f[l], s);
+    rotate_both(refs, n_layers, max_rot, rope, slots, deltas, n);
     for (int l = 0; l < n_layers; l++) {
         layout_name(&layouts[l], name, sizeof name);
         snprintf(what, sizeof what, "rotate %s layer %d/%d (%s), %d slots: K",
@@ -1161,6 +1184,326 @@ static void test_attention_prefill(rng *r)
     }
 }
 
+/* ---- quantized layers (q8, fp8 e4m3): the "quant" part ----
+ *
+ * A quantized layer has one f32 scale per (slot, head) row of K and of V
+ * (kvrt_layout.h, "quantized rows"). Every op on it is compared with its
+ * twin on the CPU backend, bytes and scales bit-exact: the kernels call
+ * the same kvrt_quant_row / kvrt_dequant in the same order, so nothing may
+ * differ. Sources hold every f32 case (NaN, Inf, subnormals, zeros) and
+ * whole zero rows (scale 0); head dims of 37 and 5 take no vector path. */
+
+static const char *qdtype_str(int dtype) { return dtype == KVRT_LAYOUT_Q8 ? "q8" : "fp8"; }
+
+static kvrt_layout qlayout(int n_heads, int dim_k, int dim_v, int block_size, int dtype,
+                           int rot_offset, int rot_dims)
+{
+    kvrt_layout L = {n_heads, dim_k, dim_v, block_size, rot_offset, rot_dims, dtype, 1, 10000.0f};
+    return L;
+}
+
+typedef struct qlayer_fix {
+    kvrt_layout L;
+    int32_t     n_blocks;
+    twin        k, v, ks, vs;
+} qlayer_fix;
+
+/* Any stored bytes (NaN markers included) and finite scales >= 0, some 0. */
+static void qfill(rng *r, twin *t, int bytes_are_scales)
+{
+    unsigned char *host = malloc(t->n > 0 ? t->n : 1);
+    if (bytes_are_scales)
+        for (size_t i = 0; i < t->n / 4; i++)
+            ((float *)host)[i] = rng_below(r, 8) == 0 ? 0.0f : rng_float(r, 0.0f, 0.05f);
+    else
+        for (size_t i = 0; i < t->n; i++)
+            host[i] = (unsigned char)rng_next(r);
+    twin_set(t, host);
+    free(host);
+}
+
+static void qlayer_make(qlayer_fix *f, kvrt_layout L, int32_t n_blocks, rng *r)
+{
+    memset(f, 0, sizeof *f);
+    f->L = L;
+    f->n_blocks = n_blocks;
+    twin_alloc(&f->k, (size_t)kvrt_block_bytes_k(&L) * (size_t)n_blocks);
+    twin_alloc(&f->ks, (size_t)kvrt_block_bytes_scale(&L) * (size_t)n_blocks);
+    qfill(r, &f->k, 0);
+    qfill(r, &f->ks, 1);
+    if (L.dim_v > 0) {
+        twin_alloc(&f->v, (size_t)kvrt_block_bytes_v(&L) * (size_t)n_blocks);
+        twin_alloc(&f->vs, (size_t)kvrt_block_bytes_scale(&L) * (size_t)n_blocks);
+        qfill(r, &f->v, 0);
+        qfill(r, &f->vs, 1);
+    }
+}
+
+static void qlayer_free(qlayer_fix *f)
+{
+    twin_free(&f->k);
+    twin_free(&f->v);
+    twin_free(&f->ks);
+    twin_free(&f->vs);
+}
+
+static kvrt_layer_ref qlayer_ref(const qlayer_fix *f, int side)
+{
+    kvrt_layer_ref ref;
+    memset(&ref, 0, sizeof ref);
+    ref.layout = f->L;
+    ref.k = f->k.p[side];
+    ref.k_scale = f->ks.p[side];
+    ref.v = f->v.n > 0 ? f->v.p[side] : NULL;
+    ref.v_scale = f->vs.n > 0 ? f->vs.p[side] : NULL;
+    return ref;
+}
+
+/* Rows turned by arithmetic (rotate): IEEE 754 leaves the sign of a NaN
+ * made from NaN operands open (x86 and GPUs propagate whichever operand
+ * the compiler put first), so an fp8 NaN marker may be 0x7f on one side
+ * and 0xff on the other; both read back as NaN. Every other byte must be
+ * equal. */
+static void qbytes_expect_equal_nan_sign(const twin *t, int dtype, const char *what)
+{
+    unsigned char *a = twin_get(t, CPU), *b = twin_get(t, DEV);
+    size_t n_diff = 0, first = 0;
+    for (size_t i = 0; i < t->n; i++) {
+        int nan_pair = dtype == KVRT_LAYOUT_FP8_E4M3 && (a[i] & 0x7f) == 0x7f && (b[i] & 0x7f) == 0x7f;
+        if (a[i] != b[i] && !nan_pair && n_diff++ == 0)
+            first = i;
+    }
+    CHECK(n_diff == 0, "%s: first difference at byte %zu (%02x vs %02x), %zu bytes differ of %zu",
+          what, first, a[first], b[first], n_diff, t->n);
+    free(a);
+    free(b);
+}
+
+/* The layer's rows and scales, CPU against device; `what` names the op. */
+static void qlayer_expect_equal(const qlayer_fix *f, const char *what, int turned)
+{
+    char name[160], buf[400];
+    layout_name(&f->L, name, sizeof name);
+    snprintf(buf, sizeof buf, "%s %s (%s): K", what, name, qdtype_str(f->L.dtype));
+    if (turned)
+        qbytes_expect_equal_nan_sign(&f->k, f->L.dtype, buf);
+    else
+        twin_expect_equal(&f->k, buf, 1);
+    snprintf(buf, sizeof buf, "%s %s (%s): K scales", what, name, qdtype_str(f->L.dtype));
+    twin_expect_equal(&f->ks, buf, 4);
+    if (f->v.n > 0) {
+        snprintf(buf, sizeof buf, "%s %s (%s): V", what, name, qdtype_str(f->L.dtype));
+        twin_expect_equal(&f->v, buf, 1);
+        snprintf(buf, sizeof buf, "%s %s (%s): V scales", what, name, qdtype_str(f->L.dtype));
+        twin_expect_equal(&f->vs, buf, 4);
+    }
+}
+
+/* n_rows rows quantized from src_dtype (every third head row all zeros), or
+ * with src_dtype the layer's dtype copied raw with their scales. */
+static void test_quant_write(rng *r, kvrt_layout L, int32_t n_blocks, int src_dtype, int32_t n_rows)
+{
+    char what[160];
+    qlayer_fix f;
+    qlayer_make(&f, L, n_blocks, r);
+    int raw = src_dtype == L.dtype;
+    int32_t *slots = malloc((size_t)n_rows * sizeof *slots);
+    rng_distinct(r, slots, n_rows, n_blocks * L.block_size);
+    size_t es = raw ? 1 : dtype_size(src_dtype);
+    size_t hr = (size_t)n_rows * (size_t)L.n_heads;
+    twin src[2], sc[2];
+    int32_t dims[2] = {L.dim_k, L.dim_v};
+    for (int kv = 0; kv < 2; kv++) {
+        size_t n = hr * (size_t)dims[kv];
+        unsigned char *host = calloc(1, n * es > 0 ? n * es : 1);
+        if (raw)
+            for (size_t i = 0; i < n; i++)
+                host[i] = (unsigned char)rng_next(r);
+        else
+            fill_any(r, host, src_dtype, (int64_t)n);
+        for (size_t row = 0; row < hr; row += 3) /* zero rows: scale 0 */
+            memset(host + row * (size_t)dims[kv] * es, 0, (size_t)dims[kv] * es);
+        twin_alloc(&src[kv], n * es);
+        twin_set(&src[kv], host);
+        float *scales = malloc(hr * sizeof *scales);
+        for (size_t i = 0; i < hr; i++)
+            scales[i] = rng_float(r, 0.0f, 0.05f);
+        twin_alloc(&sc[kv], hr * sizeof *scales);
+        twin_set(&sc[kv], scales);
+        free(scales);
+        free(host);
+    }
+    const void *d_slots[2];
+    stage_both(slots, (size_t)n_rows * sizeof *slots, d_slots);
+    for (int s = 0; s < 2; s++) {
+        kvrt_write_op op;
+        memset(&op, 0, sizeof op);
+        op.layer = qlayer_ref(&f, s);
+        op.k_src = src[0].p[s];
+        op.v_src = L.dim_v > 0 ? src[1].p[s] : NULL;
+        op.src_dtype = src_dtype;
+        op.n_rows = n_rows;
+        op.slots = d_slots[s];
+        if (raw) {
+            op.k_scale_src = sc[0].p[s];
+            op.v_scale_src = sc[1].p[s];
+        }
+        MUST(be[s].ops->write(&be[s], &op, NULL));
+    }
+    finish_both();
+    snprintf(what, sizeof what, "quant write <- %s, %d rows",
+             raw ? "raw" : dtype_str(src_dtype), n_rows);
+    qlayer_expect_equal(&f, what, 0);
+    for (int kv = 0; kv < 2; kv++) {
+        twin_free(&src[kv]);
+        twin_free(&sc[kv]);
+    }
+    free(slots);
+    qlayer_free(&f);
+}
+
+/* Rows and scales out: raw (convert 0) or dequantized to dst_dtype. */
+static void test_quant_gather(rng *r, kvrt_layout L, int32_t n_blocks, int32_t n, int convert,
+                              int dst_dtype)
+{
+    char name[160], what[400];
+    layout_name(&L, name, sizeof name);
+    qlayer_fix f;
+    qlayer_make(&f, L, n_blocks, r);
+    int32_t *slots = malloc((size_t)n * sizeof *slots);
+    for (int32_t i = 0; i < n; i++)
+        slots[i] = (int32_t)rng_below(r, (int64_t)n_blocks * L.block_size);
+    size_t des = convert ? dtype_size(dst_dtype) : 1, hr = (size_t)n * (size_t)L.n_heads;
+    twin kd, vd, ksd, vsd;
+    twin_alloc(&kd, hr * (size_t)L.dim_k * des);
+    twin_alloc(&vd, hr * (size_t)L.dim_v * des);
+    twin_alloc(&ksd, hr * 4);
+    twin_alloc(&vsd, hr * 4);
+    size_t big = hr * 1024 * 4;
+    char *zeros = calloc(1, big);
+    twin_set(&kd, zeros);
+    twin_set(&vd, zeros);
+    twin_set(&ksd, zeros);
+    twin_set(&vsd, zeros);
+    const void *d_slots[2];
+    stage_both(slots, (size_t)n * sizeof *slots, d_slots);
+    for (int s = 0; s < 2; s++) {
+        kvrt_gather_op op;
+        memset(&op, 0, sizeof op);
+        op.layer = qlayer_ref(&f, s);
+        op.slots = d_slots[s];
+        op.n = n;
+        op.k_dst = kd.p[s];
+        op.v_dst = L.dim_v > 0 ? vd.p[s] : NULL;
+        op.convert = convert;
+        op.dst_dtype = dst_dtype;
+        op.k_scale_dst = ksd.p[s];
+        op.v_scale_dst = L.dim_v > 0 ? vsd.p[s] : NULL;
+        MUST(be[s].ops->gather(&be[s], &op, NULL));
+    }
+    finish_both();
+    const char *to = convert ? dtype_str(dst_dtype) : "raw";
+    snprintf(what, sizeof what, "quant gather %s (%s) -> %s, %d rows: K", name,
+             qdtype_str(L.dtype), to, n);
+    twin_expect_equal(&kd, what, des);
+    snprintf(what, sizeof what, "quant gather %s (%s) -> %s, %d rows: K scales", name,
+             qdtype_str(L.dtype), to, n);
+    twin_expect_equal(&ksd, what, 4);
+    if (L.dim_v > 0) {
+        snprintf(what, sizeof what, "quant gather %s (%s) -> %s, %d rows: V", name,
+                 qdtype_str(L.dtype), to, n);
+        twin_expect_equal(&vd, what, des);
+        snprintf(what, sizeof what, "quant gather %s (%s) -> %s, %d rows: V scales", name,
+                 qdtype_str(L.dtype), to, n);
+        twin_expect_equal(&vsd, what, 4);
+    }
+    free(zeros);
+    free(slots);
+    twin_free(&kd);
+    twin_free(&vd);
+    twin_free(&ksd);
+    twin_free(&vsd);
+    qlayer_free(&f);
+}
+
+/* A group of quantized layers: move (spans into distinct blocks, scales
+ * with their rows) or rotate (n distinct slots, deltas of every size). */
+static void test_quant_group(rng *r, const kvrt_layout *layouts, int n_layers, int32_t n_blocks,
+                             int32_t n, int rotate, int style)
+{
+    qlayer_fix *f = calloc((size_t)n_layers, sizeof *f);
+    int32_t max_rot = 0;
+    for (int l = 0; l < n_layers; l++) {
+        qlayer_make(&f[l], layouts[l], n_blocks, r);
+        if (layouts[l].rot_dims > max_rot)
+            max_rot = layouts[l].rot_dims;
+    }
+    int32_t bs = layouts[0].block_size, total = n_blocks * bs;
+    int32_t *slots = malloc((size_t)total * sizeof *slots), *deltas = malloc((size_t)total * sizeof *deltas);
+    kvrt_span *spans = malloc((size_t)n_blocks * sizeof *spans);
+    int32_t max_len = 0, n_spans = n < n_blocks / 2 ? n : n_blocks / 2;
+    if (rotate) {
+        n = n < total ? n : total;
+        rng_distinct(r, slots, n, total);
+        for (int32_t i = 0; i < n; i++)
+            deltas[i] = rng_below(r, 5) == 0 ? 0 : (int32_t)(rng_below(r, 8193) - 4096);
+    } else {
+        rng_distinct(r, slots, n_blocks, n_blocks); /* a permutation of the blocks */
+        for (int32_t i = 0; i < n_spans; i++) {
+            int32_t len = 1 + (int32_t)rng_below(r, bs);
+            int32_t src_block = slots[n_blocks / 2 + (int32_t)rng_below(r, n_blocks - n_blocks / 2)];
+            spans[i].len = len;
+            spans[i].src = src_block * bs + (int32_t)rng_below(r, bs - len + 1);
+            spans[i].dst = slots[i] * bs + (int32_t)rng_below(r, bs - len + 1);
+            max_len = len > max_len ? len : max_len;
+        }
+    }
+    kvrt_rope rope = {max_rot, style, 10000.0f, style ? 0.25f : 1.0f};
+    kvrt_layer_ref *refs = malloc(2 * (size_t)n_layers * sizeof *refs);
+    for (int s = 0; s < 2; s++)
+        for (int l = 0; l < n_layers; l++)
+            refs[s * n_layers + l] = qlayer_ref(&f[l], s);
+    if (rotate)
+        rotate_both(refs, n_layers, max_rot, rope, slots, deltas, n);
+    else
+        move_both(refs, n_layers, spans, n_spans, max_len);
+    for (int l = 0; l < n_layers; l++) {
+        char what[96];
+        snprintf(what, sizeof what, "quant %s layer %d/%d, %d %s", rotate ? "rotate" : "move", l,
+                 n_layers, rotate ? n : n_spans, rotate ? (style ? "slots neox" : "slots") : "spans");
+        qlayer_expect_equal(&f[l], what, rotate);
+        qlayer_free(&f[l]);
+    }
+    free(refs);
+    free(spans);
+    free(slots);
+    free(deltas);
+    free(f);
+}
+
+/* The "quant" part: every op on q8 and fp8 layers. */
+static void test_quant_ops(rng *r)
+{
+    for (int qt = KVRT_LAYOUT_Q8; qt <= KVRT_LAYOUT_FP8_E4M3; qt++) {
+        for (int src = KVRT_LAYOUT_F32; src <= KVRT_LAYOUT_BF16; src++) {
+            test_quant_write(r, qlayout(4, 128, 128, 16, qt, 0, 128), 32, src, 200);
+            test_quant_write(r, qlayout(3, 37, 5, 1, qt, 0, 36), 512, src, 300);
+        }
+        test_quant_write(r, qlayout(4, 128, 128, 16, qt, 0, 128), 32, qt, 200);
+        test_quant_write(r, qlayout(1, 576, 0, 64, qt, 512, 64), 8, KVRT_LAYOUT_F32, 300); /* K only */
+        for (int dst = KVRT_LAYOUT_F32; dst <= KVRT_LAYOUT_BF16; dst++)
+            test_quant_gather(r, qlayout(4, 128, 64, 16, qt, 0, 128), 32, 300, 1, dst);
+        test_quant_gather(r, qlayout(4, 128, 64, 16, qt, 0, 128), 32, 300, 0, 0);
+        test_quant_gather(r, qlayout(3, 37, 5, 1, qt, 0, 36), 512, 200, 1, KVRT_LAYOUT_F16);
+        kvrt_layout group[2] = {qlayout(4, 128, 128, 16, qt, 0, 128), qlayout(3, 37, 5, 16, qt, 1, 36)};
+        test_quant_group(r, group, 2, 64, 30, 0, 0);
+        test_quant_group(r, group, 2, 64, 500, 1, 0);
+        test_quant_group(r, group, 2, 64, 500, 1, 1);
+        kvrt_layout partial[1] = {qlayout(2, 128, 128, 1, qt, 64, 64)}; /* n_rot < dk */
+        test_quant_group(r, partial, 1, 256, 200, 1, 1);
+    }
+}
+
 int main(int argc, char **argv)
 {
     kvrt_device dev = {gpu_test_backend(argc, argv), 0};
@@ -1189,6 +1532,10 @@ int main(int argc, char **argv)
     }
     if (strcmp(part, "mla") == 0) {
         attention_mla_grid(&r);
+        goto done;
+    }
+    if (strcmp(part, "quant") == 0) {
+        test_quant_ops(&r);
         goto done;
     }
 
@@ -1426,6 +1773,7 @@ int main(int argc, char **argv)
         attention_decode_grid(&r);
         test_attention_prefill(&r);
         attention_mla_grid(&r);
+        test_quant_ops(&r);
     }
 
     /* set_pos */
