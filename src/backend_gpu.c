@@ -1125,8 +1125,9 @@ static kvrt_status attention_impl(gpu_ctx *ctx, const kvrt_attention_op *op, voi
 }
 
 /* Decode-shaped calls (attention_decode_takes: 1 to 8 query tokens per
- * sequence over an f32/f16/bf16 cache) go to the decode kernel; the rest
- * to the generic one. */
+ * sequence over an f32/f16/bf16 cache) go to the decode kernel; the rest,
+ * and every call on a pre-RoPE cache (rope_in_attention), to the generic
+ * one. */
 static kvrt_status attention_decode_impl(gpu_ctx *ctx, const kvrt_attention_op *op, void *stream)
 {
     void *ws = NULL;
@@ -1141,6 +1142,9 @@ static kvrt_status attention_dispatch(gpu_ctx *ctx, const kvrt_attention_op *op,
     KVRT_CHECK((int64_t)op->n_tokens * op->n_q_heads <= 0x7fffffff, KVRT_ERR_UNSUPPORTED,
                "%s: attention over %d tokens x %d query heads is too large for one launch",
                KVRT_GPU_API_NAME, op->n_tokens, op->n_q_heads);
+    /* pre-RoPE caches: only the generic kernel turns keys and queries */
+    if (op->rope_in_attention || op->rotate_q)
+        return attention_impl(ctx, op, stream);
     if (attention_prefill_shaped(op))
         return launched(KVRT_GPU_FN(launch_attention_prefill)(op, stream), "attention");
     if (KVRT_GPU_FN(attention_decode_takes)(op))
