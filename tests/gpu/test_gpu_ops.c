@@ -16,8 +16,9 @@
  * no device. The second argument runs a part: "ops" every test but the
  * decode attention grid and the tensor-core prefill grid,
  * "attention-decode" the decode grid alone, "prefill" the prefill grid
- * alone, "prerope" the pre-RoPE attention cases alone (all of them by default; the sim runs them as separate tests). Exits 77
- * when the backend has no device.
+ * alone, "prerope" the pre-RoPE attention cases alone (all of them by
+ * default; the sim runs them as separate tests). Exits 77 when the backend
+ * has no device.
  */
 #include "gpu_test.h"
 
@@ -1112,7 +1113,7 @@ static void test_attention_prerope(rng *r)
         {1, 96, 48, 64, KVRT_LAYOUT_BF16, 8, 2, 3, 20, 2, 1, 0, 10000.0f,
          "prefill chunk, GQA 2, normal, partial dims, queries rotated by the caller"},
         {4, 40, 24, 16, KVRT_LAYOUT_F32, 16, 2, 6, 3, 4, 2, 1, 10000.0f,
-         "MHA, odd head dim 40 (scalar loads), neox, partial dims, rotate_q"},
+         "MHA, head dim 40, neox, partial dims, rotate_q"},
     };
     for (size_t i = 0; i < sizeof grid / sizeof grid[0]; i++) {
         attn_case c;
