@@ -36,6 +36,17 @@
  *
  * Results differ from the twin by summation order and by expf against its
  * polynomial exp: f32 rounding, bounded in tests/gpu.
+ *
+ * Pre-RoPE caches (op.rope_in_attention; the glue sends them nowhere else)
+ * turn each key's rotary part by its slot's position in phase B as it is
+ * loaded, and with op.rotate_q each query by its token's position as it is
+ * staged (rope_key_part, load_query: the twin's rope_row arithmetic).
+ * nvcc 13.0 -Xptxas -v, sm_90a, attention_kernel: 111 registers (scalar
+ * loads) and 124 (16-byte loads), 40 bytes stack frame (the double sin/cos
+ * slow path), 0 spills, 5504 bytes static shared memory; before the pre-RoPE
+ * turn 70 and 83 registers, no stack. Still two CTAs of 256 threads per SM
+ * (__launch_bounds__). The angles are recomputed per element and key (in
+ * double); not measured.
  */
 #include "gpu_common.cuh"
 
