@@ -225,7 +225,9 @@ typedef enum kvrt_rope_mode {
      * position when rope.rotate_q is 1). kvrt_seq_shift / kvrt_seq_div then
      * change positions only: no K is rewritten, any number of shifts is
      * exact. kvrt cannot tell rotated K from unrotated: a decoder that
-     * writes rotated K into such a cache gets keys rotated twice. */
+     * writes rotated K into such a cache gets keys rotated twice. Every
+     * backend has it (GPU caches: f32, f16, bf16; their attention runs on
+     * the generic kernel in this mode). */
     KVRT_ROPE_IN_ATTENTION   = 1,
 } kvrt_rope_mode;
 

@@ -36,6 +36,17 @@
  *
  * Results differ from the twin by summation order and by expf against its
  * polynomial exp: f32 rounding, bounded in tests/gpu.
+ *
+ * Pre-RoPE caches (op.rope_in_attention; the glue sends them nowhere else)
+ * turn each key's rotary part by its slot's position in phase B as it is
+ * loaded, and with op.rotate_q each query by its token's position as it is
+ * staged (rope_key_part, load_query: the twin's rope_row arithmetic).
+ * nvcc 13.0 -Xptxas -v, sm_90a, attention_kernel: 111 registers (scalar
+ * loads) and 124 (16-byte loads), 40 bytes stack frame (the double sin/cos
+ * slow path), 0 spills, 5504 bytes static shared memory; before the pre-RoPE
+ * turn 70 and 83 registers, no stack. Still two CTAs of 256 threads per SM
+ * (__launch_bounds__). The angles are recomputed per element and key (in
+ * double); not measured.
  */
 #include "gpu_common.cuh"
 
@@ -92,6 +103,86 @@ template <int N> __device__ inline void store_shared(float *p, const float *in)
     }
 }
 
+/*
+ * Pre-RoPE mode (op.rope_in_attention, op.rotate_q): element j of a head
+ * row's rotary part [rot_offset, rot_offset + rot_dims) turned by position
+ * pos, as rope_row in src/attention_cpu.c turns the row: pair i =
+ * (a, b) (kvrt_rope_pair), angle kvrt_rope_angle in double, c and s rounded
+ * to f32, x_a c - x_b s and x_a s + x_b c in f32 unfused (kvrt_mul_sub_rn,
+ * kvrt_mul_add_rn); position 0 leaves the row as it is, as the twin does.
+ * On kvrt-sim (the host's libm) this is the twin's arithmetic, bit for bit.
+ * On a device, cos, sin and pow in double are within 2 ulp of double (CUDA
+ * and HIP math), so c and s rounded to f32 are the twin's or one f32 ulp
+ * (2^-24) away; a turned element then differs from the twin's by at most
+ * 2^-24 (|x_a| + |x_b|) + its own rounding, below the attention bound of
+ * tests/gpu. Each element is computed from the pair's two stored values
+ * independently, so a lane turns its own elements without the others.
+ */
+/* Pair i of element j (relative to rot_offset) of a rot_dims-part, and the
+ * pair's other element; false: j is not turned. */
+__device__ inline bool rope_pair_of(int32_t style, int32_t dims, int32_t j, int32_t *i,
+                                    int32_t *other, bool *first)
+{
+    const int32_t half = dims / 2;
+    if (j < 0 || j >= 2 * half)
+        return false;
+    if (style == 0) {
+        *i = j / 2;
+        *first = (j & 1) == 0;
+        *other = j ^ 1;
+    } else {
+        *first = j < half;
+        *i = *first ? j : j - half;
+        *other = *first ? j + half : j - half;
+    }
+    return true;
+}
+
+/* x (element j of the pair) turned with its pair's other element y. */
+__device__ inline float rope_turn(const kvrt_attention_op &op, int32_t dims, int32_t i, bool first,
+                                  int64_t pos, float x, float y)
+{
+    const double angle = kvrt_rope_angle(&op.rope, dims, i, pos); /* theta: the layer's */
+    const float c = (float)cos(angle), s = (float)sin(angle);
+    return first ? kvrt_mul_sub_rn(x, c, y, s) : kvrt_mul_add_rn(y, s, x, c);
+}
+
+/* Elements [d, d + N) of the K head row at kb, loaded as kv, turned by the
+ * slot's position pos; partners come from the stored row. */
+template <int DT, int N>
+__device__ inline void rope_key_part(const kvrt_attention_op &op, const kvrt_layout &L,
+                                     int64_t kb, int32_t d, int64_t pos, float *kv)
+{
+    if (pos == 0 || L.rot_dims <= 0)
+        return;
+#pragma unroll
+    for (int e = 0; e < N; e++) {
+        int32_t i, other;
+        bool first;
+        if (rope_pair_of(op.rope.style, L.rot_dims, d + e - L.rot_offset, &i, &other, &first)) {
+            float y;
+            load_row_part<DT, false>(op.layer.k, kb + L.rot_offset + other, &y);
+            kv[e] = rope_turn(op, L.rot_dims, i, first, pos, kv[e], y);
+        }
+    }
+}
+
+/* Element d of query row `row` (f32), turned by its token's position pos
+ * when op.rotate_q. */
+__device__ inline float load_query(const kvrt_attention_op &op, const kvrt_layout &L, int64_t row,
+                                   int32_t d, int64_t pos)
+{
+    const int64_t qb = row * L.dim_k;
+    const float x = kvrt_load(op.q, op.q_dtype, qb + d);
+    int32_t i, other;
+    bool first;
+    if (!op.rotate_q || pos == 0 ||
+        !rope_pair_of(op.rope.style, L.rot_dims, d - L.rot_offset, &i, &other, &first))
+        return x;
+    const float y = kvrt_load(op.q, op.q_dtype, qb + L.rot_offset + other);
+    return rope_turn(op, L.rot_dims, i, first, pos, x, y);
+}
+
 __device__ inline bool slot_visible(int64_t p, int64_t qpos, const kvrt_attention_op &op)
 {
     return p >= 0 && (!op.causal || p <= qpos) && (op.window <= 0 || p > qpos - op.window);
@@ -146,7 +237,7 @@ __global__ void __launch_bounds__(kAttnThreads, 2)
     for (int i = threadIdx.x; i < R * dim_k; i += blockDim.x) {
         const int r = i / dim_k, d = i - r * dim_k;
         const int64_t row = (int64_t)(t0 + r / nh) * op.n_q_heads + h0 + r % nh;
-        q[i] = kvrt_load(op.q, op.q_dtype, row * dim_k + d);
+        q[i] = load_query(op, L, row, d, op.tok_pos[t0 + r / nh]);
     }
     for (int i = threadIdx.x; i < R * dim_v; i += blockDim.x)
         acc[i] = 0.0f;
@@ -213,6 +304,8 @@ __global__ void __launch_bounds__(kAttnThreads, 2)
                 for (int32_t d = sub * E; d < dim_k; d += lps * E) {
                     float kv[E];
                     load_row_part<DT, PACK>(op.layer.k, kb + d, kv);
+                    if (op.rope_in_attention)
+                        rope_key_part<DT, E>(op, L, kb, d, s_pos[c], kv);
 #pragma unroll
                     for (int r = 0; r < kMaxRows; r++) {
                         if (r < R) {

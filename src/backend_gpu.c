@@ -1142,6 +1142,9 @@ static kvrt_status attention_dispatch(gpu_ctx *ctx, const kvrt_attention_op *op,
     KVRT_CHECK((int64_t)op->n_tokens * op->n_q_heads <= 0x7fffffff, KVRT_ERR_UNSUPPORTED,
                "%s: attention over %d tokens x %d query heads is too large for one launch",
                KVRT_GPU_API_NAME, op->n_tokens, op->n_q_heads);
+    /* pre-RoPE caches: only the generic kernel turns keys and queries */
+    if (op->rope_in_attention || op->rotate_q)
+        return attention_impl(ctx, op, stream);
     if (attention_prefill_shaped(op))
         return launched(KVRT_GPU_FN(launch_attention_prefill)(op, stream), "attention");
     /* decode-shaped MLA calls (576/512 latent rows, f16 or bf16): the

@@ -660,14 +660,13 @@ static kvrt_status do_cache_create(const kvrt_cache_desc *desc, kvrt_cache **out
     KVRT_TRY(kvrt_desc_validate(desc));
     KVRT_TRY(kvrt_desc_validate_rope_use(desc));
     KVRT_TRY(kvrt_prefix_desc_validate(desc));
-    /* the GPU kernels read f32, f16 and bf16 rows that hold rotated K */
-    KVRT_CHECK(desc->device.backend == KVRT_BACKEND_CPU ||
-                   (!kvrt_dtype_is_quantized(desc->dtype) && desc->rope.mode == KVRT_ROPE_STORED_ROTATED),
+    /* the GPU kernels read f32, f16 and bf16 rows (K rotated or, in rope.mode
+     * IN_ATTENTION, turned by the generic attention kernel as it reads it) */
+    KVRT_CHECK(desc->device.backend == KVRT_BACKEND_CPU || !kvrt_dtype_is_quantized(desc->dtype),
                KVRT_ERR_UNSUPPORTED,
-               "kvrt_cache_create: %s on %s: quantized dtypes and rope.mode IN_ATTENTION run on the "
-               "CPU backend only in this build",
-               kvrt_dtype_is_quantized(desc->dtype) ? kvrt_dtype_name(desc->dtype) : "rope.mode IN_ATTENTION",
-               kvrt_backend_name(desc->device.backend));
+               "kvrt_cache_create: %s on %s: quantized dtypes run on the CPU backend only in this "
+               "build",
+               kvrt_dtype_name(desc->dtype), kvrt_backend_name(desc->device.backend));
     int count = kvrt_device_count(desc->device.backend);
     KVRT_CHECK(desc->device.ordinal >= 0 && desc->device.ordinal < count, KVRT_ERR_NO_DEVICE,
                "device %s:%d does not exist (%d %s device%s in this build)",

@@ -1313,7 +1313,8 @@ static void make_layers(fuzz *F)
 
 /* What the q8, fp8 and prerope shapes set beyond the drawn description: the
  * quantized dtype; the pre-RoPE mode (queries rotated by kvrt or not, n_rot
- * partial or whole). Draws from F->r after everything else. */
+ * partial or whole; quantized on the CPU backend only, as GPU caches are
+ * f32/f16/bf16 in this build). Draws from F->r after everything else. */
 static void shape_desc(fuzz *F, kvrt_cache_desc *d)
 {
     if (F->opt->model == MODEL_Q8 || F->opt->model == MODEL_FP8)
@@ -1322,7 +1323,7 @@ static void shape_desc(fuzz *F, kvrt_cache_desc *d)
         return;
     d->rope.mode = KVRT_ROPE_IN_ATTENTION;
     d->rope.rotate_q = rng_chance(&F->r, 0.5);
-    if (F->opt->dtype < 0 && rng_chance(&F->r, 0.3))
+    if (F->opt->dtype < 0 && F->opt->backend == KVRT_BACKEND_CPU && rng_chance(&F->r, 0.3))
         d->dtype = rng_chance(&F->r, 0.5) ? KVRT_Q8 : KVRT_FP8_E4M3;
     for (int l = 0; l < F->n_layers; l++) /* quantized caches hold no MLA layer */
         if (kvrt_dtype_is_quantized(d->dtype) && F->layers[l].kind == KVRT_LAYER_MLA)

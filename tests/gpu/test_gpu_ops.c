@@ -11,14 +11,15 @@
  * of 576 (and an odd-sized MLA row that takes the scalar paths), many
  * blocks, unaligned caller buffers, every source/cache dtype pair.
  *
- * Usage: test_gpu_ops [cuda|hip|cpu] [ops|attention-decode|prefill|mla|quant]. "cpu"
- * runs the CPU backend against itself, which checks the test where there is
- * no device. The second argument runs a part: "ops" every test but the
+ * Usage: test_gpu_ops [cuda|hip|cpu] [ops|attention-decode|prefill|mla|quant|prerope].
+ * "cpu" runs the CPU backend against itself, which checks the test where
+ * there is no device. The second argument runs a part: "ops" every test but the
  * decode attention grid, the tensor-core prefill grid and the MLA grid,
  * "attention-decode" the decode grid alone, "prefill" the prefill grid
  * alone, "mla" the MLA grid alone, "quant" the ops on q8 and fp8 layers
- * alone (all of them by default; the sim runs them as separate tests).
- * Exits 77 when the backend has no device.
+ * alone, "prerope" the pre-RoPE attention cases alone (all of them by
+ * default; the sim runs them as separate tests). Exits 77 when the
+ * backend has no device.
  */
 #include "gpu_test.h"
 
@@ -568,6 +569,8 @@ typedef struct attn_case {
     int         ragged;      /* tokens per sequence drawn from 1 .. 2 * tokens_per_seq */
     int         nan_q;       /* one token's queries are NaN: its rows come out NaN */
     int         mla_kernel;  /* kvrt-sim: the call must run attention_mla.cu's kernel */
+    int         prerope;     /* pre-RoPE: 1 keys turned in attention, 2 keys and queries */
+    int         rope_style;  /* with prerope: 0 normal, 1 neox (theta: L.rope_theta) */
 } attn_case;
 
 /* Whether the glue sends the case to the tensor-core prefill kernel: the
@@ -698,7 +701,8 @@ static void test_attention(rng *r, attn_case c)
     }
     tok_pos[0] = 0; /* sequence 0's slot 0 is a hole: this token may see nothing */
     const int32_t nan_token = c.nan_q ? n_tokens / 2 : -1;
-    const int tc = attention_on_tensor_cores(&c, n_tokens) || attention_on_mla_kernel(&c, n_tokens);
+    const int tc = !c.prerope && (attention_on_tensor_cores(&c, n_tokens) ||
+                                  attention_on_mla_kernel(&c, n_tokens));
     /* the MLA kernel rounds P as the prefill kernel does: the same bound */
     const double extra = tc ? attention_tensor_core_extra(c.L.dtype) : 0.0;
     size_t q_elems = (size_t)n_tokens * (size_t)c.n_q_heads * (size_t)L.dim_k;
@@ -746,6 +750,12 @@ static void test_attention(rng *r, attn_case c)
         op.seq_n_slots = d_n_slots[s];
         op.n_seqs = c.n_seqs;
         op.max_seq_slots = max_seq_slots;
+        op.rope_in_attention = c.prerope > 0;
+        op.rotate_q = c.prerope > 1;
+        op.rope.n_rot = L.rot_dims;
+        op.rope.style = c.rope_style;
+        op.rope.theta = L.rope_theta;
+        op.rope.freq_scale = 1.0f;
 #if defined(KVRT_GPU_SIM)
         long launched = kvrt_sim_calls(KVRT_SIM_LAUNCH);
         const long mla_launched = kvrt_sim_launches_of("attention_mla_kernel");
@@ -1504,6 +1514,59 @@ static void test_quant_ops(rng *r)
     }
 }
 
+/* ---- pre-RoPE attention ---- */
+
+/* Pre-RoPE calls (keys turned by their slots' positions as they are read,
+ * queries by their tokens' with rotate_q) against the CPU twin. The glue
+ * sends every one of them to the generic kernel: the cases below include
+ * decode shapes (the decode kernel's) and f16/bf16 prefill chunks of head
+ * dims 64/96/128 (the tensor-core kernel's), neither of which turns keys,
+ * so any of them routed there fails the bound. The turn itself is the
+ * twin's f32 arithmetic (bit-exact on kvrt-sim: attention.cu), so the bound
+ * is attention_close's (turned values stay within sqrt(2) * 2 of zero,
+ * inside its logit margin); outputs are poisoned before the call. */
+static void test_attention_prerope(rng *r)
+{
+    static const struct {
+        int32_t kv_heads, dim_k, n_rot, block_size, dtype, n_blocks, n_seqs, max_seq_blocks;
+        int32_t tokens_per_seq, n_q_heads, prerope, style;
+        float   theta;
+        const char *what;
+    } grid[] = {
+        {2, 128, 128, 16, KVRT_LAYOUT_F16, 32, 3, 8, 1, 8, 1, 0, 10000.0f,
+         "decode, GQA 4, normal style, whole head, queries rotated by the caller"},
+        {2, 128, 64, 16, KVRT_LAYOUT_BF16, 32, 3, 8, 2, 8, 2, 1, 500000.0f,
+         "decode 2 tokens, GQA 4, neox, partial rotary dims, rotate_q"},
+        {1, 64, 32, 1, KVRT_LAYOUT_F32, 300, 2, 120, 1, 4, 2, 0, 1000000.0f,
+         "decode, f32, page 1, normal style, partial dims, rotate_q, another base"},
+        {2, 64, 64, 16, KVRT_LAYOUT_F16, 32, 2, 12, 40, 4, 2, 1, 10000.0f,
+         "prefill chunk of a tensor-core shape, neox, rotate_q"},
+        {1, 96, 48, 64, KVRT_LAYOUT_BF16, 8, 2, 3, 20, 2, 1, 0, 10000.0f,
+         "prefill chunk, GQA 2, normal, partial dims, queries rotated by the caller"},
+        {4, 40, 24, 16, KVRT_LAYOUT_F32, 16, 2, 6, 3, 4, 2, 1, 10000.0f,
+         "MHA, head dim 40, neox, partial dims, rotate_q"},
+    };
+    for (size_t i = 0; i < sizeof grid / sizeof grid[0]; i++) {
+        attn_case c;
+        memset(&c, 0, sizeof c);
+        c.L = layout_attn(grid[i].kv_heads, grid[i].dim_k, grid[i].dim_k, grid[i].block_size,
+                          grid[i].dtype, grid[i].n_rot);
+        c.L.rope_theta = grid[i].theta;
+        c.dim_v = grid[i].dim_k;
+        c.n_blocks = grid[i].n_blocks;
+        c.n_seqs = grid[i].n_seqs;
+        c.max_seq_blocks = grid[i].max_seq_blocks;
+        c.tokens_per_seq = grid[i].tokens_per_seq;
+        c.n_q_heads = grid[i].n_q_heads;
+        c.causal = 1;
+        c.q_dtype = grid[i].dtype;
+        c.out_dtype = KVRT_LAYOUT_F32;
+        c.prerope = grid[i].prerope;
+        c.rope_style = grid[i].style;
+        test_attention(r, c);
+    }
+}
+
 int main(int argc, char **argv)
 {
     kvrt_device dev = {gpu_test_backend(argc, argv), 0};
@@ -1536,6 +1599,10 @@ int main(int argc, char **argv)
     }
     if (strcmp(part, "quant") == 0) {
         test_quant_ops(&r);
+        goto done;
+    }
+    if (strcmp(part, "prerope") == 0) {
+        test_attention_prerope(&r);
         goto done;
     }
 
@@ -1774,6 +1841,7 @@ int main(int argc, char **argv)
         test_attention_prefill(&r);
         attention_mla_grid(&r);
         test_quant_ops(&r);
+        test_attention_prerope(&r);
     }
 
     /* set_pos */
