@@ -154,6 +154,32 @@ KVRT_API const char *kvrt_backend_name(kvrt_backend backend);
  * into buf (always NUL-terminated). KVRT_ERR_NO_DEVICE if there is none. */
 KVRT_API kvrt_status kvrt_device_describe(kvrt_device device, char *buf, size_t size);
 
+/* The CPU kernels (attention, f16 conversions, rotations, streaming copies)
+ * have a portable copy and, on x86, an AVX2 (with FMA and F16C) and an
+ * AVX-512 (F, BW, VL) one, and run the widest the processor has. The
+ * environment variable KVRT_CPU_ISA = portable | avx2 | avx512, read once
+ * (at the first call that needs it), caps that level: asking for more than
+ * the processor has gives what it has; any other value is ignored. Results
+ * differ between levels only by rounding (different summation orders and
+ * FMA contraction), within each kernel's documented bound. */
+typedef enum kvrt_cpu_isa {
+    KVRT_CPU_ISA_PORTABLE = 0,
+    KVRT_CPU_ISA_AVX2     = 1,
+    KVRT_CPU_ISA_AVX512   = 2,
+} kvrt_cpu_isa;
+
+typedef struct kvrt_cpu_isa_info {
+    kvrt_cpu_isa machine;    /* the widest level this processor runs */
+    kvrt_cpu_isa used;       /* the level the CPU kernels run: machine, capped */
+    int          requested;  /* KVRT_CPU_ISA's level; -1 unset, -2 not a level (ignored) */
+    char         env[32];    /* KVRT_CPU_ISA as read (truncated), "" when unset */
+} kvrt_cpu_isa_info;
+
+/* Fills *info (reading KVRT_CPU_ISA on the first call). Never fails. */
+KVRT_API void kvrt_cpu_isa_get(kvrt_cpu_isa_info *info);
+/* "portable", "avx2", "avx512"; "unknown" for other values. */
+KVRT_API const char *kvrt_cpu_isa_name(kvrt_cpu_isa isa);
+
 typedef enum kvrt_dtype {
     KVRT_F32  = 0,
     KVRT_F16  = 1,

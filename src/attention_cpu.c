@@ -50,6 +50,7 @@
  *     from the gathered f32 rows, gathered for that kv head only then.
  */
 #include "attention_cpu.h"
+#include "cpu_isa.h"
 
 #include <math.h>
 #include <stdatomic.h>
@@ -80,7 +81,6 @@
 #endif
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__)) && KVRT_ATTENTION_ISA >= 1
 #  define KVRT_ATTENTION_X86 1
-#  include <cpuid.h>
 #  include <immintrin.h>
 #else
 #  define KVRT_ATTENTION_X86 0
@@ -1626,41 +1626,19 @@ static void merge_splits(const attn_plan *pl, attn_scratch *sc, int64_t base_uni
 }
 
 #if KVRT_ATTENTION_X86
-/* Whether the AVX2 + FMA + F16C copy can run here (with the OS saving the
- * AVX registers, which __builtin_cpu_supports checks). Asked once: a cpuid
- * instruction can cost microseconds. */
+/* Whether the AVX2 + FMA + F16C copy runs: the processor has it and
+ * KVRT_CPU_ISA does not cap it (cpu_isa.c). */
 static int have_avx2_fma_f16c(void)
 {
-    static _Atomic int known; /* 0 unknown, 1 no, 2 yes */
-    int have = atomic_load_explicit(&known, memory_order_relaxed);
-    if (have == 0) {
-        unsigned eax, ebx, ecx, edx;
-        have = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                       __get_cpuid(1, &eax, &ebx, &ecx, &edx) && (ecx & bit_F16C)
-                   ? 2
-                   : 1;
-        atomic_store_explicit(&known, have, memory_order_relaxed);
-    }
-    return have == 2;
+    return kvrt_cpu_isa_level() >= KVRT_CPU_ISA_AVX2;
 }
 #endif
 
 #if KVRT_ATTENTION_AVX512
-/* Whether the AVX-512 copy (F, BW and VL) can run here (the OS saving the ZMM state
- * included, which __builtin_cpu_supports checks). */
+/* Whether the AVX-512 copy (F, BW and VL) runs. */
 static int have_avx512(void)
 {
-    static _Atomic int known; /* 0 unknown, 1 no, 2 yes */
-    int have = atomic_load_explicit(&known, memory_order_relaxed);
-    if (have == 0) {
-        have = have_avx2_fma_f16c() && __builtin_cpu_supports("avx512f") &&
-                       __builtin_cpu_supports("avx512bw") &&
-                       __builtin_cpu_supports("avx512vl")
-                   ? 2
-                   : 1;
-        atomic_store_explicit(&known, have, memory_order_relaxed);
-    }
-    return have == 2;
+    return kvrt_cpu_isa_level() >= KVRT_CPU_ISA_AVX512;
 }
 #endif
 

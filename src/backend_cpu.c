@@ -15,6 +15,7 @@
 #endif
 
 #include "attention_cpu.h"
+#include "cpu_isa.h"
 #include "internal.h"
 
 typedef struct cpu_ctx {
@@ -226,7 +227,7 @@ static inline void copy_bytes(void *dst, const void *src, size_t n, int stream)
 static int stream_ok(void)
 {
 #if HAVE_STREAM
-    return __builtin_cpu_supports("avx");
+    return kvrt_cpu_isa_level() >= KVRT_CPU_ISA_AVX2;
 #else
     return 0;
 #endif
@@ -472,8 +473,7 @@ static kvrt_status cpu_rotate(kvrt_backend_t *be, const kvrt_rotate_op *op, void
     (void)stream;
     int f16c = 0;
 #if ROT_F16C
-    f16c = __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx2") &&
-           __builtin_cpu_supports("fma");
+    f16c = kvrt_cpu_isa_level() >= KVRT_CPU_ISA_AVX2;
 #endif
     if (op->n <= 0 || op->n_layers <= 0)
         return KVRT_OK;

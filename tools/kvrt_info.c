@@ -1,6 +1,7 @@
 /*
  * kvrt_info.c: kvrt-info prints the library's version, the backends built
- * into it and their devices.
+ * into it and their devices, and the instruction set the CPU kernels run
+ * (KVRT_CPU_ISA caps it: portable, avx2, avx512).
  *
  *   kvrt-info                  version, backends, devices
  *   kvrt-info --budget SIZE    tokens a memory budget of SIZE (80GiB, 512MiB,
@@ -52,6 +53,24 @@ static int fp8_mla_row(const kvrt_layer_desc *l, kvrt_dtype dtype, size_t *row, 
     *row = (size_t)kvrt_mla_fp8_row_bytes(l->latent_dim, l->rope_dim);
     *scales = (size_t)(kvrt_mla_fp8_rope_off(l->latent_dim) - kvrt_mla_fp8_scale_off(l->latent_dim));
     return 1;
+}
+
+/* The CPU kernels' instruction set (kvrt_cpu_isa_get): what the processor
+ * has, what KVRT_CPU_ISA asked for, and what runs. */
+static void print_cpu_isa(void)
+{
+    kvrt_cpu_isa_info isa;
+    kvrt_cpu_isa_get(&isa);
+    printf("  CPU kernels: %s (processor: %s", kvrt_cpu_isa_name(isa.used),
+           kvrt_cpu_isa_name(isa.machine));
+    if (isa.requested == -2)
+        printf("; KVRT_CPU_ISA=%s is not portable, avx2 or avx512: ignored", isa.env);
+    else if (isa.requested > (int)isa.machine)
+        printf("; KVRT_CPU_ISA=%s is above what it has: capped to %s", isa.env,
+               kvrt_cpu_isa_name(isa.used));
+    else if (isa.requested >= 0)
+        printf("; KVRT_CPU_ISA=%s", isa.env);
+    printf(")\n");
 }
 
 static int budget(const char *arg)
@@ -122,6 +141,8 @@ int main(int argc, char **argv)
                 printf("  %s:%d: %s: %s\n", kvrt_backend_name(be), d, kvrt_status_name(st),
                        kvrt_last_error());
         }
+        if (be == KVRT_BACKEND_CPU)
+            print_cpu_isa();
     }
     return 0;
 }

@@ -32,6 +32,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "../isa_check.h"
 #include "attention_cpu.h"
 
 #ifdef _OPENMP
@@ -833,6 +834,9 @@ static void test_single_key_exact(void)
 
 int main(void)
 {
+    int isa = test_isa_check("test_attention_cpu");
+    if (isa != 0)
+        return isa;
     test_single_key_exact();
     test_grid();
     test_mla_many_heads();

@@ -44,6 +44,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "../isa_check.h"
 #include "kvrt.h"
 #include "kvrt_layout.h"
 #include "ref.h"
@@ -3621,6 +3622,11 @@ static void run_stream(const options *o, int64_t stream, const scenario *sc)
 int main(int argc, char **argv)
 {
     options o = parse_options(argc, argv);
+    if (getenv("KVRT_CPU_ISA") != NULL) {
+        int isa = test_isa_check("kvrt-fuzz");
+        if (isa != 0)
+            return isa;
+    }
     if (kvrt_device_count(o.backend) == 0) {
         printf("kvrt-fuzz: no %s device; skipped\n", kvrt_backend_name(o.backend));
         return 77;

@@ -30,6 +30,7 @@
 
 #include <cmocka.h>
 
+#include "../isa_check.h"
 #include "kvrt.h"
 #include "ref.h"
 
@@ -998,6 +999,9 @@ static void test_invalid(void **state)
 
 int main(void)
 {
+    int isa = test_isa_check("test_quant");
+    if (isa != 0)
+        return isa;
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_row_bytes),
         cmocka_unit_test(test_write_quantizes),

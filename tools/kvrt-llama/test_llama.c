@@ -630,12 +630,31 @@ static void test_shift(void **state)
 /* (c) forks decode as the prompt alone                                      */
 /* ------------------------------------------------------------------------ */
 
+/*
+ * Batched and alone run the same arithmetic, split differently: OpenBLAS
+ * blocks a GEMM by its row count and picks its kernels by CPU, and
+ * attention's work split follows the batch. So the two may round
+ * differently, and on f16/bf16/q8/fp8 caches a K or V element may then be
+ * stored as the neighbouring value of its dtype. Each run is within
+ * bound(m, dtype, 0) of the double reference (the argument above bound(),
+ * which counts such neighbouring roundings: 4 u_dtype), so the two are within
+ * twice that of each other, relative to (1 + max |logit|). Measured: about
+ * 3e-6 with the same GEMM kernels, 2e-3 on bf16 when they differ (AVX2
+ * OpenBLAS), against a bound of 3.3e-2.
+ *
+ * The alone runs are fed the batched run's tokens (teacher forcing): a
+ * sampled token whose coin lies within a rounding of a cumulative
+ * probability may legitimately differ, and would make every later step
+ * incomparable. Tokens that the alone run would have sampled differently
+ * are counted and printed.
+ */
 static void check_fork(kvrt_dtype dtype)
 {
-    enum { N = 4, STEPS = 30 };
+    enum { N = 4, STEPS = 30, VOCAB = 384 };
+    static float logits[STEPS][N][VOCAB]; /* static: a failed assertion leaks nothing */
     int vocab = model3.config.vocab_size;
+    assert_int_equal(vocab, VOCAB);
     int together[N][STEPS];
-    float *logits = malloc((size_t)N * STEPS * vocab * sizeof(float));
     llama_decoder dec;
     llama_session sess;
     open_session(&model3, dtype, 64, N, 1.0f, 100, &dec, &sess);
@@ -649,32 +668,35 @@ static void check_fork(kvrt_dtype dtype)
         for (int s = 0; s < N; s++)
             together[s][step] = sess.seqs[s].pending;
         TRY(llama_decode_step(&sess, 1, NULL));
-        memcpy(logits + (size_t)step * N * vocab, dec.logits, (size_t)N * vocab * sizeof(float));
+        memcpy(logits[step], dec.logits, sizeof logits[step]);
     }
     close_session(&dec, &sess);
 
     double worst = 0.0;
+    int differ = 0;
     for (int s = 0; s < N; s++) {
         open_session(&model3, dtype, 64, 1, 1.0f, 100 + s, &dec, &sess);
         TRY(llama_prefill(&sess, 0, prompt, PROMPT_LEN));
         for (int step = 0; step < STEPS; step++) {
-            if (sess.seqs[0].pending != together[s][step])
-                fail_msg("seq %d, step %d: token %d forked, %d alone", s, step,
-                         together[s][step], sess.seqs[0].pending);
+            differ += sess.seqs[0].pending != together[s][step];
+            sess.seqs[0].pending = together[s][step];
             TRY(llama_decode_step(&sess, 1, NULL));
-            const float *f = logits + ((size_t)step * N + s) * vocab;
-            for (int i = 0; i < vocab; i++)
-                worst = fmax(worst, fabs((double)f[i] - dec.logits[i]));
+            double err = 0.0, scale = 0.0;
+            for (int i = 0; i < vocab; i++) {
+                err = fmax(err, fabs((double)logits[step][s][i] - dec.logits[i]));
+                scale = fmax(scale, fabs((double)dec.logits[i]));
+            }
+            worst = fmax(worst, err / (1.0 + scale));
         }
         close_session(&dec, &sess);
     }
-    /* Batched and alone run the same arithmetic but may split it
-     * differently (GEMM blocking, attention work split): within the f32
-     * bound, and in practice equal or nearly. */
-    assert_true(worst <= bound(&model3, KVRT_F32, 0));
+    double limit = 2.0 * bound(&model3, dtype, 0);
     print_message("fork, %s cache: %d sequences x %d tokens as alone; largest logit difference "
-                  "%.3g\n", kvrt_dtype_name(dtype), N, STEPS, worst);
-    free(logits);
+                  "%.3g (bound %.3g), %d of %d sampled tokens differ\n",
+                  kvrt_dtype_name(dtype), N, STEPS, worst, limit, differ, N * STEPS);
+    if (!(worst <= limit))
+        fail_msg("%s cache: batched and alone logits differ by %.3g, above %.3g",
+                 kvrt_dtype_name(dtype), worst, limit);
 }
 
 static void test_fork(void **state)
