@@ -4,7 +4,7 @@
  * run.
  *
  *   kvrt-bench [--backend cpu|cuda|hip] [--dtype f16|bf16|f32|q8|fp8] [--runs N]
- *              [--size-mib M] [--quick] [--json FILE] <op...>
+ *              [--size-mib M] [--quick] [--isa portable|avx2|avx512] [--json FILE] <op...>
  *   ops: write shift copy compact gather plan attention attention_decode
  *        attention_prefill attention_mla all
  *
@@ -39,6 +39,10 @@
  * error in units of its bound). Where there is none (HIP: hipBLAS is not
  * packaged; q8, fp8 and f32 caches; a build without cuBLAS) the row has
  * "vs_baseline":null and a "baseline_note". CPU rows have neither.
+ * --isa caps the CPU kernels' instruction set (it sets KVRT_CPU_ISA before
+ * the first kvrt call; default: the widest the processor has); every row
+ * carries the level that ran ("isa", in the table too), whatever the
+ * backend, since CPU-side work runs at it.
  * With --dtype q8 or fp8 (quantized caches) attention_decode runs, written
  * from f16 rows, with f16 queries and outputs; its bytes count the codes and
  * the scales read. The other ops skip quantized caches.
@@ -120,6 +124,7 @@ typedef struct bench {
     int          header_done;
     char         row_extra[256]; /* JSON members the next report adds (the baseline's) */
     char         row_note[64];   /* and its table text */
+    const char  *isa;            /* the CPU kernels' instruction set (kvrt_cpu_isa_get) */
 } bench;
 
 static void print_header(bench *b)
@@ -127,8 +132,8 @@ static void print_header(bench *b)
     if (b->header_done)
         return;
     b->header_done = 1;
-    printf("%-18s %-5s %-5s %-44s %10s %9s %9s %8s\n", "op", "dev", "dtype", "shape", "median_ms",
-           "GB/s", "copy", "fraction");
+    printf("%-18s %-5s %-8s %-5s %-44s %10s %9s %9s %8s\n", "op", "dev", "isa", "dtype", "shape",
+           "median_ms", "GB/s", "copy", "fraction");
 }
 
 /* One measurement: a table row, a JSON line on stdout and in --json. */
@@ -138,9 +143,9 @@ static void report(bench *b, const char *op, kvrt_dtype dtype, const char *shape
     double gbps = devmem_gbps(bytes, median_ms);
     double fraction = b->copy_gbps > 0 ? gbps / b->copy_gbps : 0.0;
     print_header(b);
-    printf("%-18s %-5s %-5s %-44s %10.3f %9.2f %9.2f %8.3f", op,
-           b->sim ? "sim" : kvrt_backend_name(b->device.backend), kvrt_dtype_name(dtype), shape_text, median_ms,
-           gbps, b->copy_gbps, fraction);
+    printf("%-18s %-5s %-8s %-5s %-44s %10.3f %9.2f %9.2f %8.3f", op,
+           b->sim ? "sim" : kvrt_backend_name(b->device.backend), b->isa, kvrt_dtype_name(dtype),
+           shape_text, median_ms, gbps, b->copy_gbps, fraction);
     if (flops > 0)
         printf("  %.3f TFLOP/s", flops / (median_ms * 1e-3) / 1e12);
     if (b->read_gbps > 0)
@@ -152,11 +157,11 @@ static void report(bench *b, const char *op, kvrt_dtype dtype, const char *shape
     printf("\n");
     char line[1024];
     int n = snprintf(line, sizeof line,
-                     "{\"op\":\"%s\",\"backend\":\"%s\",\"dtype\":\"%s\",\"shape\":%s,"
-                     "\"median_ms\":%.4f,\"bytes\":%.0f,\"gbps\":%.3f,\"copy_gbps\":%.3f,"
-                     "\"fraction\":%.4f",
-                     op, kvrt_backend_name(b->device.backend), kvrt_dtype_name(dtype), shape_json,
-                     median_ms, bytes, gbps, b->copy_gbps, fraction);
+                     "{\"op\":\"%s\",\"backend\":\"%s\",\"isa\":\"%s\",\"dtype\":\"%s\","
+                     "\"shape\":%s,\"median_ms\":%.4f,\"bytes\":%.0f,\"gbps\":%.3f,"
+                     "\"copy_gbps\":%.3f,\"fraction\":%.4f",
+                     op, kvrt_backend_name(b->device.backend), b->isa, kvrt_dtype_name(dtype),
+                     shape_json, median_ms, bytes, gbps, b->copy_gbps, fraction);
     if (b->sim)
         n += snprintf(line + n, sizeof line - (size_t)n, ",\"sim\":true");
     if (flops > 0)
@@ -1691,7 +1696,8 @@ static void usage(FILE *to)
 {
     fprintf(to,
             "usage: kvrt-bench [--backend cpu|cuda|hip] [--dtype f16|bf16|f32|q8|fp8] [--runs N]\n"
-            "                  [--size-mib M] [--quick] [--json FILE] <op...>\n"
+            "                  [--size-mib M] [--quick] [--isa portable|avx2|avx512]\n"
+            "                  [--json FILE] <op...>\n"
             "ops: write shift copy compact gather plan attention attention_decode\n"
             "     attention_prefill attention_mla all\n"
             "Caches hold at least --size-mib MiB (256 on the CPU, 1024 on GPUs); each op is\n"
@@ -1775,6 +1781,12 @@ int main(int argc, char **argv)
             json_path = val;
         } else if (strcmp(a, "--quick") == 0) {
             b.quick = 1;
+        } else if (strcmp(a, "--isa") == 0 && val) {
+            i++;
+            if (strcmp(val, "portable") != 0 && strcmp(val, "avx2") != 0 &&
+                strcmp(val, "avx512") != 0)
+                die("unknown --isa '%s' (portable, avx2, avx512)", val);
+            setenv("KVRT_CPU_ISA", val, 1); /* before the first kvrt call reads it */
         } else if (a[0] == '-') {
             usage(stderr);
             die("unknown option '%s'", a);
@@ -1796,6 +1808,12 @@ int main(int argc, char **argv)
         usage(stderr);
         return 2;
     }
+    kvrt_cpu_isa_info isa;
+    kvrt_cpu_isa_get(&isa);
+    b.isa = kvrt_cpu_isa_name(isa.used);
+    if (isa.requested > (int)isa.machine)
+        printf("kvrt-bench: --isa %s is above this processor's %s: capped to it\n", isa.env,
+               kvrt_cpu_isa_name(isa.machine));
     if (kvrt_device_count(b.device.backend) < 1)
         die("no %s device: this kvrt has %d (kvrt-info lists the backends built in)",
             kvrt_backend_name(b.device.backend), kvrt_device_count(b.device.backend));
@@ -1816,8 +1834,9 @@ int main(int argc, char **argv)
 #ifdef _OPENMP
     threads = omp_get_max_threads();
 #endif
-    printf("kvrt %s bench on %s, %d OpenMP thread%s, caches >= %ld MiB, median of %d runs\n",
-           kvrt_version_string(), desc, threads, threads == 1 ? "" : "s", size_mib, b.runs);
+    printf("kvrt %s bench on %s, %d OpenMP thread%s, CPU kernels %s, caches >= %ld MiB, "
+           "median of %d runs\n",
+           kvrt_version_string(), desc, threads, threads == 1 ? "" : "s", b.isa, size_mib, b.runs);
     if (b.sim)
         printf("kvrt-sim runs the GPU code on the CPU: these times are no GPU's speed figures\n");
     for (int k = 0; k < N_OPS; k++)

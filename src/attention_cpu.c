@@ -31,23 +31,32 @@
  * thread takes next is queued instead, so that only a thread's first unit
  * in a call starts cold.
  *
- * Three copies of the kernel:
- *   - Portable: inner loops run over LANES-element steps with a
- *     compile-time trip count, so that compilers vectorize them at -O2 for
- *     whatever the target's vector width is. Each chunk's K and V rows of a
- *     kv head are converted to f32 once (the gather) and the rows updated one
- *     at a time.
- *   - AVX2 + FMA (F16C converting f16 rows): the same code compiled for
- *     them, chosen at run time when the processor has them.
- *   - AVX-512 (F, BW, VL): a token's query heads of one kv head four at a
- *     time. The dots of four heads with four keys are sixteen registers,
- *     the V sum of four rows another sixteen, and each K or V vector is
- *     loaded straight from the cache and converted in registers once for
- *     the four (no f32 copy), so a chunk is sized by its bytes (CHUNK_BYTES
- *     per kv head, for K and V). The softmax is 16 lanes wide. Rows that
- *     skip a key of the chunk (a weight of 0: the V of a key a row does not
- *     see may hold anything, and 0 * inf is NaN) are updated one at a time
- *     from the gathered f32 rows, gathered for that kv head only then.
+ * The copies of the kernel, one file per instruction set (this file holds
+ * the plan, the chunking, the unit loop, the merge and the portable copy;
+ * attention_cpu_impl.h what they share). kvrt_cpu_isa_level (KVRT_CPU_ISA
+ * caps it) picks one per call:
+ *   - Portable (gathered rows): inner loops run over LANES-element steps
+ *     with a compile-time trip count, so that compilers vectorize them at
+ *     -O2 for whatever the target's vector width is. Each chunk's K and V
+ *     rows of a kv head are converted to f32 once (the gather; q8/fp8 rows
+ *     dequantized, pre-RoPE keys turned) and the rows updated one at a time.
+ *   - AVX2 + FMA over gathered rows: the same code compiled for them, with
+ *     F16C conversions (attention_cpu_avx2.c). Pre-RoPE caches, and dims
+ *     that are not multiples of 8, run here on AVX2 processors.
+ *   - The direct copies, AVX2 (attention_cpu_avx2.c) and AVX-512 (F, BW,
+ *     VL; attention_cpu_avx512.c): a token's query heads of one kv head up
+ *     to four at a time. Each K or V vector is loaded straight from the
+ *     cache (f32, f16, bf16, or q8/fp8 codes) and converted in registers
+ *     once for the four (no f32 copy), so a chunk is sized by its bytes
+ *     (CHUNK_BYTES per kv head, for K and V). A q8/fp8 row's scale
+ *     multiplies its dot products (K) or its weight (V) instead of each
+ *     element. AVX-512's dots of four heads with four keys are sixteen
+ *     registers and its V sums of four rows over 64 elements another
+ *     sixteen; AVX2, with half the registers, takes two keys and 16
+ *     elements. The softmax is 16 or 8 lanes wide. Rows that skip a key of
+ *     the chunk (a weight of 0: the V of a key a row does not see may hold
+ *     anything, and 0 * inf is NaN) are updated one at a time from the
+ *     gathered f32 rows, gathered for that kv head only then.
  */
 #include "attention_cpu_impl.h"
 
@@ -429,14 +438,15 @@ static int64_t queue_first_chunk(const attn_plan *pl, int64_t unit, chunk_rows *
     return queue_chunk(pl, cr, us.ur.g0, us.ur.g1, ranges, lq);
 }
 
-/* One unit, in the copy for `isa`: 0 portable, 1 AVX2 + FMA + F16C, 2
- * AVX-512 (a compile-time constant once inlined). `next`: the unit this
- * thread takes after it (-1 none), whose first rows are prefetched during
- * this one's last chunk. */
+/* One unit, in the copy `copy` (a compile-time constant once inlined): 0
+ * the portable one and 1 the AVX2 + FMA one, over gathered f32 rows; 2 a
+ * direct copy, pl->heads (AVX2 or AVX-512), reading the cache's rows.
+ * `next`: the unit this thread takes after it (-1 none), whose first rows
+ * are prefetched during this one's last chunk. */
 KVRT_ALWAYS_INLINE void unit_body(const attn_plan *pl, attn_scratch *sc, int64_t unit,
-                                  int64_t next, const int isa)
+                                  int64_t next, const int copy)
 {
-    const int fused = isa >= 1;
+    const int fused = copy == 1, direct = copy == 2;
     const kvrt_attention_op *op = pl->op;
     const int32_t dk = pl->dim_k, dv = pl->dim_v, chunk = pl->chunk;
     unit_span us;
@@ -491,13 +501,15 @@ KVRT_ALWAYS_INLINE void unit_body(const attn_plan *pl, attn_scratch *sc, int64_t
             int32_t h_first = g * pl->group > ur.h0 ? g * pl->group - ur.h0 : 0;
             int32_t h_end = (g + 1) * pl->group - ur.h0 < ur.nh ? (g + 1) * pl->group - ur.h0
                                                                : ur.nh;
-#if KVRT_ATTENTION_AVX512
             const kvrt_layout *L = &op->layer.layout;
             const int64_t first = (int64_t)g * L->block_size; /* kv head g's row 0 */
+            const int quant = op->layer.k_scale != NULL;
             const head_rows hr = {
                 (const char *)op->layer.k + first * dk * L->elem_size,
                 op->mla ? (const char *)op->layer.k + first * dk * L->elem_size
                         : (const char *)op->layer.v + first * dv * L->elem_size,
+                quant ? op->layer.k_scale + first : NULL,
+                quant && !op->mla ? op->layer.v_scale + first : NULL,
                 cur->row,
                 (int64_t)dk * L->elem_size,
                 (int64_t)(op->mla ? dk : dv) * L->elem_size,
@@ -505,22 +517,21 @@ KVRT_ALWAYS_INLINE void unit_body(const attn_plan *pl, attn_scratch *sc, int64_t
             sc->chunk_now = cur;
             sc->head = g;
             sc->gathered = -1;
-#endif
-            if (isa < 2) /* the AVX-512 copy reads the cache's rows */
+            if (!direct) /* the direct copies read the cache's rows */
                 pl->gather(pl, sc, cur, g);
             for (int32_t t = 0; t < ur.nt; t++) {
+                if (direct) {
+                    if (cur->seen[t] && h_end > h_first)
+                        pl->heads(pl, sc, t * ur.nh + h_first, h_end - h_first,
+                                  cur->see + t * chunk, &hr, &lq);
+                    continue;
+                }
                 for (int32_t h = h_first; h < h_end; h++) {
-                    if (isa < 2)
-                        prefetch_lines(&lq, lines_per_row);
-                    if (isa < 2 && cur->seen[t])
+                    prefetch_lines(&lq, lines_per_row);
+                    if (cur->seen[t])
                         update_row(pl, sc, t * ur.nh + h, cur->see + t * chunk, cur->n,
                                    v_rows, v_stride, fused);
                 }
-#if KVRT_ATTENTION_AVX512
-                if (isa == 2 && cur->seen[t] && h_end > h_first)
-                    kvrt_attn_heads_avx512(pl, sc, t * ur.nh + h_first, h_end - h_first,
-                                        cur->see + t * chunk, &hr, &lq);
-#endif
             }
         }
         prefetch_rest(&lq); /* what the loops did not take */
@@ -551,13 +562,12 @@ unit_avx2(const attn_plan *pl, attn_scratch *sc, int64_t unit, int64_t next)
 }
 #endif
 
-#if KVRT_ATTENTION_AVX512
-KVRT_TARGET_AVX512 static void unit_avx512(const attn_plan *pl, attn_scratch *sc,
-                                           int64_t unit, int64_t next)
+/* The direct copies: the unit's bookkeeping is the same for both, their
+ * kernels (pl->heads) are compiled for their instruction sets. */
+static void unit_direct(const attn_plan *pl, attn_scratch *sc, int64_t unit, int64_t next)
 {
     unit_body(pl, sc, unit, next, 2);
 }
-#endif
 
 /* Merges the splits of rows [r0, r0 + MERGE_ROWS) of base unit
  * `base_unit` (those it has): for each row, m = max m_i,
@@ -598,23 +608,6 @@ static void merge_splits(const attn_plan *pl, attn_scratch *sc, int64_t base_uni
     write_rows(pl, &ur, sc->acc, sc->l, sc->out, r0, r1);
 }
 
-#if KVRT_ATTENTION_X86
-/* Whether the AVX2 + FMA + F16C copy runs: the processor has it and
- * KVRT_CPU_ISA does not cap it (cpu_isa.c). */
-static int have_avx2_fma_f16c(void)
-{
-    return kvrt_cpu_isa_level() >= KVRT_CPU_ISA_AVX2;
-}
-#endif
-
-#if KVRT_ATTENTION_AVX512
-/* Whether the AVX-512 copy (F, BW and VL) runs. */
-static int have_avx512(void)
-{
-    return kvrt_cpu_isa_level() >= KVRT_CPU_ISA_AVX512;
-}
-#endif
-
 kvrt_status kvrt_cpu_attention(const kvrt_attention_op *op, int max_threads)
 {
     const kvrt_layout *L = &op->layer.layout;
@@ -628,10 +621,39 @@ kvrt_status kvrt_cpu_attention(const kvrt_attention_op *op, int max_threads)
     pl.dim_v = op->dim_v;
     pl.group = op->n_q_heads / L->n_heads;
     int32_t dim_max = pl.dim_k > pl.dim_v ? pl.dim_k : pl.dim_v;
-    /* quantized rows and pre-RoPE keys: converted by gather_dequant */
-    const int special = kvrt_dtype_quantized(L->dtype) || op->rope_in_attention || op->rotate_q;
+    /* quantized rows and pre-RoPE keys: gathered by gather_dequant */
+    const int quant = kvrt_dtype_quantized(L->dtype);
     if (L->dtype == KVRT_LAYOUT_FP8_E4M3)
         e4m3_table_init();
+
+    /* The copy: a direct one (pl.heads) where the instruction set has one
+     * and keys need no turn (pre-RoPE keys are turned as they are
+     * gathered); the AVX2 one reads whole 8-element vectors, so it takes
+     * dims that are multiples of 8. Otherwise the gathered-row copies. */
+    void (*unit)(const attn_plan *, attn_scratch *, int64_t, int64_t) = unit_generic;
+    pl.gather = quant || op->rope_in_attention || op->rotate_q ? gather_dequant : gather_generic;
+    const int isa = kvrt_cpu_isa_level();
+    (void)isa;
+#if KVRT_ATTENTION_X86
+    if (isa >= KVRT_CPU_ISA_AVX2) {
+        unit = unit_avx2;
+        pl.dequant_avx2 = 1;
+        if (pl.gather == gather_generic)
+            pl.gather = kvrt_attn_gather_avx2;
+        if (!op->rope_in_attention && pl.dim_k % 8 == 0 && pl.dim_v % 8 == 0)
+            pl.heads = kvrt_attn_heads_avx2;
+    }
+#endif
+#if KVRT_ATTENTION_AVX512
+    if (isa >= KVRT_CPU_ISA_AVX512) {
+        if (pl.gather == kvrt_attn_gather_avx2)
+            pl.gather = kvrt_attn_gather_avx512;
+        if (!op->rope_in_attention)
+            pl.heads = kvrt_attn_heads_avx512;
+    }
+#endif
+    if (pl.heads != NULL)
+        unit = unit_direct;
 
     /* Query heads per unit: those of as many kv heads as fit ROW_FLOATS (all
      * of a token's, usually: then a block's K and V regions are read as two
@@ -657,14 +679,12 @@ kvrt_status kvrt_cpu_attention(const kvrt_attention_op *op, int max_threads)
     pl.rows_max = tile_tokens * heads_per_unit;
     int32_t dim_row = L->dim_k > (op->mla ? 0 : L->dim_v) ? L->dim_k : L->dim_v;
     pl.chunk = CHUNK_FLOATS / (dim_row > 0 ? dim_row : 1);
-#if KVRT_ATTENTION_AVX512
-    /* The AVX-512 copy reads the cache's rows as they are, so its chunk is
-     * set by their bytes: larger chunks, fewer fixed costs per key. MLA's
-     * rows are read again for each block of four of the 128 heads: their
-     * chunk stays at L1's measure. */
-    if (have_avx512() && !op->mla && !special)
+    /* The direct copies read the cache's rows as they are, so their chunk
+     * is set by their bytes: larger chunks, fewer fixed costs per key.
+     * MLA's rows are read again for each block of four of the 128 heads:
+     * their chunk stays at L1's measure. */
+    if (pl.heads != NULL && !op->mla)
         pl.chunk = (int32_t)(CHUNK_BYTES / (((int64_t)L->dim_k + L->dim_v) * L->elem_size));
-#endif
     pl.chunk = pl.chunk < LANES ? LANES : pl.chunk > CHUNK_MAX ? CHUNK_MAX : pl.chunk;
     pl.chunk = (int32_t)round_up((size_t)pl.chunk, LANES);
 
@@ -729,31 +749,6 @@ kvrt_status kvrt_cpu_attention(const kvrt_attention_op *op, int max_threads)
     pl.tile_first = tile_first;
     pl.partial = pl.n_splits > 1 ? (float *)(mem + tiles_bytes) : NULL;
     char *thread_mem = mem + tiles_bytes + round_up(partial_bytes, 64);
-
-    void (*unit)(const attn_plan *, attn_scratch *, int64_t, int64_t) = unit_generic;
-    pl.gather = gather_generic;
-#if KVRT_ATTENTION_X86
-    if (have_avx2_fma_f16c()) {
-        unit = unit_avx2;
-        pl.gather = kvrt_attn_gather_avx2;
-    }
-#endif
-#if KVRT_ATTENTION_AVX512
-    if (have_avx512()) {
-        unit = unit_avx512;
-        pl.gather = kvrt_attn_gather_avx512;
-    }
-#endif
-    if (special) { /* rows through gather_dequant: never the AVX-512 copy, which reads the cache */
-        unit = unit_generic;
-#if KVRT_ATTENTION_X86
-        if (have_avx2_fma_f16c()) {
-            unit = unit_avx2;
-            pl.dequant_avx2 = 1;
-        }
-#endif
-        pl.gather = gather_dequant;
-    }
 
     _Atomic int64_t next_unit = 0;
     const int32_t merge_parts = (pl.rows_max + MERGE_ROWS - 1) / MERGE_ROWS;

@@ -120,12 +120,33 @@ KVRT_TARGET_AVX512 KVRT_ALWAYS_INLINE __m512 exp_nonpositive_avx512(__m512 x)
 }
 
 /* 16 elements of a K or V row at p, as f32 (the cache's dtype a constant
- * once inlined); with `masked`, only the lanes of `mask` are read. */
+ * once inlined); with `masked`, only the lanes of `mask` are read. q8 and
+ * fp8 give the codes' values before their row's scale (attention_cpu_avx2.c's
+ * load8 says how). */
 KVRT_TARGET_AVX512 KVRT_ALWAYS_INLINE __m512 load16(const char *p, __mmask16 mask,
                                                     const int dtype, const int masked)
 {
     if (dtype == KVRT_LAYOUT_F32)
         return masked ? _mm512_maskz_loadu_ps(mask, p) : _mm512_loadu_ps(p);
+    if (dtype == KVRT_LAYOUT_Q8 || dtype == KVRT_LAYOUT_FP8_E4M3) {
+        __m128i b = masked ? _mm_maskz_loadu_epi8(mask, p)
+                           : _mm_loadu_si128((const __m128i *)(const void *)p);
+        const __m512 nan = _mm512_set1_ps((float)NAN);
+        if (dtype == KVRT_LAYOUT_Q8) {
+            __m512i q = _mm512_cvtepi8_epi32(b);
+            __mmask16 is_nan = _mm512_cmpeq_epi32_mask(q, _mm512_set1_epi32(-128));
+            return _mm512_mask_mov_ps(_mm512_cvtepi32_ps(q), is_nan, nan);
+        }
+        __m512i c = _mm512_cvtepu8_epi32(b);
+        __m512i mag = _mm512_and_si512(c, _mm512_set1_epi32(0x7f));
+        __m512 v = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_slli_epi32(mag, 20)),
+                                 _mm512_set1_ps(0x1p120f));
+        v = _mm512_castsi512_ps(_mm512_or_si512(
+            _mm512_castps_si512(v),
+            _mm512_slli_epi32(_mm512_and_si512(c, _mm512_set1_epi32(0x80)), 24)));
+        __mmask16 is_nan = _mm512_cmpeq_epi32_mask(mag, _mm512_set1_epi32(0x7f));
+        return _mm512_mask_mov_ps(v, is_nan, nan);
+    }
     __m256i h = masked ? _mm256_maskz_loadu_epi16(mask, p)
                        : _mm256_loadu_si256((const __m256i *)(const void *)p);
     if (dtype == KVRT_LAYOUT_F16)
@@ -133,6 +154,12 @@ KVRT_TARGET_AVX512 KVRT_ALWAYS_INLINE __m512 load16(const char *p, __mmask16 mas
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
+/* Bytes per element of a layer dtype. */
+KVRT_ALWAYS_INLINE int64_t elem_bytes(const int dtype)
+{
+    return dtype == KVRT_LAYOUT_F32 ? 4
+         : dtype == KVRT_LAYOUT_F16 || dtype == KVRT_LAYOUT_BF16 ? 2 : 1;
+}
 
 /* One step of the 4 x 4 dots: 16 elements of four query rows against 16 of
  * four K rows (k0..k3 loaded and converted once, used four times). */
@@ -170,7 +197,7 @@ KVRT_TARGET_AVX512 KVRT_ALWAYS_INLINE void dots4_body(float *restrict s, int64_t
                                                       const head_rows *hr, int32_t dim,
                                                       line_queue *queue, const int dtype)
 {
-    const int64_t es = dtype == KVRT_LAYOUT_F32 ? 4 : 2;
+    const int64_t es = elem_bytes(dtype);
     const int32_t full = dim & ~15, n = hr->n;
     const __mmask16 tail = (__mmask16)((1u << (dim & 15)) - 1u);
     line_queue lq = *queue;
@@ -213,6 +240,10 @@ KVRT_TARGET_AVX512 KVRT_NOINLINE void dots4_avx512(float *restrict s, int64_t s_
         dots4_body(s, s_stride, q0, q1, q2, q3, hr, dim, lq, KVRT_LAYOUT_F16);
     else if (dtype == KVRT_LAYOUT_BF16)
         dots4_body(s, s_stride, q0, q1, q2, q3, hr, dim, lq, KVRT_LAYOUT_BF16);
+    else if (dtype == KVRT_LAYOUT_Q8)
+        dots4_body(s, s_stride, q0, q1, q2, q3, hr, dim, lq, KVRT_LAYOUT_Q8);
+    else if (dtype == KVRT_LAYOUT_FP8_E4M3)
+        dots4_body(s, s_stride, q0, q1, q2, q3, hr, dim, lq, KVRT_LAYOUT_FP8_E4M3);
     else
         dots4_body(s, s_stride, q0, q1, q2, q3, hr, dim, lq, KVRT_LAYOUT_F32);
 }
@@ -282,7 +313,7 @@ KVRT_TARGET_AVX512 KVRT_ALWAYS_INLINE void accumulate4_body(float *const acc[ROW
                                                             const head_rows *hr, int32_t dim,
                                                             line_queue *queue, const int dtype)
 {
-    const int64_t es = dtype == KVRT_LAYOUT_F32 ? 4 : 2;
+    const int64_t es = elem_bytes(dtype);
     const float *w0 = w[0], *w1 = w[1], *w2 = w[2], *w3 = w[3];
     line_queue lq = *queue;
     for (int32_t d0 = 0; d0 < dim; d0 += 64) {
@@ -342,6 +373,10 @@ KVRT_TARGET_AVX512 KVRT_NOINLINE void accumulate4_avx512(float *const acc[ROW_BL
         accumulate4_body(acc, w, alpha, hr, dim, lq, KVRT_LAYOUT_F16);
     else if (dtype == KVRT_LAYOUT_BF16)
         accumulate4_body(acc, w, alpha, hr, dim, lq, KVRT_LAYOUT_BF16);
+    else if (dtype == KVRT_LAYOUT_Q8)
+        accumulate4_body(acc, w, alpha, hr, dim, lq, KVRT_LAYOUT_Q8);
+    else if (dtype == KVRT_LAYOUT_FP8_E4M3)
+        accumulate4_body(acc, w, alpha, hr, dim, lq, KVRT_LAYOUT_FP8_E4M3);
     else
         accumulate4_body(acc, w, alpha, hr, dim, lq, KVRT_LAYOUT_F32);
 }
@@ -363,6 +398,10 @@ KVRT_TARGET_AVX512 KVRT_ALWAYS_INLINE void update_block_avx512(const attn_plan *
     const float *q = sc->q + (int64_t)r0 * dk;
     dots4_avx512(s, s_stride, q, q + (R > 1 ? dk : 0), q + (R > 2 ? 2 * dk : 0),
                  q + (R > 3 ? 3 * dk : 0), hr, dk, lq, op->layer.layout.dtype);
+    if (hr->k_scale != NULL) /* codes to values: each key's dots times its row's scale */
+        for (int i = 0; i < R; i++)
+            for (int32_t c = 0; c < nv; c++)
+                s[i * s_stride + c] *= hr->k_scale[hr->row[c]];
     for (int i = 0; i < R; i++) {
         float *si = s + i * s_stride, *m = sc->m + r0 + i, *l = sc->l + r0 + i;
         go[i] = op->softcap > 0.0f
@@ -380,6 +419,9 @@ KVRT_TARGET_AVX512 KVRT_ALWAYS_INLINE void update_block_avx512(const attn_plan *
         for (int i = 0; i < ROW_BLOCK; i++) { /* rows that take none add to spare */
             acc[i] = go[i] ? sc->acc + (int64_t)(r0 + i) * dv : sc->spare;
             w[i] = s + i * s_stride;
+            if (hr->v_scale != NULL && go[i]) /* each V row's scale into its weight */
+                for (int32_t c = 0; c < nv; c++)
+                    s[i * s_stride + c] *= hr->v_scale[hr->row[c]];
         }
         accumulate4_avx512(acc, w, alpha, hr, dv, lq, op->layer.layout.dtype);
         return;

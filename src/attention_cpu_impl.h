@@ -287,6 +287,8 @@ KVRT_ALWAYS_INLINE void accumulate(float *restrict acc, const float *restrict w,
 typedef struct attn_plan attn_plan;
 typedef struct attn_scratch attn_scratch;
 typedef struct chunk_rows chunk_rows;
+struct head_rows;
+struct line_queue;
 /* Converts the K and V rows of kv head g at a chunk's visible slots to f32. */
 typedef void (*gather_fn)(const attn_plan *pl, attn_scratch *sc, const chunk_rows *cr,
                           int32_t g);
@@ -312,6 +314,13 @@ struct attn_plan {
     float         *partial;    /* n_splits > 1: [units][rows_max][2 + dim_v] (m, l, acc) */
     int32_t        kv_max;     /* kv heads of a unit, at most */
     int            dequant_avx2; /* gather_dequant may use AVX2 */
+    /* The direct copy's kernel (NULL: the gathered-row copies): updates
+     * rows [r0, r0 + n) of the unit (one token's query heads of one kv
+     * head) with the chunk's rows hr, of which the token sees those with
+     * see[c], reading the cache's rows (gathered only for rows that skip
+     * some key), and asks for the queue's lines as it goes. */
+    void (*heads)(const attn_plan *pl, attn_scratch *sc, int32_t r0, int32_t n,
+                  const uint8_t *see, const struct head_rows *hr, struct line_queue *lq);
 };
 
 /* Bytes [p, end) of K or V to prefetch, and a queue of them taken a line or
@@ -485,16 +494,22 @@ KVRT_ALWAYS_INLINE int softmax_row(const kvrt_attention_op *op, float *restrict 
     return 1;
 }
 
-/* Where the AVX-512 kernels read kv head g's K and V rows of a chunk,
- * straight from the cache (no f32 copy): row c's K at k + row[c] * k_bytes,
- * its V at v + row[c] * v_bytes (for MLA the V row is the head of the K
- * row). */
-typedef struct head_rows {
+/* Where the direct copies (AVX2, AVX-512) read kv head g's K and V rows of
+ * a chunk, straight from the cache (no f32 copy): row c's K at k + row[c] *
+ * k_bytes, its V at v + row[c] * v_bytes (for MLA the V row is the head of
+ * the K row). On q8/fp8 layers k_scale[row[c]] and v_scale[row[c]] are the
+ * rows' scales (NULL otherwise): a K row's scale multiplies its dot
+ * products, a V row's its weight, so that codes are only converted. */
+struct head_rows {
     const char    *k, *v;
+    const float   *k_scale, *v_scale;
     const int64_t *row;
     int64_t        k_bytes, v_bytes;
     int32_t        n;
-} head_rows;
+};
+typedef struct head_rows head_rows;
+
+
 
 /* ---- the instruction-set files' entry points ---- */
 
@@ -505,6 +520,8 @@ void kvrt_attn_dot_rows_avx2(float *restrict s, const float *restrict q, const f
 int64_t kvrt_attn_dequant_row_avx2(float *restrict dst, const void *src, int32_t dtype, int64_t n,
                                    float scale);
 void kvrt_attn_gather_avx2(const attn_plan *pl, attn_scratch *sc, const chunk_rows *cr, int32_t g);
+void kvrt_attn_heads_avx2(const attn_plan *pl, attn_scratch *sc, int32_t r0, int32_t n,
+                          const uint8_t *see, const head_rows *hr, line_queue *lq);
 #endif
 #if KVRT_ATTENTION_AVX512
 /* attention_cpu_avx512.c */

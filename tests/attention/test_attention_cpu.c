@@ -16,8 +16,9 @@
  * nothing must get exact zeros.
  *
  * The grid: head dims 64, 80, 96, 128, 256 and MLA 576/512; block sizes 1,
- * 16, 64; cache dtype f32, f16, bf16; GQA ratios 1, 4, 8, 16 (all
- * combinations), each run twice with the rest drawn at random: window 0, 8,
+ * 16, 64; cache dtype f32, f16, bf16, q8 and fp8 (these two not for MLA:
+ * rows quantized as a cache does, a scale per row, NaN codes); GQA ratios
+ * 1, 4, 8, 16 (all combinations), each run twice with the rest drawn at random: window 0, 8,
  * 32; causal or not (cross, with or without positions); q dtype; out dtype f32
  * or the cache dtype; softcap on or off; scale; logit magnitude. Then long
  * contexts under several thread counts (the slot-splitting path), MLA with
@@ -77,12 +78,13 @@ static double rng_uniform(void) /* [-1, 1) */
 
 static const char *dtype_name(int dtype)
 {
-    return dtype == KVRT_LAYOUT_F32 ? "f32" : dtype == KVRT_LAYOUT_F16 ? "f16" : "bf16";
+    return dtype == KVRT_LAYOUT_F32 ? "f32" : dtype == KVRT_LAYOUT_F16 ? "f16"
+         : dtype == KVRT_LAYOUT_BF16 ? "bf16" : dtype == KVRT_LAYOUT_Q8 ? "q8" : "fp8";
 }
 
 static size_t dtype_size(int dtype)
 {
-    return dtype == KVRT_LAYOUT_F32 ? 4 : 2;
+    return dtype == KVRT_LAYOUT_F32 ? 4 : kvrt_dtype_quantized(dtype) ? 1 : 2;
 }
 
 /* Fills n elements of an array of `dtype` with NaN. */
@@ -91,6 +93,8 @@ static void fill_nan(void *p, int dtype, int64_t n)
     for (int64_t i = 0; i < n; i++) {
         if (dtype == KVRT_LAYOUT_F32)
             ((float *)p)[i] = NAN;
+        else if (kvrt_dtype_quantized(dtype)) /* the NaN codes */
+            ((uint8_t *)p)[i] = dtype == KVRT_LAYOUT_Q8 ? 0x80u : 0x7fu;
         else
             ((uint16_t *)p)[i] = dtype == KVRT_LAYOUT_F16 ? 0x7e00u : 0x7fc0u;
     }
@@ -118,6 +122,7 @@ typedef struct world {
     int32_t         n_blocks;
     kvrt_layout     layout;
     void           *k, *v;
+    float          *k_scale, *v_scale; /* q8/fp8: a scale per (slot, head) row */
     int32_t        *pos;          /* [n_blocks][block_size] */
     int32_t         n_seqs;       /* batch sequences, the empty one last */
     int32_t        *seq_n_slots;
@@ -210,6 +215,12 @@ static void world_build(world *w, const config *c)
     w->v = xcalloc((size_t)(v_elems ? v_elems : 1), dtype_size(c->cache_dtype));
     fill_nan(w->k, c->cache_dtype, k_elems);
     fill_nan(w->v, c->cache_dtype, v_elems);
+    if (kvrt_dtype_quantized(c->cache_dtype)) { /* scales of unused rows: NaN too */
+        w->k_scale = xcalloc((size_t)(slots_total * c->n_kv), sizeof(float));
+        w->v_scale = xcalloc((size_t)(slots_total * c->n_kv), sizeof(float));
+        for (int64_t i = 0; i < slots_total * c->n_kv; i++)
+            w->k_scale[i] = w->v_scale[i] = NAN;
+    }
     /* Unused slots: position 0 (visible to anything) over NaN rows. */
     w->pos = xcalloc((size_t)slots_total, sizeof(int32_t));
 
@@ -225,6 +236,18 @@ static void world_build(world *w, const config *c)
                 continue; /* a hole keeps its NaN rows */
             for (int32_t h = 0; h < c->n_kv; h++) {
                 int64_t ki = kvrt_k_index(L, slot, h), vi = kvrt_v_index(L, slot, h);
+                if (kvrt_dtype_quantized(c->cache_dtype)) { /* quantized as a cache does */
+                    float row[1024];
+                    for (int32_t d = 0; d < c->dim_k; d++)
+                        row[d] = (float)rng_uniform();
+                    w->k_scale[kvrt_scale_index(L, slot, h)] = kvrt_quant_row(
+                        (uint8_t *)w->k + ki, c->cache_dtype, row, KVRT_LAYOUT_F32, c->dim_k);
+                    for (int32_t d = 0; d < c->dim_v; d++)
+                        row[d] = (float)rng_uniform();
+                    w->v_scale[kvrt_scale_index(L, slot, h)] = kvrt_quant_row(
+                        (uint8_t *)w->v + vi, c->cache_dtype, row, KVRT_LAYOUT_F32, c->dim_v);
+                    continue;
+                }
                 for (int32_t d = 0; d < c->dim_k; d++)
                     kvrt_store(w->k, c->cache_dtype, ki + d, (float)rng_uniform());
                 for (int32_t d = 0; d < c->dim_v; d++)
@@ -240,10 +263,13 @@ static void world_build(world *w, const config *c)
         int32_t slot = kvrt_page_slot(w->page_indices + w->page_indptr[s], bs, i);
         int32_t h = rng_int(c->n_kv);
         if (w->pos[slot] >= 0 || !c->use_pos) {
-            if (c->dim_v > 0 && rng_int(2))
-                kvrt_store(w->v, c->cache_dtype, kvrt_v_index(L, slot, h) + rng_int(c->dim_v), NAN);
+            int v = c->dim_v > 0 && rng_int(2);
+            int64_t i = v ? kvrt_v_index(L, slot, h) + rng_int(c->dim_v)
+                          : kvrt_k_index(L, slot, h) + rng_int(c->dim_k);
+            if (kvrt_dtype_quantized(c->cache_dtype)) /* the NaN code */
+                ((uint8_t *)(v ? w->v : w->k))[i] = c->cache_dtype == KVRT_LAYOUT_Q8 ? 0x80u : 0x7fu;
             else
-                kvrt_store(w->k, c->cache_dtype, kvrt_k_index(L, slot, h) + rng_int(c->dim_k), NAN);
+                kvrt_store(v ? w->v : w->k, c->cache_dtype, i, NAN);
         }
     }
 
@@ -336,6 +362,8 @@ static void world_free(world *w)
 {
     free(w->k);
     free(w->v);
+    free(w->k_scale);
+    free(w->v_scale);
     free(w->pos);
     free(w->seq_n_slots);
     free(w->page_indptr);
@@ -354,6 +382,8 @@ static kvrt_attention_op world_op(const world *w)
     op.layer.layout = w->layout;
     op.layer.k = w->k;
     op.layer.v = c->mla ? NULL : w->v;
+    op.layer.k_scale = w->k_scale;
+    op.layer.v_scale = c->mla ? NULL : w->v_scale;
     op.pos = c->use_pos ? w->pos : NULL;
     op.causal = c->causal;
     op.window = c->window;
@@ -378,6 +408,18 @@ static kvrt_attention_op world_op(const world *w)
         op.max_seq_slots = w->seq_n_slots[s] > op.max_seq_slots ? w->seq_n_slots[s]
                                                                  : op.max_seq_slots;
     return op;
+}
+
+/* Element i of a K or V region (row length dim) as the reference reads it:
+ * q8/fp8 codes dequantized with their row's scale (kvrt_dequant), others
+ * converted. */
+static double kv_value(const world *w, const void *base, const float *scales, int32_t dim,
+                       int64_t i)
+{
+    int dtype = w->cfg.cache_dtype;
+    if (kvrt_dtype_quantized(dtype))
+        return kvrt_dequant(base, dtype, i, scales[i / dim]);
+    return kvrt_load(base, dtype, i);
 }
 
 /* Half a unit in the last place of `dtype` at magnitude x (the most that
@@ -444,7 +486,7 @@ static int check_case(world *w, const char *label)
                 double dot = 0, da = 0;
                 for (int32_t d = 0; d < c->dim_k; d++) {
                     double a = kvrt_load(w->q, c->q_dtype, qi + d);
-                    double b = kvrt_load(w->k, c->cache_dtype, ki + d);
+                    double b = kv_value(w, w->k, w->k_scale, c->dim_k, ki + d);
                     dot += a * b;
                     da += fabs(a * b);
                 }
@@ -467,7 +509,8 @@ static int check_case(world *w, const char *label)
                                     : kvrt_v_index(L, vis_slot[j], kvh);
                 l += p;
                 for (int32_t d = 0; d < c->out_dim; d++) {
-                    double v = kvrt_load(vbase, c->cache_dtype, vi + d);
+                    double v = c->mla ? kv_value(w, vbase, w->k_scale, c->dim_k, vi + d)
+                                      : kv_value(w, vbase, w->v_scale, c->dim_v, vi + d);
                     o[d] += p * v;
                     mag[d] += p * fabs(v);
                 }
@@ -496,8 +539,15 @@ static int check_case(world *w, const char *label)
              * second-order terms left out, plus half an ulp of the output dtype
              * at |o_ref| + that (the final rounding). The reference uses the same
              * stored q, K, V, so input rounding is not part of the error.
+             * q8/fp8: the reference reads k = fl(code * scale); the direct
+             * copies compute scale * sum q code and fold a V row's scale into
+             * its weight, fl(p * scale). Each differs from the reference's
+             * product by at most 2 u of it (the dequantizing rounding and the
+             * scale's), so D gains 2 u |scale| sum |q k| and the sum p v
+             * 2 u A: qx below.
              */
-            double D = fabs((double)c->scale) * (c->dim_k / 8 + 12) * u * dot_abs_max +
+            const int qx = kvrt_dtype_quantized(c->cache_dtype) ? 2 : 0;
+            double D = fabs((double)c->scale) * (c->dim_k / 8 + 12 + qx) * u * dot_abs_max +
                        4 * u * s_abs + 4 * u * (double)c->softcap;
             double E_p = 2 * D + 2 * u * s_abs + 3 * u;
             int64_t oi = ((int64_t)t * c->n_q + h) * c->out_dim;
@@ -529,7 +579,7 @@ static int check_case(world *w, const char *label)
                     }
                     continue;
                 }
-                double bound = 2 * A * (2 * E_p + 3 * (nv + 16) * u);
+                double bound = 2 * A * (2 * E_p + (3 * (nv + 16) + qx) * u);
                 bound += half_ulp(c->out_dtype, fabs(ref) + bound) + 1e-300;
                 double err = fabs(got - ref);
                 if (!(err <= bound)) { /* also catches NaN: an element not written */
@@ -565,7 +615,8 @@ static void draw_rest(config *c)
     c->causal = rng_int(4) != 0;
     c->use_pos = c->causal ? 1 : rng_int(2); /* not causal: cross (no positions) or not */
     c->q_dtype = rng_int(3);
-    c->out_dtype = rng_int(2) ? KVRT_LAYOUT_F32 : c->cache_dtype;
+    c->out_dtype = rng_int(2) ? KVRT_LAYOUT_F32
+                 : kvrt_dtype_quantized(c->cache_dtype) ? 1 + rng_int(2) : c->cache_dtype;
     c->softcap = rng_int(2) ? 0.0f : (rng_int(2) ? 30.0f : 2.5f);
     c->scale = rng_int(2) ? (float)(1.0 / sqrt((double)c->dim_k))
                           : (float)(0.02 + 0.3 * fabs(rng_uniform()));
@@ -590,9 +641,9 @@ static void test_grid(void)
     int cases = 0;
     for (int di = 0; di < 6; di++)
         for (int bi = 0; bi < 3; bi++)
-            for (int dt = 0; dt < 3; dt++)
+            for (int dt = 0; dt < 5; dt++) /* f32, f16, bf16, q8, fp8 (not MLA) */
                 for (int ri = 0; ri < 4; ri++)
-                    for (int rep = 0; rep < 2; rep++) {
+                    for (int rep = 0; rep < 2 && !(dt >= 3 && dims[di] == 576); rep++) {
                         config c;
                         memset(&c, 0, sizeof c);
                         c.mla = dims[di] == 576;
@@ -640,7 +691,7 @@ static void test_long_context(void)
             c.n_kv = c.mla ? 1 : 1 + rep % 2;
             c.n_q = c.n_kv * (c.mla ? 8 : 4);
             c.block_size = rep % 3 == 0 ? 16 : rep % 3 == 1 ? 64 : 1;
-            c.cache_dtype = rep % 3;
+            c.cache_dtype = c.mla ? KVRT_LAYOUT_BF16 : rep; /* f32 .. fp8 */
             draw_rest(&c);
             c.n_seqs = 1 + rng_int(2);
             c.max_slots = 1500 + rng_int(3000);
