@@ -109,7 +109,7 @@ static size_t scratch_carve(const attn_plan *pl, char *base, attn_scratch *sc)
     }
     sc->out = carve(base, &at, (size_t)pl->dim_v * sizeof(float));
     sc->spare = carve(base, &at, (size_t)pl->dim_v * sizeof(float));
-    sc->ranges = carve(base, &at, 2 * (size_t)pl->kv_max * chunk * sizeof(struct line_range));
+    sc->ranges = carve(base, &at, 4 * (size_t)pl->kv_max * chunk * sizeof(struct line_range));
     return at;
 }
 
@@ -259,9 +259,19 @@ static int64_t queue_chunk(const attn_plan *pl, const chunk_rows *cr, int32_t g0
             int64_t row = cr->row[c] + (int64_t)g * L->block_size;
             const char *k = (const char *)op->layer.k + row * k_bytes;
             runs[n++] = (struct line_range){k, k + (end - c) * k_bytes};
+            if (op->layer.k_scale != NULL) { /* q8/fp8: the rows' scales too */
+                const char *ks = (const char *)(op->layer.k_scale + row);
+                runs[n++] = (struct line_range){ks, ks + (end - c) * sizeof(float)};
+                bytes += (end - c) * (int64_t)sizeof(float);
+            }
             if (v_bytes) {
                 const char *v = (const char *)op->layer.v + row * v_bytes;
                 runs[n++] = (struct line_range){v, v + (end - c) * v_bytes};
+                if (op->layer.v_scale != NULL) {
+                    const char *vs = (const char *)(op->layer.v_scale + row);
+                    runs[n++] = (struct line_range){vs, vs + (end - c) * sizeof(float)};
+                    bytes += (end - c) * (int64_t)sizeof(float);
+                }
             }
             bytes += (end - c) * (k_bytes + v_bytes);
         }

@@ -164,6 +164,15 @@ KVRT_TARGET_AVX2 void kvrt_attn_gather_avx2(const attn_plan *pl, attn_scratch *s
 
 /* ---- the direct copy ---- */
 
+/* Keeps a loaded vector in a register: compilers otherwise fold its load
+ * into each instruction that uses it, one load per use, and loads are what
+ * the dot loop runs short of. */
+#if defined(__GNUC__)
+#  define KVRT_IN_REGISTER(v) __asm__("" : "+x"(v))
+#else
+#  define KVRT_IN_REGISTER(v) ((void)0)
+#endif
+
 /* Bytes per element of a layer dtype. */
 KVRT_ALWAYS_INLINE int64_t elem_bytes(const int dtype)
 {
@@ -190,15 +199,15 @@ KVRT_TARGET_AVX2 KVRT_ALWAYS_INLINE __m256 load8(const char *p, const int dtype)
         __m256 is_nan = _mm256_castsi256_ps(_mm256_cmpeq_epi32(q, _mm256_set1_epi32(-128)));
         return _mm256_blendv_ps(_mm256_cvtepi32_ps(q), nan, is_nan);
     }
-    /* e4m3fn, as kvrt_attn_dequant_row_avx2 */
-    __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(const void *)p));
-    __m256i mag = _mm256_and_si256(c, _mm256_set1_epi32(0x7f));
-    __m256 v = _mm256_mul_ps(_mm256_castsi256_ps(_mm256_slli_epi32(mag, 20)),
-                             _mm256_set1_ps(0x1p120f));
-    v = _mm256_or_ps(v, _mm256_castsi256_ps(_mm256_slli_epi32(
-                            _mm256_and_si256(c, _mm256_set1_epi32(0x80)), 24)));
-    __m256 is_nan = _mm256_castsi256_ps(_mm256_cmpeq_epi32(mag, _mm256_set1_epi32(0x7f)));
-    return _mm256_blendv_ps(v, nan, is_nan);
+    /* e4m3fn: the code sign-extended and shifted by 20 puts the sign in bit
+     * 31 and the low 7 bits in 20..26, an f32 2^-120 times the value (as
+     * kvrt_attn_dequant_row_avx2 explains); 0x7f and 0xff are NaN */
+    __m256i c = _mm256_slli_epi32(
+        _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(const void *)p)), 20);
+    const __m256i low7 = _mm256_set1_epi32(0x07f00000);
+    __m256 v = _mm256_castsi256_ps(_mm256_and_si256(c, _mm256_set1_epi32((int)0x87f00000u)));
+    __m256 is_nan = _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(c, low7), low7));
+    return _mm256_blendv_ps(_mm256_mul_ps(v, _mm256_set1_ps(0x1p120f)), nan, is_nan);
 }
 
 /* exp_nonpositive on 8 lanes, the same operations in the same order
@@ -265,7 +274,8 @@ KVRT_TARGET_AVX2 KVRT_ALWAYS_INLINE void dots_body(float *restrict s, int64_t s_
             const __m256 k0 = load8(k0p + d * es, dtype), k1 = load8(k1p + d * es, dtype);
             KVRT_UNROLL
             for (int i = 0; i < R; i++) {
-                const __m256 x = _mm256_loadu_ps(q + i * q_stride + d);
+                __m256 x = _mm256_loadu_ps(q + i * q_stride + d);
+                KVRT_IN_REGISTER(x); /* one load for both keys, not one per FMA */
                 a[i][0] = _mm256_fmadd_ps(x, k0, a[i][0]);
                 a[i][1] = _mm256_fmadd_ps(x, k1, a[i][1]);
             }
@@ -454,9 +464,7 @@ KVRT_TARGET_AVX2 static void update_block_avx2(const attn_plan *pl, attn_scratch
     const float *q = sc->q + (int64_t)r0 * dk;
     dots_avx2(s, s_stride, q, dk, hr, dk, lq, dtype, R);
     if (hr->k_scale != NULL) /* codes to values: each key's dots times its row's scale */
-        for (int i = 0; i < R; i++)
-            for (int32_t c = 0; c < nv; c++)
-                s[i * s_stride + c] *= hr->k_scale[hr->row[c]];
+        scale_keys(s, s_stride, R, hr->k_scale, hr->row, nv);
     for (int i = 0; i < R; i++) {
         float *si = s + i * s_stride, *m = sc->m + r0 + i, *l = sc->l + r0 + i;
         go[i] = op->softcap > 0.0f
@@ -473,10 +481,9 @@ KVRT_TARGET_AVX2 static void update_block_avx2(const attn_plan *pl, attn_scratch
         for (int i = 0; i < ROW_BLOCK; i++) { /* rows that take none add to spare */
             acc[i] = i < R && go[i] ? sc->acc + (int64_t)(r0 + i) * dv : sc->spare;
             w[i] = s + i * s_stride;
-            if (hr->v_scale != NULL && i < R && go[i]) /* each V row's scale into its weight */
-                for (int32_t c = 0; c < nv; c++)
-                    s[i * s_stride + c] *= hr->v_scale[hr->row[c]];
         }
+        if (hr->v_scale != NULL) /* each V row's scale into its weight */
+            scale_keys(s, s_stride, R, hr->v_scale, hr->row, nv);
         accumulate_avx2(acc, w, alpha, hr, dv, lq, dtype, R);
         return;
     }

@@ -137,14 +137,13 @@ KVRT_TARGET_AVX512 KVRT_ALWAYS_INLINE __m512 load16(const char *p, __mmask16 mas
             __mmask16 is_nan = _mm512_cmpeq_epi32_mask(q, _mm512_set1_epi32(-128));
             return _mm512_mask_mov_ps(_mm512_cvtepi32_ps(q), is_nan, nan);
         }
-        __m512i c = _mm512_cvtepu8_epi32(b);
-        __m512i mag = _mm512_and_si512(c, _mm512_set1_epi32(0x7f));
-        __m512 v = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_slli_epi32(mag, 20)),
-                                 _mm512_set1_ps(0x1p120f));
-        v = _mm512_castsi512_ps(_mm512_or_si512(
-            _mm512_castps_si512(v),
-            _mm512_slli_epi32(_mm512_and_si512(c, _mm512_set1_epi32(0x80)), 24)));
-        __mmask16 is_nan = _mm512_cmpeq_epi32_mask(mag, _mm512_set1_epi32(0x7f));
+        /* e4m3fn as attention_cpu_avx2.c's load8 */
+        __m512i c = _mm512_slli_epi32(_mm512_cvtepi8_epi32(b), 20);
+        const __m512i low7 = _mm512_set1_epi32(0x07f00000);
+        __m512 v = _mm512_mul_ps(
+            _mm512_castsi512_ps(_mm512_and_si512(c, _mm512_set1_epi32((int)0x87f00000u))),
+            _mm512_set1_ps(0x1p120f));
+        __mmask16 is_nan = _mm512_cmpeq_epi32_mask(_mm512_and_si512(c, low7), low7);
         return _mm512_mask_mov_ps(v, is_nan, nan);
     }
     __m256i h = masked ? _mm256_maskz_loadu_epi16(mask, p)
@@ -399,9 +398,7 @@ KVRT_TARGET_AVX512 KVRT_ALWAYS_INLINE void update_block_avx512(const attn_plan *
     dots4_avx512(s, s_stride, q, q + (R > 1 ? dk : 0), q + (R > 2 ? 2 * dk : 0),
                  q + (R > 3 ? 3 * dk : 0), hr, dk, lq, op->layer.layout.dtype);
     if (hr->k_scale != NULL) /* codes to values: each key's dots times its row's scale */
-        for (int i = 0; i < R; i++)
-            for (int32_t c = 0; c < nv; c++)
-                s[i * s_stride + c] *= hr->k_scale[hr->row[c]];
+        scale_keys(s, s_stride, R, hr->k_scale, hr->row, nv);
     for (int i = 0; i < R; i++) {
         float *si = s + i * s_stride, *m = sc->m + r0 + i, *l = sc->l + r0 + i;
         go[i] = op->softcap > 0.0f
@@ -419,10 +416,9 @@ KVRT_TARGET_AVX512 KVRT_ALWAYS_INLINE void update_block_avx512(const attn_plan *
         for (int i = 0; i < ROW_BLOCK; i++) { /* rows that take none add to spare */
             acc[i] = go[i] ? sc->acc + (int64_t)(r0 + i) * dv : sc->spare;
             w[i] = s + i * s_stride;
-            if (hr->v_scale != NULL && go[i]) /* each V row's scale into its weight */
-                for (int32_t c = 0; c < nv; c++)
-                    s[i * s_stride + c] *= hr->v_scale[hr->row[c]];
         }
+        if (hr->v_scale != NULL) /* each V row's scale into its weight */
+            scale_keys(s, s_stride, R, hr->v_scale, hr->row, nv);
         accumulate4_avx512(acc, w, alpha, hr, dv, lq, op->layer.layout.dtype);
         return;
     }

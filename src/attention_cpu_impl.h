@@ -349,7 +349,8 @@ struct attn_scratch {
      * being computed, of the PREFETCH_CHUNKS after it and of the first chunk
      * of the thread's next unit */
     int64_t *row[PREFETCH_CHUNKS + 2];
-    struct line_range *ranges; /* [2 * n_kv of a unit * chunk]: a chunk's K/V runs */
+    struct line_range *ranges; /* [4 * n_kv of a unit * chunk]: a chunk's K/V runs
+                                * and their scales' */
     uint8_t *see[PREFETCH_CHUNKS + 2];
     float   *out;    /* [dim_v] one output row before its conversion */
     /* AVX-512 copy: the chunk and kv head being computed, the kv head whose
@@ -510,6 +511,21 @@ struct head_rows {
 typedef struct head_rows head_rows;
 
 
+
+/* Rows [0, R) of s (stride s_stride) times each key's row scale,
+ * scale[row[c]] for c in [0, nv): the scales gathered once, then loops that
+ * vectorize. The direct copies apply a K row's scale to its dot products
+ * and a V row's to its weight this way. */
+KVRT_ALWAYS_INLINE void scale_keys(float *restrict s, int64_t s_stride, int R,
+                                   const float *restrict scale, const int64_t *row, int32_t nv)
+{
+    float f[CHUNK_MAX];
+    for (int32_t c = 0; c < nv; c++)
+        f[c] = scale[row[c]];
+    for (int i = 0; i < R; i++)
+        for (int32_t c = 0; c < nv; c++)
+            s[i * s_stride + c] *= f[c];
+}
 
 /* ---- the instruction-set files' entry points ---- */
 
