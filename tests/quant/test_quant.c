@@ -690,10 +690,17 @@ static void test_attention_quant(void **state)
          * or 2^-10 s below the normal range). A key's logit moves by
          * d_j = scale * sum_e |q_e| |k_e - k'_e| <= scale |q|_1 eps_q amax,
          * the weights by expm1(2 max d_j) in L1, and an output by
-         * vmax * expm1(2 max d_j) + max |v - v'| (plus f32 terms, far
-         * smaller). The errors are measured element by element (each
-         * within eps_q * amax of its row, checked) and the bound is built
-         * from them. */
+         * vmax * expm1(2 max d_j) + max |v - v'|; that is between the
+         * exact attentions over the two caches' values. The errors are
+         * measured element by element (each within eps_q * amax of its
+         * row, checked) and the bound is built from them. Each f32 output
+         * adds its own rounding against the exact attention over its
+         * cache's values: ref_attend's bound (logits off by ds = scale
+         * |q|_1 kmax (dk + 8) 2^-24, weights by expm1(2 ds) in L1, f32
+         * accumulation over the n = N + 1 keys and the dk products
+         * (n + dk + 16) 2^-23 of vmax), tol for the quantized cache and
+         * tol_f for the f32 one, so
+         *   |out - outf| <= vmax expm1(2 d) + dvmax + tol + tol_f. */
         double eps_q = q[i] == KVRT_Q8 ? 1.0 / 254 : 1.0 / 16;
         enum { ROWS = N + 1 };
         float *kq = malloc(sizeof(float) * ROWS * HEADS * DK), *kx = malloc(sizeof(float) * ROWS * HEADS * DK);
@@ -729,8 +736,9 @@ static void test_attention_quant(void **state)
         free(kx);
         free(vq);
         free(vx);
-        double d = dmax;
-        double bound = vmax * expm1(2 * d) + dvmax + 1e-5, worst = 0;
+        double d = dmax, want_f[NQ * DV];
+        double tol_f = ref_attend(&pf, 0, N, 0, qv, NQ, 0, want_f);
+        double bound = vmax * expm1(2 * d) + dvmax + tol + tol_f, worst = 0;
         for (int e = 0; e < NQ * DV; e++)
             worst = fmax(worst, fabs(out[e] - outf[e]));
         printf("  %s decode attention vs f32 cache: largest difference %.3g, bound %.3g\n",
@@ -862,9 +870,27 @@ static void check_prerope(kvrt_dtype dtype, kvrt_rope_style style, int n_rot, in
     fill(q, KVRT_F32, NQ * DK, DK);
     for (int l = 0; l < 2; l++) {
         attend(&p, 0, end + l, l, q, NQ, out);
-        /* K and q turned in f32: 4 * 2^-22 * max|K| (as a re-rotation), and
-         * the same for q, folded into kerr as a relative error of the dot */
-        double kerr = 2 * (4 * 0x1.0p-22 * 4 + 0x1.0p-24);
+        /* K (and with rotate_q q) turned in f32 as attention reads it, the
+         * reference turning in double. kmax: the largest |K| of the layer's
+         * reference rows, as ref_attend takes it (fill() reaches 8). A pair
+         * (a, b) of norm r <= sqrt(2) kmax turns within 3 u r (u = 2^-24:
+         * cos and sin rounded, two products, one sum; |a c| + |b s| <= r).
+         * Against a logit, per unit of scale |q|_1 kmax:
+         *   K's error: |q'|_1 <= sqrt(2) |q|_1 times 3 sqrt(2) u kmax: 6 u;
+         *   q's error: |dq|_1 <= 6 u |q|_1 (3 u r per element, r <= |a| +
+         *     |b|) times |k'| <= sqrt(2) kmax: 8.5 u;
+         *   the f32 dot over turned values: dk u sum |q'_i k'_i|, with
+         *     sum |q'_i k'_i| <= |q'|_1 max|k'| <= 2 |q|_1 kmax: 2 dk u.
+         * That is 2 dk + 14.5 = 46.5 u, inside ref_attend's (dk + 8) u plus
+         * kerr / kmax >= 32 u (56 u), so kerr = 2 (4 2^-22 kmax + 2^-24):
+         * the fuzzer's turn bound (prerope_kerr), once for K and once for q. */
+        int64_t nt;
+        const ref_token *tk = ref_seq_tokens(p.ref, 0, &nt);
+        double kmax = 0;
+        for (int64_t r = 0; r < nt; r++)
+            for (int e = 0; e < HEADS * DK; e++)
+                kmax = fmax(kmax, fabs(tk[r].data[ref_layer_offset(p.ref, l) + e]));
+        double kerr = 2 * (4 * 0x1.0p-22 * kmax + 0x1.0p-24);
         double tol = ref_attend(&p, 0, end + l, l, q, NQ, kerr, want);
         for (int e = 0; e < NQ * DV; e++)
             if (fabs(out[e] - want[e]) > tol)
@@ -904,10 +930,20 @@ static void test_layer_theta_state(void **state)
         int64_t n, rn;
         OK(kvrt_gather(p.cache, l, 0, 0, -1, kf, NULL, NULL, 20, &n, NULL));
         const ref_token *t = ref_seq_tokens(p.ref, 0, &rn);
-        for (int64_t r = 0; r < n; r++)
+        const int64_t off = ref_layer_offset(p.ref, l);
+        for (int64_t r = 0; r < n; r++) {
+            /* one re-rotation (the fuzzer's rotation_bound): a pair of norm
+             * r' <= sqrt(2) kmax turns in f32 within 3 u r' (u = 2^-24) <=
+             * 4.3 u kmax, bounded by 4 * 2^-22 * kmax + 2^-24 with kmax the
+             * largest |K| of the token's row (the reference's, turned in
+             * double; fill() reaches 8) */
+            double kmax = 0;
             for (int e = 0; e < HEADS * DK; e++)
-                assert_true(fabs(kf[r * HEADS * DK + e] - t[r].data[ref_layer_offset(p.ref, l) + e]) <=
-                            4 * 0x1.0p-22 * 4 + 0x1.0p-24);
+                kmax = fmax(kmax, fabs(t[r].data[off + e]));
+            for (int e = 0; e < HEADS * DK; e++)
+                assert_true(fabs(kf[r * HEADS * DK + e] - t[r].data[off + e]) <=
+                            4 * 0x1.0p-22 * kmax + 0x1.0p-24);
+        }
     }
     membuf m = {0};
     kvrt_status st = kvrt_state_write(p.cache, 0, mem_write, &m);
