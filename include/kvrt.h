@@ -309,7 +309,9 @@ typedef struct kvrt_cache_desc {
      * spin for a while: a decoder that runs other threads between kvrt calls
      * (a BLAS) sets OMP_WAIT_POLICY=passive in its environment before it
      * starts, or gives kvrt fewer threads here (docs/api.md, "Threads").
-     * Ignored by kvrt_cache_create_shared (base's). */
+     * Capped to the processors the process may run on.
+     * kvrt_cache_create_shared uses base's count, but still refuses a
+     * value outside [0, 4096] as kvrt_cache_create does. */
     int                    n_threads;
 } kvrt_cache_desc;
 

@@ -30,15 +30,24 @@ typedef struct cpu_ctx {
  * "Threads"; measured in bench/RESULTS.md). */
 #define ATTN_THREAD_WORK ((int64_t)1 << 18)
 
-/* The threads a parallel region of a call on be may use. */
+/* The threads a parallel region of a call on be may use: n_threads, or
+ * OpenMP's count, but never more than the processors this process may run
+ * on or OpenMP's thread limit. More threads than processors only wait for
+ * each other, and a team libgomp cannot create ends the process (it prints
+ * and exits), so a large n_threads is capped rather than trusted. */
 static int cpu_threads(const kvrt_backend_t *be)
 {
     const cpu_ctx *ctx = be->ctx;
-    if (ctx->n_threads > 0)
-        return ctx->n_threads;
 #ifdef _OPENMP
-    return omp_get_max_threads();
+    int n = ctx->n_threads > 0 ? ctx->n_threads : omp_get_max_threads();
+    int procs = omp_get_num_procs(), limit = omp_get_thread_limit();
+    if (ctx->n_threads > 0 && n > procs)
+        n = procs;
+    if (n > limit)
+        n = limit;
+    return n > 0 ? n : 1;
 #else
+    (void)ctx;
     return 1;
 #endif
 }

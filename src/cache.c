@@ -83,9 +83,11 @@ static void journal_free(kvrt_cache *core)
         return;
     for (int j = 0; J->groups != NULL && j < core->n_groups; j++) {
         journal_group *jg = &J->groups[j];
-        for (int32_t s = 0; jg->blocks != NULL && s < J->s1 - J->s0; s++) {
-            free(jg->blocks[s]);
-            free(jg->pos[s]);
+        for (int32_t s = 0; s < J->s1 - J->s0; s++) { /* either table may be missing */
+            if (jg->blocks != NULL)
+                free(jg->blocks[s]);
+            if (jg->pos != NULL)
+                free(jg->pos[s]);
         }
         free(jg->refcount);
         free(jg->cross_len);
@@ -146,20 +148,26 @@ static int journal_take(kvrt_cache *core, struct kvrt_journal *J)
     return 1;
 }
 
-void kvrt_change_journal(kvrt_cache *core, int32_t s0, int32_t s1)
+kvrt_status kvrt_change_journal(kvrt_cache *core, int32_t s0, int32_t s1)
 {
-    kvrt_change_begin(core);
     journal_free(core);
-    if (core->prefix != NULL)
-        return; /* keys and cached blocks change too: not undone */
+    if (core->prefix != NULL) {
+        kvrt_change_begin(core);
+        return KVRT_OK; /* keys and cached blocks change too: not undone */
+    }
     struct kvrt_journal *J = calloc(1, sizeof *J);
-    if (J == NULL)
-        return;
-    J->s0 = s0;
-    J->s1 = s1;
-    core->journal = J;
-    if (!journal_take(core, J))
-        journal_free(core); /* no host memory for it: a failure loses the cache */
+    if (J != NULL) {
+        J->s0 = s0;
+        J->s1 = s1;
+        core->journal = J;
+    }
+    if (J == NULL || !journal_take(core, J)) { /* nothing changed yet: refused */
+        journal_free(core);
+        return kvrt_set_error(KVRT_ERR_OUT_OF_MEMORY,
+                              "host memory for the edit's undo record (%d sequences)", s1 - s0);
+    }
+    kvrt_change_begin(core);
+    return KVRT_OK;
 }
 
 void kvrt_change_final(kvrt_cache *core) { journal_free(core); }

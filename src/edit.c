@@ -401,7 +401,7 @@ static kvrt_status rewrite_all(kvrt_cache *cache, int32_t seq, const rewrite *rw
     int32_t *rot_slots, *rot_deltas;
     KVRT_TRY(kvrt_scratch(cache, 0, most_live + 1, &rot_slots));
     KVRT_TRY(kvrt_scratch(cache, 1, most_live + 1, &rot_deltas));
-    kvrt_change_journal(cache, s0, s1);
+    KVRT_TRY(kvrt_change_journal(cache, s0, s1));
     cache->be.ops->stage_reset(&cache->be, cache->stream);
     kvrt_prefix_seq_edited(cache, seq);
     for (int j = 0; j < cache->n_groups; j++) {
@@ -537,7 +537,7 @@ static kvrt_status do_seq_cp(kvrt_cache *cache, int32_t src, int32_t dst, int32_
     for (int j = 0; j < cache->n_groups; j++)
         if (need[j] > 0)
             KVRT_TRY(kvrt_group_ensure_free(cache, &cache->groups[j], need[j]));
-    kvrt_change_journal(cache, dst, dst + 1);
+    KVRT_TRY(kvrt_change_journal(cache, dst, dst + 1));
     cache->be.ops->stage_reset(&cache->be, cache->stream);
     kvrt_prefix_seq_edited(cache, dst);
     for (int j = 0; j < cache->n_groups; j++) {
@@ -621,7 +621,7 @@ static kvrt_status do_seq_keep(kvrt_cache *cache, int32_t seq)
     KVRT_TRY(kvrt_check_cache(cache, "kvrt_seq_keep"));
     cache = KVRT_CORE(cache);
     KVRT_TRY(kvrt_check_seq(cache, seq, "kvrt_seq_keep"));
-    kvrt_change_journal(cache, 0, cache->desc.max_seqs);
+    KVRT_TRY(kvrt_change_journal(cache, 0, cache->desc.max_seqs));
     for (int32_t s = 0; s < cache->desc.max_seqs; s++)
         if (s != seq) {
             kvrt_prefix_seq_edited(cache, s);
@@ -717,7 +717,7 @@ static kvrt_status do_cache_compact(kvrt_cache *cache)
             holes = h;
     }
     KVRT_TRY(kvrt_reserve((void **)&cache->spans, &cache->spans_cap, holes + 1, sizeof(kvrt_span)));
-    kvrt_change_journal(cache, 0, cache->desc.max_seqs);
+    KVRT_TRY(kvrt_change_journal(cache, 0, cache->desc.max_seqs));
     cache->be.ops->stage_reset(&cache->be, cache->stream);
     for (int j = 0; j < cache->n_groups; j++) {
         kvrt_group *g = &cache->groups[j];

@@ -164,8 +164,10 @@ kvrt_status kvrt_change_end(kvrt_cache *cache, kvrt_status status, const char *f
  * device copy of positions: it records them first, so that kvrt_change_end
  * puts them back on a failure and the cache is as it was. Without prefix
  * caching only; kvrt_change_final marks the point (a RoPE re-rotation in
- * place) after which the edit can no longer be undone. */
-void        kvrt_change_journal(kvrt_cache *core, int32_t s0, int32_t s1);
+ * place) after which the edit can no longer be undone. Returns
+ * KVRT_ERR_OUT_OF_MEMORY, with nothing begun, when the record's host memory
+ * cannot be had: the edit must then return before changing anything. */
+kvrt_status kvrt_change_journal(kvrt_cache *core, int32_t s0, int32_t s1);
 void        kvrt_change_final(kvrt_cache *core);
 /* kvrt_check_cache without refusing a lost cache (clear, sync, set_stream). */
 kvrt_status kvrt_check_handle(const kvrt_cache *cache, const char *fn);

@@ -555,11 +555,8 @@ kvrt_status kvrt_batch_plan_tokens(kvrt_cache *cache, int n, const int32_t *seq_
                "%s: token_ids holds %d ids for a plan of %d tokens", fn, n_token_ids, n);
     KVRT_TRY(kvrt_reserve((void **)&P->written, &P->written_cap, cache->n_layers_total, 1));
     kvrt_status st = kvrt_batch_plan(cache, n, seq_ids, positions, batch);
-    if (st != KVRT_OK) { /* the message names this call first */
-        char why[512];
-        snprintf(why, sizeof why, "%s", kvrt_last_error());
-        return kvrt_set_error(st, "%s: %s", fn, why);
-    }
+    if (st != KVRT_OK) /* under this call's name, in place of the inner one */
+        return kvrt_error_in(st, fn);
 
     /* the plan stands: record tokens and pending keys (nothing fails below) */
     int bs = P->block_size;

@@ -189,6 +189,9 @@ static kvrt_status do_cache_create_shared(kvrt_cache *base, const kvrt_cache_des
     kvrt_status st = KVRT_OK;
     if (!h || !map || !own || !mems || !new_refs)
         st = kvrt_set_error(KVRT_ERR_OUT_OF_MEMORY, "kvrt_cache_create_shared: host allocation");
+    else /* desc's layers may be base's own table (kvrt_cache_get_desc), which the
+          * reallocations below move: read them from this copy from here on */
+        d.layers = memcpy(own, d.layers, sizeof(kvrt_layer_desc) * (size_t)d.n_layers);
     int total = core->n_layers_total + n_own;
     if (st == KVRT_OK) {
         kvrt_layer_desc *layers = realloc(core->layers, sizeof(kvrt_layer_desc) * (size_t)total);
@@ -231,7 +234,7 @@ static kvrt_status do_cache_create_shared(kvrt_cache *base, const kvrt_cache_des
         st = kvrt_layer_mem_create(core, m, &L, g->n_blocks, g->max_blocks);
     }
     if (st != KVRT_OK) {
-        for (int i = 0; i < n_own; i++)
+        for (int i = 0; mems != NULL && i < n_own; i++)
             kvrt_layer_mem_destroy(core, &mems[i]);
         free(h);
         free(map);
@@ -293,8 +296,7 @@ static kvrt_status do_cache_create_shared(kvrt_cache *base, const kvrt_cache_des
     }
     free(mems);
     free(new_refs);
-    memcpy(own, d.layers, sizeof(kvrt_layer_desc) * (size_t)d.n_layers);
-    h->desc = d;
+    h->desc = d; /* d.layers is own */
     h->desc.layers = own;
     h->layers = own;
     h->layer_map = map;

@@ -1,0 +1,334 @@
+/*
+ * test_misuse.c: calls that once crashed, read freed memory or reported
+ * under the wrong name, each replayed as a user would make it:
+ *   - host allocations failing inside an edit's undo journal and inside
+ *     kvrt_cache_create_shared: every allocation of the call is made to
+ *     fail in turn (the Nth, for every N until the call succeeds); each
+ *     failure must be KVRT_ERR_OUT_OF_MEMORY naming the call, and leave
+ *     every sequence's state (kvrt_state_write's bytes) and the pool's
+ *     statistics exactly as they were;
+ *   - kvrt_cache_create_shared given kvrt_cache_get_desc(base), whose layer
+ *     table lives inside base;
+ *   - an error of kvrt_batch_plan_tokens named once, by itself;
+ *   - n_threads 4096 under an address-space limit in which libgomp cannot
+ *     create 4096 threads (it would print and exit).
+ * The allocator is wrapped at link time (-Wl,--wrap=malloc,...): the
+ * library's calls go through the wrappers, armed only around the call
+ * under test.
+ */
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "common.h"
+
+/* ---- the wrapped allocator ---- */
+
+void *__real_malloc(size_t n);
+void *__real_calloc(size_t n, size_t size);
+void *__real_realloc(void *p, size_t n);
+void *__real_aligned_alloc(size_t align, size_t n);
+
+static long fail_in = -1; /* the allocation that fails: 0 the next one; -1 none */
+static long allocations;  /* made while armed */
+
+static int fail_now(void)
+{
+    if (fail_in < 0)
+        return 0;
+    allocations++;
+    return fail_in-- == 0;
+}
+
+void *__wrap_malloc(size_t n) { return fail_now() ? NULL : __real_malloc(n); }
+void *__wrap_calloc(size_t n, size_t size) { return fail_now() ? NULL : __real_calloc(n, size); }
+void *__wrap_realloc(void *p, size_t n) { return fail_now() ? NULL : __real_realloc(p, n); }
+void *__wrap_aligned_alloc(size_t align, size_t n)
+{
+    return fail_now() ? NULL : __real_aligned_alloc(align, n);
+}
+
+/* ---- what a failed call must leave as it was ---- */
+
+typedef struct image {
+    unsigned char   *bytes;
+    size_t           n, cap;
+    kvrt_cache_stats stats;
+} image;
+
+static kvrt_status append(void *user, const void *data, size_t size)
+{
+    image *im = user;
+    if (im->n + size > im->cap) {
+        im->cap = (im->n + size) * 2;
+        im->bytes = __real_realloc(im->bytes, im->cap);
+        assert_non_null(im->bytes);
+    }
+    memcpy(im->bytes + im->n, data, size);
+    im->n += size;
+    return KVRT_OK;
+}
+
+/* Every sequence's state and the statistics of every group. */
+static image take_image(kvrt_cache *c)
+{
+    image im = {0};
+    OK(kvrt_cache_check(c));
+    OK(kvrt_state_write(c, -1, append, &im));
+    OK(kvrt_cache_stats_get(c, -1, &im.stats));
+    return im;
+}
+
+static void assert_same(const image *a, const image *b, const char *what, long n)
+{
+    if (a->n != b->n || memcmp(a->bytes, b->bytes, a->n) != 0 ||
+        memcmp(&a->stats, &b->stats, sizeof a->stats) != 0)
+        fail_msg("%s with allocation %ld failing changed the cache (state %zu -> %zu bytes, "
+                 "%s; blocks used %lld -> %lld, free %lld -> %lld, device bytes %lld -> %lld)",
+                 what, n, a->n, b->n,
+                 a->n == b->n && memcmp(a->bytes, b->bytes, a->n) == 0 ? "same" : "differs",
+                 (long long)a->stats.blocks_used, (long long)b->stats.blocks_used,
+                 (long long)a->stats.blocks_free, (long long)b->stats.blocks_free,
+                 (long long)a->stats.bytes_device, (long long)b->stats.bytes_device);
+}
+
+/* ---- a small cache with two sequences ---- */
+
+enum { LAYERS = 2, HEADS = 2, DIM = 16, BS = 4 };
+
+static kvrt_layer_desc layers[LAYERS] = {
+    {KVRT_LAYER_ATTN, HEADS, DIM, DIM},
+    {KVRT_LAYER_ATTN, HEADS, DIM, DIM},
+};
+
+static kvrt_cache *make_cache(void)
+{
+    kvrt_cache_desc d = test_desc(layers, LAYERS, KVRT_F16, BS, 64, 4);
+    d.rope.n_rot = DIM;
+    kvrt_cache *c = NULL;
+    OK(kvrt_cache_create(&d, &c));
+    kvrt_batch *b = NULL;
+    OK(kvrt_batch_create(c, 32, &b));
+    int32_t seqs[24], pos[24];
+    for (int i = 0; i < 24; i++) {
+        seqs[i] = i < 14 ? 0 : 1;
+        pos[i] = i < 14 ? i : i - 14;
+    }
+    OK(kvrt_batch_plan(c, 24, seqs, pos, b));
+    float k[24 * HEADS * DIM], v[24 * HEADS * DIM];
+    for (int l = 0; l < LAYERS; l++) {
+        for (int e = 0; e < 24 * HEADS * DIM; e++) {
+            k[e] = test_value(l, e / (HEADS * DIM), e);
+            v[e] = test_value(l + 7, e / (HEADS * DIM), e);
+        }
+        OK(kvrt_write(c, b, l, k, v, KVRT_F32, NULL));
+    }
+    kvrt_batch_destroy(b);
+    return c;
+}
+
+/* ---- host allocation failures ---- */
+
+typedef kvrt_status (*edit_fn)(kvrt_cache *c);
+
+static kvrt_status do_cp(kvrt_cache *c) { return kvrt_seq_cp(c, 0, 2, 0, -1); }
+static kvrt_status do_rm(kvrt_cache *c) { return kvrt_seq_rm(c, 0, 3, 9); }
+static kvrt_status do_keep(kvrt_cache *c) { return kvrt_seq_keep(c, 1); }
+static kvrt_status do_shift(kvrt_cache *c) { return kvrt_seq_shift(c, 0, 4, -1, 5); }
+static kvrt_status do_div(kvrt_cache *c) { return kvrt_seq_div(c, 1, 5, 6, 2); } /* 5 -> 2, a hole */
+static kvrt_status do_compact(kvrt_cache *c) { return kvrt_cache_compact(c); }
+
+/* Makes each allocation of edit(c) fail in turn; returns the allocations
+ * the successful call made. */
+static long sweep(edit_fn edit, const char *name)
+{
+    long n = 0;
+    for (;; n++) {
+        kvrt_cache *c = make_cache();
+        OK(kvrt_seq_rm(c, 1, 2, 5)); /* holes for compact to close, a block to copy on write */
+        OK(kvrt_seq_cp(c, 0, 3, 0, 8));
+        image before = take_image(c);
+        allocations = 0;
+        fail_in = n;
+        kvrt_status st = edit(c);
+        fail_in = -1;
+        if (st == KVRT_OK) {
+            free(before.bytes);
+            kvrt_cache_destroy(c);
+            if (allocations > n) /* the refused allocation went unnoticed */
+                fail_msg("%s succeeded although its allocation %ld failed", name, n);
+            return n;
+        }
+        if (st != KVRT_ERR_OUT_OF_MEMORY)
+            fail_msg("%s with allocation %ld failing: %s (%s), expected KVRT_ERR_OUT_OF_MEMORY",
+                     name, n, kvrt_status_name(st), kvrt_last_error());
+        image after = take_image(c);
+        assert_same(&before, &after, name, n);
+        free(before.bytes);
+        free(after.bytes);
+        kvrt_cache_destroy(c);
+        if (n > 500)
+            fail_msg("%s still failing after %ld allocations", name, n);
+    }
+}
+
+static void test_edit_allocation_failures(void **state)
+{
+    (void)state;
+    static const struct {
+        edit_fn     fn;
+        const char *name;
+    } edits[] = {
+        {do_cp, "kvrt_seq_cp"},       {do_rm, "kvrt_seq_rm"},
+        {do_keep, "kvrt_seq_keep"},   {do_shift, "kvrt_seq_shift"},
+        {do_div, "kvrt_seq_div"},     {do_compact, "kvrt_cache_compact"},
+    };
+    for (size_t i = 0; i < sizeof edits / sizeof edits[0]; i++) {
+        long n = sweep(edits[i].fn, edits[i].name);
+        print_message("%s: each of its %ld host allocations failed in turn; cache unchanged\n",
+                      edits[i].name, n);
+    }
+}
+
+static void test_create_shared_allocation_failures(void **state)
+{
+    (void)state;
+    long n = 0;
+    for (;; n++) {
+        kvrt_cache *base = make_cache();
+        image before = take_image(base);
+        kvrt_layer_desc own[LAYERS] = {layers[0], layers[1]};
+        kvrt_cache_desc d = test_desc(own, LAYERS, KVRT_F16, BS, 64, 4);
+        d.rope.n_rot = DIM;
+        int base_layers[LAYERS] = {0, -1}; /* one layer of its own */
+        kvrt_cache *draft = NULL;
+        allocations = 0;
+        fail_in = n;
+        kvrt_status st = kvrt_cache_create_shared(base, &d, base_layers, &draft);
+        fail_in = -1;
+        char msg[512];
+        snprintf(msg, sizeof msg, "%s", kvrt_last_error());
+        image after = take_image(base);
+        if (st != KVRT_OK)
+            assert_same(&before, &after, "kvrt_cache_create_shared", n);
+        free(before.bytes);
+        free(after.bytes);
+        if (st == KVRT_OK) {
+            assert_non_null(draft);
+            kvrt_cache_destroy(draft);
+            kvrt_cache_destroy(base);
+            break;
+        }
+        if (st != KVRT_ERR_OUT_OF_MEMORY || draft != NULL ||
+            strncmp(msg, "kvrt_cache_create_shared: ", 26) != 0)
+            fail_msg("allocation %ld failing: %s, draft %p (%s)", n, kvrt_status_name(st),
+                     (void *)draft, msg);
+        kvrt_cache_destroy(base);
+        assert_true(n < 500);
+    }
+    print_message("kvrt_cache_create_shared: each of its %ld host allocations failed in turn\n",
+                  n);
+}
+
+/* ---- create_shared given the base's own description ---- */
+
+static void test_create_shared_from_get_desc(void **state)
+{
+    (void)state;
+    kvrt_cache *base = make_cache();
+    const kvrt_cache_desc *d = kvrt_cache_get_desc(base);
+    kvrt_layer_desc want[LAYERS];
+    memcpy(want, d->layers, sizeof want);
+    int base_layers[LAYERS] = {-1, -1}; /* own layers: base's table grows (is moved) */
+    kvrt_cache *draft = NULL;
+    OK(kvrt_cache_create_shared(base, d, base_layers, &draft));
+    const kvrt_cache_desc *dd = kvrt_cache_get_desc(draft);
+    assert_int_equal(dd->n_layers, LAYERS);
+    assert_memory_equal(dd->layers, want, sizeof want);
+    kvrt_cache_destroy(draft);
+    kvrt_cache_destroy(base);
+}
+
+/* ---- kvrt_batch_plan_tokens names itself once ---- */
+
+static void test_plan_tokens_message(void **state)
+{
+    (void)state;
+    kvrt_cache_desc d = test_desc(layers, LAYERS, KVRT_F16, BS, 64, 2);
+    d.prefix_cache = KVRT_PREFIX_XXH3;
+    kvrt_cache *c = NULL;
+    kvrt_status st = kvrt_cache_create(&d, &c);
+    if (st == KVRT_ERR_UNSUPPORTED) { /* built without xxHash: the other hash */
+        d.prefix_cache = KVRT_PREFIX_BLAKE2B;
+        st = kvrt_cache_create(&d, &c);
+    }
+    if (st == KVRT_ERR_UNSUPPORTED)
+        skip();
+    OK(st);
+    kvrt_batch *b = NULL;
+    OK(kvrt_batch_create(c, 4, &b));
+    int32_t seq = 7, pos = 0, tok = 1; /* seq 7 >= max_seqs: refused by the plan */
+    EXPECT(KVRT_ERR_INVALID_ARG, kvrt_batch_plan_tokens(c, 1, &seq, &pos, &tok, 1, b));
+    const char *m = kvrt_last_error();
+    if (strncmp(m, "kvrt_batch_plan_tokens: ", 24) != 0 || strstr(m, "kvrt_batch_plan:") != NULL)
+        fail_msg("message \"%s\": the call's name once, then what is wrong", m);
+    kvrt_batch_destroy(b);
+    kvrt_cache_destroy(c);
+}
+
+/* ---- n_threads beyond what can be created ---- */
+
+static void test_many_threads_capped(void **state)
+{
+    (void)state;
+#if defined(__SANITIZE_ADDRESS__)
+    skip(); /* the shadow memory needs more address space than the limit */
+#elif defined(__has_feature)
+#  if __has_feature(address_sanitizer)
+    skip();
+#  endif
+#endif
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        /* 1 GiB of address space: 4096 thread stacks (libgomp's default
+         * is the process stack size, 8 MiB) cannot be mapped */
+        struct rlimit rl = {(rlim_t)1 << 30, (rlim_t)1 << 30};
+        setrlimit(RLIMIT_AS, &rl);
+        kvrt_cache_desc d = test_desc(layers, LAYERS, KVRT_F16, BS, 64, 4);
+        d.n_threads = 4096;
+        kvrt_cache *c = NULL;
+        if (kvrt_cache_create(&d, &c) != KVRT_OK)
+            _exit(3);
+        kvrt_batch *b = NULL;
+        int32_t seqs[100], pos[100];
+        for (int i = 0; i < 100; i++)
+            seqs[i] = 0, pos[i] = i;
+        static float k[100 * HEADS * DIM];
+        if (kvrt_batch_create(c, 100, &b) != KVRT_OK ||
+            kvrt_batch_plan(c, 100, seqs, pos, b) != KVRT_OK ||
+            kvrt_write(c, b, 0, k, k, KVRT_F32, NULL) != KVRT_OK)
+            _exit(4);
+        kvrt_batch_destroy(b);
+        kvrt_cache_destroy(c);
+        _exit(0);
+    }
+    int status = 0;
+    assert_int_equal(waitpid(pid, &status, 0), pid);
+    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
+        fail_msg("kvrt_write with n_threads 4096 under a 1 GiB address space: the process "
+                 "ended with status %d (the library must not end it)",
+                 WIFEXITED(status) ? WEXITSTATUS(status) : -WTERMSIG(status));
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_edit_allocation_failures),
+        cmocka_unit_test(test_create_shared_allocation_failures),
+        cmocka_unit_test(test_create_shared_from_get_desc),
+        cmocka_unit_test(test_plan_tokens_message),
+        cmocka_unit_test(test_many_threads_capped),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
