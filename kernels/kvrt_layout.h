@@ -304,7 +304,15 @@ KVRT_HD static inline float kvrt_quant_scale(const void *src, int32_t src_dtype,
         if (a - a == 0.0f && a > amax)
             amax = a;
     }
-    return amax / (dtype == KVRT_LAYOUT_Q8 ? 127.0f : 448.0f);
+    const float top = dtype == KVRT_LAYOUT_Q8 ? 127.0f : 448.0f;
+    float s = amax / top;
+    /* amax near FLT_MAX: s may round up so far that the largest code reads
+     * back as inf (top * s > FLT_MAX); the next smaller scale keeps it
+     * finite, the largest values then one code-step short of saturation at
+     * most (an error of top ulps of s, far below half a step) */
+    if (!(top * s <= 3.40282346638528859812e38f))
+        s = nextafterf(s, 0.0f);
+    return s;
 }
 
 /* Quantizes a row of n values (src_dtype f32, f16 or bf16) into dst and

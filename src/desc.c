@@ -97,9 +97,9 @@ static kvrt_status check_head_dim(int i, const char *field, int value)
 static kvrt_status check_layer(const kvrt_cache_desc *desc, int i)
 {
     const kvrt_layer_desc *l = &desc->layers[i];
-    LAYER_CHECK(isfinite(l->rope_theta) && l->rope_theta >= 0.0f,
-                "layer %d: rope_theta %g must be finite and >= 0 (0: the cache's rope.theta)", i,
-                (double)l->rope_theta);
+    LAYER_CHECK(isfinite(l->rope_theta) && l->rope_theta >= 0.0f && !signbit(l->rope_theta),
+                "layer %d: rope_theta %g must be finite and >= 0, not -0 (0: the cache's "
+                "rope.theta)", i, (double)l->rope_theta);
     LAYER_CHECK(l->kind != KVRT_LAYER_CROSS || l->rope_theta == 0.0f,
                 "layer %d (CROSS): rope_theta %g must be 0 (cross-attention has no positions)", i,
                 (double)l->rope_theta);

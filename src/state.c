@@ -769,7 +769,7 @@ static kvrt_status check_compatible(const kvrt_cache *cache, const uint8_t *p)
                                     (int)v, cache_value[f]);
         }
         float theta = record >= KVRT_STATE_LAYER_RECORD_V2 ? get_f32(r + 40) : 0.0f;
-        if (f32_bits(theta) != f32_bits(ld->rope_theta))
+        if (!(theta == ld->rope_theta)) /* values: a file's -0 is the cache's 0 */
             return INCOMPATIBLE("layer %u: rope_theta %.9g in file, %.9g in cache", (unsigned)l,
                                 (double)theta, (double)ld->rope_theta);
     }
@@ -1016,7 +1016,9 @@ static kvrt_status parse_seq(kvrt_state_view *v, const uint8_t *p, uint64_t size
         at += KVRT_STATE_GROUP_RECORD;
         CORRUPT_IF(n > STATE_MAX_TOKENS, "state: sequence %d group %u: %llu tokens", (int)seq,
                    (unsigned)j, (unsigned long long)n);
-        CORRUPT_IF(!((emin == -1 && emax == -1) || (emin >= 0 && emin <= emax)) ||
+        /* a cache keeps evicted_max below INT32_MAX (edits clamp it): at
+         * INT32_MAX no later position could be planned after it */
+        CORRUPT_IF(!((emin == -1 && emax == -1) || (emin >= 0 && emin <= emax && emax < INT32_MAX)) ||
                        (!h->group_self[j] && emax != -1),
                    "state: sequence %d group %u: evicted range [%d, %d] is invalid", (int)seq,
                    (unsigned)j, (int)emin, (int)emax);

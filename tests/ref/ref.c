@@ -302,7 +302,10 @@ float ref_quantize_row(kvrt_dtype dtype, const float *x, int64_t n, uint8_t *cod
     for (int64_t i = 0; i < n; i++)
         if (isfinite(x[i]) && fabsf(x[i]) > amax)
             amax = fabsf(x[i]);
-    float s = amax / (dtype == KVRT_Q8 ? 127.0f : 448.0f);
+    const float top = dtype == KVRT_Q8 ? 127.0f : 448.0f;
+    float s = amax / top;
+    if (isinf(top * s)) /* near FLT_MAX: the largest code must read back finite */
+        s = nextafterf(s, 0.0f);
     for (int64_t i = 0; i < n; i++) {
         if (!isfinite(x[i])) {
             code[i] = dtype == KVRT_Q8 ? 0x80 : (uint8_t)(0x7f | (signbit(x[i]) ? 0x80 : 0));

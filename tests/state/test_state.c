@@ -529,6 +529,67 @@ static void expect_corrupt(kvrt_cache *dst, const uint8_t *data, size_t size, co
     assert_memory_equal(&now, stats, sizeof now);
 }
 
+/* A SEQ record whose sliding-window group's evicted range reaches
+ * INT32_MAX, with a valid checksum: CORRUPT, the destination unchanged
+ * (such a sequence could never be planned again; a cache clamps the range
+ * below it). A range over live positions is valid: edits (shift, div)
+ * keep it as a bound, and live positions may fall inside it. */
+static void test_swa_evicted_range(void **state)
+{
+    (void)state;
+    REQUIRE_STATE();
+#if !defined(KVRT_HAVE_XXHASH)
+    skip(); /* the checksum must be rewritten */
+#else
+    kvrt_cache *src = make_cache(LAYOUT_SWA, opts(KVRT_F16, 16, 120, 2));
+    fill_seq(src, 0, 0, 100, 1, 5); /* window 96: the next steps evict the oldest blocks */
+    for (int32_t p = 100; p < 200; p += 10)
+        fill_seq(src, 0, p, 10, 1, 5);
+    blob b = save_state(src, 0);
+    uint64_t sec[16];
+    int n_sec = section_offsets(&b, sec, 16);
+    {
+        blob c = {malloc(b.size), b.size, b.size, 0, 0};
+        memcpy(c.data, b.data, b.size);
+        int patched = 0;
+        for (int i = 0; i < n_sec && !patched; i++) {
+            uint8_t *frame = c.data + sec[i];
+            uint32_t tag = frame[0] | frame[1] << 8 | frame[2] << 16 | (uint32_t)frame[3] << 24;
+            if (tag != 0x20514553u) /* "SEQ " */
+                continue;
+            uint64_t size = le64(frame + 8);
+            uint8_t *p = frame + 16;
+            uint32_t groups = p[4] | p[5] << 8 | p[6] << 16 | (uint32_t)p[7] << 24;
+            uint64_t at = 8;
+            for (uint32_t j = 0; j < groups && !patched; j++) {
+                uint64_t n = le64(p + at);
+                int32_t emax;
+                memcpy(&emax, p + at + 12, 4);
+                if (emax >= 0) { /* the window group: its range up to INT32_MAX */
+                    int32_t top = INT32_MAX;
+                    memcpy(p + at + 12, &top, 4);
+                    patched = 1;
+                }
+                at += 16 + 4 * n;
+            }
+            uint64_t sum = XXH3_64bits(frame, 16 + size);
+            for (int k = 0; k < 8; k++)
+                frame[16 + size + (size_t)k] = (uint8_t)(sum >> (8 * k));
+        }
+        assert_true(patched);
+        kvrt_cache *dst = make_cache(LAYOUT_SWA, opts(KVRT_F16, 16, 120, 2));
+        fill_seq(dst, 1, 0, 50, 1, 77); /* a sequence of its own, to show nothing changes */
+        kvrt_cache_stats before;
+        OK(kvrt_cache_stats_get(dst, -1, &before));
+        expect_corrupt(dst, c.data, c.size, "evicted range to INT32_MAX", 0, &before);
+        kvrt_cache_destroy(dst);
+        free(c.data);
+    }
+    blob_free(&b);
+    kvrt_cache_destroy(src);
+#endif
+}
+
 static void test_truncated(void **state)
 {
     (void)state;
@@ -747,6 +808,7 @@ int main(void)
         cmocka_unit_test(test_incompatible),
         cmocka_unit_test(test_truncated),
         cmocka_unit_test(test_bit_flips),
+        cmocka_unit_test(test_swa_evicted_range),
         cmocka_unit_test(test_capacity),
         cmocka_unit_test(test_errors),
     };

@@ -11,7 +11,9 @@
  *     table lives inside base;
  *   - an error of kvrt_batch_plan_tokens named once, by itself;
  *   - n_threads 4096 under an address-space limit in which libgomp cannot
- *     create 4096 threads (it would print and exit).
+ *     create 4096 threads (it would print and exit);
+ *   - a layer rope_theta of -0 (accepted, then its own state and offload
+ *     were refused); 8-bit rows holding +-FLT_MAX (read back as +-inf).
  * The allocator is wrapped at link time (-Wl,--wrap=malloc,...): the
  * library's calls go through the wrappers, armed only around the call
  * under test.
@@ -321,6 +323,80 @@ static void test_many_threads_capped(void **state)
                  WIFEXITED(status) ? WEXITSTATUS(status) : -WTERMSIG(status));
 }
 
+/* ---- a layer RoPE base of -0 ---- */
+
+static void test_negative_zero_theta(void **state)
+{
+    (void)state;
+    kvrt_layer_desc l[2] = {layers[0], layers[1]};
+    l[1].rope_theta = -0.0f; /* accepted once, then its own state and offload were refused */
+    kvrt_cache_desc d = test_desc(l, 2, KVRT_F16, BS, 64, 4);
+    d.rope.n_rot = DIM;
+    kvrt_cache *c = NULL;
+    EXPECT(KVRT_ERR_INVALID_ARG, kvrt_cache_create(&d, &c));
+    assert_null(c);
+    assert_non_null(strstr(kvrt_last_error(), "rope_theta"));
+    /* a layer base of its own: the cache restores its own offload */
+    l[1].rope_theta = 500000.0f;
+    OK(kvrt_cache_create(&d, &c));
+    kvrt_batch *b = NULL;
+    OK(kvrt_batch_create(c, 8, &b));
+    int32_t seqs[8] = {0}, pos[8];
+    static float k[8 * HEADS * DIM];
+    for (int i = 0; i < 8; i++)
+        pos[i] = i;
+    for (int i = 0; i < 8 * HEADS * DIM; i++)
+        k[i] = test_value(0, i / (HEADS * DIM), i);
+    OK(kvrt_batch_plan(c, 8, seqs, pos, b));
+    for (int j = 0; j < 2; j++)
+        OK(kvrt_write(c, b, j, k, k, KVRT_F32, NULL));
+    kvrt_offload *off = NULL;
+    OK(kvrt_seq_offload(c, 0, &off));
+    OK(kvrt_seq_restore(c, 0, off));
+    int64_t n = 0;
+    OK(kvrt_seq_n_tokens(c, 0, &n));
+    assert_int_equal(n, 8);
+    kvrt_offload_free(off);
+    kvrt_batch_destroy(b);
+    kvrt_cache_destroy(c);
+}
+
+/* ---- 8-bit rows holding +-FLT_MAX ---- */
+
+static void test_quant_flt_max(void **state)
+{
+    (void)state;
+    const kvrt_dtype dts[2] = {KVRT_Q8, KVRT_FP8_E4M3};
+    for (int t = 0; t < 2; t++) {
+        kvrt_cache_desc d = test_desc(layers, 1, dts[t], BS, 16, 1);
+        kvrt_cache *c = NULL;
+        OK(kvrt_cache_create(&d, &c));
+        kvrt_batch *b = NULL;
+        OK(kvrt_batch_create(c, 1, &b));
+        int32_t seq = 0, p = 0;
+        OK(kvrt_batch_plan(c, 1, &seq, &p, b));
+        float k[HEADS * DIM], v[HEADS * DIM], got[HEADS * DIM];
+        for (int i = 0; i < HEADS * DIM; i++)
+            k[i] = v[i] = (float)(i % 5) - 2.0f;
+        k[0] = v[0] = 3.40282347e38f; /* FLT_MAX */
+        k[1] = v[1] = -3.40282347e38f;
+        OK(kvrt_write(c, b, 0, k, v, KVRT_F32, NULL));
+        int64_t n = 0;
+        OK(kvrt_gather_as(c, 0, 0, 0, -1, got, NULL, NULL, KVRT_F32, 1, &n, NULL));
+        assert_int_equal(n, 1);
+        for (int i = 0; i < HEADS * DIM; i++)
+            if (!isfinite(got[i]))
+                fail_msg("%s: element %d written as %g reads back as %g", kvrt_dtype_name(dts[t]),
+                         i, (double)k[i], (double)got[i]);
+        /* within half a step of the largest (q8: amax / 254; fp8: 2^-4 of it) */
+        double step = dts[t] == KVRT_Q8 ? 3.40282347e38 / 254 : 3.40282347e38 / 16;
+        assert_true(fabs((double)got[0] - 3.40282347e38) <= step);
+        assert_true(fabs((double)got[1] + 3.40282347e38) <= step);
+        kvrt_batch_destroy(b);
+        kvrt_cache_destroy(c);
+    }
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -329,6 +405,8 @@ int main(void)
         cmocka_unit_test(test_create_shared_from_get_desc),
         cmocka_unit_test(test_plan_tokens_message),
         cmocka_unit_test(test_many_threads_capped),
+        cmocka_unit_test(test_negative_zero_theta),
+        cmocka_unit_test(test_quant_flt_max),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
