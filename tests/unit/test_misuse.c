@@ -1,12 +1,14 @@
 /*
  * test_misuse.c: calls that once crashed, read freed memory or reported
  * under the wrong name, each replayed as a user would make it:
- *   - host allocations failing inside an edit's undo journal and inside
- *     kvrt_cache_create_shared: every allocation of the call is made to
- *     fail in turn (the Nth, for every N until the call succeeds); each
- *     failure must be KVRT_ERR_OUT_OF_MEMORY naming the call, and leave
- *     every sequence's state (kvrt_state_write's bytes) and the pool's
- *     statistics exactly as they were;
+ *   - host allocations failing (an edit's undo journal, create_shared's
+ *     tables once crashed): for create, create_shared, plan, write,
+ *     attention, gather, every edit, compact, state write and read, offload
+ *     and restore, every allocation of the call is made to fail in turn
+ *     (the Nth, for every N until the call succeeds); each failure must be
+ *     KVRT_ERR_OUT_OF_MEMORY naming the call, and leave every sequence's
+ *     state (kvrt_state_write's bytes) and the pool's statistics exactly as
+ *     they were (the ASan build checks that nothing leaks);
  *   - kvrt_cache_create_shared given kvrt_cache_get_desc(base), whose layer
  *     table lives inside base;
  *   - an error of kvrt_batch_plan_tokens named once, by itself;
@@ -190,6 +192,171 @@ static void test_edit_allocation_failures(void **state)
         print_message("%s: each of its %ld host allocations failed in turn; cache unchanged\n",
                       edits[i].name, n);
     }
+}
+
+/* The other entries: a step (plan, write, attention), reads (gather, state
+ * write) and whole-sequence moves (state read, offload, restore), each
+ * after an unarmed preparation. */
+static kvrt_batch   *g_batch;
+static kvrt_offload *g_offload;
+static image         g_saved;
+static float         g_q[2 * 2 * HEADS * DIM], g_out[2 * 2 * HEADS * DIM], g_rows[64 * HEADS * DIM];
+
+static void prep_batch(kvrt_cache *c) { OK(kvrt_batch_create(c, 4, &g_batch)); }
+static void prep_plan(kvrt_cache *c)
+{
+    prep_batch(c);
+    int32_t seqs[2] = {0, 1}, pos[2] = {20, 12};
+    OK(kvrt_batch_plan(c, 2, seqs, pos, g_batch));
+}
+static void prep_written(kvrt_cache *c)
+{
+    prep_plan(c);
+    for (int i = 0; i < 2 * 2 * HEADS * DIM; i++) /* K/V rows, then queries of 2 heads per kv head */
+        g_q[i] = test_value(3, i / DIM, i);
+    for (int l = 0; l < LAYERS; l++)
+        OK(kvrt_write(c, g_batch, l, g_q, g_q, KVRT_F32, NULL));
+}
+static void prep_saved(kvrt_cache *c)
+{
+    free(g_saved.bytes);
+    memset(&g_saved, 0, sizeof g_saved);
+    OK(kvrt_state_write(c, 0, append, &g_saved));
+}
+static void prep_offload(kvrt_cache *c) { OK(kvrt_seq_offload(c, 0, &g_offload)); }
+
+static kvrt_status reader(void *user, void *data, size_t size, size_t *got)
+{
+    image *im = user;
+    size_t left = g_saved.n - im->n;
+    *got = size < left ? size : left;
+    memcpy(data, g_saved.bytes + im->n, *got);
+    im->n += *got;
+    return KVRT_OK;
+}
+
+static kvrt_status do_plan(kvrt_cache *c)
+{
+    int32_t seqs[2] = {0, 1}, pos[2] = {20, 12};
+    return kvrt_batch_plan(c, 2, seqs, pos, g_batch);
+}
+static kvrt_status do_write(kvrt_cache *c)
+{
+    return kvrt_write(c, g_batch, 1, g_q, g_q, KVRT_F32, NULL);
+}
+static kvrt_status do_attention(kvrt_cache *c)
+{
+    kvrt_attention_params ap = {HEADS * 2, 0.0f, 0.0f, KVRT_F32, KVRT_F32};
+    return kvrt_attention(c, g_batch, 0, g_q, g_out, &ap, NULL);
+}
+static kvrt_status do_gather(kvrt_cache *c)
+{
+    int64_t n = 0;
+    return kvrt_gather(c, 1, 0, 0, -1, g_rows, NULL, NULL, 64, &n, NULL);
+}
+static kvrt_status do_state_write(kvrt_cache *c)
+{
+    image im = {0};
+    kvrt_status st = kvrt_state_write(c, 0, append, &im);
+    free(im.bytes);
+    return st;
+}
+static kvrt_status do_state_read(kvrt_cache *c)
+{
+    image at = {0};
+    return kvrt_state_read(c, 2, reader, &at);
+}
+static kvrt_status do_offload(kvrt_cache *c)
+{
+    kvrt_offload *off = NULL;
+    kvrt_status st = kvrt_seq_offload(c, 1, &off);
+    kvrt_offload_free(off);
+    return st;
+}
+static kvrt_status do_restore(kvrt_cache *c) { return kvrt_seq_restore(c, 0, g_offload); }
+
+static void test_step_allocation_failures(void **state)
+{
+    (void)state;
+    static const struct {
+        void (*prep)(kvrt_cache *c);
+        edit_fn     fn;
+        const char *name;
+    } ops[] = {
+        {prep_batch, do_plan, "kvrt_batch_plan"},
+        {prep_written, do_write, "kvrt_write"},
+        {prep_written, do_attention, "kvrt_attention"},
+        {NULL, do_gather, "kvrt_gather"},
+        {NULL, do_state_write, "kvrt_state_write"},
+        {prep_saved, do_state_read, "kvrt_state_read"},
+        {NULL, do_offload, "kvrt_seq_offload"},
+        {prep_offload, do_restore, "kvrt_seq_restore"},
+    };
+    for (size_t i = 0; i < sizeof ops / sizeof ops[0]; i++) {
+        long n = 0;
+        for (;; n++) {
+            kvrt_cache *c = make_cache();
+            if (ops[i].prep != NULL)
+                ops[i].prep(c);
+            image before = take_image(c);
+            allocations = 0;
+            fail_in = n;
+            kvrt_status st = ops[i].fn(c);
+            fail_in = -1;
+            char msg[512];
+            snprintf(msg, sizeof msg, "%s", kvrt_last_error());
+            int done = st == KVRT_OK;
+            if (done && allocations > n)
+                fail_msg("%s succeeded although its allocation %ld failed", ops[i].name, n);
+            if (!done) {
+                if (st != KVRT_ERR_OUT_OF_MEMORY || strncmp(msg, ops[i].name, strlen(ops[i].name)))
+                    fail_msg("%s with allocation %ld failing: %s (%s), expected "
+                             "KVRT_ERR_OUT_OF_MEMORY naming the call",
+                             ops[i].name, n, kvrt_status_name(st), msg);
+                image after = take_image(c);
+                assert_same(&before, &after, ops[i].name, n);
+                free(after.bytes);
+            }
+            free(before.bytes);
+            kvrt_batch_destroy(g_batch);
+            g_batch = NULL;
+            kvrt_offload_free(g_offload);
+            g_offload = NULL;
+            kvrt_cache_destroy(c);
+            if (done)
+                break;
+            assert_true(n < 500);
+        }
+        print_message("%s: each of its %ld host allocations failed in turn; cache unchanged\n",
+                      ops[i].name, n);
+    }
+    free(g_saved.bytes);
+    memset(&g_saved, 0, sizeof g_saved);
+}
+
+static void test_create_allocation_failures(void **state)
+{
+    (void)state;
+    long n = 0;
+    for (;; n++) {
+        kvrt_cache_desc d = test_desc(layers, LAYERS, KVRT_F16, BS, 64, 4);
+        kvrt_cache *c = NULL;
+        allocations = 0;
+        fail_in = n;
+        kvrt_status st = kvrt_cache_create(&d, &c);
+        fail_in = -1;
+        if (st == KVRT_OK) {
+            OK(kvrt_cache_check(c));
+            kvrt_cache_destroy(c);
+            break;
+        }
+        if (st != KVRT_ERR_OUT_OF_MEMORY || c != NULL ||
+            strncmp(kvrt_last_error(), "kvrt_cache_create: ", 19) != 0)
+            fail_msg("allocation %ld failing: %s, cache %p (%s)", n, kvrt_status_name(st),
+                     (void *)c, kvrt_last_error());
+        assert_true(n < 500);
+    }
+    print_message("kvrt_cache_create: each of its %ld host allocations failed in turn\n", n);
 }
 
 static void test_create_shared_allocation_failures(void **state)
@@ -401,7 +568,9 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_edit_allocation_failures),
+        cmocka_unit_test(test_create_allocation_failures),
         cmocka_unit_test(test_create_shared_allocation_failures),
+        cmocka_unit_test(test_step_allocation_failures),
         cmocka_unit_test(test_create_shared_from_get_desc),
         cmocka_unit_test(test_plan_tokens_message),
         cmocka_unit_test(test_many_threads_capped),
