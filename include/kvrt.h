@@ -86,7 +86,17 @@ typedef enum kvrt_status {
 #undef KVRT_STATUS_ENUM_
 } kvrt_status;
 
-/* Device failures (docs/api.md). A device call that fails (an allocation,
+/* Threads (docs/api.md, "Threads"). A cache, together with every handle
+ * kvrt_cache_create_shared made on it, is used by one thread at a time:
+ * calls on one cache from two threads at once must be serialized by the
+ * caller (as a llama.cpp context is), or their effect is undefined. Calls
+ * on different caches may run at the same time on different threads;
+ * kvrt_last_error is per thread. Host memory failures (an allocation of a
+ * call failing) return KVRT_ERR_OUT_OF_MEMORY naming the call, with the
+ * cache exactly as it was: an edit that cannot record what it will change
+ * is refused before it changes anything.
+ *
+ * Device failures (docs/api.md). A device call that fails (an allocation,
  * a copy, a kernel launch) makes the kvrt call return
  * KVRT_ERR_OUT_OF_MEMORY (an allocation) or KVRT_ERR_DEVICE, with a message
  * naming the runtime call ("kvrt_gather: cuda: cudaMemcpyAsync: invalid
@@ -109,8 +119,8 @@ typedef enum kvrt_status {
  *   - every call while it validates, grows the pool or allocates before it
  *     commits (a pool grown for the call keeps its new free blocks).
  * Otherwise (kvrt_cache_clear, whose zeroing is under way; a shift or div
- * whose re-rotation ran; prefix caching; a plan that dropped window blocks;
- * no host memory for the journal) the cache is half-changed and cannot be
+ * whose re-rotation ran; prefix caching; a plan that dropped window blocks)
+ * the cache is half-changed and cannot be
  * restored: the call returns KVRT_ERR_CACHE_LOST, the message naming the
  * runtime call and ending "the cache must be cleared (kvrt_cache_clear)",
  * and from then on every call on the cache (and its shared handles) returns

@@ -1438,7 +1438,7 @@ static void make_desc(fuzz *F)
 static void check_invalid_descs(fuzz *F)
 {
     static const float non_finite[] = {INFINITY, -INFINITY, NAN};
-    for (int k = 0; k < 18; k++) {
+    for (int k = 0; k < 21; k++) {
         kvrt_cache_desc d = F->desc;
         kvrt_layer_desc layers[MAX_LAYERS];
         memcpy(layers, F->layers, sizeof layers);
@@ -1476,6 +1476,11 @@ static void check_invalid_descs(fuzz *F)
         case 14: d.rope.style = (kvrt_rope_style)3, what = "rope style 3"; break;
         case 15: d.rope.theta = non_finite[rng_below(&F->r, 3)], what = "theta inf or NaN"; break;
         case 16: d.rope.freq_scale = non_finite[rng_below(&F->r, 3)], what = "freq_scale inf or NaN"; break;
+        case 17: /* -0 once passed ">= 0" and then failed the state check */
+            layers[l].rope_theta = self ? -0.0f : 1.0f, what = "layer rope_theta -0 (CROSS: 1)";
+            break;
+        case 18: d.rope.theta = -0.0f, what = "theta -0"; break;
+        case 19: d.n_threads = 4097, what = "n_threads 4097"; break;
         default:
             if (layers[l].kind == KVRT_LAYER_MLA)
                 layers[l].rope_dim = 7;
