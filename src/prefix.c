@@ -541,9 +541,9 @@ static int chain_continues(const kvrt_cache *cache, const prefix_chain *c, int32
     return 1;
 }
 
-kvrt_status kvrt_batch_plan_tokens(kvrt_cache *cache, int n, const int32_t *seq_ids,
-                                   const int32_t *positions, const int32_t *token_ids,
-                                   int n_token_ids, kvrt_batch *batch)
+static kvrt_status do_batch_plan_tokens(kvrt_cache *cache, int n, const int32_t *seq_ids,
+                                        const int32_t *positions, const int32_t *token_ids,
+                                        int n_token_ids, kvrt_batch *batch)
 {
     const char *fn = "kvrt_batch_plan_tokens";
     KVRT_TRY(kvrt_check_cache(cache, fn));
@@ -648,8 +648,9 @@ void kvrt_prefix_written(kvrt_cache *cache, const kvrt_batch *batch, int layer)
 
 /* ---- lookup and attach ---- */
 
-kvrt_status kvrt_seq_attach_prefix(kvrt_cache *cache, int32_t seq, const int32_t *tokens, int n,
-                                   const void *salt, int salt_len, int32_t *n_covered)
+static kvrt_status do_seq_attach_prefix(kvrt_cache *cache, int32_t seq, const int32_t *tokens,
+                                        int n, const void *salt, int salt_len,
+                                        int32_t *n_covered)
 {
     const char *fn = "kvrt_seq_attach_prefix";
     KVRT_TRY(kvrt_check_cache(cache, fn));
@@ -837,4 +838,22 @@ kvrt_status kvrt_prefix_check(const kvrt_cache *cache, int gi)
                "group %d: %d free + %d cached + %d used blocks != %d in the pool", gi, g->n_free,
                pg->n_cached, used, g->n_blocks);
     return KVRT_OK;
+}
+
+/* ---- public entries: the message of a failure starts with the function ---- */
+
+kvrt_status kvrt_batch_plan_tokens(kvrt_cache *cache, int n, const int32_t *seq_ids,
+                                   const int32_t *positions, const int32_t *token_ids,
+                                   int n_token_ids, kvrt_batch *batch)
+{
+    return kvrt_error_in(
+        do_batch_plan_tokens(cache, n, seq_ids, positions, token_ids, n_token_ids, batch),
+        "kvrt_batch_plan_tokens");
+}
+
+kvrt_status kvrt_seq_attach_prefix(kvrt_cache *cache, int32_t seq, const int32_t *tokens, int n,
+                                   const void *salt, int salt_len, int32_t *n_covered)
+{
+    return kvrt_error_in(do_seq_attach_prefix(cache, seq, tokens, n, salt, salt_len, n_covered),
+                         "kvrt_seq_attach_prefix");
 }
