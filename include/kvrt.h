@@ -164,9 +164,10 @@ KVRT_API const char *kvrt_backend_name(kvrt_backend backend);
  * into buf (always NUL-terminated). KVRT_ERR_NO_DEVICE if there is none. */
 KVRT_API kvrt_status kvrt_device_describe(kvrt_device device, char *buf, size_t size);
 
-/* The CPU kernels (attention, f16 conversions, rotations, streaming copies)
- * have a portable copy and, on x86, an AVX2 (with FMA and F16C) and an
- * AVX-512 (F, BW, VL) one, and run the widest the processor has. The
+/* The CPU kernels have a portable copy and, on x86, an AVX2 (with FMA and
+ * F16C) one; attention also has an AVX-512 (F, BW, VL) one (the re-rotation
+ * of f16 keys and the streaming copies stop at AVX2). Each runs the widest
+ * the processor has. The
  * environment variable KVRT_CPU_ISA = portable | avx2 | avx512, read once
  * (at the first call that needs it), caps that level: asking for more than
  * the processor has gives what it has; any other value is ignored. Results

@@ -131,34 +131,11 @@ bf16_row_avx2(float *restrict dst, const uint16_t *restrict src, int32_t n)
         dst[i] = kvrt_bf16_to_f32(src[i]);
 }
 
-/* gather_rows with F16C and AVX2 conversions of f16 and bf16 rows; f32
- * rows are copied as they are. */
-KVRT_TARGET_AVX2 void kvrt_attn_gather_avx2(const attn_plan *pl, attn_scratch *sc,
-                                            const chunk_rows *cr, int32_t g)
+/* gather_rows with this instruction set's conversions of f16 and bf16 rows. */
+KVRT_TARGET_AVX2 void kvrt_attn_gather_avx2(const attn_plan *pl, attn_scratch *sc, const chunk_rows *cr,
+                                            int32_t g)
 {
-    const kvrt_attention_op *op = pl->op;
-    const kvrt_layout *L = &op->layer.layout;
-    if (L->dtype == KVRT_LAYOUT_F32) {
-        gather_rows(pl, sc, cr, g);
-        return;
-    }
-    const int f16 = L->dtype == KVRT_LAYOUT_F16;
-    const uint16_t *k = op->layer.k, *v = op->layer.v;
-    const int32_t dk = L->dim_k, dv = L->dim_v;
-    const int64_t head_rows = (int64_t)g * L->block_size;
-    for (int32_t c = 0, end; c < cr->n; c = end) {
-        end = run_end(cr, c);
-        for (int kv = 0; kv < (op->mla ? 1 : 2); kv++) {
-            const int32_t dim = kv ? dv : dk;
-            const uint16_t *src = (kv ? v : k) + (cr->row[c] + head_rows) * dim;
-            float *dst = (kv ? sc->v : sc->k) + (int64_t)c * dim;
-            int32_t n = (end - c) * dim;
-            if (f16)
-                f16_row_f16c(dst, src, n);
-            else
-                bf16_row_avx2(dst, src, n);
-        }
-    }
+    gather_converting(pl, sc, cr, g, f16_row_f16c, bf16_row_avx2);
 }
 
 
@@ -173,12 +150,6 @@ KVRT_TARGET_AVX2 void kvrt_attn_gather_avx2(const attn_plan *pl, attn_scratch *s
 #  define KVRT_IN_REGISTER(v) ((void)0)
 #endif
 
-/* Bytes per element of a layer dtype. */
-KVRT_ALWAYS_INLINE int64_t elem_bytes(const int dtype)
-{
-    return dtype == KVRT_LAYOUT_F32 ? 4
-         : dtype == KVRT_LAYOUT_F16 || dtype == KVRT_LAYOUT_BF16 ? 2 : 1;
-}
 
 /* 8 elements of a K or V row at p as f32 (the dtype a constant once
  * inlined). q8 and fp8 give the codes' values before their row's scale:
@@ -242,7 +213,7 @@ KVRT_TARGET_AVX2 KVRT_ALWAYS_INLINE __m256 exp_nonpositive_avx2(__m256 x)
  * (as many as this chunk's) are all asked for by the end of this one. */
 KVRT_ALWAYS_INLINE int prefetch_every(const int dtype, int64_t bytes_per_step)
 {
-    int64_t steps = 64 / (bytes_per_step * elem_bytes(dtype) > 0 ? bytes_per_step * elem_bytes(dtype) : 1);
+    int64_t steps = 64 / (bytes_per_step * elem_bytes(dtype));
     return steps > 1 ? (int)steps - 1 : 0;
 }
 
@@ -487,24 +458,7 @@ KVRT_TARGET_AVX2 static void update_block_avx2(const attn_plan *pl, attn_scratch
         accumulate_avx2(acc, w, alpha, hr, dv, lq, dtype, R);
         return;
     }
-    /* Row by row, skipping weights of 0 (a key the row does not see, whose
-     * V may hold anything: 0 * inf would be NaN), over the rows as f32
-     * (dequantized with their scales). */
-    if (sc->gathered != sc->head) {
-        pl->gather(pl, sc, sc->chunk_now, sc->head);
-        sc->gathered = sc->head;
-    }
-    const float *v_rows = op->mla ? sc->k : sc->v;
-    const int64_t v_stride = op->mla ? dk : dv;
-    for (int i = 0; i < R; i++) {
-        if (!go[i])
-            continue;
-        float *row_acc = sc->acc + (int64_t)(r0 + i) * dv;
-        if (alpha[i] != 1.0f)
-            for (int32_t d = 0; d < dv; d++)
-                row_acc[d] *= alpha[i];
-        accumulate(row_acc, s + i * s_stride, v_rows, v_stride, nv, all_nonzero[i], dv, 1);
-    }
+    update_rows_gathered(pl, sc, r0, R, go, alpha, all_nonzero, s, s_stride, nv);
 }
 
 KVRT_TARGET_AVX2 void kvrt_attn_heads_avx2(const attn_plan *pl, attn_scratch *sc, int32_t r0,

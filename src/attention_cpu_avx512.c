@@ -38,34 +38,11 @@ KVRT_TARGET_AVX512 static inline void bf16_row_avx512(float *restrict dst,
         dst[i] = kvrt_bf16_to_f32(src[i]);
 }
 
-/* gather_rows with AVX-512 conversions of f16 and bf16 rows; f32 rows are
- * copied as they are. */
-KVRT_TARGET_AVX512 void kvrt_attn_gather_avx512(const attn_plan *pl, attn_scratch *sc,
-                                                const chunk_rows *cr, int32_t g)
+/* gather_rows with this instruction set's conversions of f16 and bf16 rows. */
+KVRT_TARGET_AVX512 void kvrt_attn_gather_avx512(const attn_plan *pl, attn_scratch *sc, const chunk_rows *cr,
+                                                int32_t g)
 {
-    const kvrt_attention_op *op = pl->op;
-    const kvrt_layout *L = &op->layer.layout;
-    if (L->dtype == KVRT_LAYOUT_F32) {
-        gather_rows(pl, sc, cr, g);
-        return;
-    }
-    const int f16 = L->dtype == KVRT_LAYOUT_F16;
-    const uint16_t *k = op->layer.k, *v = op->layer.v;
-    const int32_t dk = L->dim_k, dv = L->dim_v;
-    const int64_t head_rows = (int64_t)g * L->block_size;
-    for (int32_t c = 0, end; c < cr->n; c = end) {
-        end = run_end(cr, c);
-        for (int kv = 0; kv < (op->mla ? 1 : 2); kv++) {
-            const int32_t dim = kv ? dv : dk;
-            const uint16_t *src = (kv ? v : k) + (cr->row[c] + head_rows) * dim;
-            float *dst = (kv ? sc->v : sc->k) + (int64_t)c * dim;
-            int32_t n = (end - c) * dim;
-            if (f16)
-                f16_row_avx512(dst, src, n);
-            else
-                bf16_row_avx512(dst, src, n);
-        }
-    }
+    gather_converting(pl, sc, cr, g, f16_row_avx512, bf16_row_avx512);
 }
 
 /* The lane sums of sixteen vectors as one vector, lane i the sum of a[i]:
@@ -153,12 +130,6 @@ KVRT_TARGET_AVX512 KVRT_ALWAYS_INLINE __m512 load16(const char *p, __mmask16 mas
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-/* Bytes per element of a layer dtype. */
-KVRT_ALWAYS_INLINE int64_t elem_bytes(const int dtype)
-{
-    return dtype == KVRT_LAYOUT_F32 ? 4
-         : dtype == KVRT_LAYOUT_F16 || dtype == KVRT_LAYOUT_BF16 ? 2 : 1;
-}
 
 /* One step of the 4 x 4 dots: 16 elements of four query rows against 16 of
  * four K rows (k0..k3 loaded and converted once, used four times). */
@@ -422,23 +393,7 @@ KVRT_TARGET_AVX512 KVRT_ALWAYS_INLINE void update_block_avx512(const attn_plan *
         accumulate4_avx512(acc, w, alpha, hr, dv, lq, op->layer.layout.dtype);
         return;
     }
-    /* Row by row, skipping weights of 0 (a key the row does not see, whose
-     * V may hold anything: 0 * inf would be NaN), over the rows as f32. */
-    if (sc->gathered != sc->head) {
-        pl->gather(pl, sc, sc->chunk_now, sc->head);
-        sc->gathered = sc->head;
-    }
-    const float *v_rows = op->mla ? sc->k : sc->v;
-    const int64_t v_stride = op->mla ? dk : dv;
-    for (int i = 0; i < R; i++) {
-        if (!go[i])
-            continue;
-        float *row_acc = sc->acc + (int64_t)(r0 + i) * dv;
-        if (alpha[i] != 1.0f)
-            for (int32_t d = 0; d < dv; d++)
-                row_acc[d] *= alpha[i];
-        accumulate(row_acc, s + i * s_stride, v_rows, v_stride, nv, all_nonzero[i], dv, 1);
-    }
+    update_rows_gathered(pl, sc, r0, R, go, alpha, all_nonzero, s, s_stride, nv);
 }
 
 /* Rows [r0, r0 + n) of the unit, one token's query heads of one kv head,

@@ -423,6 +423,41 @@ KVRT_ALWAYS_INLINE void gather_rows(const attn_plan *pl, attn_scratch *sc, const
     }
 }
 
+/* gather_rows with an instruction set's converters of f16 and bf16 runs
+ * (f16_row, bf16_row: dst[0, n) from src; constants once inlined); f32 rows
+ * are copied as they are. */
+typedef void (*row_convert_fn)(float *restrict dst, const uint16_t *restrict src, int32_t n);
+KVRT_ALWAYS_INLINE void gather_converting(const attn_plan *pl, attn_scratch *sc,
+                                          const chunk_rows *cr, int32_t g,
+                                          row_convert_fn f16_row, row_convert_fn bf16_row)
+{
+    const kvrt_attention_op *op = pl->op;
+    const kvrt_layout *L = &op->layer.layout;
+    if (L->dtype == KVRT_LAYOUT_F32) {
+        gather_rows(pl, sc, cr, g);
+        return;
+    }
+    const row_convert_fn convert = L->dtype == KVRT_LAYOUT_F16 ? f16_row : bf16_row;
+    const uint16_t *k = op->layer.k, *v = op->layer.v;
+    const int32_t dk = L->dim_k, dv = L->dim_v;
+    const int64_t head_rows = (int64_t)g * L->block_size;
+    for (int32_t c = 0, end; c < cr->n; c = end) {
+        end = run_end(cr, c);
+        for (int kv = 0; kv < (op->mla ? 1 : 2); kv++) {
+            const int32_t dim = kv ? dv : dk;
+            convert((kv ? sc->v : sc->k) + (int64_t)c * dim,
+                    (kv ? v : k) + (cr->row[c] + head_rows) * dim, (end - c) * dim);
+        }
+    }
+}
+
+/* Bytes per element of a layer dtype (a constant once inlined). */
+KVRT_ALWAYS_INLINE int64_t elem_bytes(const int dtype)
+{
+    return dtype == KVRT_LAYOUT_F32 ? 4
+         : dtype == KVRT_LAYOUT_F16 || dtype == KVRT_LAYOUT_BF16 ? 2 : 1;
+}
+
 /* ---- one unit ---- */
 
 /* The online-softmax step of one row for one chunk. s[0, nv) holds the
@@ -525,6 +560,36 @@ KVRT_ALWAYS_INLINE void scale_keys(float *restrict s, int64_t s_stride, int R,
     for (int i = 0; i < R; i++)
         for (int32_t c = 0; c < nv; c++)
             s[i * s_stride + c] *= f[c];
+}
+
+/* The direct copies' path for a block of rows [r0, r0 + R) of which some
+ * skip a key of the chunk (a weight of 0: the V of a key a row does not
+ * see may hold anything, and 0 * inf would be NaN): row by row over the
+ * chunk's rows as f32 (dequantized with their scales), gathered for the kv
+ * head once. s row i holds row i's weights (stride s_stride), alpha[i] its
+ * rescaling; rows with go[i] 0 take nothing. */
+KVRT_ALWAYS_INLINE void update_rows_gathered(const attn_plan *pl, attn_scratch *sc, int32_t r0,
+                                             int R, const int *go, const float *alpha,
+                                             const int *all_nonzero, const float *s,
+                                             int64_t s_stride, int32_t nv)
+{
+    const kvrt_attention_op *op = pl->op;
+    const int32_t dk = pl->dim_k, dv = pl->dim_v;
+    if (sc->gathered != sc->head) {
+        pl->gather(pl, sc, sc->chunk_now, sc->head);
+        sc->gathered = sc->head;
+    }
+    const float *v_rows = op->mla ? sc->k : sc->v;
+    const int64_t v_stride = op->mla ? dk : dv;
+    for (int i = 0; i < R; i++) {
+        if (!go[i])
+            continue;
+        float *row_acc = sc->acc + (int64_t)(r0 + i) * dv;
+        if (alpha[i] != 1.0f)
+            for (int32_t d = 0; d < dv; d++)
+                row_acc[d] *= alpha[i];
+        accumulate(row_acc, s + i * s_stride, v_rows, v_stride, nv, all_nonzero[i], dv, 1);
+    }
 }
 
 /* ---- the instruction-set files' entry points ---- */

@@ -555,8 +555,8 @@ static kvrt_status do_batch_plan_tokens(kvrt_cache *cache, int n, const int32_t 
                "%s: token_ids holds %d ids for a plan of %d tokens", fn, n_token_ids, n);
     KVRT_TRY(kvrt_reserve((void **)&P->written, &P->written_cap, cache->n_layers_total, 1));
     kvrt_status st = kvrt_batch_plan(cache, n, seq_ids, positions, batch);
-    if (st != KVRT_OK) /* under this call's name, in place of the inner one */
-        return kvrt_error_in(st, fn);
+    if (st != KVRT_OK) /* the public entry renames the message */
+        return st;
 
     /* the plan stands: record tokens and pending keys (nothing fails below) */
     int bs = P->block_size;

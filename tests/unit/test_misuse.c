@@ -330,7 +330,7 @@ static kvrt_status do_attach(kvrt_cache *c)
 static void test_step_allocation_failures(void **state)
 {
     (void)state;
-    snprintf(g_path, sizeof g_path, "/tmp/kvrt-misuse-%d.kvst", (int)getpid());
+    snprintf(g_path, sizeof g_path, "%s/kvrt_misuse_%ld.kvst", P_tmpdir, (long)getpid());
     static const struct {
         void (*prep)(kvrt_cache *c);
         edit_fn     fn;
