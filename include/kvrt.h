@@ -78,7 +78,8 @@ KVRT_API const char *kvrt_version_string(void);
     X(ERR_IO,            -12, "input/output error")                                \
     X(ERR_UNSUPPORTED,   -13, "not supported by this backend or build")            \
     X(ERR_INTERNAL,      -14, "internal invariant violated")                       \
-    X(ERR_CACHE_LOST,    -15, "a failed device call left the cache half-changed: clear it")
+    X(ERR_CACHE_LOST,    -15, "a failed device call left the cache half-changed: clear it") \
+    X(ERR_BUSY,          -16, "the cache is inside a call of another thread")
 
 typedef enum kvrt_status {
 #define KVRT_STATUS_ENUM_(name, value, text) KVRT_##name = value,
@@ -89,9 +90,13 @@ typedef enum kvrt_status {
 /* Threads (docs/api.md, "Threads"). A cache, together with every handle
  * kvrt_cache_create_shared made on it, is used by one thread at a time:
  * calls on one cache from two threads at once must be serialized by the
- * caller (as a llama.cpp context is), or their effect is undefined. Calls
- * on different caches may run at the same time on different threads;
- * kvrt_last_error is per thread. Host memory failures (an allocation of a
+ * caller (as a llama.cpp context is). A call that returns a status and
+ * arrives while another thread is inside a call on the same cache (or a
+ * handle sharing it), or that a state writer or reader makes on the cache
+ * whose call invoked it, is refused: KVRT_ERR_BUSY, naming the call, with
+ * nothing changed. Destroying a cache while another thread is inside a call
+ * on it is undefined. Calls on different caches may run at the same time on
+ * different threads; kvrt_last_error is per thread. Host memory failures (an allocation of a
  * call failing) return KVRT_ERR_OUT_OF_MEMORY naming the call, with the
  * cache exactly as it was: an edit that cannot record what it will change
  * is refused before it changes anything.

@@ -59,6 +59,47 @@ kvrt_status kvrt_check_cache(const kvrt_cache *cache, const char *fn)
     return KVRT_OK;
 }
 
+/* ---- one thread at a time (internal.h) ---- */
+
+/* Its address names the calling thread; callbacks counts the state writers
+ * and readers the thread is inside. */
+static _Thread_local char this_thread;
+static _Thread_local int  callbacks;
+
+kvrt_status kvrt_enter(const kvrt_cache *cache, const char *fn)
+{
+    if (cache == NULL)
+        return KVRT_OK;
+    kvrt_cache *core = (kvrt_cache *)KVRT_CORE(cache);
+    const uintptr_t self = (uintptr_t)&this_thread;
+    uintptr_t       none = 0;
+    if (atomic_compare_exchange_strong_explicit(&core->owner, &none, self, memory_order_acquire,
+                                                memory_order_relaxed)) {
+        core->depth = 1;
+        return KVRT_OK;
+    }
+    KVRT_CHECK(none == self, KVRT_ERR_BUSY,
+               "%s: another thread is inside a call on this cache (or a handle sharing it); calls "
+               "on one cache must be serialized by the caller", fn);
+    KVRT_CHECK(callbacks == 0, KVRT_ERR_BUSY,
+               "%s: called from a state writer or reader of a call on the same cache", fn);
+    core->depth++;
+    return KVRT_OK;
+}
+
+kvrt_status kvrt_leave(const kvrt_cache *cache, kvrt_status status)
+{
+    if (cache == NULL)
+        return status;
+    kvrt_cache *core = (kvrt_cache *)KVRT_CORE(cache);
+    if (--core->depth == 0)
+        atomic_store_explicit(&core->owner, 0, memory_order_release);
+    return status;
+}
+
+void kvrt_callback_begin(void) { callbacks++; }
+void kvrt_callback_end(void) { callbacks--; }
+
 void kvrt_change_begin(kvrt_cache *core) { core->changing = 1; }
 
 /* What an edit may change, as it was (kvrt_change_journal). */
@@ -776,7 +817,7 @@ static void core_destroy(kvrt_cache *cache)
     free(cache);
 }
 
-kvrt_status kvrt_cache_set_stream(kvrt_cache *cache, void *stream)
+static kvrt_status do_cache_set_stream(kvrt_cache *cache, void *stream)
 {
     KVRT_TRY(kvrt_check_handle(cache, "kvrt_cache_set_stream"));
     cache = KVRT_CORE(cache);
@@ -850,7 +891,7 @@ static void group_stats(const kvrt_cache *cache, const kvrt_group *g, kvrt_cache
         s->bytes_device += (int64_t)g->n_blocks * g->block_size * (int64_t)sizeof(int32_t);
 }
 
-kvrt_status kvrt_cache_stats_get(const kvrt_cache *cache, int group, kvrt_cache_stats *out)
+static kvrt_status do_cache_stats_get(const kvrt_cache *cache, int group, kvrt_cache_stats *out)
 {
     KVRT_TRY(kvrt_check_cache(cache, "kvrt_cache_stats_get"));
     cache = KVRT_CORE(cache);
@@ -979,10 +1020,22 @@ kvrt_status kvrt_cache_create(const kvrt_cache_desc *desc, kvrt_cache **out)
 
 kvrt_status kvrt_cache_sync(kvrt_cache *cache)
 {
-    return kvrt_error_in(do_cache_sync(cache), "kvrt_cache_sync");
+    KVRT_ENTRY(cache, "kvrt_cache_sync", kvrt_error_in(do_cache_sync(cache), "kvrt_cache_sync"));
 }
 
 kvrt_status kvrt_cache_check(const kvrt_cache *cache)
 {
-    return kvrt_error_in(do_cache_check(cache), "kvrt_cache_check");
+    KVRT_ENTRY(cache, "kvrt_cache_check", kvrt_error_in(do_cache_check(cache), "kvrt_cache_check"));
+}
+
+/* ---- public entries that only check the thread (internal.h) ---- */
+
+kvrt_status kvrt_cache_set_stream(kvrt_cache *cache, void *stream)
+{
+    KVRT_ENTRY(cache, "kvrt_cache_set_stream", do_cache_set_stream(cache, stream));
+}
+
+kvrt_status kvrt_cache_stats_get(const kvrt_cache *cache, int group, kvrt_cache_stats *out)
+{
+    KVRT_ENTRY(cache, "kvrt_cache_stats_get", do_cache_stats_get(cache, group, out));
 }

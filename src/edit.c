@@ -788,7 +788,7 @@ static kvrt_status do_cache_compact(kvrt_cache *cache)
 
 /* ---- queries ---- */
 
-kvrt_status kvrt_seq_pos_min(const kvrt_cache *cache, int32_t seq, int32_t *out)
+static kvrt_status do_seq_pos_min(const kvrt_cache *cache, int32_t seq, int32_t *out)
 {
     KVRT_TRY(kvrt_check_cache(cache, "kvrt_seq_pos_min"));
     cache = KVRT_CORE(cache);
@@ -805,7 +805,7 @@ kvrt_status kvrt_seq_pos_min(const kvrt_cache *cache, int32_t seq, int32_t *out)
     return KVRT_OK;
 }
 
-kvrt_status kvrt_seq_pos_max(const kvrt_cache *cache, int32_t seq, int32_t *out)
+static kvrt_status do_seq_pos_max(const kvrt_cache *cache, int32_t seq, int32_t *out)
 {
     KVRT_TRY(kvrt_check_cache(cache, "kvrt_seq_pos_max"));
     cache = KVRT_CORE(cache);
@@ -822,7 +822,7 @@ kvrt_status kvrt_seq_pos_max(const kvrt_cache *cache, int32_t seq, int32_t *out)
     return KVRT_OK;
 }
 
-kvrt_status kvrt_seq_n_tokens(const kvrt_cache *cache, int32_t seq, int64_t *out)
+static kvrt_status do_seq_n_tokens(const kvrt_cache *cache, int32_t seq, int64_t *out)
 {
     KVRT_TRY(kvrt_check_cache(cache, "kvrt_seq_n_tokens"));
     cache = KVRT_CORE(cache);
@@ -840,7 +840,7 @@ kvrt_status kvrt_seq_n_tokens(const kvrt_cache *cache, int32_t seq, int64_t *out
     return KVRT_OK;
 }
 
-kvrt_status kvrt_seq_group_info_get(const kvrt_cache *cache, int32_t seq, int group,
+static kvrt_status do_seq_group_info_get(const kvrt_cache *cache, int32_t seq, int group,
                                     kvrt_seq_group_info *out)
 {
     KVRT_TRY(kvrt_check_cache(cache, "kvrt_seq_group_info_get"));
@@ -859,7 +859,7 @@ kvrt_status kvrt_seq_group_info_get(const kvrt_cache *cache, int32_t seq, int gr
     return KVRT_OK;
 }
 
-kvrt_status kvrt_seq_can_resume(const kvrt_cache *cache, int32_t seq, int32_t pos, int *ok)
+static kvrt_status do_seq_can_resume(const kvrt_cache *cache, int32_t seq, int32_t pos, int *ok)
 {
     KVRT_TRY(kvrt_check_cache(cache, "kvrt_seq_can_resume"));
     cache = KVRT_CORE(cache);
@@ -1089,65 +1089,104 @@ static kvrt_status do_cross_set(kvrt_cache *cache, int layer, int32_t seq, int n
 
 kvrt_status kvrt_seq_rm(kvrt_cache *cache, int32_t seq, int32_t p0, int32_t p1)
 {
-    return kvrt_change_end(cache, do_seq_rm(cache, seq, p0, p1), "kvrt_seq_rm");
+    KVRT_ENTRY(cache, "kvrt_seq_rm",
+               kvrt_change_end(cache, do_seq_rm(cache, seq, p0, p1), "kvrt_seq_rm"));
 }
 
 kvrt_status kvrt_seq_shift(kvrt_cache *cache, int32_t seq, int32_t p0, int32_t p1, int32_t delta)
 {
-    return kvrt_change_end(cache, do_seq_shift(cache, seq, p0, p1, delta), "kvrt_seq_shift");
+    KVRT_ENTRY(cache, "kvrt_seq_shift",
+               kvrt_change_end(cache, do_seq_shift(cache, seq, p0, p1, delta), "kvrt_seq_shift"));
 }
 
 kvrt_status kvrt_seq_div(kvrt_cache *cache, int32_t seq, int32_t p0, int32_t p1, int d)
 {
-    return kvrt_change_end(cache, do_seq_div(cache, seq, p0, p1, d), "kvrt_seq_div");
+    KVRT_ENTRY(cache, "kvrt_seq_div",
+               kvrt_change_end(cache, do_seq_div(cache, seq, p0, p1, d), "kvrt_seq_div"));
 }
 
 kvrt_status kvrt_seq_cp(kvrt_cache *cache, int32_t src, int32_t dst, int32_t p0, int32_t p1)
 {
-    return kvrt_change_end(cache, do_seq_cp(cache, src, dst, p0, p1), "kvrt_seq_cp");
+    KVRT_ENTRY(cache, "kvrt_seq_cp",
+               kvrt_change_end(cache, do_seq_cp(cache, src, dst, p0, p1), "kvrt_seq_cp"));
 }
 
 kvrt_status kvrt_seq_keep(kvrt_cache *cache, int32_t seq)
 {
-    return kvrt_change_end(cache, do_seq_keep(cache, seq), "kvrt_seq_keep");
+    KVRT_ENTRY(cache, "kvrt_seq_keep",
+               kvrt_change_end(cache, do_seq_keep(cache, seq), "kvrt_seq_keep"));
 }
 
 kvrt_status kvrt_cache_clear(kvrt_cache *cache)
 {
-    return kvrt_change_end(cache, do_cache_clear(cache), "kvrt_cache_clear");
+    KVRT_ENTRY(cache, "kvrt_cache_clear",
+               kvrt_change_end(cache, do_cache_clear(cache), "kvrt_cache_clear"));
 }
 
 kvrt_status kvrt_cache_compact(kvrt_cache *cache)
 {
-    return kvrt_change_end(cache, do_cache_compact(cache), "kvrt_cache_compact");
+    KVRT_ENTRY(cache, "kvrt_cache_compact",
+               kvrt_change_end(cache, do_cache_compact(cache), "kvrt_cache_compact"));
 }
 
 kvrt_status kvrt_gather(const kvrt_cache *ccache, int layer, int32_t seq, int32_t p0, int32_t p1,
                         void *k, void *v, int32_t *pos, int64_t capacity, int64_t *n_out,
                         void *stream)
 {
-    return kvrt_error_in(do_gather(ccache, layer, seq, p0, p1, k, v, pos, capacity, n_out, stream,
-                                   GATHER_STORED, KVRT_F32), "kvrt_gather");
+    KVRT_ENTRY(ccache, "kvrt_gather",
+               kvrt_error_in(do_gather(ccache, layer, seq, p0, p1, k, v, pos, capacity, n_out, stream,
+                                   GATHER_STORED, KVRT_F32), "kvrt_gather"));
 }
 
 kvrt_status kvrt_gather_scales(const kvrt_cache *ccache, int layer, int32_t seq, int32_t p0,
                                int32_t p1, float *k_scale, float *v_scale, int64_t capacity,
                                int64_t *n_out, void *stream)
 {
-    return kvrt_error_in(do_gather(ccache, layer, seq, p0, p1, k_scale, v_scale, NULL, capacity,
-                                   n_out, stream, GATHER_SCALES, KVRT_F32), "kvrt_gather_scales");
+    KVRT_ENTRY(ccache, "kvrt_gather_scales",
+               kvrt_error_in(do_gather(ccache, layer, seq, p0, p1, k_scale, v_scale, NULL, capacity,
+                                   n_out, stream, GATHER_SCALES, KVRT_F32), "kvrt_gather_scales"));
 }
 
 kvrt_status kvrt_gather_as(const kvrt_cache *ccache, int layer, int32_t seq, int32_t p0, int32_t p1,
                            void *k, void *v, int32_t *pos, kvrt_dtype dst_dtype, int64_t capacity,
                            int64_t *n_out, void *stream)
 {
-    return kvrt_error_in(do_gather(ccache, layer, seq, p0, p1, k, v, pos, capacity, n_out, stream,
-                                   GATHER_AS, dst_dtype), "kvrt_gather_as");
+    KVRT_ENTRY(ccache, "kvrt_gather_as",
+               kvrt_error_in(do_gather(ccache, layer, seq, p0, p1, k, v, pos, capacity, n_out, stream,
+                                   GATHER_AS, dst_dtype), "kvrt_gather_as"));
 }
 
 kvrt_status kvrt_cross_set(kvrt_cache *cache, int layer, int32_t seq, int n, const void *k,
                            const void *v, kvrt_dtype src_dtype, void *stream)
 {
-    return kvrt_change_end(cache, do_cross_set(cache, layer, seq, n, k, v, src_dtype, stream), "kvrt_cross_set");
+    KVRT_ENTRY(cache, "kvrt_cross_set",
+               kvrt_change_end(cache, do_cross_set(cache, layer, seq, n, k, v, src_dtype, stream), "kvrt_cross_set"));
+}
+
+/* ---- public entries that only check the thread (internal.h) ---- */
+
+kvrt_status kvrt_seq_pos_min(const kvrt_cache *cache, int32_t seq, int32_t *out)
+{
+    KVRT_ENTRY(cache, "kvrt_seq_pos_min", do_seq_pos_min(cache, seq, out));
+}
+
+kvrt_status kvrt_seq_pos_max(const kvrt_cache *cache, int32_t seq, int32_t *out)
+{
+    KVRT_ENTRY(cache, "kvrt_seq_pos_max", do_seq_pos_max(cache, seq, out));
+}
+
+kvrt_status kvrt_seq_n_tokens(const kvrt_cache *cache, int32_t seq, int64_t *out)
+{
+    KVRT_ENTRY(cache, "kvrt_seq_n_tokens", do_seq_n_tokens(cache, seq, out));
+}
+
+kvrt_status kvrt_seq_group_info_get(const kvrt_cache *cache, int32_t seq, int group,
+                                    kvrt_seq_group_info *out)
+{
+    KVRT_ENTRY(cache, "kvrt_seq_group_info_get", do_seq_group_info_get(cache, seq, group, out));
+}
+
+kvrt_status kvrt_seq_can_resume(const kvrt_cache *cache, int32_t seq, int32_t pos, int *ok)
+{
+    KVRT_ENTRY(cache, "kvrt_seq_can_resume", do_seq_can_resume(cache, seq, pos, ok));
 }

@@ -5,6 +5,7 @@
 #ifndef KVRT_INTERNAL_H
 #define KVRT_INTERNAL_H
 
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -145,8 +146,36 @@ struct kvrt_cache {
      * and a failure after that left it half-changed (KVRT_ERR_CACHE_LOST) */
     int         changing;
     int         lost;
+    /* on the core: the thread inside a public call on the cache or one of
+     * its handles (an address only that thread has; 0 none), and how deep
+     * its calls are nested (kvrt_enter) */
+    _Atomic uintptr_t owner;
+    int               depth;
     struct kvrt_journal *journal;  /* on the core: the edit's undo record (kvrt_change_journal) */
 };
+
+/* ---- one thread at a time (kvrt.h, "Threads") ----
+ * Every public entry that takes a cache and returns a status runs between
+ * kvrt_enter and kvrt_leave: the first thread in takes the core's owner
+ * flag (an atomic compare-and-swap); another thread arriving meanwhile gets
+ * KVRT_ERR_BUSY naming its call and changes nothing. The owner may enter
+ * again (kvrt's entries call one another: kvrt_seq_offload calls
+ * kvrt_state_write), except from a state writer or reader, which
+ * kvrt_callback_begin / _end bracket. A NULL cache enters nothing (the
+ * entry's own check names it). */
+kvrt_status kvrt_enter(const kvrt_cache *cache, const char *fn);
+kvrt_status kvrt_leave(const kvrt_cache *cache, kvrt_status status);
+void        kvrt_callback_begin(void);
+void        kvrt_callback_end(void);
+/* The body of a public entry: `return call` between kvrt_enter and
+ * kvrt_leave. */
+#define KVRT_ENTRY(cache, fn, call)                                                          \
+    do {                                                                                     \
+        kvrt_status kvrt_entry_status_ = kvrt_enter((cache), (fn));                          \
+        if (kvrt_entry_status_ != KVRT_OK)                                                   \
+            return kvrt_entry_status_;                                                       \
+        return kvrt_leave((cache), (call));                                                  \
+    } while (0)
 
 /* ---- calls that change the cache (kvrt.h, "Device failures") ----
  * A call that edits the cache calls kvrt_change_begin at its point of no

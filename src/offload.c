@@ -92,10 +92,12 @@ void kvrt_offload_free(kvrt_offload *off)
 
 kvrt_status kvrt_seq_offload(kvrt_cache *cache, int32_t seq, kvrt_offload **out)
 {
-    return kvrt_error_in(do_seq_offload(cache, seq, out), "kvrt_seq_offload");
+    KVRT_ENTRY(cache, "kvrt_seq_offload",
+               kvrt_error_in(do_seq_offload(cache, seq, out), "kvrt_seq_offload"));
 }
 
 kvrt_status kvrt_seq_restore(kvrt_cache *cache, int32_t dst_seq, const kvrt_offload *off)
 {
-    return kvrt_error_in(do_seq_restore(cache, dst_seq, off), "kvrt_seq_restore");
+    KVRT_ENTRY(cache, "kvrt_seq_restore",
+               kvrt_error_in(do_seq_restore(cache, dst_seq, off), "kvrt_seq_restore"));
 }

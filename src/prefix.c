@@ -767,7 +767,7 @@ static kvrt_status do_seq_attach_prefix(kvrt_cache *cache, int32_t seq, const in
 
 /* ---- statistics and invariants ---- */
 
-kvrt_status kvrt_prefix_stats_get(const kvrt_cache *cache, kvrt_prefix_stats *out)
+static kvrt_status do_prefix_stats_get(const kvrt_cache *cache, kvrt_prefix_stats *out)
 {
     KVRT_TRY(kvrt_check_cache(cache, "kvrt_prefix_stats_get"));
     cache = KVRT_CORE(cache);
@@ -846,14 +846,22 @@ kvrt_status kvrt_batch_plan_tokens(kvrt_cache *cache, int n, const int32_t *seq_
                                    const int32_t *positions, const int32_t *token_ids,
                                    int n_token_ids, kvrt_batch *batch)
 {
-    return kvrt_error_in(
+    KVRT_ENTRY(cache, "kvrt_batch_plan_tokens", kvrt_error_in(
         do_batch_plan_tokens(cache, n, seq_ids, positions, token_ids, n_token_ids, batch),
-        "kvrt_batch_plan_tokens");
+        "kvrt_batch_plan_tokens"));
 }
 
 kvrt_status kvrt_seq_attach_prefix(kvrt_cache *cache, int32_t seq, const int32_t *tokens, int n,
                                    const void *salt, int salt_len, int32_t *n_covered)
 {
-    return kvrt_error_in(do_seq_attach_prefix(cache, seq, tokens, n, salt, salt_len, n_covered),
-                         "kvrt_seq_attach_prefix");
+    KVRT_ENTRY(cache, "kvrt_seq_attach_prefix",
+               kvrt_error_in(do_seq_attach_prefix(cache, seq, tokens, n, salt, salt_len, n_covered),
+                         "kvrt_seq_attach_prefix"));
+}
+
+/* ---- public entries that only check the thread (internal.h) ---- */
+
+kvrt_status kvrt_prefix_stats_get(const kvrt_cache *cache, kvrt_prefix_stats *out)
+{
+    KVRT_ENTRY(cache, "kvrt_prefix_stats_get", do_prefix_stats_get(cache, out));
 }

@@ -317,5 +317,6 @@ static kvrt_status do_cache_create_shared(kvrt_cache *base, const kvrt_cache_des
 kvrt_status kvrt_cache_create_shared(kvrt_cache *base, const kvrt_cache_desc *desc,
                                      const int *base_layers, kvrt_cache **out)
 {
-    return kvrt_error_in(do_cache_create_shared(base, desc, base_layers, out), "kvrt_cache_create_shared");
+    KVRT_ENTRY(base, "kvrt_cache_create_shared",
+               kvrt_error_in(do_cache_create_shared(base, desc, base_layers, out), "kvrt_cache_create_shared"));
 }

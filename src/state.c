@@ -251,7 +251,9 @@ static kvrt_status out_raw(out_stream *o, const void *data, size_t n)
     if (n == 0)
         return KVRT_OK;
     kvrt_clear_error();
+    kvrt_callback_begin();
     kvrt_status st = o->writer(o->user, data, n);
+    kvrt_callback_end();
     if (st != KVRT_OK) {
         if (kvrt_last_error()[0] == '\0')
             kvrt_set_error(st, "kvrt_state_write: the writer failed at byte %llu (%s)",
@@ -1478,7 +1480,9 @@ static kvrt_status read_exact(kvrt_state_reader reader, void *user, in_image *im
         }
         size_t got = 0;
         kvrt_clear_error();
+        kvrt_callback_begin();
         kvrt_status st = reader(user, im->data + im->size, step, &got);
+        kvrt_callback_end();
         if (st != KVRT_OK) {
             if (kvrt_last_error()[0] == '\0')
                 kvrt_set_error(st, "kvrt_state_read: the reader failed at byte %zu (%s)", im->size,
@@ -1715,25 +1719,30 @@ static kvrt_status do_state_load_file(kvrt_cache *cache, int32_t dst_seq, const 
 
 kvrt_status kvrt_state_size(const kvrt_cache *cache, int32_t seq, uint64_t *bytes)
 {
-    return kvrt_error_in(do_state_size(cache, seq, bytes), "kvrt_state_size");
+    KVRT_ENTRY(cache, "kvrt_state_size",
+               kvrt_error_in(do_state_size(cache, seq, bytes), "kvrt_state_size"));
 }
 
 kvrt_status kvrt_state_write(kvrt_cache *cache, int32_t seq, kvrt_state_writer writer, void *user)
 {
-    return kvrt_error_in(do_state_write(cache, seq, writer, user), "kvrt_state_write");
+    KVRT_ENTRY(cache, "kvrt_state_write",
+               kvrt_error_in(do_state_write(cache, seq, writer, user), "kvrt_state_write"));
 }
 
 kvrt_status kvrt_state_read(kvrt_cache *cache, int32_t dst_seq, kvrt_state_reader reader, void *user)
 {
-    return kvrt_error_in(do_state_read(cache, dst_seq, reader, user), "kvrt_state_read");
+    KVRT_ENTRY(cache, "kvrt_state_read",
+               kvrt_error_in(do_state_read(cache, dst_seq, reader, user), "kvrt_state_read"));
 }
 
 kvrt_status kvrt_state_save_file(kvrt_cache *cache, int32_t seq, const char *path)
 {
-    return kvrt_error_in(do_state_save_file(cache, seq, path), "kvrt_state_save_file");
+    KVRT_ENTRY(cache, "kvrt_state_save_file",
+               kvrt_error_in(do_state_save_file(cache, seq, path), "kvrt_state_save_file"));
 }
 
 kvrt_status kvrt_state_load_file(kvrt_cache *cache, int32_t dst_seq, const char *path)
 {
-    return kvrt_error_in(do_state_load_file(cache, dst_seq, path), "kvrt_state_load_file");
+    KVRT_ENTRY(cache, "kvrt_state_load_file",
+               kvrt_error_in(do_state_load_file(cache, dst_seq, path), "kvrt_state_load_file"));
 }

@@ -3,7 +3,12 @@
  * cross_set, gather, state write/read, offload/restore, queries) on a small
  * cache of the layout its first byte picks. After every call the cache must
  * pass kvrt_cache_check; a call that fails must change nothing observable;
- * a state or offload round trip must give back exactly what was saved. */
+ * a state or offload round trip must give back exactly what was saved.
+ * Op 15 is hostile: rows and queries holding -0, +-FLT_MAX, denormals, inf
+ * and NaN; a shared handle made from kvrt_cache_get_desc's own description;
+ * caches described with such values (a cache that accepts one must restore
+ * its own offload). */
+#include <float.h>
 #include <math.h>
 
 #include "fuzz_common.h"
@@ -59,7 +64,14 @@ typedef struct ctx {
     kvrt_layer_desc        layers[8], mirror_layers[8];
     fuzz_output            before, after, tmp_a, tmp_b;
     float                 *k, *v, *q, *out;
+    int                    wild; /* rows hold hostile values: outputs are unbounded */
 } ctx;
+
+/* Values a decoder may hand over by mistake or by overflow. */
+static const float hostile[] = {-0.0f, FLT_MAX, -FLT_MAX, FLT_MIN, FLT_TRUE_MIN, -FLT_TRUE_MIN,
+                                FLT_MIN / 3.0f, 65504.0f, 65520.0f, 448.0f, 1e-30f,
+                                INFINITY, -INFINITY, NAN};
+enum { N_HOSTILE = sizeof hostile / sizeof hostile[0] };
 
 static size_t k_elems(const kvrt_layer_desc *l)
 {
@@ -161,7 +173,7 @@ static int seq_empty(const kvrt_cache *c, int32_t seq)
     return 1;
 }
 
-static kvrt_status op_plan(ctx *x, bytes *b)
+static kvrt_status op_plan(ctx *x, bytes *b, int wild)
 {
     int n = 1 + (int)(u8(b) % MAX_BATCH);
     int32_t seq = seq_arg(b), base = pos_arg(b), stride = (int32_t)(u8(b) % 3);
@@ -174,9 +186,11 @@ static kvrt_status op_plan(ctx *x, bytes *b)
         if (m & 0x40)
             pos[i] = pos_arg(b);
     }
+    uint32_t h = wild ? u8(b) : 0; /* where hostile values go, and which */
     kvrt_status st = kvrt_batch_plan(x->c, n, seqs, pos, x->batch);
     if (st != KVRT_OK)
         return st;
+    x->wild |= wild;
     for (int l = 0; l < x->d->n_layers; l++) {
         const kvrt_layer_desc *ld = &x->d->layers[l];
         if (ld->kind == KVRT_LAYER_CROSS)
@@ -187,6 +201,10 @@ static kvrt_status op_plan(ctx *x, bytes *b)
                 x->k[(size_t)i * ke + e] = value(seqs[i], l, pos[i], e);
             for (size_t e = 0; e < ve; e++)
                 x->v[(size_t)i * ve + e] = value(seqs[i] + 100, l, pos[i], e);
+            for (size_t e = (h + (uint32_t)i) % 5; wild && e < ke + ve; e += 5 + h % 7) {
+                float *at = e < ke ? &x->k[(size_t)i * ke + e] : &x->v[(size_t)i * ve + e - ke];
+                *at = hostile[(h / 7 + e) % N_HOSTILE];
+            }
         }
         st = kvrt_write(x->c, x->batch, l, x->k, ve > 0 ? x->v : NULL, KVRT_F32, NULL);
         FUZZ_ASSERT(st == KVRT_OK, "write after a plan: %s", kvrt_last_error());
@@ -202,10 +220,11 @@ static kvrt_status op_plan(ctx *x, bytes *b)
         size_t oe = (size_t)p.n_q_heads * (ld->kind == KVRT_LAYER_MLA ? (size_t)ld->latent_dim
                                                                       : (size_t)ld->head_dim_v);
         for (size_t i = 0; i < (size_t)n * qe; i++)
-            x->q[i] = value(7, l, (int32_t)i, i);
+            x->q[i] = wild && i % 11 == h % 11 ? hostile[(h + i) % N_HOSTILE]
+                                               : value(7, l, (int32_t)i, i);
         st = kvrt_attention(x->c, x->batch, l, x->q, x->out, &p, NULL);
         FUZZ_ASSERT(st == KVRT_OK, "attention after a plan: %s", kvrt_last_error());
-        for (size_t i = 0; i < (size_t)n * oe; i++)
+        for (size_t i = 0; i < (size_t)n * oe && !x->wild; i++)
             FUZZ_ASSERT(isfinite(x->out[i]) && fabsf(x->out[i]) <= 1.001f,
                         "layer %d: attention output %zu is %g", l, i, (double)x->out[i]);
     }
@@ -309,12 +328,85 @@ static kvrt_status op_query(ctx *x, bytes *b)
     return kvrt_seq_can_resume(x->c, seq, pos, &ok);
 }
 
+/* A handle made from the description kvrt_cache_get_desc returns, whose
+ * layer table lives inside the cache that create_shared grows. */
+static kvrt_status op_shared_from_own_desc(ctx *x, bytes *b)
+{
+    int n = x->d->n_layers, base_layers[8];
+    uint32_t how = u8(b);
+    for (int l = 0; l < n; l++)
+        base_layers[l] = how % 3 == 0 ? -1 : how % 3 == 1 ? l : (int)((how >> 2) + l) % (n + 1) - 1;
+    kvrt_cache *h = NULL;
+    kvrt_status st = kvrt_cache_create_shared(x->c, x->d, how % 4 == 3 ? NULL : base_layers, &h);
+    if (st != KVRT_OK) {
+        FUZZ_ASSERT(h == NULL, "a failed create_shared returned a handle");
+        return st;
+    }
+    FUZZ_ASSERT(kvrt_cache_get_desc(h)->n_layers == n, "the handle has %d layers, not %d",
+                kvrt_cache_get_desc(h)->n_layers, n);
+    FUZZ_ASSERT(kvrt_cache_check(h) == KVRT_OK, "handle: %s", kvrt_last_error());
+    kvrt_cache_destroy(h);
+    return KVRT_OK;
+}
+
+/* A cache described with one hostile value; one that accepts it must take
+ * a token and give back its own offload. */
+static kvrt_status op_hostile_desc(ctx *x, bytes *b)
+{
+    kvrt_cache_desc d = *x->d;
+    kvrt_layer_desc ls[8];
+    memcpy(ls, x->d->layers, (size_t)d.n_layers * sizeof ls[0]);
+    d.layers = ls;
+    uint32_t field = u8(b) % 5;
+    float v = hostile[u8(b) % N_HOSTILE];
+    if (field == 0)
+        d.rope.theta = v;
+    else if (field == 1)
+        d.rope.freq_scale = v;
+    else if (field == 2)
+        ls[u8(b) % (uint32_t)d.n_layers].rope_theta = v;
+    else if (field == 3)
+        d.n_threads = (int)(u8(b) % 4 == 0 ? 4097 : u8(b) % 4 == 1 ? -1 : 1 << (u8(b) % 31));
+    else
+        d.rope.theta = ls[0].rope_theta = -0.0f;
+    kvrt_cache *c = NULL;
+    kvrt_status st = kvrt_cache_create(&d, &c);
+    if (st != KVRT_OK) {
+        FUZZ_ASSERT(c == NULL, "a failed create returned a cache");
+        return st;
+    }
+    kvrt_batch *batch = NULL;
+    int32_t seq = 0, pos = 0;
+    FUZZ_ASSERT(kvrt_batch_create(c, 1, &batch) == KVRT_OK, "batch: %s", kvrt_last_error());
+    st = kvrt_batch_plan(c, 1, &seq, &pos, batch);
+    FUZZ_ASSERT(st == KVRT_OK, "a first token in a new cache: %s", kvrt_last_error());
+    for (int l = 0; l < d.n_layers; l++) {
+        if (ls[l].kind == KVRT_LAYER_CROSS)
+            continue;
+        for (size_t e = 0; e < k_elems(&ls[l]); e++)
+            x->k[e] = value(0, l, 0, e);
+        for (size_t e = 0; e < v_elems(&ls[l]); e++)
+            x->v[e] = value(100, l, 0, e);
+        st = kvrt_write(c, batch, l, x->k, v_elems(&ls[l]) > 0 ? x->v : NULL, KVRT_F32, NULL);
+        FUZZ_ASSERT(st == KVRT_OK, "write: %s", kvrt_last_error());
+    }
+    kvrt_offload *off = NULL;
+    st = kvrt_seq_offload(c, 0, &off);
+    FUZZ_ASSERT(st == KVRT_OK, "offload: %s", kvrt_last_error());
+    st = kvrt_seq_restore(c, 0, off);
+    FUZZ_ASSERT(st == KVRT_OK, "a cache refused its own offload: %s", kvrt_last_error());
+    kvrt_offload_free(off);
+    kvrt_batch_destroy(batch);
+    kvrt_cache_destroy(c);
+    return KVRT_OK;
+}
+
 static kvrt_status run_op(ctx *x, bytes *b)
 {
     uint32_t op = u8(b) % 16;
     switch (op) {
     case 0: case 1: case 2:
-        return op_plan(x, b);
+        return op_plan(x, b, 0);
     case 3: {
         int32_t seq = seq_arg(b), p0 = pos_arg(b), p1 = pos_arg(b);
         return kvrt_seq_rm(x->c, seq, p0, p1);
@@ -375,6 +467,17 @@ static kvrt_status run_op(ctx *x, bytes *b)
         return op_state(x, b);
     case 13:
         return op_offload(x, b);
+    case 15:
+        switch (u8(b) % 4) {
+        case 0:
+            return op_plan(x, b, 1);
+        case 1:
+            return op_shared_from_own_desc(x, b);
+        case 2:
+            return op_hostile_desc(x, b);
+        default:
+            return op_query(x, b);
+        }
     default:
         return op_query(x, b);
     }

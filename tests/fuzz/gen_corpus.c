@@ -210,6 +210,20 @@ static void api_corpus(const char *dir)
         emit(&p, 11); emit(&p, 1); emit(&p, 1); emit(&p, 3); emit(&p, 0); emit(&p, POS_END_A); emit(&p, 0); emit(&p, 64);
         emit(&p, 5); emit(&p, 3);                                            /* keep 3 */
         emit(&p, 12); emit(&p, SEQ_ALL); emit(&p, 1);
+        /* op 15: hostile rows and queries, then attention over them */
+        emit(&p, 15); emit(&p, 0); emit(&p, 3); emit(&p, 2); emit(&p, 0); emit(&p, 1);
+        for (int i = 0; i < 4; i++)
+            emit(&p, 0);
+        emit(&p, 0x2a); emit(&p, 1);
+        for (int how = 0; how < 4; how++) {                                  /* shared from get_desc */
+            emit(&p, 15); emit(&p, 1); emit(&p, how);
+        }
+        for (int v = 0; v < 14; v++) {                        /* hostile descriptions, each value */
+            emit(&p, 15); emit(&p, 2); emit(&p, v % 2); emit(&p, v);
+            emit(&p, 15); emit(&p, 2); emit(&p, 2); emit(&p, v); emit(&p, v);
+        }
+        emit(&p, 15); emit(&p, 2); emit(&p, 3); emit(&p, 0); emit(&p, 0);   /* n_threads 4097 */
+        emit(&p, 15); emit(&p, 2); emit(&p, 4); emit(&p, 0);                /* thetas -0 */
         emit(&p, 8); emit(&p, 0);                                            /* clear */
         char file[64];
         snprintf(file, sizeof file, "script_%s.bin", fuzz_layout_names[layout]);

@@ -35,6 +35,7 @@
  * 77 no device for the backend.
  */
 #include <dlfcn.h>
+#include <float.h>
 #include <inttypes.h>
 #include <limits.h>
 #include <math.h>
@@ -1438,7 +1439,8 @@ static void make_desc(fuzz *F)
 static void check_invalid_descs(fuzz *F)
 {
     static const float non_finite[] = {INFINITY, -INFINITY, NAN};
-    for (int k = 0; k < 21; k++) {
+    static const float negative[] = {-FLT_MAX, -FLT_MIN, -FLT_TRUE_MIN, -1e-30f};
+    for (int k = 0; k < 23; k++) {
         kvrt_cache_desc d = F->desc;
         kvrt_layer_desc layers[MAX_LAYERS];
         memcpy(layers, F->layers, sizeof layers);
@@ -1481,6 +1483,16 @@ static void check_invalid_descs(fuzz *F)
             break;
         case 18: d.rope.theta = -0.0f, what = "theta -0"; break;
         case 19: d.n_threads = 4097, what = "n_threads 4097"; break;
+        case 20: /* the far ends of the negative floats, a denormal among them */
+            d.rope.theta = negative[rng_below(&F->r, 4)], what = "theta -FLT_MAX or a negative denormal";
+            break;
+        case 21:
+            if (rng_chance(&F->r, 0.5))
+                d.rope.freq_scale = -0.0f, what = "freq_scale -0";
+            else
+                layers[l].rope_theta = self ? negative[rng_below(&F->r, 4)] : -1.0f,
+                what = "layer rope_theta -FLT_MAX or a negative denormal (CROSS: -1)";
+            break;
         default:
             if (layers[l].kind == KVRT_LAYER_MLA)
                 layers[l].rope_dim = 7;
@@ -1522,8 +1534,13 @@ static void shared_setup(fuzz *F)
     int base_layers[MAX_LAYERS];
     for (int l = 0; l < F->n_layers; l++)
         base_layers[l] = l;
-    oplog(F, "kvrt_cache_create_shared(every layer)");
-    kvrt_status st = kvrt_cache_create_shared(F->cache, &F->desc, base_layers, &F->draft);
+    /* half the time from the description the cache returns, whose layer
+     * table lives inside the cache (it once read freed memory) */
+    int own = rng_chance(&F->hr, 0.5);
+    oplog(F, "kvrt_cache_create_shared(every layer, %s)",
+          own ? "kvrt_cache_get_desc's description" : "the description");
+    kvrt_status st = kvrt_cache_create_shared(F->cache, own ? kvrt_cache_get_desc(F->cache) : &F->desc,
+                                              base_layers, &F->draft);
     oplog_status(F, st);
     if (st != KVRT_OK)
         fail(F, "kvrt_cache_create_shared returned %s: %s", sname(st), kvrt_last_error());

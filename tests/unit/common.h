@@ -54,4 +54,42 @@ static inline kvrt_cache_desc test_desc(kvrt_layer_desc *layers, int n_layers, k
     return d;
 }
 
+/* ---- what a cache holds, as bytes to compare ---- */
+
+/* test_misuse.c wraps the allocator and grows images with the real one. */
+#ifndef TEST_REALLOC
+#define TEST_REALLOC realloc
+#endif
+
+/* Every sequence's state (kvrt_state_write's bytes) and the statistics of
+ * every group. */
+typedef struct image {
+    unsigned char   *bytes;
+    size_t           n, cap;
+    kvrt_cache_stats stats;
+} image;
+
+/* A state writer into an image. */
+static inline kvrt_status append(void *user, const void *data, size_t size)
+{
+    image *im = user;
+    if (im->n + size > im->cap) {
+        im->cap = (im->n + size) * 2;
+        im->bytes = TEST_REALLOC(im->bytes, im->cap);
+        assert_non_null(im->bytes);
+    }
+    memcpy(im->bytes + im->n, data, size);
+    im->n += size;
+    return KVRT_OK;
+}
+
+static inline image take_image(kvrt_cache *c)
+{
+    image im = {0};
+    OK(kvrt_cache_check(c));
+    OK(kvrt_state_write(c, -1, append, &im));
+    OK(kvrt_cache_stats_get(c, -1, &im.stats));
+    return im;
+}
+
 #endif

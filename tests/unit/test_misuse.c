@@ -24,14 +24,15 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include "common.h"
-
-/* ---- the wrapped allocator ---- */
-
 void *__real_malloc(size_t n);
 void *__real_calloc(size_t n, size_t size);
 void *__real_realloc(void *p, size_t n);
 void *__real_aligned_alloc(size_t align, size_t n);
+
+#define TEST_REALLOC __real_realloc
+#include "common.h"
+
+/* ---- the wrapped allocator ---- */
 
 static long fail_in = -1; /* the allocation that fails: 0 the next one; -1 none */
 static long allocations;  /* made while armed */
@@ -53,35 +54,6 @@ void *__wrap_aligned_alloc(size_t align, size_t n)
 }
 
 /* ---- what a failed call must leave as it was ---- */
-
-typedef struct image {
-    unsigned char   *bytes;
-    size_t           n, cap;
-    kvrt_cache_stats stats;
-} image;
-
-static kvrt_status append(void *user, const void *data, size_t size)
-{
-    image *im = user;
-    if (im->n + size > im->cap) {
-        im->cap = (im->n + size) * 2;
-        im->bytes = __real_realloc(im->bytes, im->cap);
-        assert_non_null(im->bytes);
-    }
-    memcpy(im->bytes + im->n, data, size);
-    im->n += size;
-    return KVRT_OK;
-}
-
-/* Every sequence's state and the statistics of every group. */
-static image take_image(kvrt_cache *c)
-{
-    image im = {0};
-    OK(kvrt_cache_check(c));
-    OK(kvrt_state_write(c, -1, append, &im));
-    OK(kvrt_cache_stats_get(c, -1, &im.stats));
-    return im;
-}
 
 static void assert_same(const image *a, const image *b, const char *what, long n)
 {
