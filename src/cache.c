@@ -914,6 +914,16 @@ static kvrt_status do_cache_stats_get(const kvrt_cache *cache, int group, kvrt_c
         }                                                                                      \
     } while (0)
 
+/* A host allocation of the check itself failing: out of memory, not a
+ * broken invariant. */
+#define CHECK_ALLOC(p)                                                                         \
+    do {                                                                                       \
+        if ((p) == NULL) {                                                                     \
+            st = kvrt_set_error(KVRT_ERR_OUT_OF_MEMORY, "kvrt_cache_check: host allocation");  \
+            goto done;                                                                         \
+        }                                                                                      \
+    } while (0)
+
 static kvrt_status check_group(const kvrt_cache *cache, int gi)
 {
     const kvrt_group *g = &cache->groups[gi];
@@ -922,7 +932,7 @@ static kvrt_status check_group(const kvrt_cache *cache, int gi)
     int32_t *posbuf = NULL;
     int32_t *device_pos = NULL;
     int64_t posbuf_cap = 0;
-    INVARIANT(refs != NULL, "kvrt_cache_check: host allocation");
+    CHECK_ALLOC(refs);
     INVARIANT(g->n_free >= 0 && g->n_free <= g->n_blocks, "group %d: %d free of %d blocks", gi,
               g->n_free, g->n_blocks);
     for (int32_t i = 0; i < g->n_free; i++) {
@@ -955,7 +965,9 @@ static kvrt_status check_group(const kvrt_cache *cache, int gi)
         }
         if (g->pos == NULL)
             continue;
-        KVRT_TRY(kvrt_reserve((void **)&posbuf, &posbuf_cap, sp->n_slots + 1, sizeof(int32_t)));
+        st = kvrt_reserve((void **)&posbuf, &posbuf_cap, sp->n_slots + 1, sizeof(int32_t));
+        if (st != KVRT_OK)
+            goto done;
         int64_t live = kvrt_seq_pages_live_sorted(g, sp, posbuf);
         INVARIANT(live == sp->n_live, "group %d seq %d: %lld live slots, %lld recorded", gi, s,
                   (long long)live, (long long)sp->n_live);
@@ -985,9 +997,11 @@ static kvrt_status check_group(const kvrt_cache *cache, int gi)
     if (g->pos != NULL && g->n_dirty == 0) {
         size_t n = (size_t)g->n_blocks * (size_t)g->block_size;
         device_pos = malloc(n * sizeof(int32_t));
-        INVARIANT(device_pos != NULL, "kvrt_cache_check: host allocation");
+        CHECK_ALLOC(device_pos);
         kvrt_backend_t *be = (kvrt_backend_t *)&cache->be;
-        KVRT_TRY(be->ops->download(be, device_pos, g->pos_device, n * sizeof(int32_t), cache->stream));
+        st = be->ops->download(be, device_pos, g->pos_device, n * sizeof(int32_t), cache->stream);
+        if (st != KVRT_OK)
+            goto done;
         for (size_t i = 0; i < n; i++)
             INVARIANT(device_pos[i] == g->pos[i],
                       "group %d: device position of slot %zu is %d, host %d", gi, i, device_pos[i],
