@@ -94,7 +94,7 @@ static void fill_nan(void *p, int dtype, int64_t n)
         if (dtype == KVRT_LAYOUT_F32)
             ((float *)p)[i] = NAN;
         else if (kvrt_dtype_quantized(dtype)) /* the NaN codes */
-            ((uint8_t *)p)[i] = dtype == KVRT_LAYOUT_Q8 ? 0x80u : 0x7fu;
+            ((uint8_t *)p)[i] = dtype == KVRT_LAYOUT_Q8 ? 0x80u : i % 2 ? 0xffu : 0x7fu;
         else
             ((uint16_t *)p)[i] = dtype == KVRT_LAYOUT_F16 ? 0x7e00u : 0x7fc0u;
     }
@@ -266,8 +266,9 @@ static void world_build(world *w, const config *c)
             int v = c->dim_v > 0 && rng_int(2);
             int64_t i = v ? kvrt_v_index(L, slot, h) + rng_int(c->dim_v)
                           : kvrt_k_index(L, slot, h) + rng_int(c->dim_k);
-            if (kvrt_dtype_quantized(c->cache_dtype)) /* the NaN code */
-                ((uint8_t *)(v ? w->v : w->k))[i] = c->cache_dtype == KVRT_LAYOUT_Q8 ? 0x80u : 0x7fu;
+            if (kvrt_dtype_quantized(c->cache_dtype)) /* a NaN code (e4m3: either sign) */
+                ((uint8_t *)(v ? w->v : w->k))[i] =
+                    c->cache_dtype == KVRT_LAYOUT_Q8 ? 0x80u : rng_int(2) ? 0xffu : 0x7fu;
             else
                 kvrt_store(v ? w->v : w->k, c->cache_dtype, i, NAN);
         }
