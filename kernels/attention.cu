@@ -289,7 +289,8 @@ __global__ void __launch_bounds__(kAttnThreads, 2)
             s_pos[c] = p;
             s_any[c] = any;
         }
-        __syncthreads();
+        if (!KVRT_SIM_MUTANT(1)) /* mutant 1: B reads A's writes without this barrier */
+            __syncthreads();
 
         /* B: logits s_p[r][c] of the slots some token sees */
         for (int base = 0; base < kKeyTile; base += groups_per_pass) {

@@ -100,29 +100,31 @@ template <> struct dtype_traits<KVRT_LAYOUT_BF16> {
     __device__ static uint16_t from_f32(float f) { return kvrt_f32_to_bf16(f); }
 };
 
-/* 8 elements, read and written as one or two 16-byte accesses. */
-template <typename T> struct alignas(16) pack8 {
-    T v[8];
+/* 8 elements, read and written as one or two 16-byte accesses: the words
+ * and the elements are members of one union, so filling one and reading
+ * the other is the same object's bytes (no write through a cast pointer
+ * that a compiler may assume leaves `v` untouched). */
+template <typename T> union alignas(16) pack8 {
+    T     v[8];
+    uint4 w[sizeof(T) * 8 / sizeof(uint4)];
 };
 
 template <typename T> __device__ inline pack8<T> load_pack8(const T *p)
 {
     pack8<T> r;
     const uint4 *s = reinterpret_cast<const uint4 *>(p);
-    uint4 *d = reinterpret_cast<uint4 *>(&r);
 #pragma unroll
-    for (int i = 0; i < (int)(sizeof(pack8<T>) / sizeof(uint4)); i++)
-        d[i] = s[i];
+    for (int i = 0; i < (int)(sizeof r.w / sizeof r.w[0]); i++)
+        r.w[i] = s[i];
     return r;
 }
 
 template <typename T> __device__ inline void store_pack8(T *p, const pack8<T> &v)
 {
     uint4 *d = reinterpret_cast<uint4 *>(p);
-    const uint4 *s = reinterpret_cast<const uint4 *>(&v);
 #pragma unroll
-    for (int i = 0; i < (int)(sizeof(pack8<T>) / sizeof(uint4)); i++)
-        d[i] = s[i];
+    for (int i = 0; i < (int)(sizeof v.w / sizeof v.w[0]); i++)
+        d[i] = v.w[i];
 }
 
 /* ---- asynchronous copies (cp.async) ----

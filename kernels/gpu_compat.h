@@ -160,6 +160,16 @@
 #    define KVRT_DYNAMIC_SHARED(type, name) extern __shared__ __align__(16) type name[]
 #  endif
 
+/* A deliberate bug, for proving that a check of kvrt-sim catches its class
+ * (tests/sim/meson.build, "mutants"): KVRT_SIM_MUTANT(n) is true in the
+ * sim's race variant when the environment sets KVRT_SIM_MUTANT=n, and 0
+ * in every other build, where the compiler drops what it guards. */
+#  if defined(KVRT_GPU_SIM) && defined(KVRT_SIM_RACE) && defined(__cplusplus)
+#    define KVRT_SIM_MUTANT(n) (::kvrt_sim::mutant() == (n))
+#  else
+#    define KVRT_SIM_MUTANT(n) 0
+#  endif
+
 /* The warp (wavefront) width: 32 on NVIDIA and RDNA, 64 on CDNA. Never
  * assume 32; launchers that need it on the host query the device. */
 #  define KVRT_WARP_SIZE warpSize

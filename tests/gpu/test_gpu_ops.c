@@ -718,6 +718,21 @@ static double *attention_bounds(const attn_case *c, const layer_fix *f, const tw
     return bound;
 }
 
+/* The keys a token of sequence s at position tp sees (every used slot for
+ * cross-attention; causal: those at or before tp, inside the window). */
+static int32_t keys_seen(const attn_case *c, const int32_t *pos, const int32_t *indptr,
+                         const int32_t *indices, const int32_t *n_slots, int32_t s, int32_t tp)
+{
+    const int32_t bs = c->L.block_size;
+    int32_t n = 0;
+    for (int32_t i = 0; i < n_slots[s]; i++) {
+        const int32_t slot = indices[indptr[s] + i / bs] * bs + i % bs;
+        n += !c->causal || (pos[slot] >= 0 && pos[slot] <= tp &&
+                            (c->window <= 0 || pos[slot] > tp - c->window));
+    }
+    return n;
+}
+
 static void test_attention(rng *r, attn_case c)
 {
     const kvrt_layout L = c.L;
@@ -810,9 +825,20 @@ static void test_attention(rng *r, attn_case c)
             s++, in_seq = 0;
         in_seq++;
         tok_seq[t] = s;
-        tok_pos[t] = (int32_t)rng_below(r, max_pos[tok_seq[t]] + 1);
+        /* a position where the token sees a key (a few draws) */
+        for (int tries = 0; tries < 64; tries++) {
+            tok_pos[t] = (int32_t)rng_below(r, max_pos[tok_seq[t]] + 1);
+            if (keys_seen(&c, pos, indptr, indices, n_slots, s, tok_pos[t]) > 0)
+                break;
+        }
     }
     tok_pos[0] = 0; /* sequence 0's slot 0 is a hole: this token may see nothing */
+    /* no vacuous case: every other token sees a key, so that each output
+     * but the first checks the kernel's arithmetic */
+    for (int32_t t = 1; t < n_tokens; t++)
+        CHECK(keys_seen(&c, pos, indptr, indices, n_slots, tok_seq[t], tok_pos[t]) > 0,
+              "attention case: token %d of sequence %d (position %d, window %d) sees no key", t,
+              tok_seq[t], tok_pos[t], c.window);
     const int32_t nan_token = c.nan_q ? n_tokens / 2 : -1;
     const int tc = !c.prerope && (attention_on_tensor_cores(&c, n_tokens) ||
                                   attention_on_mla_kernel(&c, n_tokens));
@@ -1079,7 +1105,10 @@ static void attention_mla_grid(rng *r)
         {64, KVRT_LAYOUT_BF16, 2, 150, 0, 3, 16, KVRT_LAYOUT_BF16, 40, 30.0f, 0, 1, 0, 0},
         {16, KVRT_LAYOUT_F16, 3, 60, 0, 8, 16, KVRT_LAYOUT_F32, 25, 0.0f, 0, 1, 0, 0},
         {16, KVRT_LAYOUT_BF16, 3, 60, 0, 2, 16, KVRT_LAYOUT_BF16, 0, 15.0f, 1, 1, 0, 0},
-        {64, KVRT_LAYOUT_BF16, 1, 576, 1, 1, 16, KVRT_LAYOUT_BF16, 0, 0.0f, 0, 2, 0, 0},
+        /* split cases: sequence 0's token is the one that sees no key, the
+         * other's sees 576 and 1800 slots over 2 and 4 splits */
+        {64, KVRT_LAYOUT_BF16, 2, 576, 1, 1, 16, KVRT_LAYOUT_BF16, 0, 0.0f, 0, 2, 0, 0},
+        {64, KVRT_LAYOUT_F16, 2, 1800, 1, 1, 64, KVRT_LAYOUT_F32, 0, 0.0f, 0, 2, 0, 0},
         {16, KVRT_LAYOUT_F16, 3, 80, 0, 1, 64, KVRT_LAYOUT_F16, 0, 0.0f, 0, 1, 1, 0},
         {64, KVRT_LAYOUT_BF16, 3, 70, 0, 1, 16, KVRT_LAYOUT_F32, 0, 0.0f, 0, 1, 0, 1},
     };

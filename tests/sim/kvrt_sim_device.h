@@ -81,6 +81,8 @@ uint64_t collective(int kind, unsigned long long mask, uint64_t value, int arg, 
                     const char *file, int line);
 unsigned long long active_mask();
 void *dynamic_shared();
+/* KVRT_SIM_MUTANT's number (the environment's KVRT_SIM_MUTANT), 0 none. */
+int mutant();
 
 struct launch_config {
     dim3        grid, block;
@@ -259,7 +261,8 @@ private:
 template <typename T> T atomicAdd(T *p, T v)
 {
     if constexpr (std::is_floating_point<T>::value) {
-        T old = __atomic_load_n(p, __ATOMIC_RELAXED), want;
+        T old, want; /* the generic builtins: the _n ones take integers only */
+        __atomic_load(p, &old, __ATOMIC_RELAXED);
         do {
             want = old + v;
         } while (!__atomic_compare_exchange(p, &old, &want, false, __ATOMIC_SEQ_CST, __ATOMIC_RELAXED));

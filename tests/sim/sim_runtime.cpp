@@ -28,6 +28,16 @@
  *     errors are sticky (cudaErrorLaunchFailure) and their message names
  *     kernel, block and thread.
  *   - Fault injection: the n-th allocation, copy or launch fails.
+ *   - Races (KVRT_SIM_RACE, the race variant): the kernels are compiled
+ *     with -fsanitize=thread's instrumentation only, and the __tsan_*
+ *     entry points here (not libtsan) record each access to shared memory,
+ *     dynamic and static, with its thread, in a shadow of a cell per byte;
+ *     two threads touching a byte in one barrier interval, at least one
+ *     writing and not both atomically, is a kernel error naming both
+ *     threads, the address and where each access was (the instrumentation
+ *     is the one the Linux kernel's KCSAN borrows the same way). A
+ *     __syncthreads ends the block's interval; a __syncwarp orders the
+ *     lanes of its warp.
  */
 #include "kvrt_sim_device.h"
 #undef warpSize /* the device property of that name below */
@@ -39,6 +49,10 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <unistd.h>
+#if defined(KVRT_SIM_RACE)
+#  include <dlfcn.h>
+#  include <link.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -533,6 +547,10 @@ struct launch_t {
     uint64_t id;
 };
 
+#if defined(KVRT_SIM_RACE)
+struct race_cell;
+#endif
+
 struct worker {
     std::vector<std::unique_ptr<fiber>> fibers;
 #if defined(__x86_64__)
@@ -555,6 +573,12 @@ struct worker {
     uint64_t rng = 0;
     bool failed = false;
     fiber *cur = nullptr;
+#if defined(KVRT_SIM_RACE)
+    uint32_t race_iv = 0;          /* barrier interval: new at each block and barrier */
+    std::vector<uint32_t> warp_iv; /* per warp: __syncwarps completed in the block */
+    std::vector<race_cell> smem_shadow, tls_shadow;
+    uintptr_t tls_lo = 0, tls_hi = 0; /* this OS thread's static TLS: __shared__ variables */
+#endif
 };
 thread_local worker *t_worker = nullptr;
 
@@ -752,6 +776,10 @@ void try_complete(worker *w, int warp, unsigned long long mask)
             g->cres = 0;
         }
     }
+#if defined(KVRT_SIM_RACE)
+    if (lead->ckind == SYNCWARP)
+        w->warp_iv[warp]++;
+#endif
     for (int l = 0; l < W; l++)
         if ((part >> l) & 1ull)
             make_runnable(w, first + l);
@@ -865,6 +893,150 @@ void fault_handler_install()
         sigaltstack(&ss, nullptr);
 }
 
+#if defined(KVRT_SIM_RACE)
+/* ---- races on shared memory (KVRT_SIM_RACE; the top comment says how) ---- */
+
+/* What the block's threads did to one byte of shared memory in the current
+ * barrier interval (cells of older intervals are as good as empty). */
+struct race_cell {
+    uint32_t  w_iv = 0, w_wiv = 0;   /* last write: interval, its warp's __syncwarp count */
+    int32_t   w_tid = -1;            /* its thread (linear) */
+    uint32_t  r_iv = 0, r_wiv = 0;   /* reads: interval, the highest __syncwarp count */
+    int32_t   r_tid = -1, r_warp = -1; /* reader, or kManyReaders; their warp, or -1 */
+    int32_t   r_first = -1, r_last = -1; /* the first and the latest reader */
+    bool      w_atomic = false, r_plain = false;
+    const void *w_pc = nullptr, *r_first_pc = nullptr, *r_last_pc = nullptr;
+};
+constexpr int32_t kManyReaders = -2;
+enum race_kind { R_READ, R_WRITE, R_ATOMIC_READ, R_ATOMIC_RMW };
+
+/* The static TLS block of the program on this OS thread: the kernels'
+ * __shared__ variables are thread_local there (x86-64: it ends at the
+ * thread pointer; elsewhere static shared memory is not watched). */
+int race_tls_segment(struct dl_phdr_info *info, size_t, void *data)
+{
+    if (info->dlpi_name != nullptr && info->dlpi_name[0] != '\0')
+        return 0; /* the program itself comes first, unnamed */
+    for (int i = 0; i < info->dlpi_phnum; i++)
+        if (info->dlpi_phdr[i].p_type == PT_TLS) {
+            ((size_t *)data)[0] = info->dlpi_phdr[i].p_memsz;
+            ((size_t *)data)[1] = info->dlpi_phdr[i].p_align;
+        }
+    return 1;
+}
+
+void race_worker_init(worker *w)
+{
+    w->smem_shadow.resize((size_t)(w->smem_end - w->smem_map));
+#if defined(__x86_64__)
+    size_t seg[2] = {0, 1};
+    dl_iterate_phdr(race_tls_segment, seg);
+    uintptr_t tp;
+    __asm__("mov %%fs:0, %0" : "=r"(tp));
+    const size_t align = seg[1] > 0 ? seg[1] : 1, span = (seg[0] + align - 1) / align * align;
+    w->tls_lo = tp - span;
+    w->tls_hi = w->tls_lo + seg[0];
+    const uintptr_t probe = (uintptr_t)&t_worker; /* one of the program's thread_locals */
+    if (seg[0] == 0 || probe < w->tls_lo || probe >= w->tls_hi) {
+        fprintf(stderr, "kvrt-sim: races: the program's TLS block was not found; static "
+                        "__shared__ variables are not watched\n");
+        w->tls_lo = w->tls_hi = 0;
+    }
+    w->tls_shadow.resize(w->tls_hi - w->tls_lo);
+#endif
+}
+
+/* "thread (x,y,z) at function+offset" for a report. */
+std::string race_who(const worker *w, int32_t tid, const void *pc)
+{
+    const dim3 b = w->L->c.block;
+    char buf[256];
+    Dl_info info;
+    if (pc != nullptr && dladdr(pc, &info) != 0 && info.dli_sname != nullptr)
+        snprintf(buf, sizeof buf, "thread (%u,%u,%u) at %s+%#lx", (unsigned)tid % b.x,
+                 ((unsigned)tid / b.x) % b.y, (unsigned)tid / (b.x * b.y), info.dli_sname,
+                 (unsigned long)((uintptr_t)pc - (uintptr_t)info.dli_saddr));
+    else if (pc != nullptr && dladdr(pc, &info) != 0)
+        snprintf(buf, sizeof buf, "thread (%u,%u,%u) at %s+%#lx", (unsigned)tid % b.x,
+                 ((unsigned)tid / b.x) % b.y, (unsigned)tid / (b.x * b.y),
+                 info.dli_fname != nullptr ? info.dli_fname : "?",
+                 (unsigned long)((uintptr_t)pc - (uintptr_t)info.dli_fbase));
+    else
+        snprintf(buf, sizeof buf, "thread (%u,%u,%u)", (unsigned)tid % b.x,
+                 ((unsigned)tid / b.x) % b.y, (unsigned)tid / (b.x * b.y));
+    return buf;
+}
+
+void race_report(worker *w, const fiber *f, const char *space, uintptr_t a, uintptr_t base,
+                 const char *what, const void *pc, const char *other_what, int32_t other,
+                 const void *other_pc)
+{
+    fail(w, f, "data race on %s memory at %#lx (byte %lu of it): this %s (%s) and a %s by %s, "
+               "with no barrier between them",
+         space, (unsigned long)a, (unsigned long)(a - base), what,
+         race_who(w, f->linear, pc).c_str(), other_what, race_who(w, other, other_pc).c_str());
+}
+
+void race_byte(worker *w, race_cell &c, const char *space, uintptr_t a, uintptr_t base, int kind,
+               const void *pc)
+{
+    const fiber *f = w->cur;
+    const int32_t t = f->linear, warp = t / W;
+    const uint32_t iv = w->race_iv, wiv = w->warp_iv[(size_t)warp];
+    /* an access of the interval by another thread and not ordered by a
+     * __syncwarp of this thread's warp since */
+    auto unordered = [&](uint32_t c_iv, int32_t c_warp, uint32_t c_wiv) {
+        return c_iv == iv && !(c_warp == warp && c_wiv < wiv);
+    };
+    const bool write = kind == R_WRITE || kind == R_ATOMIC_RMW;
+    const bool atomic = kind == R_ATOMIC_READ || kind == R_ATOMIC_RMW;
+    if (c.w_tid != t && unordered(c.w_iv, c.w_tid / W, c.w_wiv) && !(atomic && c.w_atomic)) {
+        race_report(w, f, space, a, base, write ? "write" : "read", pc,
+                    c.w_atomic ? "atomic write" : "write", c.w_tid, c.w_pc);
+        return;
+    }
+    if (write && c.r_tid != t && unordered(c.r_iv, c.r_warp, c.r_wiv) && !(atomic && !c.r_plain)) {
+        const bool first = c.r_first != t; /* name a reader that is not this thread */
+        race_report(w, f, space, a, base, "write", pc, "read", first ? c.r_first : c.r_last,
+                    first ? c.r_first_pc : c.r_last_pc);
+        return;
+    }
+    if (write) {
+        c.w_iv = iv, c.w_wiv = wiv, c.w_tid = t, c.w_atomic = atomic, c.w_pc = pc;
+    } else if (c.r_iv != iv) {
+        c.r_iv = iv, c.r_wiv = wiv, c.r_tid = t, c.r_warp = warp, c.r_plain = !atomic;
+        c.r_first = c.r_last = t, c.r_first_pc = c.r_last_pc = pc;
+    } else {
+        if (c.r_tid != t)
+            c.r_tid = kManyReaders;
+        if (c.r_warp != warp)
+            c.r_warp = -1;
+        c.r_wiv = std::max(c.r_wiv, wiv);
+        c.r_plain = c.r_plain || !atomic;
+        if (t != c.r_first)
+            c.r_last = t, c.r_last_pc = pc;
+    }
+}
+
+inline void race_access(const volatile void *p, size_t n, int kind, const void *pc)
+{
+    worker *w = t_worker;
+    if (w == nullptr || w->cur == nullptr || w->failed)
+        return; /* host code, or a block already failed */
+    const uintptr_t a = (uintptr_t)p;
+    if (a >= (uintptr_t)w->smem_map && a < (uintptr_t)w->smem_end) {
+        const uintptr_t base = (uintptr_t)w->smem;
+        for (size_t i = 0; i < n && a + i < (uintptr_t)w->smem_end && !w->failed; i++)
+            race_byte(w, w->smem_shadow[a + i - (uintptr_t)w->smem_map], "dynamic shared", a + i,
+                      base, kind, pc);
+    } else if (a >= w->tls_lo && a < w->tls_hi) {
+        for (size_t i = 0; i < n && a + i < w->tls_hi && !w->failed; i++)
+            race_byte(w, w->tls_shadow[a + i - w->tls_lo], "static shared", a + i, w->tls_lo, kind,
+                      pc);
+    }
+}
+#endif /* KVRT_SIM_RACE */
+
 worker *get_worker()
 {
     if (t_worker == nullptr) {
@@ -880,6 +1052,9 @@ worker *get_worker()
         }
         w->smem_end = w->smem_map + page_up(kMaxSmem);
         mprotect(w->smem_end, guard, PROT_NONE);
+#if defined(KVRT_SIM_RACE)
+        race_worker_init(w);
+#endif
         t_worker = w;
     }
     return t_worker;
@@ -940,6 +1115,10 @@ void run_block(worker *w, const launch_t *L, uint32_t linear_block)
     w->live = w->n;
     w->at_bar = 0;
     w->bar_file = nullptr;
+#if defined(KVRT_SIM_RACE)
+    w->race_iv++;
+    w->warp_iv.assign((size_t)(w->n + W - 1) / W, 0);
+#endif
     for (int i = 0; i < w->n; i++) {
         fiber *f = w->fibers[i].get();
         fiber_prepare(f);
@@ -958,6 +1137,9 @@ void run_block(worker *w, const launch_t *L, uint32_t linear_block)
         if (w->failed || w->live == 0)
             break;
         if (w->at_bar == w->live) { /* every live thread at the barrier: release in random order */
+#if defined(KVRT_SIM_RACE)
+            w->race_iv++;
+#endif
             w->at_bar = 0;
             w->bar_file = nullptr;
             for (int i = 0; i < w->n; i++)
@@ -1158,6 +1340,15 @@ uint64_t collective(int kind, unsigned long long mask, uint64_t value, int arg, 
     try_complete(w, warp, mask);
     to_scheduler(w, f, false);
     return f->cres;
+}
+
+int mutant()
+{
+    static const int n = [] {
+        const char *e = getenv("KVRT_SIM_MUTANT");
+        return e != nullptr ? atoi(e) : 0;
+    }();
+    return n;
 }
 
 unsigned long long active_mask()
@@ -2092,3 +2283,84 @@ cudaError_t hipMemcpy(void *dst, const void *src, size_t n, enum cudaMemcpyKind 
 #endif
 
 } /* extern "C" */
+
+#if defined(KVRT_SIM_RACE)
+/* ---- the entry points of -fsanitize=thread's instrumentation ----
+ * The race variant's kernels call these for each access; they keep the
+ * record of shared memory (race_access) and do each atomic operation. */
+extern "C" {
+#define KVRT_RACE_PC __builtin_return_address(0)
+void __tsan_init(void) {}
+void __tsan_func_entry(void *) {}
+void __tsan_func_exit(void) {}
+void __tsan_vptr_update(void **, void *) {}
+void __tsan_vptr_read(void **) {}
+void __tsan_read_range(void *p, unsigned long n) { kvrt_sim::race_access(p, n, kvrt_sim::R_READ, KVRT_RACE_PC); }
+void __tsan_write_range(void *p, unsigned long n) { kvrt_sim::race_access(p, n, kvrt_sim::R_WRITE, KVRT_RACE_PC); }
+#define KVRT_RACE_RW(N)                                                                        \
+    void __tsan_read##N(void *p) { kvrt_sim::race_access(p, N, kvrt_sim::R_READ, KVRT_RACE_PC); } \
+    void __tsan_write##N(void *p) { kvrt_sim::race_access(p, N, kvrt_sim::R_WRITE, KVRT_RACE_PC); } \
+    void __tsan_unaligned_read##N(void *p) { kvrt_sim::race_access(p, N, kvrt_sim::R_READ, KVRT_RACE_PC); } \
+    void __tsan_unaligned_write##N(void *p) { kvrt_sim::race_access(p, N, kvrt_sim::R_WRITE, KVRT_RACE_PC); } \
+    void __tsan_volatile_read##N(void *p) { kvrt_sim::race_access(p, N, kvrt_sim::R_READ, KVRT_RACE_PC); } \
+    void __tsan_volatile_write##N(void *p) { kvrt_sim::race_access(p, N, kvrt_sim::R_WRITE, KVRT_RACE_PC); }
+KVRT_RACE_RW(1)
+KVRT_RACE_RW(2)
+KVRT_RACE_RW(4)
+KVRT_RACE_RW(8)
+KVRT_RACE_RW(16)
+#undef KVRT_RACE_RW
+
+/* Atomics: the operation itself (blocks run on several OS threads), and
+ * the access recorded as atomic. Memory orders are taken as seq_cst. */
+#define KVRT_RACE_ATOMIC(BITS, T)                                                              \
+    T __tsan_atomic##BITS##_load(const volatile T *a, int)                                     \
+    {                                                                                          \
+        kvrt_sim::race_access(a, sizeof(T), kvrt_sim::R_ATOMIC_READ, KVRT_RACE_PC);            \
+        return __atomic_load_n(a, __ATOMIC_SEQ_CST);                                           \
+    }                                                                                          \
+    void __tsan_atomic##BITS##_store(volatile T *a, T v, int)                                  \
+    {                                                                                          \
+        kvrt_sim::race_access(a, sizeof(T), kvrt_sim::R_ATOMIC_RMW, KVRT_RACE_PC);             \
+        __atomic_store_n(a, v, __ATOMIC_SEQ_CST);                                              \
+    }                                                                                          \
+    KVRT_RACE_FETCH(BITS, T, exchange, __atomic_exchange_n)                                    \
+    KVRT_RACE_FETCH(BITS, T, fetch_add, __atomic_fetch_add)                                    \
+    KVRT_RACE_FETCH(BITS, T, fetch_sub, __atomic_fetch_sub)                                    \
+    KVRT_RACE_FETCH(BITS, T, fetch_and, __atomic_fetch_and)                                    \
+    KVRT_RACE_FETCH(BITS, T, fetch_or, __atomic_fetch_or)                                      \
+    KVRT_RACE_FETCH(BITS, T, fetch_xor, __atomic_fetch_xor)                                    \
+    KVRT_RACE_FETCH(BITS, T, fetch_nand, __atomic_fetch_nand)                                  \
+    int __tsan_atomic##BITS##_compare_exchange_strong(volatile T *a, T *c, T v, int, int)       \
+    {                                                                                          \
+        kvrt_sim::race_access(a, sizeof(T), kvrt_sim::R_ATOMIC_RMW, KVRT_RACE_PC);             \
+        return __atomic_compare_exchange_n(a, c, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST); \
+    }                                                                                          \
+    int __tsan_atomic##BITS##_compare_exchange_weak(volatile T *a, T *c, T v, int, int)         \
+    {                                                                                          \
+        kvrt_sim::race_access(a, sizeof(T), kvrt_sim::R_ATOMIC_RMW, KVRT_RACE_PC);             \
+        return __atomic_compare_exchange_n(a, c, v, true, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);  \
+    }                                                                                          \
+    T __tsan_atomic##BITS##_compare_exchange_val(volatile T *a, T c, T v, int, int)             \
+    {                                                                                          \
+        kvrt_sim::race_access(a, sizeof(T), kvrt_sim::R_ATOMIC_RMW, KVRT_RACE_PC);             \
+        __atomic_compare_exchange_n(a, &c, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);      \
+        return c;                                                                              \
+    }
+#define KVRT_RACE_FETCH(BITS, T, NAME, OP)                                                     \
+    T __tsan_atomic##BITS##_##NAME(volatile T *a, T v, int)                                    \
+    {                                                                                          \
+        kvrt_sim::race_access(a, sizeof(T), kvrt_sim::R_ATOMIC_RMW, KVRT_RACE_PC);             \
+        return OP(a, v, __ATOMIC_SEQ_CST);                                                     \
+    }
+KVRT_RACE_ATOMIC(8, char)
+KVRT_RACE_ATOMIC(16, short)
+KVRT_RACE_ATOMIC(32, int)
+KVRT_RACE_ATOMIC(64, long long)
+#undef KVRT_RACE_FETCH
+#undef KVRT_RACE_ATOMIC
+void __tsan_atomic_thread_fence(int) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+void __tsan_atomic_signal_fence(int) { __atomic_signal_fence(__ATOMIC_SEQ_CST); }
+#undef KVRT_RACE_PC
+} /* extern "C" */
+#endif /* KVRT_SIM_RACE */

@@ -15,27 +15,11 @@
  *
  * Built once per flavour (warp 32 and 64).
  */
-#include "gpu_compat.h"
+#include "sim_test.h"
 
-#include <stdio.h>
 #include <stdlib.h>
-#include <string.h>
 #include <sys/wait.h>
 #include <unistd.h>
-
-#include <string>
-
-static int failures;
-
-#define EXPECT_TRUE(cond, ...)                                                               \
-    do {                                                                                     \
-        if (!(cond)) {                                                                       \
-            failures++;                                                                      \
-            fprintf(stderr, "%s:%d: check failed: %s: ", __FILE__, __LINE__, #cond);         \
-            fprintf(stderr, __VA_ARGS__);                                                    \
-            fprintf(stderr, "\n");                                                           \
-        }                                                                                    \
-    } while (0)
 
 __global__ void barrier_kernel(int *out)
 {
@@ -57,7 +41,6 @@ __global__ void fault_kernel(int *p, int n)
         p[n + 16] = 1; /* 64 bytes past the allocation: its guard page */
 }
 
-static bool contains(const std::string &s, const char *what) { return s.find(what) != std::string::npos; }
 
 /* Launches `kernel` (grid x block) and returns the error of the next
  * synchronization, its message in msg. A macro: the launch names the
@@ -65,13 +48,6 @@ static bool contains(const std::string &s, const char *what) { return s.find(wha
 #define RUN(msg, grid, block, kernel, ...)                                                   \
     (KVRT_LAUNCH((grid), (block), 0, nullptr, kernel)(__VA_ARGS__),                          \
      sync_message(&(msg)))
-
-static cudaError_t sync_message(std::string *msg)
-{
-    cudaError_t e = cudaDeviceSynchronize();
-    *msg = cudaGetErrorString(e);
-    return e;
-}
 
 static void expect_kernel_error(const char *name, cudaError_t e, const std::string &msg,
                                 const char *kernel, const char *detail)
