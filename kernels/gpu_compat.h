@@ -68,6 +68,17 @@
 #  define KVRT_GPU_API_NAME "cuda"
 #endif
 
+/* A deliberate bug, for proving that a check of kvrt-sim catches its class
+ * (tests/gpu/meson.build, "mutants"): KVRT_SIM_MUTANT(n) is true in the
+ * sim's race variant (kernels and glue) when the environment sets
+ * KVRT_SIM_MUTANT=n, and 0 in every other build, where the compiler drops
+ * what it guards. */
+#if defined(KVRT_GPU_SIM) && defined(KVRT_SIM_RACE)
+#  define KVRT_SIM_MUTANT(n) (kvrt_sim_mutant() == (n))
+#else
+#  define KVRT_SIM_MUTANT(n) 0
+#endif
+
 /* ---- runtime API names (CUDA spelling -> HIP) ---- */
 #if defined(KVRT_GPU_IS_HIP) && !defined(KVRT_GPU_SIM)
 #  define cudaError_t                       hipError_t
@@ -158,16 +169,6 @@
 #    define KVRT_DYNAMIC_SHARED(type, name) type *name = (type *)::kvrt_sim::dynamic_shared()
 #  else
 #    define KVRT_DYNAMIC_SHARED(type, name) extern __shared__ __align__(16) type name[]
-#  endif
-
-/* A deliberate bug, for proving that a check of kvrt-sim catches its class
- * (tests/sim/meson.build, "mutants"): KVRT_SIM_MUTANT(n) is true in the
- * sim's race variant when the environment sets KVRT_SIM_MUTANT=n, and 0
- * in every other build, where the compiler drops what it guards. */
-#  if defined(KVRT_GPU_SIM) && defined(KVRT_SIM_RACE) && defined(__cplusplus)
-#    define KVRT_SIM_MUTANT(n) (::kvrt_sim::mutant() == (n))
-#  else
-#    define KVRT_SIM_MUTANT(n) 0
 #  endif
 
 /* The warp (wavefront) width: 32 on NVIDIA and RDNA, 64 on CDNA. Never

@@ -1145,8 +1145,11 @@ static kvrt_status attention_dispatch(gpu_ctx *ctx, const kvrt_attention_op *op,
     /* pre-RoPE caches: only the generic kernel turns keys and queries */
     if (op->rope_in_attention || op->rotate_q)
         return attention_impl(ctx, op, stream);
-    if (attention_prefill_shaped(op))
+    if (attention_prefill_shaped(op)) {
+        if (KVRT_SIM_MUTANT(2)) /* mutant 2: a synchronization, which a capture refuses */
+            (void)cudaStreamSynchronize((cudaStream_t)stream);
         return launched(KVRT_GPU_FN(launch_attention_prefill)(op, stream), "attention");
+    }
     /* decode-shaped MLA calls (576/512 latent rows, f16 or bf16): the
      * tensor-core MLA kernel; other decode-shaped calls (1 to 8 query tokens
      * per sequence over an f32/f16/bf16 cache): the decode kernel; the rest

@@ -15,6 +15,16 @@
  * differ), attention outputs within the bound of test_gpu_ops.c, and
  * kvrt_cache_check compares the device's positions with the host's.
  *
+ * `capture-kernels` (kvrt-sim): one capture that reaches every kernel the
+ * glue can launch for an f16 cache: a prefill-shaped step (the tensor-core
+ * prefill kernel; the generic kernel for the MLA layer), a decode step (the
+ * decode kernel; the MLA kernel for 512 + 64 latent rows), a long decode
+ * that splits (the combine kernel), a gather into device memory, and the
+ * edits (copy, shift with its re-rotation, removal, compaction); each
+ * kernel must be launched inside the capture and the capture must end and
+ * replay cleanly, so that a synchronization on any of those paths fails
+ * here (mutant 2 in src/backend_gpu.c proves it for prefill).
+ *
  * Compiled once per API (KVRT_GPU_CUDA or KVRT_GPU_HIP). Exits 77 without a
  * device.
  */
@@ -422,6 +432,174 @@ static void compare(const snapshot *cpu, const snapshot *dev, const char *what)
  * there is no device. "sync-in-capture" adds, inside the capture, each call
  * that waits for the stream (kvrt_cache_sync, a kvrt_gather to host memory)
  * and passes when each fails and the capture ends invalidated. */
+#if defined(KVRT_GPU_SIM)
+/* A device buffer of n values value(l, kv, pos, e) (row elements per
+ * token) as f32 or f16 (0 values: zeros). */
+static void *device_values(size_t n, int row, int f16, int l, int kv)
+{
+    const size_t es = f16 ? 2 : 4;
+    unsigned char *host = calloc(n > 0 ? n : 1, es);
+    for (size_t i = 0; i < n; i++)
+        kvrt_store(host, f16 ? KVRT_LAYOUT_F16 : KVRT_LAYOUT_F32, (int64_t)i,
+                   value(l, kv, (int32_t)(i / (size_t)row), (int64_t)(i % (size_t)row)));
+    void *p = NULL;
+    if (cudaMalloc(&p, n * es + 16) != cudaSuccess ||
+        cudaMemcpy(p, host, n * es, cudaMemcpyHostToDevice) != cudaSuccess) {
+        fprintf(stderr, "capture-kernels: device allocation failed\n");
+        exit(1);
+    }
+    free(host);
+    return p;
+}
+
+/* The kernels one capture must launch (kvrt-sim names, as at the launch
+ * sites in kernels/). */
+static const char *const captured_kernels[] = {
+    "attention_prefill_kernel", "attention_kernel<", "attention_decode_kernel",
+    "attention_mla_kernel",     "attention_combine_kernel", "write_kernel",
+    "gather_kernel",            "set_pos_kernel",  "rotate_kernel", "move_kernel",
+};
+enum { N_CAPTURED = sizeof captured_kernels / sizeof captured_kernels[0] };
+
+static void capture_kernels(void)
+{
+    enum { PRE = 24, LONG = 900, HEADS = 4, MLA_HEADS = 16, DK = 64, LAT = 512, ROPE = 64 };
+    static const kvrt_layer_desc ls[2] = {
+        {KVRT_LAYER_ATTN, 2, DK, DK, 0, 0, 0},
+        {KVRT_LAYER_MLA, 0, 0, 0, 0, LAT, ROPE},
+    };
+    const int k_rows[2] = {2 * DK, LAT + ROPE}, q_rows[2] = {HEADS * DK, MLA_HEADS * (LAT + ROPE)},
+              o_rows[2] = {HEADS * DK, MLA_HEADS * LAT};
+    kvrt_cache_desc desc;
+    kvrt_cache_desc_init(&desc);
+    desc.device.backend = device_backend;
+    desc.dtype = KVRT_F16;
+    desc.n_layers = 2;
+    desc.layers = ls;
+    desc.max_seqs = 4;
+    desc.block_size = 16;
+    desc.n_blocks = 160;
+    desc.rope.n_rot = DK;
+    kvrt_cache *cache = NULL;
+    kvrt_batch *batch = NULL;
+    cudaStream_t stream = NULL;
+    CHECK(kvrt_cache_create(&desc, &cache) == KVRT_OK, "capture-kernels: create: %s", kvrt_last_error());
+    if (cache == NULL)
+        return;
+    RT(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    CHECK(kvrt_cache_set_stream(cache, (void *)stream) == KVRT_OK && kvrt_batch_create(cache, LONG, &batch) == KVRT_OK,
+          "capture-kernels: stream or batch: %s", kvrt_last_error());
+    void *k[2], *v = device_values((size_t)LONG * 2 * DK, 2 * DK, 0, 0, 1), *q[2], *out[2], *rows;
+    for (int l = 0; l < 2; l++) {
+        k[l] = device_values((size_t)LONG * k_rows[l], k_rows[l], 0, l, 0);
+        q[l] = device_values((size_t)PRE * q_rows[l], q_rows[l], 1, l, 2);
+        out[l] = device_values((size_t)PRE * o_rows[l], o_rows[l], 0, l, 3);
+    }
+    rows = device_values((size_t)LONG * (LAT + ROPE), LAT + ROPE, 1, 0, 4);
+    /* before the capture: sequence 0 holds LONG tokens (a decode over it splits) */
+    int32_t seqs[LONG], pos[LONG];
+    for (int t = 0; t < LONG; t++)
+        seqs[t] = 0, pos[t] = t;
+    kvrt_status st = kvrt_batch_plan(cache, LONG, seqs, pos, batch);
+    for (int l = 0; l < 2 && st == KVRT_OK; l++)
+        st = kvrt_write(cache, batch, l, k[l], l == 0 ? v : NULL, KVRT_F32, (void *)stream);
+    /* and a decode over it, run directly: a capture cannot grow the split
+     * workspace, so the one inside needs it allocated here */
+    for (int l = 0; l < 2 && st == KVRT_OK; l++) {
+        int32_t seq = 0, at = LONG;
+        if (l == 0)
+            st = kvrt_batch_plan(cache, 1, &seq, &at, batch);
+        for (int w = 0; w < 2 && st == KVRT_OK && l == 0; w++)
+            st = kvrt_write(cache, batch, w, k[w], w == 0 ? v : NULL, KVRT_F32, (void *)stream);
+        kvrt_attention_params p = {l == 0 ? HEADS : MLA_HEADS, 0.0f, 0.0f, KVRT_F16, KVRT_F32};
+        if (st == KVRT_OK)
+            st = kvrt_attention(cache, batch, l, q[l], out[l], &p, (void *)stream);
+    }
+    if (st == KVRT_OK)
+        st = kvrt_cache_sync(cache);
+    CHECK(st == KVRT_OK, "capture-kernels: the first sequence: %s", kvrt_last_error());
+
+    long before[N_CAPTURED];
+    for (int i = 0; i < N_CAPTURED; i++)
+        before[i] = kvrt_sim_launches_of(captured_kernels[i]);
+    cudaGraph_t graph = NULL;
+    cudaGraphExec_t exec = NULL;
+    cudaError_t err = cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal);
+    CHECK(err == cudaSuccess, "cudaStreamBeginCapture: %s", cudaGetErrorString(err));
+    /* a prefill-shaped step of sequence 1: PRE tokens, f16 queries */
+    for (int t = 0; t < PRE; t++)
+        seqs[t] = 1, pos[t] = t;
+    if (st == KVRT_OK)
+        st = kvrt_batch_plan(cache, PRE, seqs, pos, batch);
+    for (int l = 0; l < 2 && st == KVRT_OK; l++)
+        st = kvrt_write(cache, batch, l, k[l], l == 0 ? v : NULL, KVRT_F32, (void *)stream);
+    for (int l = 0; l < 2 && st == KVRT_OK; l++) {
+        kvrt_attention_params p = {l == 0 ? HEADS : MLA_HEADS, 0.0f, 0.0f, KVRT_F16, KVRT_F32};
+        st = kvrt_attention(cache, batch, l, q[l], out[l], &p, (void *)stream);
+    }
+    /* decode: a token of sequence 1 (short), then one of sequence 0 (LONG
+     * keys: split, merged by the combine kernel) */
+    for (int s = 1; s >= 0 && st == KVRT_OK; s--) {
+        int32_t seq = s, at = s == 1 ? PRE : LONG + 1;
+        st = kvrt_batch_plan(cache, 1, &seq, &at, batch);
+        for (int l = 0; l < 2 && st == KVRT_OK; l++)
+            st = kvrt_write(cache, batch, l, k[l], l == 0 ? v : NULL, KVRT_F32, (void *)stream);
+        for (int l = 0; l < 2 && st == KVRT_OK; l++) {
+            kvrt_attention_params p = {l == 0 ? HEADS : MLA_HEADS, 0.0f, 0.0f, KVRT_F16, KVRT_F32};
+            st = kvrt_attention(cache, batch, l, q[l], out[l], &p, (void *)stream);
+        }
+    }
+    int64_t n_rows = 0; /* a gather into device memory, stream-ordered */
+    if (st == KVRT_OK)
+        st = kvrt_gather(cache, 1, 1, 0, -1, rows, NULL, NULL, LONG, &n_rows, (void *)stream);
+    if (st == KVRT_OK)
+        st = kvrt_seq_cp(cache, 1, 2, 0, -1);
+    if (st == KVRT_OK)
+        st = kvrt_seq_shift(cache, 2, 10, -1, 5);
+    if (st == KVRT_OK)
+        st = kvrt_seq_rm(cache, 1, 3, 9);
+    if (st == KVRT_OK)
+        st = kvrt_cache_compact(cache);
+    CHECK(st == KVRT_OK, "capture-kernels: under capture: %s", kvrt_last_error());
+    if (err == cudaSuccess) {
+        err = cudaStreamEndCapture(stream, &graph);
+        CHECK(err == cudaSuccess, "capture-kernels: cudaStreamEndCapture (a call synchronized?): %s",
+              cudaGetErrorString(err));
+    }
+    for (int i = 0; i < N_CAPTURED; i++)
+        CHECK(kvrt_sim_launches_of(captured_kernels[i]) > before[i],
+              "capture-kernels: %s was not launched inside the capture", captured_kernels[i]);
+    if (err == cudaSuccess && st == KVRT_OK) {
+#if defined(KVRT_GPU_IS_HIP)
+        err = hipGraphInstantiate(&exec, graph, NULL, NULL, 0);
+#else
+        err = cudaGraphInstantiate(&exec, graph, 0ULL);
+#endif
+        if (err == cudaSuccess)
+            err = cudaGraphLaunch(exec, stream);
+        if (err == cudaSuccess)
+            err = cudaStreamSynchronize(stream);
+        CHECK(err == cudaSuccess, "capture-kernels: replay: %s", cudaGetErrorString(err));
+        CHECK(kvrt_cache_check(cache) == KVRT_OK, "capture-kernels: check: %s", kvrt_last_error());
+    }
+    if (exec != NULL)
+        (void)cudaGraphExecDestroy(exec);
+    if (graph != NULL)
+        (void)cudaGraphDestroy(graph);
+    (void)cudaGetLastError();
+    for (int l = 0; l < 2; l++) {
+        (void)cudaFree(k[l]);
+        (void)cudaFree(q[l]);
+        (void)cudaFree(out[l]);
+    }
+    (void)cudaFree(v);
+    (void)cudaFree(rows);
+    kvrt_batch_destroy(batch);
+    kvrt_cache_destroy(cache);
+    (void)cudaStreamDestroy(stream);
+}
+#endif
+
 int main(int argc, char **argv)
 {
     int selfcheck = argc > 1 && strcmp(argv[1], "cpu") == 0;
@@ -432,6 +610,12 @@ int main(int argc, char **argv)
         printf("test_gpu_graph: no %s device, skipped\n", kvrt_backend_name(device_backend));
         return GPU_TEST_SKIP;
     }
+#if defined(KVRT_GPU_SIM)
+    if (argc > 1 && strcmp(argv[1], "capture-kernels") == 0) {
+        capture_kernels();
+        return gpu_test_result("test_gpu_graph capture-kernels");
+    }
+#endif
     if (sync_check) {
         for (sync_inside = SYNC_CACHE; sync_inside < SYNC_N; sync_inside++) {
             snapshot s;

@@ -259,6 +259,9 @@ long kvrt_sim_calls(int kind);
  * site, e.g. "attention_mla_kernel<KVRT_LAYOUT_BF16>") contains name_part
  * (NULL: every launch): which kernel a call took. */
 long kvrt_sim_launches_of(const char *name_part);
+/* The deliberate bug KVRT_SIM_MUTANT(n) (kernels/gpu_compat.h) turns on:
+ * the environment's KVRT_SIM_MUTANT, read once; 0 none. */
+int kvrt_sim_mutant(void);
 /* Makes the call of `kind` numbered `nth` (counting from 1 as kvrt_sim_calls
  * does, so kvrt_sim_calls(kind) + 1 is the next one) fail with the
  * runtime's error for it: cudaErrorMemoryAllocation for an allocation,

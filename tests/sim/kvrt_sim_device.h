@@ -81,8 +81,6 @@ uint64_t collective(int kind, unsigned long long mask, uint64_t value, int arg, 
                     const char *file, int line);
 unsigned long long active_mask();
 void *dynamic_shared();
-/* KVRT_SIM_MUTANT's number (the environment's KVRT_SIM_MUTANT), 0 none. */
-int mutant();
 
 struct launch_config {
     dim3        grid, block;

@@ -1342,15 +1342,6 @@ uint64_t collective(int kind, unsigned long long mask, uint64_t value, int arg, 
     return f->cres;
 }
 
-int mutant()
-{
-    static const int n = [] {
-        const char *e = getenv("KVRT_SIM_MUTANT");
-        return e != nullptr ? atoi(e) : 0;
-    }();
-    return n;
-}
-
 unsigned long long active_mask()
 {
     worker *w = t_worker;
@@ -2237,6 +2228,15 @@ long kvrt_sim_calls(int kind)
 {
     std::lock_guard<std::recursive_mutex> lk(g_mu);
     return kind >= 0 && kind < KVRT_SIM_N_CALLS ? g_calls[kind] : 0;
+}
+
+int kvrt_sim_mutant(void)
+{
+    static const int n = [] {
+        const char *e = getenv("KVRT_SIM_MUTANT");
+        return e != nullptr ? atoi(e) : 0;
+    }();
+    return n;
 }
 
 long kvrt_sim_launches_of(const char *name_part)
