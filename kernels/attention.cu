@@ -324,7 +324,8 @@ __global__ void __launch_bounds__(kAttnThreads, 2)
             for (int r = 0; r < kMaxRows; r++) {
                 if (r < R) { /* R is uniform: every lane shuffles */
                     float v = part[r];
-                    for (int off = lps / 2; off > 0; off /= 2)
+                    /* mutant 5: a sum capped at 32 lanes */
+                    for (int off = (KVRT_SIM_MUTANT(5) ? min(lps, 32) : lps) / 2; off > 0; off /= 2)
                         v += KVRT_SHFL_XOR(v, off);
                     part[r] = v;
                 }
@@ -454,8 +455,8 @@ __global__ void __launch_bounds__(128)
         float a = 0.0f;
         for (int s = 0; s < n_splits; s++) {
             const float *pp = pr + (int64_t)s * (dim_v + 2);
-            if (pp[1] > 0.0f)
-                a += pp[2 + d] * expf(pp[0] - m);
+            if (pp[1] > 0.0f) /* mutant 4: the splits' weights wrong */
+                a += pp[2 + d] * expf(KVRT_SIM_MUTANT(4) ? 0.5f * (pp[0] - m) : pp[0] - m);
         }
         const float out = nan ? NAN : l_total > 0.0f ? a / l_total : 0.0f;
         kvrt_store(op.out, op.out_dtype, row * dim_v + d, out);

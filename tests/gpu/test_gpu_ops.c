@@ -11,13 +11,15 @@
  * of 576 (and an odd-sized MLA row that takes the scalar paths), many
  * blocks, unaligned caller buffers, every source/cache dtype pair.
  *
- * Usage: test_gpu_ops [cuda|hip|cpu] [ops|attention-decode|prefill|mla|quant|prerope].
+ * Usage: test_gpu_ops [cuda|hip|cpu] [ops|attention-decode|prefill|mla|quant|prerope|wide].
  * "cpu" runs the CPU backend against itself, which checks the test where
  * there is no device. The second argument runs a part: "ops" every test but the
  * decode attention grid, the tensor-core prefill grid and the MLA grid,
  * "attention-decode" the decode grid alone, "prefill" the prefill grid
  * alone, "mla" the MLA grid alone, "quant" the ops on q8 and fp8 layers
- * alone, "prerope" the pre-RoPE attention cases alone (all of them by
+ * alone, "prerope" the pre-RoPE attention cases alone, "wide" the generic
+ * kernel with rows long enough that its slot groups fill a whole warp of
+ * 64 lanes (all of them by
  * default; the sim runs them as separate tests). Exits 77 when the
  * backend has no device.
  */
@@ -1125,6 +1127,22 @@ static void attention_mla_grid(rng *r)
     }
 }
 
+/* The generic kernel (attention.cu) with rows long enough that its slot
+ * groups are a whole warp: lps, the lanes per slot, halves from the warp
+ * width while half of them still cover dim_k, so an f32 row of 512 (4 per
+ * lane) and an MLA row of 576 read as f32 queries on f16 (8 per lane) keep
+ * all 64 lanes of a CDNA wavefront, and every shuffle of the group's sum
+ * runs (the warp-width class of bug, in seconds). */
+static void attention_wide(rng *r)
+{
+    const int f32 = KVRT_LAYOUT_F32, f16 = KVRT_LAYOUT_F16;
+    attn_case c = decode_case(layout_attn(2, 512, 512, 16, f32, 0), 512, 2, 6, 0, 3, 4, f32, f32);
+    test_attention(r, c);
+    c = decode_case(layout_mla(512, 64, 16, f16), 512, 2, 5, 0, 2, 16, f32, f32);
+    c.mla = 1;
+    test_attention(r, c);
+}
+
 /* ---- set_pos ---- */
 
 static void test_set_pos(rng *r, int32_t block_size, int32_t n_blocks, int32_t n)
@@ -1747,6 +1765,10 @@ int main(int argc, char **argv)
     }
     if (strcmp(part, "prerope") == 0) {
         test_attention_prerope(&r);
+        goto done;
+    }
+    if (strcmp(part, "wide") == 0) {
+        attention_wide(&r);
         goto done;
     }
 
