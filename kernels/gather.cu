@@ -38,7 +38,7 @@ __global__ void gather_kernel(const kvrt_layer_ref layer, const int32_t *slots, 
          t += (int64_t)gridDim.x * blockDim.x) {
         const int32_t r = (int32_t)(t / per_row);
         int32_t c = (int32_t)(t - (int64_t)r * per_row);
-        const int64_t slot = slots[r];
+        const int64_t slot = slots[KVRT_SIM_MUTANT(3) ? r + 1 : r]; /* mutant 3: one past */
         if (c < row_k) {
             const int32_t h = c / units_k, u = c - h * units_k;
             const U *src = (const U *)((const char *)layer.k + kvrt_k_index(&L, slot, h) * es);

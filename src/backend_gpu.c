@@ -180,6 +180,15 @@ static kvrt_status vmm_error(const gpu_vmm *v, CUresult res, const char *call)
 #define GPU_HOST_RING_BYTES ((size_t)4 << 20)
 #define GPU_DEVICE_RING_BYTES ((size_t)4 << 20)
 #define GPU_CAPTURE_CHUNK_BYTES ((size_t)1 << 20)
+/* On kvrt-sim each staged buffer is followed by a red zone of this many
+ * bytes (kvrt_sim_guard): a kernel reading past a staged array's end is
+ * reported instead of reading the next one's (buffers are 256-aligned, so
+ * without it up to 255 bytes past the end are someone else's). */
+#if defined(KVRT_GPU_SIM)
+#  define GPU_STAGE_GUARD 64u
+#else
+#  define GPU_STAGE_GUARD 0u
+#endif
 
 /* A region: one reservation whose base never changes. */
 typedef struct gpu_map {
@@ -768,22 +777,26 @@ static kvrt_status stage_impl(gpu_ctx *ctx, const void *host, size_t n, cudaStre
     int capturing = 0;
     KVRT_TRY(stream_capturing(stream, &capturing));
     char *dst = NULL;
+    const size_t span = n + GPU_STAGE_GUARD;
     if (capturing) {
-        KVRT_TRY(chunk_alloc(&ctx->capture_device, 0, n, &dst));
+        KVRT_TRY(chunk_alloc(&ctx->capture_device, 0, span, &dst));
     } else {
         KVRT_TRY(retired_reclaim(ctx));
         uint64_t off = 0;
         int ok = 0;
-        KVRT_TRY(ring_alloc(&ctx->device_ring, n, &off, &ok));
+        KVRT_TRY(ring_alloc(&ctx->device_ring, span, &off, &ok));
         if (!ok) {
             KVRT_TRY(ring_replace(ctx, &ctx->device_ring,
-                                  n + (ctx->device_ring.head - ctx->device_ring.fenced)));
-            KVRT_TRY(ring_alloc(&ctx->device_ring, n, &off, &ok));
+                                  span + (ctx->device_ring.head - ctx->device_ring.fenced)));
+            KVRT_TRY(ring_alloc(&ctx->device_ring, span, &off, &ok));
             KVRT_CHECK(ok, KVRT_ERR_INTERNAL, "%s: device staging of %zu bytes",
                        KVRT_GPU_API_NAME, n);
         }
         dst = ctx->device_ring.base + off;
     }
+#if defined(KVRT_GPU_SIM)
+    kvrt_sim_guard(dst, n, GPU_STAGE_GUARD);
+#endif
     if (n > 0) {
         char *src = NULL;
         KVRT_TRY(host_staging(ctx, capturing, n, &src));

@@ -11,13 +11,15 @@
  * of 576 (and an odd-sized MLA row that takes the scalar paths), many
  * blocks, unaligned caller buffers, every source/cache dtype pair.
  *
- * Usage: test_gpu_ops [cuda|hip|cpu] [ops|attention-decode|prefill|mla|quant|prerope|wide].
+ * Usage: test_gpu_ops [cuda|hip|cpu]
+ *                     [ops|attention-decode|prefill|mla|quant|prerope|gather|wide].
  * "cpu" runs the CPU backend against itself, which checks the test where
  * there is no device. The second argument runs a part: "ops" every test but the
  * decode attention grid, the tensor-core prefill grid and the MLA grid,
  * "attention-decode" the decode grid alone, "prefill" the prefill grid
  * alone, "mla" the MLA grid alone, "quant" the ops on q8 and fp8 layers
- * alone, "prerope" the pre-RoPE attention cases alone, "wide" the generic
+ * alone, "prerope" the pre-RoPE attention cases alone, "gather" the
+ * gathers alone, "wide" the generic
  * kernel with rows long enough that its slot groups fill a whole warp of
  * 64 lanes (all of them by
  * default; the sim runs them as separate tests). Exits 77 when the
@@ -1127,6 +1129,18 @@ static void attention_mla_grid(rng *r)
     }
 }
 
+/* gather: K and V, K or V alone, every dtype, MLA rows. */
+static void gather_grid(rng *r)
+{
+    test_gather(r, layout_attn(8, 128, 128, 16, KVRT_LAYOUT_F16, 128), 64, 700, 1, 1, 0);
+    test_gather(r, layout_attn(8, 128, 128, 16, KVRT_LAYOUT_F16, 128), 64, 700, 1, 0, 0);
+    test_gather(r, layout_attn(8, 128, 128, 16, KVRT_LAYOUT_F16, 128), 64, 700, 0, 1, 0);
+    test_gather(r, layout_attn(4, 64, 256, 1, KVRT_LAYOUT_F32, 64), 4096, 4096, 1, 1, 4);
+    test_gather(r, layout_attn(2, 256, 64, 256, KVRT_LAYOUT_BF16, 64), 8, 2048, 1, 1, 2);
+    test_gather(r, layout_mla(512, 64, 64, KVRT_LAYOUT_BF16), 16, 1000, 1, 1, 0);
+    test_gather(r, layout_mla(512, 2, 16, KVRT_LAYOUT_F16), 32, 300, 1, 0, 2);
+}
+
 /* The generic kernel (attention.cu) with rows long enough that its slot
  * groups are a whole warp: lps, the lanes per slot, halves from the warp
  * width while half of them still cover dim_k, so an f32 row of 512 (4 per
@@ -1767,6 +1781,10 @@ int main(int argc, char **argv)
         test_attention_prerope(&r);
         goto done;
     }
+    if (strcmp(part, "gather") == 0) {
+        gather_grid(&r);
+        goto done;
+    }
     if (strcmp(part, "wide") == 0) {
         attention_wide(&r);
         goto done;
@@ -1793,13 +1811,7 @@ int main(int argc, char **argv)
     test_write(&r, layout_mla(512, 2, 16, KVRT_LAYOUT_F16), 32, KVRT_LAYOUT_F32, 400, 0, 0);
 
     /* gather */
-    test_gather(&r, layout_attn(8, 128, 128, 16, KVRT_LAYOUT_F16, 128), 64, 700, 1, 1, 0);
-    test_gather(&r, layout_attn(8, 128, 128, 16, KVRT_LAYOUT_F16, 128), 64, 700, 1, 0, 0);
-    test_gather(&r, layout_attn(8, 128, 128, 16, KVRT_LAYOUT_F16, 128), 64, 700, 0, 1, 0);
-    test_gather(&r, layout_attn(4, 64, 256, 1, KVRT_LAYOUT_F32, 64), 4096, 4096, 1, 1, 4);
-    test_gather(&r, layout_attn(2, 256, 64, 256, KVRT_LAYOUT_BF16, 64), 8, 2048, 1, 1, 2);
-    test_gather(&r, layout_mla(512, 64, 64, KVRT_LAYOUT_BF16), 16, 1000, 1, 1, 0);
-    test_gather(&r, layout_mla(512, 2, 16, KVRT_LAYOUT_F16), 32, 300, 1, 0, 2);
+    gather_grid(&r);
 
     /* move: one launch over every layer of a group */
     {

@@ -262,6 +262,11 @@ long kvrt_sim_launches_of(const char *name_part);
 /* The deliberate bug KVRT_SIM_MUTANT(n) (kernels/gpu_compat.h) turns on:
  * the environment's KVRT_SIM_MUTANT, read once; 0 none. */
 int kvrt_sim_mutant(void);
+/* Device memory [p, p + n) is a buffer of its own inside a larger
+ * allocation (staging), and the `guard` bytes after it are a red zone until
+ * another buffer covers them: the race variant reports a kernel that
+ * touches them, as it does the tail of an allocation past its size. */
+void kvrt_sim_guard(const void *p, size_t n, size_t guard);
 /* Makes the call of `kind` numbered `nth` (counting from 1 as kvrt_sim_calls
  * does, so kvrt_sim_calls(kind) + 1 is the next one) fail with the
  * runtime's error for it: cudaErrorMemoryAllocation for an allocation,

@@ -170,6 +170,47 @@ struct alloc_t {
     std::map<uintptr_t, uintptr_t> open; /* A_RESERVE: accessible [lo, hi) */
 };
 std::map<uintptr_t, alloc_t> g_dev;      /* by map_lo */
+/* Red zones: device bytes no kernel may touch, though they are mapped: the
+ * tail of an allocation up to its 256-byte end, and the guard after each
+ * buffer the glue carves from a larger one (kvrt_sim_guard). Checked at
+ * each kernel access in the race variant. Changed by host calls only,
+ * never while a kernel runs. */
+struct red_zone {
+    uintptr_t   hi;   /* the zone is [lo, hi) */
+    uintptr_t   buf;  /* the buffer it guards, and its size */
+    size_t      n;
+    const char *what;
+};
+std::map<uintptr_t, red_zone> g_red; /* by lo */
+
+/* Drops the zones that overlap [lo, hi). */
+void red_clear(uintptr_t lo, uintptr_t hi)
+{
+    auto it = g_red.lower_bound(lo);
+    if (it != g_red.begin() && std::prev(it)->second.hi > lo)
+        --it;
+    while (it != g_red.end() && it->first < hi)
+        it = g_red.erase(it);
+}
+
+void red_add(uintptr_t lo, uintptr_t hi, uintptr_t buf, size_t n, const char *what)
+{
+    red_clear(lo, hi);
+    if (hi > lo)
+        g_red[lo] = red_zone{hi, buf, n, what};
+}
+
+#if defined(KVRT_SIM_RACE)
+/* The red zone that [a, a + n) touches, or NULL. */
+const std::pair<const uintptr_t, red_zone> *red_find(uintptr_t a, size_t n)
+{
+    auto it = g_red.upper_bound(a + (n > 0 ? n - 1 : 0));
+    if (it == g_red.begin())
+        return nullptr;
+    --it;
+    return it->second.hi > a ? &*it : nullptr;
+}
+#endif
 std::map<uintptr_t, size_t> g_pinned;    /* by pointer */
 std::map<unsigned long long, size_t> g_handles;
 unsigned long long g_next_handle = 1;
@@ -288,12 +329,14 @@ cudaError_t dev_alloc(void **p, size_t n)
     if (g_open_depth == 0)
         protect(a.ptr, a.ptr + body, PROT_NONE);
     g_dev[a.map_lo] = a;
+    red_add(a.ptr + n, a.ptr + body, a.ptr, n, "device allocation");
     *p = (void *)a.ptr;
     return cudaSuccess;
 }
 
 void dev_release(alloc_t *a)
 {
+    red_clear(a->map_lo, a->map_lo + a->map_len);
     munmap((void *)a->map_lo, a->map_len);
     g_dev.erase(a->map_lo);
 }
@@ -1018,6 +1061,20 @@ void race_byte(worker *w, race_cell &c, const char *space, uintptr_t a, uintptr_
     }
 }
 
+/* A kernel access that touches a red zone: a kernel error. */
+void red_check(worker *w, uintptr_t a, size_t n, int kind, const void *pc)
+{
+    const auto *z = red_find(a, n);
+    if (z == nullptr)
+        return;
+    const uintptr_t end = z->second.buf + z->second.n;
+    fail(w, w->cur, "%s of %zu bytes at %#lx, %lu bytes past the end of a %s of %zu bytes at "
+                    "%#lx (%s)",
+         kind == R_READ || kind == R_ATOMIC_READ ? "read" : "write", n, (unsigned long)a,
+         (unsigned long)(a >= end ? a - end : 0), z->second.what, z->second.n,
+         (unsigned long)z->second.buf, race_who(w, w->cur->linear, pc).c_str());
+}
+
 inline void race_access(const volatile void *p, size_t n, int kind, const void *pc)
 {
     worker *w = t_worker;
@@ -1033,6 +1090,8 @@ inline void race_access(const volatile void *p, size_t n, int kind, const void *
         for (size_t i = 0; i < n && a + i < w->tls_hi && !w->failed; i++)
             race_byte(w, w->tls_shadow[a + i - w->tls_lo], "static shared", a + i, w->tls_lo, kind,
                       pc);
+    } else if (!g_red.empty()) {
+        red_check(w, a, n, kind, pc);
     }
 }
 #endif /* KVRT_SIM_RACE */
@@ -2228,6 +2287,14 @@ long kvrt_sim_calls(int kind)
 {
     std::lock_guard<std::recursive_mutex> lk(g_mu);
     return kind >= 0 && kind < KVRT_SIM_N_CALLS ? g_calls[kind] : 0;
+}
+
+void kvrt_sim_guard(const void *p, size_t n, size_t guard)
+{
+    std::lock_guard<std::recursive_mutex> lk(g_mu);
+    const uintptr_t a = (uintptr_t)p;
+    red_clear(a, a + n + guard);
+    red_add(a + n, a + n + guard, a, n, "buffer carved from a larger one");
 }
 
 int kvrt_sim_mutant(void)
