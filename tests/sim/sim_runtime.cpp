@@ -1075,11 +1075,40 @@ void red_check(worker *w, uintptr_t a, size_t n, int kind, const void *pc)
          (unsigned long)z->second.buf, race_who(w, w->cur->linear, pc).c_str());
 }
 
+/* The race variant's modes, from the environment: KVRT_SIM_RACECHECK=0
+ * turns the reports off; KVRT_SIM_INTERLEAVE=1 switches to another thread
+ * of the block, at random, just before a write (after the thread's read
+ * of the value it is about to store), so that a read-modify-write race
+ * loses updates as on hardware and shows as a wrong number. */
+struct race_modes {
+    bool check = true, interleave = false;
+};
+const race_modes &race_mode()
+{
+    static const race_modes m = [] {
+        race_modes r;
+        const char *c = getenv("KVRT_SIM_RACECHECK"), *i = getenv("KVRT_SIM_INTERLEAVE");
+        r.check = c == nullptr || strcmp(c, "0") != 0;
+        r.interleave = i != nullptr && strcmp(i, "0") != 0;
+        return r;
+    }();
+    return m;
+}
+
 inline void race_access(const volatile void *p, size_t n, int kind, const void *pc)
 {
     worker *w = t_worker;
     if (w == nullptr || w->cur == nullptr || w->failed)
         return; /* host code, or a block already failed */
+    const race_modes &mode = race_mode();
+    if (mode.interleave && (kind == R_WRITE || kind == R_ATOMIC_RMW) && (splitmix(w->rng) & 1)) {
+        fiber *f = w->cur;
+        make_runnable(w, f->linear);
+        to_scheduler(w, f, false);
+        w->cur = f;
+    }
+    if (!mode.check)
+        return;
     const uintptr_t a = (uintptr_t)p;
     if (a >= (uintptr_t)w->smem_map && a < (uintptr_t)w->smem_end) {
         const uintptr_t base = (uintptr_t)w->smem;

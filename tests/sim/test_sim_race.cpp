@@ -15,6 +15,11 @@
  * and the same work done right, which must pass: atomicAdd, a barrier, a
  * __syncwarp, a reduction tree with a barrier per level.
  *
+ * `interleave` (run with KVRT_SIM_RACECHECK=0 KVRT_SIM_INTERLEAVE=1): the
+ * reports off, threads switched at random before their writes: sum_race
+ * loses updates and its sum comes out wrong, as on hardware, while the
+ * atomic and the tree sums stay exact.
+ *
  * Built once per flavour (warp 32 and 64) with the kernels instrumented.
  */
 #include "sim_test.h"
@@ -122,13 +127,46 @@ static void expect_race(const char *kernel, cudaError_t e, const std::string &ms
     kvrt_sim_reset_error();
 }
 
-int main(void)
+/* The interleaving mode: wrong numbers from the racy sum, exact ones from
+ * the ordered sums. */
+static int interleave(float *out)
+{
+    const float want = 127.0f * 128.0f / 2.0f;
+    std::string msg;
+    float got[2];
+    cudaError_t e = RUN(msg, sum_race, out);
+    EXPECT_TRUE(e == cudaSuccess, "sum_race without reports: %s", msg.c_str());
+    cudaMemcpy(got, out, sizeof got, cudaMemcpyDeviceToHost);
+    EXPECT_TRUE(got[0] != want || got[1] != want,
+                "sum_race interleaved gave the exact sum %g twice: no update was lost", (double)want);
+    printf("sum_race interleaved: %g and %g (exact: %g)\n", (double)got[0], (double)got[1],
+           (double)want);
+    e = RUN(msg, sum_atomic, out);
+    cudaMemcpy(got, out, sizeof got, cudaMemcpyDeviceToHost);
+    EXPECT_TRUE(e == cudaSuccess && got[0] == want && got[1] == want, "sum_atomic interleaved: %g %g",
+                (double)got[0], (double)got[1]);
+    e = RUN(msg, tree_sum, out);
+    cudaMemcpy(got, out, sizeof got, cudaMemcpyDeviceToHost);
+    EXPECT_TRUE(e == cudaSuccess && got[0] == want && got[1] == want, "tree_sum interleaved: %g %g",
+                (double)got[0], (double)got[1]);
+    cudaFree(out);
+    if (failures > 0) {
+        fprintf(stderr, "test_sim_race interleave: %d check(s) failed\n", failures);
+        return 1;
+    }
+    printf("test_sim_race interleave: the racy sum loses updates; ordered sums are exact\n");
+    return 0;
+}
+
+int main(int argc, char **argv)
 {
     float *out = nullptr;
     if (cudaMalloc((void **)&out, 256 * sizeof(float)) != cudaSuccess) {
         fprintf(stderr, "test_sim_race: cudaMalloc failed\n");
         return 1;
     }
+    if (argc > 1 && strcmp(argv[1], "interleave") == 0)
+        return interleave(out);
     std::string msg;
     expect_race("sum_race", RUN(msg, sum_race, out), msg, "static shared");
     expect_race("write_race", RUN(msg, write_race, out), msg, "dynamic shared");
