@@ -42,7 +42,8 @@ __global__ void gather_kernel(const kvrt_layer_ref layer, const int32_t *slots, 
         if (c < row_k) {
             const int32_t h = c / units_k, u = c - h * units_k;
             const U *src = (const U *)((const char *)layer.k + kvrt_k_index(&L, slot, h) * es);
-            U *dst = (U *)((char *)k_dst + ((int64_t)r * L.n_heads + h) * L.dim_k * es);
+            const int64_t out_r = KVRT_SIM_MUTANT(6) ? r % 2 : r; /* mutant 6: rows collide */
+            U *dst = (U *)((char *)k_dst + (out_r * L.n_heads + h) * L.dim_k * es);
             dst[u] = src[u];
         } else {
             c -= row_k;

@@ -37,7 +37,10 @@
  *     threads, the address and where each access was (the instrumentation
  *     is the one the Linux kernel's KCSAN borrows the same way). A
  *     __syncthreads ends the block's interval; a __syncwarp orders the
- *     lanes of its warp.
+ *     lanes of its warp. Modes (race_mode): KVRT_SIM_INTERLEAVE=1 switches
+ *     threads at random before writes; KVRT_SIM_RACE_GLOBAL=1 also reports
+ *     two blocks of one launch writing one byte of device memory; and the
+ *     red zones (red_zone) are checked at every access.
  */
 #include "kvrt_sim_device.h"
 #undef warpSize /* the device property of that name below */
@@ -65,6 +68,7 @@
 #include <set>
 #include <string>
 #include <thread>
+#include <unordered_map>
 #include <vector>
 
 #if defined(__SANITIZE_ADDRESS__)
@@ -1061,6 +1065,48 @@ void race_byte(worker *w, race_cell &c, const char *space, uintptr_t a, uintptr_
     }
 }
 
+/* KVRT_SIM_RACE_GLOBAL=1: device-memory writes of each launch by block,
+ * so that two blocks writing one byte (not both atomically) is a kernel
+ * error. Blocks run on several OS threads: one lock, a map cleared at each
+ * launch (slow; for the dedicated tests). */
+struct global_write {
+    uint64_t    launch;
+    uint32_t    block;
+    int32_t     tid;
+    bool        atomic;
+    const void *pc;
+};
+std::mutex g_global_mu;
+std::unordered_map<uintptr_t, global_write> g_global;
+uint64_t g_global_launch = 0;
+
+void global_check(worker *w, uintptr_t a, size_t n, bool atomic, const void *pc)
+{
+    const dim3 g = w->L->c.grid;
+    const uint32_t block = block_idx.x + g.x * (block_idx.y + g.y * block_idx.z);
+    std::lock_guard<std::mutex> lk(g_global_mu);
+    if (g_global_launch != w->L->id) {
+        g_global.clear();
+        g_global_launch = w->L->id;
+    }
+    for (size_t i = 0; i < n; i++) {
+        auto it = g_global.find(a + i);
+        if (it != g_global.end() && it->second.launch == w->L->id && it->second.block != block &&
+            !(atomic && it->second.atomic)) {
+            const global_write o = it->second;
+            fail(w, w->cur,
+                 "data race on device memory at %#lx: this block's write (%s) and one by block "
+                 "%u's thread (%u,%u,%u) in the same launch",
+                 (unsigned long)(a + i), race_who(w, w->cur->linear, pc).c_str(), o.block,
+                 (unsigned)o.tid % w->L->c.block.x,
+                 ((unsigned)o.tid / w->L->c.block.x) % w->L->c.block.y,
+                 (unsigned)o.tid / (w->L->c.block.x * w->L->c.block.y));
+            return;
+        }
+        g_global[a + i] = global_write{w->L->id, block, w->cur->linear, atomic, pc};
+    }
+}
+
 /* A kernel access that touches a red zone: a kernel error. */
 void red_check(worker *w, uintptr_t a, size_t n, int kind, const void *pc)
 {
@@ -1081,15 +1127,17 @@ void red_check(worker *w, uintptr_t a, size_t n, int kind, const void *pc)
  * of the value it is about to store), so that a read-modify-write race
  * loses updates as on hardware and shows as a wrong number. */
 struct race_modes {
-    bool check = true, interleave = false;
+    bool check = true, interleave = false, global = false;
 };
 const race_modes &race_mode()
 {
     static const race_modes m = [] {
         race_modes r;
         const char *c = getenv("KVRT_SIM_RACECHECK"), *i = getenv("KVRT_SIM_INTERLEAVE");
+        const char *g = getenv("KVRT_SIM_RACE_GLOBAL");
         r.check = c == nullptr || strcmp(c, "0") != 0;
         r.interleave = i != nullptr && strcmp(i, "0") != 0;
+        r.global = g != nullptr && strcmp(g, "0") != 0;
         return r;
     }();
     return m;
@@ -1119,8 +1167,12 @@ inline void race_access(const volatile void *p, size_t n, int kind, const void *
         for (size_t i = 0; i < n && a + i < w->tls_hi && !w->failed; i++)
             race_byte(w, w->tls_shadow[a + i - w->tls_lo], "static shared", a + i, w->tls_lo, kind,
                       pc);
-    } else if (!g_red.empty()) {
-        red_check(w, a, n, kind, pc);
+    } else {
+        if (!g_red.empty())
+            red_check(w, a, n, kind, pc);
+        if (mode.global && (kind == R_WRITE || kind == R_ATOMIC_RMW) && !w->failed &&
+            dev_find(a) != nullptr)
+            global_check(w, a, n, kind == R_ATOMIC_RMW, pc);
     }
 }
 #endif /* KVRT_SIM_RACE */

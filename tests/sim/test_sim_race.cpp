@@ -15,6 +15,10 @@
  * and the same work done right, which must pass: atomicAdd, a barrier, a
  * __syncwarp, a reduction tree with a barrier per level.
  *
+ * `global` (run with KVRT_SIM_RACE_GLOBAL=1): two blocks of one launch
+ * writing one element of device memory is reported with both blocks;
+ * blocks writing their own elements, or adding atomically, are not.
+ *
  * `interleave` (run with KVRT_SIM_RACECHECK=0 KVRT_SIM_INTERLEAVE=1): the
  * reports off, threads switched at random before their writes: sum_race
  * loses updates and its sum comes out wrong, as on hardware, while the
@@ -61,6 +65,20 @@ __global__ void warp_race(float *out)
     lane_val[threadIdx.x] = (float)threadIdx.x;
     /* missing __syncwarp() */
     out[threadIdx.x] = lane_val[threadIdx.x ^ 1];
+}
+
+__global__ void blocks_collide(float *out)
+{
+    if (threadIdx.x == 0)
+        out[0] = (float)blockIdx.x; /* every block's thread 0: one element */
+}
+
+__global__ void blocks_apart(float *out)
+{
+    const unsigned i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < 255)
+        out[i] = 1.0f;
+    atomicAdd(out + 255, 1.0f); /* every thread of both blocks */
 }
 
 /* ---- ordered ---- */
@@ -158,6 +176,27 @@ static int interleave(float *out)
     return 0;
 }
 
+/* Races between blocks on device memory. */
+static int global(float *out)
+{
+    std::string msg;
+    cudaError_t e = RUN(msg, blocks_collide, out);
+    EXPECT_TRUE(e == cudaErrorLaunchFailure && contains(msg, "blocks_collide"),
+                "blocks_collide: %s", msg.c_str());
+    EXPECT_TRUE(contains(msg, "data race on device memory") && contains(msg, "by block "),
+                "blocks_collide: message \"%s\"", msg.c_str());
+    kvrt_sim_reset_error();
+    e = RUN(msg, blocks_apart, out);
+    EXPECT_TRUE(e == cudaSuccess, "blocks_apart: %s", msg.c_str());
+    cudaFree(out);
+    if (failures > 0) {
+        fprintf(stderr, "test_sim_race global: %d check(s) failed\n", failures);
+        return 1;
+    }
+    printf("test_sim_race global: two blocks on one element reported; apart or atomic pass\n");
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     float *out = nullptr;
@@ -167,6 +206,8 @@ int main(int argc, char **argv)
     }
     if (argc > 1 && strcmp(argv[1], "interleave") == 0)
         return interleave(out);
+    if (argc > 1 && strcmp(argv[1], "global") == 0)
+        return global(out);
     std::string msg;
     expect_race("sum_race", RUN(msg, sum_race, out), msg, "static shared");
     expect_race("write_race", RUN(msg, write_race, out), msg, "dynamic shared");
