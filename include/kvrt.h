@@ -96,10 +96,10 @@ typedef enum kvrt_status {
  * whose call invoked it, is refused: KVRT_ERR_BUSY, naming the call, with
  * nothing changed. Destroying a cache while another thread is inside a call
  * on it is undefined. Calls on different caches may run at the same time on
- * different threads; kvrt_last_error is per thread. Host memory failures (an allocation of a
- * call failing) return KVRT_ERR_OUT_OF_MEMORY naming the call, with the
- * cache exactly as it was: an edit that cannot record what it will change
- * is refused before it changes anything.
+ * different threads; kvrt_last_error is per thread. Host memory failures (an
+ * allocation of a call failing) return KVRT_ERR_OUT_OF_MEMORY naming the
+ * call, with the cache exactly as it was: an edit that cannot record what it
+ * will change is refused before it changes anything.
  *
  * Device failures (docs/api.md). A device call that fails (an allocation,
  * a copy, a kernel launch) makes the kvrt call return

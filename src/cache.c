@@ -1034,12 +1034,12 @@ kvrt_status kvrt_cache_create(const kvrt_cache_desc *desc, kvrt_cache **out)
 
 kvrt_status kvrt_cache_sync(kvrt_cache *cache)
 {
-    KVRT_ENTRY(cache, "kvrt_cache_sync", kvrt_error_in(do_cache_sync(cache), "kvrt_cache_sync"));
+    KVRT_ENTRY(cache, "kvrt_cache_sync", do_cache_sync(cache));
 }
 
 kvrt_status kvrt_cache_check(const kvrt_cache *cache)
 {
-    KVRT_ENTRY(cache, "kvrt_cache_check", kvrt_error_in(do_cache_check(cache), "kvrt_cache_check"));
+    KVRT_ENTRY(cache, "kvrt_cache_check", do_cache_check(cache));
 }
 
 /* ---- public entries that only check the thread (internal.h) ---- */

@@ -841,7 +841,7 @@ static kvrt_status do_seq_n_tokens(const kvrt_cache *cache, int32_t seq, int64_t
 }
 
 static kvrt_status do_seq_group_info_get(const kvrt_cache *cache, int32_t seq, int group,
-                                    kvrt_seq_group_info *out)
+                                         kvrt_seq_group_info *out)
 {
     KVRT_TRY(kvrt_check_cache(cache, "kvrt_seq_group_info_get"));
     cache = KVRT_CORE(cache);
@@ -1134,8 +1134,8 @@ kvrt_status kvrt_gather(const kvrt_cache *ccache, int layer, int32_t seq, int32_
                         void *stream)
 {
     KVRT_ENTRY(ccache, "kvrt_gather",
-               kvrt_error_in(do_gather(ccache, layer, seq, p0, p1, k, v, pos, capacity, n_out, stream,
-                                   GATHER_STORED, KVRT_F32), "kvrt_gather"));
+               do_gather(ccache, layer, seq, p0, p1, k, v, pos, capacity, n_out, stream,
+                         GATHER_STORED, KVRT_F32));
 }
 
 kvrt_status kvrt_gather_scales(const kvrt_cache *ccache, int layer, int32_t seq, int32_t p0,
@@ -1143,8 +1143,8 @@ kvrt_status kvrt_gather_scales(const kvrt_cache *ccache, int layer, int32_t seq,
                                int64_t *n_out, void *stream)
 {
     KVRT_ENTRY(ccache, "kvrt_gather_scales",
-               kvrt_error_in(do_gather(ccache, layer, seq, p0, p1, k_scale, v_scale, NULL, capacity,
-                                   n_out, stream, GATHER_SCALES, KVRT_F32), "kvrt_gather_scales"));
+               do_gather(ccache, layer, seq, p0, p1, k_scale, v_scale, NULL, capacity, n_out,
+                         stream, GATHER_SCALES, KVRT_F32));
 }
 
 kvrt_status kvrt_gather_as(const kvrt_cache *ccache, int layer, int32_t seq, int32_t p0, int32_t p1,
@@ -1152,15 +1152,16 @@ kvrt_status kvrt_gather_as(const kvrt_cache *ccache, int layer, int32_t seq, int
                            int64_t *n_out, void *stream)
 {
     KVRT_ENTRY(ccache, "kvrt_gather_as",
-               kvrt_error_in(do_gather(ccache, layer, seq, p0, p1, k, v, pos, capacity, n_out, stream,
-                                   GATHER_AS, dst_dtype), "kvrt_gather_as"));
+               do_gather(ccache, layer, seq, p0, p1, k, v, pos, capacity, n_out, stream,
+                         GATHER_AS, dst_dtype));
 }
 
 kvrt_status kvrt_cross_set(kvrt_cache *cache, int layer, int32_t seq, int n, const void *k,
                            const void *v, kvrt_dtype src_dtype, void *stream)
 {
     KVRT_ENTRY(cache, "kvrt_cross_set",
-               kvrt_change_end(cache, do_cross_set(cache, layer, seq, n, k, v, src_dtype, stream), "kvrt_cross_set"));
+               kvrt_change_end(cache, do_cross_set(cache, layer, seq, n, k, v, src_dtype, stream),
+                               "kvrt_cross_set"));
 }
 
 /* ---- public entries that only check the thread (internal.h) ---- */

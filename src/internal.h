@@ -167,14 +167,14 @@ kvrt_status kvrt_enter(const kvrt_cache *cache, const char *fn);
 kvrt_status kvrt_leave(const kvrt_cache *cache, kvrt_status status);
 void        kvrt_callback_begin(void);
 void        kvrt_callback_end(void);
-/* The body of a public entry: `return call` between kvrt_enter and
- * kvrt_leave. */
+/* The body of a public entry fn: `return call` between kvrt_enter and
+ * kvrt_leave, its failure's message under fn (kvrt_error_in). */
 #define KVRT_ENTRY(cache, fn, call)                                                          \
     do {                                                                                     \
         kvrt_status kvrt_entry_status_ = kvrt_enter((cache), (fn));                          \
         if (kvrt_entry_status_ != KVRT_OK)                                                   \
             return kvrt_entry_status_;                                                       \
-        return kvrt_leave((cache), (call));                                                  \
+        return kvrt_leave((cache), kvrt_error_in((call), (fn)));                             \
     } while (0)
 
 /* ---- calls that change the cache (kvrt.h, "Device failures") ----

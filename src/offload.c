@@ -92,12 +92,10 @@ void kvrt_offload_free(kvrt_offload *off)
 
 kvrt_status kvrt_seq_offload(kvrt_cache *cache, int32_t seq, kvrt_offload **out)
 {
-    KVRT_ENTRY(cache, "kvrt_seq_offload",
-               kvrt_error_in(do_seq_offload(cache, seq, out), "kvrt_seq_offload"));
+    KVRT_ENTRY(cache, "kvrt_seq_offload", do_seq_offload(cache, seq, out));
 }
 
 kvrt_status kvrt_seq_restore(kvrt_cache *cache, int32_t dst_seq, const kvrt_offload *off)
 {
-    KVRT_ENTRY(cache, "kvrt_seq_restore",
-               kvrt_error_in(do_seq_restore(cache, dst_seq, off), "kvrt_seq_restore"));
+    KVRT_ENTRY(cache, "kvrt_seq_restore", do_seq_restore(cache, dst_seq, off));
 }

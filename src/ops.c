@@ -136,13 +136,11 @@ static kvrt_status do_attention(kvrt_cache *cache, const kvrt_batch *batch, int 
 kvrt_status kvrt_write(kvrt_cache *cache, const kvrt_batch *batch, int layer, const void *k,
                        const void *v, kvrt_dtype src_dtype, void *stream)
 {
-    KVRT_ENTRY(cache, "kvrt_write",
-               kvrt_error_in(do_write(cache, batch, layer, k, v, src_dtype, stream), "kvrt_write"));
+    KVRT_ENTRY(cache, "kvrt_write", do_write(cache, batch, layer, k, v, src_dtype, stream));
 }
 
 kvrt_status kvrt_attention(kvrt_cache *cache, const kvrt_batch *batch, int layer, const void *q,
                            void *out, const kvrt_attention_params *params, void *stream)
 {
-    KVRT_ENTRY(cache, "kvrt_attention",
-               kvrt_error_in(do_attention(cache, batch, layer, q, out, params, stream), "kvrt_attention"));
+    KVRT_ENTRY(cache, "kvrt_attention", do_attention(cache, batch, layer, q, out, params, stream));
 }

@@ -606,13 +606,13 @@ static kvrt_status plan_commit(kvrt_cache *cache, int n, const int32_t *seq_ids,
 
 kvrt_status kvrt_batch_create(kvrt_cache *cache, int max_tokens, kvrt_batch **out)
 {
-    KVRT_ENTRY(cache, "kvrt_batch_create",
-               kvrt_error_in(do_batch_create(cache, max_tokens, out), "kvrt_batch_create"));
+    KVRT_ENTRY(cache, "kvrt_batch_create", do_batch_create(cache, max_tokens, out));
 }
 
 kvrt_status kvrt_batch_plan(kvrt_cache *cache, int n, const int32_t *seq_ids,
                             const int32_t *positions, kvrt_batch *batch)
 {
     KVRT_ENTRY(cache, "kvrt_batch_plan",
-               kvrt_change_end(cache, do_batch_plan(cache, n, seq_ids, positions, batch), "kvrt_batch_plan"));
+               kvrt_change_end(cache, do_batch_plan(cache, n, seq_ids, positions, batch),
+                               "kvrt_batch_plan"));
 }

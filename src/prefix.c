@@ -846,17 +846,15 @@ kvrt_status kvrt_batch_plan_tokens(kvrt_cache *cache, int n, const int32_t *seq_
                                    const int32_t *positions, const int32_t *token_ids,
                                    int n_token_ids, kvrt_batch *batch)
 {
-    KVRT_ENTRY(cache, "kvrt_batch_plan_tokens", kvrt_error_in(
-        do_batch_plan_tokens(cache, n, seq_ids, positions, token_ids, n_token_ids, batch),
-        "kvrt_batch_plan_tokens"));
+    KVRT_ENTRY(cache, "kvrt_batch_plan_tokens",
+               do_batch_plan_tokens(cache, n, seq_ids, positions, token_ids, n_token_ids, batch));
 }
 
 kvrt_status kvrt_seq_attach_prefix(kvrt_cache *cache, int32_t seq, const int32_t *tokens, int n,
                                    const void *salt, int salt_len, int32_t *n_covered)
 {
     KVRT_ENTRY(cache, "kvrt_seq_attach_prefix",
-               kvrt_error_in(do_seq_attach_prefix(cache, seq, tokens, n, salt, salt_len, n_covered),
-                         "kvrt_seq_attach_prefix"));
+               do_seq_attach_prefix(cache, seq, tokens, n, salt, salt_len, n_covered));
 }
 
 /* ---- public entries that only check the thread (internal.h) ---- */

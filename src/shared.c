@@ -318,5 +318,5 @@ kvrt_status kvrt_cache_create_shared(kvrt_cache *base, const kvrt_cache_desc *de
                                      const int *base_layers, kvrt_cache **out)
 {
     KVRT_ENTRY(base, "kvrt_cache_create_shared",
-               kvrt_error_in(do_cache_create_shared(base, desc, base_layers, out), "kvrt_cache_create_shared"));
+               do_cache_create_shared(base, desc, base_layers, out));
 }

@@ -1719,30 +1719,25 @@ static kvrt_status do_state_load_file(kvrt_cache *cache, int32_t dst_seq, const 
 
 kvrt_status kvrt_state_size(const kvrt_cache *cache, int32_t seq, uint64_t *bytes)
 {
-    KVRT_ENTRY(cache, "kvrt_state_size",
-               kvrt_error_in(do_state_size(cache, seq, bytes), "kvrt_state_size"));
+    KVRT_ENTRY(cache, "kvrt_state_size", do_state_size(cache, seq, bytes));
 }
 
 kvrt_status kvrt_state_write(kvrt_cache *cache, int32_t seq, kvrt_state_writer writer, void *user)
 {
-    KVRT_ENTRY(cache, "kvrt_state_write",
-               kvrt_error_in(do_state_write(cache, seq, writer, user), "kvrt_state_write"));
+    KVRT_ENTRY(cache, "kvrt_state_write", do_state_write(cache, seq, writer, user));
 }
 
 kvrt_status kvrt_state_read(kvrt_cache *cache, int32_t dst_seq, kvrt_state_reader reader, void *user)
 {
-    KVRT_ENTRY(cache, "kvrt_state_read",
-               kvrt_error_in(do_state_read(cache, dst_seq, reader, user), "kvrt_state_read"));
+    KVRT_ENTRY(cache, "kvrt_state_read", do_state_read(cache, dst_seq, reader, user));
 }
 
 kvrt_status kvrt_state_save_file(kvrt_cache *cache, int32_t seq, const char *path)
 {
-    KVRT_ENTRY(cache, "kvrt_state_save_file",
-               kvrt_error_in(do_state_save_file(cache, seq, path), "kvrt_state_save_file"));
+    KVRT_ENTRY(cache, "kvrt_state_save_file", do_state_save_file(cache, seq, path));
 }
 
 kvrt_status kvrt_state_load_file(kvrt_cache *cache, int32_t dst_seq, const char *path)
 {
-    KVRT_ENTRY(cache, "kvrt_state_load_file",
-               kvrt_error_in(do_state_load_file(cache, dst_seq, path), "kvrt_state_load_file"));
+    KVRT_ENTRY(cache, "kvrt_state_load_file", do_state_load_file(cache, dst_seq, path));
 }

@@ -1152,8 +1152,7 @@ inline void race_access(const volatile void *p, size_t n, int kind, const void *
     if (mode.interleave && (kind == R_WRITE || kind == R_ATOMIC_RMW) && (splitmix(w->rng) & 1)) {
         fiber *f = w->cur;
         make_runnable(w, f->linear);
-        to_scheduler(w, f, false);
-        w->cur = f;
+        to_scheduler(w, f, false); /* resumed by to_fiber, which sets w->cur */
     }
     if (!mode.check)
         return;
